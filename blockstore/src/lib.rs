@@ -1,0 +1,1 @@
+//! cairn-blockstore (placeholder, see ARCHITECTURE.md).

@@ -1,0 +1,1 @@
+//! cairn-bootproto (placeholder, see ARCHITECTURE.md).

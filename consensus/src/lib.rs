@@ -1,0 +1,1 @@
+//! cairn-consensus (placeholder, see ARCHITECTURE.md).

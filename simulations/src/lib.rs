@@ -1,0 +1,1 @@
+//! cairn-simulations (placeholder, see ARCHITECTURE.md).

@@ -1,0 +1,1 @@
+//! Real-process tests: real `cairn` nodes and real peers. See tests/tests/.
