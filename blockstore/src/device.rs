@@ -1,0 +1,39 @@
+//! The boundary between the iSCSI target and the storage it serves.
+
+/// Errors a device reports to the SCSI layer, which turns them into sense data.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("lba range {lba}+{blocks} is past the end of the device ({block_count} blocks)")]
+    OutOfRange { lba: u64, blocks: u64, block_count: u64 },
+    #[error("medium error at lba {lba}: {reason}")]
+    Medium { lba: u64, reason: String },
+    #[error("device i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("device is fenced: generation {held} is older than {current}")]
+    Fenced { held: u64, current: u64 },
+}
+
+/// A block device served as one LUN: a client's volume, or a plain file in tests.
+///
+/// Calls are blocking; the iSCSI server decides where to run them. Implementations must be safe
+/// to call from several sessions at once (multipath: two sessions, one device).
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Logical block size; Cairn serves 512-byte blocks (what BIOS INT 13h boot paths expect).
+    fn block_size_bytes(&self) -> u32;
+    fn block_count(&self) -> u64;
+    /// A stable identifier, the same on every node that serves this device (VPD page 0x83).
+    fn unique_id(&self) -> [u8; 16];
+    fn read(&self, lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError>;
+    /// `force_unit_access`: durable before returning.
+    fn write(&self, lba: u64, data: &[u8], force_unit_access: bool) -> Result<(), DeviceError>;
+    /// Blocks read as zeros afterwards.
+    fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError>;
+    /// Everything written before is durable when this returns (SYNCHRONIZE CACHE).
+    fn flush(&self) -> Result<(), DeviceError>;
+    /// Whether `lba` is mapped (holds data other than a known-zero hole) and how many blocks
+    /// from there share that answer (GET LBA STATUS). Devices without thin provisioning
+    /// answer `(true, block_count - lba)`.
+    fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
+        Ok((true, self.block_count().saturating_sub(lba)))
+    }
+}
