@@ -10,3 +10,5 @@
 //! at which generation; `cairn-node` wires that to the replicated state.
 
 pub mod device;
+pub mod iscsi;
+pub mod scsi;

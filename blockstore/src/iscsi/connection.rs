@@ -1,0 +1,1059 @@
+//! The sans-IO state machine of one iSCSI connection (one session: MaxConnections is 1).
+//!
+//! Input: [`Connection::handle_bytes`] with what arrived on the socket, and
+//! [`Connection::handle_command_complete`] with the outcome of a SCSI command the shell ran.
+//! Output: [`Connection::poll_transmit`] (PDUs to send, in order) and [`Connection::poll_event`]
+//! (SCSI commands to run, close requests). No sockets, no clock, no threads: the randomness CHAP
+//! needs is passed in at creation.
+//!
+//! Invariants:
+//! - non-immediate commands are handed out in CmdSN order; CmdSNs outside the window are
+//!   dropped silently (RFC 7143 4.2.2.1);
+//! - a write command is handed out only once all its data arrived, in order, within the
+//!   expected length, with valid DataSNs; anything else ends the command with CHECK CONDITION
+//!   and nothing is written;
+//! - the data kept per connection is bounded: at most [`COMMANDS_MAX`] commands in the CmdSN
+//!   window, each at most [`crate::scsi::TRANSFER_BLOCKS_MAX`] blocks of data plus slack.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::chap;
+use super::target::{Registry, TargetEntry};
+use super::text::{self, Negotiation, SessionParams};
+use super::wire::{
+    self, opcode, reject_reason, stage, DataOut, Decoded, FrameDecoder, InitiatorPdu, LoginRequest, Pdu, Residual,
+    ScsiCommand, Sequence, BHS_LEN, TAG_NONE,
+};
+use crate::scsi::sense::{self, Sense};
+use crate::scsi::{Nexus, ScsiResult};
+
+/// Commands allowed in the CmdSN window at once.
+pub const COMMANDS_MAX: u32 = 64;
+/// Largest expected data transfer length accepted for one command (bytes).
+pub const TRANSFER_BYTES_MAX: u32 = 16 << 20;
+/// Largest login or text request gathered over continued PDUs.
+const TEXT_BYTES_MAX: usize = 64 * 1024;
+
+/// A SCSI command ready to run.
+#[derive(Debug)]
+pub struct Command {
+    pub itt: u32,
+    pub lun: u64,
+    pub cdb: Vec<u8>,
+    pub data_out: Vec<u8>,
+    pub target: Arc<TargetEntry>,
+    pub nexus: Nexus,
+    /// Whether the initiator expects data back (R bit), and how much at most.
+    pub read: bool,
+    pub expected_length: u32,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// Run this command and call [`Connection::handle_command_complete`].
+    Execute(Command),
+    /// A target reset asked for every other session of this target to close.
+    ResetTarget { target: Arc<TargetEntry>, cold: bool, session_id: u64 },
+    /// Close the connection once what `poll_transmit` gave is sent.
+    Close,
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Phase {
+    Login,
+    FullFeature,
+    /// Logout answered or fatal error: send what is queued, then close.
+    Closing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// No AuthMethod chosen yet.
+    Start,
+    /// We sent CHAP_A, CHAP_I, CHAP_C and wait for CHAP_N/CHAP_R.
+    ChapChallenged { id: u8 },
+    /// Waiting for the initiator to pick CHAP_A.
+    ChapMethod,
+    Done,
+}
+
+struct LoginState {
+    negotiation: Negotiation,
+    auth: Auth,
+    initiator_name: Option<String>,
+    target: Option<Arc<TargetEntry>>,
+    discovery: bool,
+    isid: [u8; 6],
+    itt: u32,
+    first: bool,
+    pending_text: Vec<u8>,
+    current_stage: u8,
+    sent_tpgt: bool,
+}
+
+/// A write command collecting its data.
+struct WriteTask {
+    command: ScsiCommand,
+    data: Vec<u8>,
+    /// Bytes received so far (in order).
+    received: u32,
+    /// Unsolicited data still expected (until F in the unsolicited sequence).
+    unsolicited_open: bool,
+    /// Next DataSN expected in the current sequence.
+    next_data_sn: u32,
+    /// The outstanding R2T: (ttt, offset, length).
+    r2t: Option<(u32, u32, u32)>,
+    r2t_sn: u32,
+    failed: Option<Sense>,
+}
+
+/// Portal information needed to answer SendTargets.
+#[derive(Debug, Clone)]
+pub struct PortalInfo {
+    /// `ip:port,tpgt` values to advertise as TargetAddress.
+    pub addresses: Vec<String>,
+    pub portal_group_tag: u16,
+}
+
+pub struct Connection {
+    registry: Arc<Registry>,
+    portal: PortalInfo,
+    phase: Phase,
+    login: LoginState,
+    params: SessionParams,
+    rx: Vec<u8>,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    session: Option<(Nexus, Option<Arc<TargetEntry>>)>,
+    tsih: u16,
+    session_id: u64,
+    writes: HashMap<u32, WriteTask>,
+    /// Non-immediate PDUs that arrived ahead of ExpCmdSN.
+    waiting: BTreeMap<u32, InitiatorPdu>,
+    /// Commands handed to the shell and not completed yet: itt -> (lun, expected length, read).
+    running: HashMap<u32, (u64, u32, bool, Option<u64>)>,
+    outbox: VecDeque<(Pdu, bool, bool)>,
+    events: VecDeque<Event>,
+    next_ttt: u32,
+    challenge: [u8; 16],
+    text_continuation: Option<(u32, Vec<u8>)>,
+}
+
+/// A stable id for an initiator port (name + ISID): the same after a reconnect, so persistent
+/// reservations registered by a nexus stay its own (FNV-1a).
+pub fn nexus_id(initiator_name: &str, isid: &[u8; 6]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in initiator_name.to_ascii_lowercase().bytes().chain([0u8]).chain(isid.iter().copied()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn serial_lt(a: u32, b: u32) -> bool {
+    a != b && (b.wrapping_sub(a) as i32) > 0
+}
+
+fn serial_le(a: u32, b: u32) -> bool {
+    a == b || serial_lt(a, b)
+}
+
+/// Data-out bytes a CDB asks for (SPDTL), for commands whose length is in the CDB.
+fn scsi_data_out_len(cdb: &[u8], block: u64) -> Option<u64> {
+    let be = |from: usize, n: usize| -> u64 {
+        cdb.get(from..from + n).map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64)).unwrap_or(0)
+    };
+    Some(match *cdb.first()? {
+        0x0a => (if cdb.get(4) == Some(&0) { 256 } else { be(4, 1) }) * block,
+        0x2a | 0x2e => be(7, 2) * block,
+        0xaa | 0xae => be(6, 4) * block,
+        0x8a | 0x8e => be(10, 4) * block,
+        0x89 => be(13, 1) * block * 2,
+        _ => return None,
+    })
+}
+
+/// Data-in bytes a read CDB asks for.
+fn scsi_data_in_len(cdb: &[u8], block: u64) -> Option<u64> {
+    let be = |from: usize, n: usize| -> u64 {
+        cdb.get(from..from + n).map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64)).unwrap_or(0)
+    };
+    Some(match *cdb.first()? {
+        0x08 => (if cdb.get(4) == Some(&0) { 256 } else { be(4, 1) }) * block,
+        0x28 => be(7, 2) * block,
+        0xa8 => be(6, 4) * block,
+        0x88 => be(10, 4) * block,
+        _ => return None,
+    })
+}
+
+impl Connection {
+    pub fn new(registry: Arc<Registry>, portal: PortalInfo, challenge: [u8; 16]) -> Connection {
+        Connection {
+            registry,
+            portal,
+            phase: Phase::Login,
+            login: LoginState {
+                negotiation: Negotiation::default(),
+                auth: Auth::Start,
+                initiator_name: None,
+                target: None,
+                discovery: false,
+                isid: [0; 6],
+                itt: 0,
+                first: true,
+                pending_text: Vec::new(),
+                current_stage: stage::SECURITY,
+                sent_tpgt: false,
+            },
+            params: SessionParams::default(),
+            rx: Vec::new(),
+            stat_sn: 0,
+            exp_cmd_sn: 0,
+            session: None,
+            tsih: 0,
+            session_id: 0,
+            writes: HashMap::new(),
+            waiting: BTreeMap::new(),
+            running: HashMap::new(),
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            next_ttt: 1,
+            challenge,
+            text_continuation: None,
+        }
+    }
+
+    /// The framing in force for bytes arriving now.
+    pub fn decoder(&self) -> FrameDecoder {
+        let full = self.phase == Phase::FullFeature;
+        FrameDecoder {
+            header_digest: full && self.params.header_digest,
+            data_digest: full && self.params.data_digest,
+            data_segment_len_max: if full {
+                self.params.target_max_recv_data_segment_length as usize
+            } else {
+                // Login PDUs carry at most 8192 bytes of text (RFC 7143 6.1 and 13.12).
+                8192
+            },
+        }
+    }
+
+    pub fn params(&self) -> &SessionParams {
+        &self.params
+    }
+
+    /// The registry's id for this session, once logged in.
+    pub fn session_id(&self) -> Option<u64> {
+        self.session.as_ref().map(|_| self.session_id)
+    }
+
+    /// The I_T nexus of this session, once logged in.
+    pub fn nexus(&self) -> Option<&Nexus> {
+        self.session.as_ref().map(|(n, _)| n)
+    }
+
+    pub fn target(&self) -> Option<Arc<TargetEntry>> {
+        self.session.as_ref().and_then(|(_, t)| t.clone())
+    }
+
+    /// Bytes buffered and not yet framed (for the memory figure).
+    pub fn buffered_bytes(&self) -> usize {
+        self.rx.capacity() + self.writes.values().map(|w| w.data.capacity()).sum::<usize>()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<(Pdu, bool, bool)> {
+        self.outbox.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn seq(&self) -> Sequence {
+        Sequence {
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.exp_cmd_sn.wrapping_add(COMMANDS_MAX - 1).wrapping_sub(self.running.len() as u32),
+        }
+    }
+
+    /// Sequence numbers for a status-bearing PDU: uses the current StatSN and advances it.
+    fn next_status(&mut self) -> Sequence {
+        let s = self.seq();
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        s
+    }
+
+    fn send(&mut self, pdu: Pdu) {
+        let full = self.phase == Phase::FullFeature || (self.phase == Phase::Closing && self.session.is_some());
+        let (h, d) = if full { (self.params.header_digest, self.params.data_digest) } else { (false, false) };
+        self.outbox.push_back((pdu, h, d));
+    }
+
+    fn close(&mut self) {
+        if self.phase != Phase::Closing {
+            self.phase = Phase::Closing;
+            self.events.push_back(Event::Close);
+        }
+    }
+
+    fn reject(&mut self, reason: u8, header: &[u8; BHS_LEN]) {
+        let seq = self.next_status();
+        self.send(Pdu::reject(reason, seq, header, 0));
+    }
+
+    /// Feeds bytes from the socket. Frames as many PDUs as are complete.
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.rx.extend_from_slice(bytes);
+        let mut used = 0;
+        while self.phase != Phase::Closing {
+            let decoder = self.decoder();
+            match decoder.decode(&self.rx[used..]) {
+                Ok(Decoded::NeedMore(_)) => break,
+                Ok(Decoded::Pdu(pdu, n)) => {
+                    used += n;
+                    self.handle_pdu(pdu);
+                }
+                Err((err, n, header)) => {
+                    if err.is_fatal() || n == 0 {
+                        tracing::warn!(error = %err, "iscsi framing error, closing connection");
+                        self.close();
+                        break;
+                    }
+                    used += n;
+                    if let Some(h) = header {
+                        tracing::warn!(error = %err, "iscsi pdu rejected");
+                        // A data digest error: Reject, the initiator retries or aborts.
+                        self.reject(reject_reason::DATA_DIGEST_ERROR, &h);
+                    }
+                }
+            }
+        }
+        self.rx.drain(..used.min(self.rx.len()));
+        if self.rx.capacity() > 1 << 20 && self.rx.len() < 1 << 16 {
+            self.rx.shrink_to(1 << 16);
+        }
+    }
+
+    /// Handles one framed PDU.
+    pub fn handle_pdu(&mut self, pdu: Pdu) {
+        let header = pdu.bhs;
+        let parsed = match InitiatorPdu::parse(pdu) {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::debug!(error = %err, "unparsable pdu");
+                if self.phase == Phase::Login {
+                    self.close();
+                } else {
+                    self.reject(reject_reason::COMMAND_NOT_SUPPORTED, &header);
+                }
+                return;
+            }
+        };
+        match self.phase {
+            Phase::Login => match parsed {
+                InitiatorPdu::Login(req) => self.handle_login(req),
+                _ => {
+                    // Anything but a login before full feature phase ends the connection.
+                    self.close();
+                }
+            },
+            Phase::FullFeature => self.handle_full_feature(parsed, header),
+            Phase::Closing => {}
+        }
+    }
+
+    fn handle_full_feature(&mut self, pdu: InitiatorPdu, header: [u8; BHS_LEN]) {
+        // Data-Out and SNACK carry no CmdSN.
+        match pdu {
+            InitiatorPdu::DataOut(d) => return self.handle_data_out(d, &header),
+            InitiatorPdu::Snack(_) => return self.reject(reject_reason::SNACK_REJECT, &header),
+            InitiatorPdu::Login(_) => return self.reject(reject_reason::PROTOCOL_ERROR, &header),
+            _ => {}
+        }
+        let (immediate, cmd_sn) = match &pdu {
+            InitiatorPdu::NopOut(x) => (x.immediate, x.cmd_sn),
+            InitiatorPdu::ScsiCommand(x) => (x.immediate, x.cmd_sn),
+            InitiatorPdu::TaskManagement(x) => (x.immediate, x.cmd_sn),
+            InitiatorPdu::Text(x) => (x.immediate, x.cmd_sn),
+            InitiatorPdu::Logout(x) => (x.immediate, x.cmd_sn),
+            _ => (true, self.exp_cmd_sn),
+        };
+        if immediate {
+            return self.dispatch(pdu, header);
+        }
+        let max = self.seq().max_cmd_sn;
+        if cmd_sn == self.exp_cmd_sn {
+            self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+            self.dispatch(pdu, header);
+            // Release commands that were waiting for this one.
+            while let Some(next) = self.waiting.remove(&self.exp_cmd_sn) {
+                self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+                let h = next.to_pdu().bhs;
+                self.dispatch(next, h);
+            }
+        } else if serial_lt(self.exp_cmd_sn, cmd_sn) && serial_le(cmd_sn, max) {
+            if self.waiting.len() < COMMANDS_MAX as usize {
+                self.waiting.insert(cmd_sn, pdu);
+            }
+        } else {
+            tracing::debug!(cmd_sn, exp_cmd_sn = self.exp_cmd_sn, "cmdsn outside the window, ignored");
+        }
+    }
+
+    fn dispatch(&mut self, pdu: InitiatorPdu, header: [u8; BHS_LEN]) {
+        let discovery = self.login.discovery;
+        match pdu {
+            InitiatorPdu::NopOut(n) => {
+                if n.itt == TAG_NONE {
+                    // A ping answer or a CmdSN update: nothing to send.
+                    return;
+                }
+                if n.ttt != TAG_NONE {
+                    return self.reject(reject_reason::INVALID_PDU_FIELD, &header);
+                }
+                let seq = self.next_status();
+                let mut data = n.data;
+                data.truncate(self.params.initiator_max_recv_data_segment_length as usize);
+                self.send(Pdu::nop_in(n.lun, n.itt, TAG_NONE, seq, data));
+            }
+            InitiatorPdu::ScsiCommand(c) => {
+                if discovery {
+                    return self.reject(reject_reason::PROTOCOL_ERROR, &header);
+                }
+                self.handle_scsi_command(c, &header);
+            }
+            InitiatorPdu::TaskManagement(t) => {
+                if discovery {
+                    return self.reject(reject_reason::PROTOCOL_ERROR, &header);
+                }
+                self.handle_task_management(t);
+            }
+            InitiatorPdu::Text(t) => self.handle_text(t, &header),
+            InitiatorPdu::Logout(l) => {
+                // Reason 0 closes the session, 1 the connection (the same here); 2 (recovery)
+                // needs ErrorRecoveryLevel 2.
+                let response = if l.reason == 2 { 2 } else { 0 };
+                let seq = self.next_status();
+                let (wait, retain) = (self.params.default_time2wait as u16, self.params.default_time2retain as u16);
+                self.send(Pdu::logout_response(l.itt, seq, response, wait, retain));
+                if response == 0 {
+                    self.close();
+                }
+            }
+            InitiatorPdu::DataOut(_) | InitiatorPdu::Snack(_) | InitiatorPdu::Login(_) => {}
+        }
+    }
+
+    fn nexus_and_target(&self) -> Option<(Nexus, Arc<TargetEntry>)> {
+        match &self.session {
+            Some((n, Some(t))) => Some((n.clone(), t.clone())),
+            _ => None,
+        }
+    }
+
+    fn handle_scsi_command(&mut self, c: ScsiCommand, header: &[u8; BHS_LEN]) {
+        if self.running.contains_key(&c.itt) || self.writes.contains_key(&c.itt) {
+            return self.reject(reject_reason::TASK_IN_PROGRESS, header);
+        }
+        let Some((nexus, target)) = self.nexus_and_target() else {
+            return self.reject(reject_reason::PROTOCOL_ERROR, header);
+        };
+        let edtl = c.expected_data_transfer_length;
+        if c.data.len() as u64 > edtl as u64 && c.write
+            || (!c.write && !c.data.is_empty())
+            || (!self.params.immediate_data && !c.data.is_empty())
+            || c.data.len() as u32 > self.params.first_burst_length
+        {
+            return self.reject(reject_reason::PROTOCOL_ERROR, header);
+        }
+        if edtl > TRANSFER_BYTES_MAX {
+            let seq = self.next_status();
+            let s = Sense::new(sense::key::ILLEGAL_REQUEST, 0x24, 0x00).to_bytes();
+            self.send(Pdu::scsi_response(c.itt, seq, sense::CHECK_CONDITION, &s, 0, Residual::None));
+            return;
+        }
+        if c.write && edtl > c.data.len() as u32 {
+            // Gather the rest: unsolicited Data-Out (if allowed and F is clear), then R2Ts.
+            let unsolicited_open = !c.final_ && !self.params.initial_r2t;
+            if !c.final_ && self.params.initial_r2t {
+                return self.reject(reject_reason::PROTOCOL_ERROR, header);
+            }
+            let mut data = Vec::with_capacity(edtl as usize);
+            data.extend_from_slice(&c.data);
+            let received = c.data.len() as u32;
+            let itt = c.itt;
+            let mut task = WriteTask {
+                command: ScsiCommand { data: Vec::new(), ..c },
+                data,
+                received,
+                unsolicited_open,
+                next_data_sn: 0,
+                r2t: None,
+                r2t_sn: 0,
+                failed: None,
+            };
+            if !task.unsolicited_open {
+                self.send_r2t(&mut task);
+            }
+            self.writes.insert(itt, task);
+            return;
+        }
+        let mut c = c;
+        let data = std::mem::take(&mut c.data);
+        self.start_command(c, data, nexus, target);
+    }
+
+    fn start_command(&mut self, c: ScsiCommand, data: Vec<u8>, nexus: Nexus, target: Arc<TargetEntry>) {
+        let block = target.lun.block_size_bytes() as u64;
+        let edtl = c.expected_data_transfer_length;
+        let mut residual_base = None;
+        let mut data = data;
+        if c.write {
+            if let Some(spdtl) = scsi_data_out_len(&c.cdb, block) {
+                if spdtl > edtl as u64 {
+                    // The CDB asks for more data than the initiator sends: no write at all
+                    // (FCP-4 / SAM-5 "invalid field in command information unit").
+                    let seq = self.next_status();
+                    let s = Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03).to_bytes();
+                    let residual = Residual::between(edtl, spdtl);
+                    self.send(Pdu::scsi_response(c.itt, seq, sense::CHECK_CONDITION, &s, 0, residual));
+                    return;
+                }
+                data.truncate(spdtl as usize);
+                residual_base = Some(spdtl);
+            }
+        }
+        self.running.insert(c.itt, (c.lun, edtl, c.read, residual_base));
+        self.events.push_back(Event::Execute(Command {
+            itt: c.itt,
+            lun: c.lun,
+            cdb: c.cdb,
+            data_out: data,
+            target,
+            nexus,
+            read: c.read,
+            expected_length: edtl,
+        }));
+    }
+
+    fn send_r2t(&mut self, task: &mut WriteTask) {
+        let edtl = task.command.expected_data_transfer_length;
+        if task.received >= edtl {
+            return;
+        }
+        let length = (edtl - task.received).min(self.params.max_burst_length);
+        let ttt = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == TAG_NONE {
+            self.next_ttt = 1;
+        }
+        task.r2t = Some((ttt, task.received, length));
+        task.next_data_sn = 0;
+        let seq = self.seq();
+        let pdu = Pdu::r2t(task.command.lun, task.command.itt, ttt, seq, task.r2t_sn, task.received, length);
+        task.r2t_sn += 1;
+        self.send(pdu);
+    }
+
+    fn handle_data_out(&mut self, d: DataOut, header: &[u8; BHS_LEN]) {
+        let Some(mut task) = self.writes.remove(&d.itt) else {
+            // Data for a task we do not know (aborted, or bogus): RFC 7143 says Reject.
+            return self.reject(reject_reason::INVALID_PDU_FIELD, header);
+        };
+        let edtl = task.command.expected_data_transfer_length;
+        let len = d.data.len() as u32;
+        let solicited = d.ttt != TAG_NONE;
+        let mut sequence_done = d.final_;
+        if task.failed.is_none() {
+            let problem: Option<Sense> = if solicited {
+                match task.r2t {
+                    Some((ttt, offset, length)) if ttt == d.ttt => {
+                        if d.data_sn != task.next_data_sn {
+                            Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
+                        } else if d.buffer_offset != task.received
+                            || d.buffer_offset.checked_add(len).is_none_or(|end| end > offset + length)
+                        {
+                            Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
+                        } else {
+                            None
+                        }
+                    }
+                    _ => Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00)),
+                }
+            } else if !task.unsolicited_open {
+                Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
+            } else if d.data_sn != task.next_data_sn
+                || d.buffer_offset != task.received
+                || d.buffer_offset.checked_add(len).is_none_or(|end| end > self.params.first_burst_length.min(edtl))
+            {
+                Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
+            } else {
+                None
+            };
+            match problem {
+                Some(s) => task.failed = Some(s),
+                None => {
+                    task.data.extend_from_slice(&d.data);
+                    task.received += len;
+                    task.next_data_sn = task.next_data_sn.wrapping_add(1);
+                }
+            }
+        }
+        if let Some((_, offset, length)) = task.r2t {
+            if solicited && task.received >= offset + length {
+                sequence_done = true;
+            }
+        }
+        if !sequence_done {
+            self.writes.insert(d.itt, task);
+            return;
+        }
+        if solicited {
+            task.r2t = None;
+        } else {
+            task.unsolicited_open = false;
+        }
+        if let Some(s) = task.failed {
+            // Wait for the rest of an unsolicited burst before answering is not needed: the
+            // sequence ended with F. Answer now and forget the task.
+            let seq = self.next_status();
+            self.send(Pdu::scsi_response(task.command.itt, seq, sense::CHECK_CONDITION, &s.to_bytes(), 0, Residual::None));
+            return;
+        }
+        if task.received < edtl {
+            self.send_r2t(&mut task);
+            self.writes.insert(d.itt, task);
+            return;
+        }
+        let Some((nexus, target)) = self.nexus_and_target() else { return };
+        let data = std::mem::take(&mut task.data);
+        self.start_command(task.command, data, nexus, target);
+    }
+
+    /// The shell ran a command: queue its Data-In and response.
+    pub fn handle_command_complete(&mut self, itt: u32, result: ScsiResult) {
+        let Some((lun, edtl, read, write_spdtl)) = self.running.remove(&itt) else { return };
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let ScsiResult { status, sense: sense_data, mut data_in } = result;
+        let produced = data_in.len() as u64;
+        let residual = if read && !data_in.is_empty() || (read && write_spdtl.is_none()) {
+            Residual::between(edtl, produced)
+        } else if let Some(spdtl) = write_spdtl {
+            Residual::between(edtl, spdtl)
+        } else if !data_in.is_empty() {
+            Residual::between(edtl, produced)
+        } else {
+            Residual::between(edtl, 0).clamp_underflow_to_zero()
+        };
+        if !read {
+            data_in.clear();
+        }
+        data_in.truncate(edtl as usize);
+        let segment = self.params.initiator_max_recv_data_segment_length as usize;
+        let collapse = status == sense::GOOD && !data_in.is_empty();
+        let mut data_sn = 0u32;
+        if !data_in.is_empty() {
+            let total = data_in.len();
+            if total <= segment {
+                let last_status = if collapse { Some((status, residual)) } else { None };
+                let seq = if collapse { self.next_status() } else { self.seq() };
+                let mut p = Pdu::data_in_header(lun, itt, seq, 0, 0, true, last_status);
+                p.data = data_in;
+                self.send(p);
+                data_sn = 1;
+            } else {
+                let mut offset = 0usize;
+                while offset < total {
+                    let end = (offset + segment).min(total);
+                    let last = end == total;
+                    let last_status = if collapse && last { Some((status, residual)) } else { None };
+                    let seq = if last_status.is_some() { self.next_status() } else { self.seq() };
+                    let mut p = Pdu::data_in_header(lun, itt, seq, data_sn, offset as u32, last, last_status);
+                    p.data = data_in[offset..end].to_vec();
+                    self.send(p);
+                    data_sn += 1;
+                    offset = end;
+                }
+            }
+        }
+        if !collapse {
+            let seq = self.next_status();
+            self.send(Pdu::scsi_response(itt, seq, status, &sense_data, data_sn, residual));
+        }
+    }
+
+    fn handle_task_management(&mut self, t: wire::TaskManagementRequest) {
+        const COMPLETE: u8 = 0;
+        const NO_TASK: u8 = 1;
+        const NO_LUN: u8 = 2;
+        const NOT_SUPPORTED: u8 = 5;
+        let Some((nexus, target)) = self.nexus_and_target() else { return };
+        let response = match t.function {
+            1 => {
+                // ABORT TASK: a command still gathering data is dropped; one handed to the
+                // shell completes (its response goes out first); an unknown one is complete if
+                // its CmdSN was already passed (RFC 7143 11.6.1).
+                if self.writes.remove(&t.referenced_task_tag).is_some() {
+                    COMPLETE
+                } else if self.running.contains_key(&t.referenced_task_tag) {
+                    COMPLETE
+                } else if serial_lt(t.ref_cmd_sn, t.cmd_sn.wrapping_add(1)) && !self.waiting.contains_key(&t.ref_cmd_sn) {
+                    COMPLETE
+                } else {
+                    NO_TASK
+                }
+            }
+            2 | 4 => {
+                // ABORT TASK SET, CLEAR TASK SET.
+                self.writes.clear();
+                if t.lun != 0 { NO_LUN } else { COMPLETE }
+            }
+            3 => NOT_SUPPORTED, // CLEAR ACA: we never establish ACA
+            5 => {
+                if t.lun != 0 {
+                    NO_LUN
+                } else {
+                    self.writes.clear();
+                    let ids = self.registry.nexus_ids(&target.name);
+                    target.lun.reset(&ids.into_iter().filter(|i| *i != nexus.id).collect::<Vec<_>>());
+                    COMPLETE
+                }
+            }
+            6 | 7 => {
+                self.writes.clear();
+                let ids = self.registry.nexus_ids(&target.name);
+                target.lun.reset(&ids.into_iter().filter(|i| *i != nexus.id).collect::<Vec<_>>());
+                self.events.push_back(Event::ResetTarget { target: target.clone(), cold: t.function == 7, session_id: self.session_id });
+                COMPLETE
+            }
+            _ => NOT_SUPPORTED,
+        };
+        let seq = self.next_status();
+        self.send(Pdu::task_management_response(t.itt, seq, response));
+        if t.function == 7 {
+            // A cold reset ends this connection too, after the response (RFC 7143 11.5.1).
+            self.close();
+        }
+    }
+
+    fn handle_text(&mut self, t: wire::TextRequest, header: &[u8; BHS_LEN]) {
+        // Continuation of a long response we split earlier.
+        if t.ttt != TAG_NONE {
+            match self.text_continuation.take() {
+                Some((ttt, rest)) if ttt == t.ttt => return self.send_text(t.itt, rest),
+                _ => return self.reject(reject_reason::PROTOCOL_ERROR, header),
+            }
+        }
+        if t.continue_ {
+            // Multi-PDU text requests are not needed by any initiator we know; refuse.
+            return self.reject(reject_reason::COMMAND_NOT_SUPPORTED, header);
+        }
+        let pairs = match text::parse_pairs(&t.data) {
+            Ok(p) => p,
+            Err(_) => return self.reject(reject_reason::PROTOCOL_ERROR, header),
+        };
+        let mut out = Vec::new();
+        for (key, value) in pairs {
+            if key == "SendTargets" {
+                self.send_targets(&value, &mut out);
+            } else {
+                text::push_pair(&mut out, &key, "NotUnderstood");
+            }
+        }
+        self.send_text(t.itt, out);
+    }
+
+    fn send_text(&mut self, itt: u32, mut data: Vec<u8>) {
+        let max = self.params.initiator_max_recv_data_segment_length as usize;
+        if data.len() > max {
+            let rest = data.split_off(max);
+            let ttt = self.next_ttt;
+            self.next_ttt = self.next_ttt.wrapping_add(1).max(1);
+            self.text_continuation = Some((ttt, rest));
+            let seq = self.next_status();
+            self.send(Pdu::text_response(itt, ttt, seq, false, true, data));
+        } else {
+            let seq = self.next_status();
+            self.send(Pdu::text_response(itt, TAG_NONE, seq, true, false, data));
+        }
+    }
+
+    fn send_targets(&self, value: &str, out: &mut Vec<u8>) {
+        let initiator = self.login.initiator_name.clone().unwrap_or_default();
+        let targets: Vec<Arc<TargetEntry>> = if self.login.discovery {
+            match value {
+                "All" => self.registry.targets(),
+                name => self.registry.target(name).into_iter().collect(),
+            }
+        } else {
+            // In a normal session only the session's own target may be named.
+            match self.target() {
+                Some(t) if value.is_empty() || value == t.name || value == "All" => vec![t],
+                _ => Vec::new(),
+            }
+        };
+        for t in targets.iter().filter(|t| t.allows(&initiator)) {
+            text::push_pair(out, "TargetName", &t.name);
+            for a in &self.portal.addresses {
+                text::push_pair(out, "TargetAddress", a);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- login
+
+    fn login_fail(&mut self, req: &LoginRequest, class: u8, detail: u8) {
+        let seq = Sequence { stat_sn: self.stat_sn, exp_cmd_sn: req.cmd_sn, max_cmd_sn: req.cmd_sn };
+        self.send(Pdu::login_response(req, false, req.current_stage, 0, 0, seq, class, detail, Vec::new()));
+        self.close();
+    }
+
+    fn handle_login(&mut self, req: LoginRequest) {
+        const INITIATOR_ERROR: (u8, u8) = (2, 0);
+        const AUTH_FAILURE: (u8, u8) = (2, 1);
+        const FORBIDDEN: (u8, u8) = (2, 2);
+        const NOT_FOUND: (u8, u8) = (2, 3);
+        const UNSUPPORTED_VERSION: (u8, u8) = (2, 5);
+        const MISSING_PARAMETER: (u8, u8) = (2, 7);
+        const SESSION_DOES_NOT_EXIST: (u8, u8) = (2, 0x0a);
+        let fail = |c: &mut Connection, req: &LoginRequest, (class, detail): (u8, u8)| c.login_fail(req, class, detail);
+
+        if self.login.first {
+            self.login.first = false;
+            if req.version_min > 0 {
+                return fail(self, &req, UNSUPPORTED_VERSION);
+            }
+            if req.tsih != 0 {
+                // Adding a connection to a session (MC/S) is not offered.
+                return fail(self, &req, SESSION_DOES_NOT_EXIST);
+            }
+            self.login.isid = req.isid;
+            self.login.itt = req.itt;
+            self.exp_cmd_sn = req.cmd_sn;
+            self.stat_sn = req.exp_stat_sn;
+        } else if req.isid != self.login.isid || req.itt != self.login.itt {
+            return fail(self, &req, INITIATOR_ERROR);
+        }
+        if req.current_stage == 2 || (req.transit && (req.next_stage == 2 || req.next_stage <= req.current_stage)) {
+            return fail(self, &req, INITIATOR_ERROR);
+        }
+        if req.current_stage < self.login.current_stage {
+            return fail(self, &req, INITIATOR_ERROR);
+        }
+        self.login.current_stage = req.current_stage;
+        if self.login.pending_text.len() + req.data.len() > TEXT_BYTES_MAX {
+            return fail(self, &req, INITIATOR_ERROR);
+        }
+        self.login.pending_text.extend_from_slice(&req.data);
+        if req.continue_ {
+            // More text follows: acknowledge with an empty response (RFC 7143 6.3).
+            let seq = Sequence { stat_sn: self.stat_sn, exp_cmd_sn: self.exp_cmd_sn, max_cmd_sn: self.exp_cmd_sn };
+            self.send(Pdu::login_response(&req, false, req.current_stage, 0, 0, seq, 0, 0, Vec::new()));
+            return;
+        }
+        let text = std::mem::take(&mut self.login.pending_text);
+        let pairs = match text::parse_pairs(&text) {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::debug!(error = %err, "bad login text");
+                return fail(self, &req, INITIATOR_ERROR);
+            }
+        };
+        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+
+        // Declarations, on the first PDU that carries them.
+        if self.login.initiator_name.is_none() {
+            let Some(name) = get("InitiatorName") else { return fail(self, &req, MISSING_PARAMETER) };
+            if name.is_empty() || name.len() > 223 {
+                return fail(self, &req, INITIATOR_ERROR);
+            }
+            self.login.initiator_name = Some(name);
+            match get("SessionType").as_deref() {
+                None | Some("Normal") => {
+                    let Some(target_name) = get("TargetName") else { return fail(self, &req, MISSING_PARAMETER) };
+                    let Some(target) = self.registry.target(&target_name) else { return fail(self, &req, NOT_FOUND) };
+                    if !target.allows(self.login.initiator_name.as_deref().unwrap_or_default()) {
+                        return fail(self, &req, FORBIDDEN);
+                    }
+                    self.login.target = Some(target);
+                }
+                Some("Discovery") => self.login.discovery = true,
+                Some(_) => return fail(self, &req, (2, 9)),
+            }
+        }
+        let chap_required = self.login.target.as_ref().and_then(|t| t.config.chap.clone());
+        let mut out = Vec::new();
+
+        // Security stage.
+        if req.current_stage == stage::SECURITY {
+            if let Some(methods) = get("AuthMethod") {
+                if self.login.auth == Auth::Start {
+                    let offered: Vec<&str> = methods.split(',').collect();
+                    let choice = if chap_required.is_some() {
+                        offered.iter().find(|m| **m == "CHAP").copied()
+                    } else {
+                        offered.iter().find(|m| **m == "None").copied().or(None)
+                    };
+                    match choice {
+                        Some("CHAP") => {
+                            self.login.auth = Auth::ChapMethod;
+                            text::push_pair(&mut out, "AuthMethod", "CHAP");
+                        }
+                        Some(_) => {
+                            self.login.auth = Auth::Done;
+                            text::push_pair(&mut out, "AuthMethod", "None");
+                        }
+                        None => return fail(self, &req, AUTH_FAILURE),
+                    }
+                }
+            }
+            if let Some(algorithms) = get("CHAP_A") {
+                if self.login.auth != Auth::ChapMethod {
+                    return fail(self, &req, INITIATOR_ERROR);
+                }
+                if !algorithms.split(',').any(|a| a == "5") {
+                    text::push_pair(&mut out, "CHAP_A", "Reject");
+                    return fail(self, &req, AUTH_FAILURE);
+                }
+                let id = self.challenge[0];
+                text::push_pair(&mut out, "CHAP_A", "5");
+                text::push_pair(&mut out, "CHAP_I", &id.to_string());
+                text::push_pair(&mut out, "CHAP_C", &chap::encode_hex(&self.challenge));
+                self.login.auth = Auth::ChapChallenged { id };
+            }
+            if let Some(user) = get("CHAP_N") {
+                let Auth::ChapChallenged { id } = self.login.auth else { return fail(self, &req, INITIATOR_ERROR) };
+                let Some(chap_cfg) = chap_required.clone() else { return fail(self, &req, AUTH_FAILURE) };
+                let Some(resp) = get("CHAP_R").and_then(|r| chap::decode_binary(&r)) else {
+                    return fail(self, &req, AUTH_FAILURE);
+                };
+                let expected = chap::response(id, chap_cfg.secret.as_bytes(), &self.challenge);
+                if user != chap_cfg.user || !chap::same(&resp, &expected) {
+                    tracing::info!(user, "chap authentication failed");
+                    return fail(self, &req, AUTH_FAILURE);
+                }
+                // Mutual CHAP: the initiator challenges us.
+                if let Some(ci) = get("CHAP_I") {
+                    let mutual = self.login.target.as_ref().and_then(|t| t.config.mutual_chap.clone());
+                    let (Some(mutual), Ok(ident), Some(challenge)) =
+                        (mutual, ci.parse::<u8>(), get("CHAP_C").and_then(|c| chap::decode_binary(&c)))
+                    else {
+                        return fail(self, &req, AUTH_FAILURE);
+                    };
+                    if challenge == self.challenge || challenge.len() > 1024 {
+                        // A reflected challenge would let an attacker use us as an oracle.
+                        return fail(self, &req, AUTH_FAILURE);
+                    }
+                    let answer = chap::response(ident, mutual.secret.as_bytes(), &challenge);
+                    text::push_pair(&mut out, "CHAP_N", &mutual.user);
+                    text::push_pair(&mut out, "CHAP_R", &chap::encode_hex(&answer));
+                } else if get("CHAP_C").is_some() {
+                    return fail(self, &req, AUTH_FAILURE);
+                }
+                self.login.auth = Auth::Done;
+            }
+            // Operational keys may ride in security-stage PDUs too.
+        }
+        for (key, value) in &pairs {
+            if text::is_login_key(key) {
+                continue;
+            }
+            if req.current_stage == stage::SECURITY && self.login.auth != Auth::Done && !key.starts_with("X") {
+                // Operational keys before authentication completes are not negotiated yet.
+            }
+            if let Some((k, v)) = self.login.negotiation.answer(key, value, self.login.discovery) {
+                text::push_pair(&mut out, &k, &v);
+            }
+        }
+        // Transition.
+        let mut transit = req.transit;
+        let mut next = req.next_stage;
+        if transit && req.current_stage == stage::SECURITY && self.login.auth != Auth::Done {
+            if self.login.auth == Auth::Start && chap_required.is_none() && get("AuthMethod").is_none() {
+                // The initiator skipped AuthMethod: fine when none is required.
+                self.login.auth = Auth::Done;
+            } else if self.login.auth == Auth::Start && chap_required.is_some() {
+                return fail(self, &req, AUTH_FAILURE);
+            } else {
+                // Still exchanging CHAP: stay in the security stage.
+                transit = false;
+                next = 0;
+            }
+        }
+        if chap_required.is_some() && req.current_stage != stage::SECURITY && self.login.auth != Auth::Done {
+            return fail(self, &req, AUTH_FAILURE);
+        }
+        if !self.login.sent_tpgt && !self.login.discovery {
+            text::push_pair(&mut out, "TargetPortalGroupTag", &self.portal.portal_group_tag.to_string());
+            self.login.sent_tpgt = true;
+        }
+        let final_login = transit && next == stage::FULL_FEATURE;
+        if final_login && !self.login.negotiation.offered("MaxRecvDataSegmentLength") {
+            // Declare ours even if the initiator kept the default for its own.
+            text::push_pair(&mut out, "MaxRecvDataSegmentLength", &self.params.target_max_recv_data_segment_length.to_string());
+            self.login.negotiation.answer("MaxRecvDataSegmentLength", "8192", self.login.discovery);
+        }
+        if final_login {
+            self.tsih = self.registry.new_tsih();
+        }
+        let seq = Sequence { stat_sn: self.stat_sn, exp_cmd_sn: self.exp_cmd_sn, max_cmd_sn: self.exp_cmd_sn.wrapping_add(COMMANDS_MAX - 1) };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let current = req.current_stage;
+        let response = Pdu::login_response(&req, transit, current, if transit { next } else { 0 }, self.tsih, seq, 0, 0, out);
+        self.send(response);
+        if transit {
+            self.login.current_stage = next;
+        }
+        if final_login {
+            self.params = self.login.negotiation.params.clone();
+            self.session_id = self.registry.new_session_id();
+            let nexus = Nexus {
+                id: nexus_id(self.login.initiator_name.as_deref().unwrap_or_default(), &self.login.isid),
+                initiator_name: self.login.initiator_name.clone().unwrap_or_default(),
+                isid: self.login.isid,
+            };
+            self.session = Some((nexus, self.login.target.clone()));
+            self.phase = Phase::FullFeature;
+        }
+    }
+
+    /// TSIH given to the session at the end of login (0 before).
+    pub fn tsih(&self) -> u16 {
+        self.tsih
+    }
+
+    /// ISID of the initiator port.
+    pub fn isid(&self) -> [u8; 6] {
+        self.login.isid
+    }
+
+    /// Whether the initiator expects a read for `itt` that could take the fast read path.
+    pub fn running(&self, itt: u32) -> bool {
+        self.running.contains_key(&itt)
+    }
+
+    /// Statistic for the opcode of a header, used by tests.
+    pub fn opcode_of(header: &[u8]) -> u8 {
+        header.first().map(|b| b & 0x3f).unwrap_or(opcode::NOP_OUT)
+    }
+}
+
+trait ClampUnderflow {
+    fn clamp_underflow_to_zero(self) -> Residual;
+}
+
+impl ClampUnderflow for Residual {
+    /// For commands without data, an expected length is all underflow.
+    fn clamp_underflow_to_zero(self) -> Residual {
+        self
+    }
+}
