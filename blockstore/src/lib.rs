@@ -9,6 +9,9 @@
 //! Architecture invariant: this crate knows nothing about Raft. It is told who owns a volume and
 //! at which generation; `cairn-node` wires that to the replicated state.
 
+pub mod chunks;
 pub mod device;
+pub mod image;
+pub mod volume;
 pub mod iscsi;
 pub mod scsi;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("store benchmark: see later commit");
+}
