@@ -160,6 +160,29 @@ fn serial_le(a: u32, b: u32) -> bool {
 }
 
 /// Data-out bytes a CDB asks for (SPDTL), for commands whose length is in the CDB.
+/// Rewrites the transfer length of a WRITE or WRITE AND VERIFY CDB; false for other commands
+/// or a length the CDB cannot express.
+fn set_transfer_blocks(cdb: &mut [u8], blocks: u64) -> bool {
+    let (at, n) = match cdb.first() {
+        Some(0x0a) => {
+            if blocks == 0 || blocks > 255 {
+                return blocks == 0;
+            }
+            (4, 1)
+        }
+        Some(0x2a | 0x2e) => (7, 2),
+        Some(0xaa | 0xae) => (6, 4),
+        Some(0x8a | 0x8e) => (10, 4),
+        _ => return false,
+    };
+    if cdb.len() < at + n {
+        return false;
+    }
+    let bytes = blocks.to_be_bytes();
+    cdb[at..at + n].copy_from_slice(&bytes[8 - n..]);
+    true
+}
+
 fn scsi_data_out_len(cdb: &[u8], block: u64) -> Option<u64> {
     let be = |from: usize, n: usize| -> u64 {
         cdb.get(from..from + n).map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64)).unwrap_or(0)
@@ -170,20 +193,10 @@ fn scsi_data_out_len(cdb: &[u8], block: u64) -> Option<u64> {
         0xaa | 0xae => be(6, 4) * block,
         0x8a | 0x8e => be(10, 4) * block,
         0x89 => be(13, 1) * block * 2,
-        _ => return None,
-    })
-}
-
-/// Data-in bytes a read CDB asks for.
-fn scsi_data_in_len(cdb: &[u8], block: u64) -> Option<u64> {
-    let be = |from: usize, n: usize| -> u64 {
-        cdb.get(from..from + n).map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64)).unwrap_or(0)
-    };
-    Some(match *cdb.first()? {
-        0x08 => (if cdb.get(4) == Some(&0) { 256 } else { be(4, 1) }) * block,
-        0x28 => be(7, 2) * block,
-        0xa8 => be(6, 4) * block,
-        0x88 => be(10, 4) * block,
+        0x8b => be(10, 4) * block,
+        0x41 => block,
+        // WRITE SAME(16) with NDOB carries no data.
+        0x93 => if cdb.get(1).is_some_and(|b| b & 0x01 != 0) { 0 } else { block },
         _ => return None,
     })
 }
@@ -515,18 +528,39 @@ impl Connection {
         let edtl = c.expected_data_transfer_length;
         let mut residual_base = None;
         let mut data = data;
+        let mut c = c;
         if c.write {
             if let Some(spdtl) = scsi_data_out_len(&c.cdb, block) {
-                if spdtl > edtl as u64 {
-                    // The CDB asks for more data than the initiator sends: no write at all
-                    // (FCP-4 / SAM-5 "invalid field in command information unit").
+                let opcode = c.cdb[0];
+                if matches!(opcode, 0x89 | 0x41 | 0x93) && spdtl != edtl as u64 {
+                    // COMPARE AND WRITE and WRITE SAME need exactly the data their CDB names.
                     let seq = self.next_status();
-                    let s = Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03).to_bytes();
+                    let s = sense::INVALID_FIELD_IN_CDB.to_bytes();
                     let residual = Residual::between(edtl, spdtl);
                     self.send(Pdu::scsi_response(c.itt, seq, sense::CHECK_CONDITION, &s, 0, residual));
                     return;
                 }
-                data.truncate(spdtl as usize);
+                if spdtl > edtl as u64 {
+                    // The CDB asks for more than the initiator sends: write only the whole
+                    // blocks that arrived and report the overflow (FCP-4 9.4.2 option a).
+                    let blocks = edtl as u64 / block;
+                    if !set_transfer_blocks(&mut c.cdb, blocks) {
+                        let seq = self.next_status();
+                        let s = Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03).to_bytes();
+                        let residual = Residual::between(edtl, spdtl);
+                        self.send(Pdu::scsi_response(c.itt, seq, sense::CHECK_CONDITION, &s, 0, residual));
+                        return;
+                    }
+                    if blocks == 0 {
+                        let seq = self.next_status();
+                        let residual = Residual::between(edtl, spdtl);
+                        self.send(Pdu::scsi_response(c.itt, seq, sense::GOOD, &[], 0, residual));
+                        return;
+                    }
+                    data.truncate((blocks * block) as usize);
+                } else {
+                    data.truncate(spdtl as usize);
+                }
                 residual_base = Some(spdtl);
             }
         }
@@ -706,7 +740,7 @@ impl Connection {
                     COMPLETE
                 } else if self.running.contains_key(&t.referenced_task_tag) {
                     COMPLETE
-                } else if serial_lt(t.ref_cmd_sn, t.cmd_sn.wrapping_add(1)) && !self.waiting.contains_key(&t.ref_cmd_sn) {
+                } else if self.waiting.remove(&t.ref_cmd_sn).is_some() {
                     COMPLETE
                 } else {
                     NO_TASK
@@ -723,15 +757,17 @@ impl Connection {
                     NO_LUN
                 } else {
                     self.writes.clear();
-                    let ids = self.registry.nexus_ids(&target.name);
-                    target.lun.reset(&ids.into_iter().filter(|i| *i != nexus.id).collect::<Vec<_>>());
+                    let mut ids = self.registry.nexus_ids(&target.name);
+                    ids.push(nexus.id);
+                    target.lun.reset(&ids);
                     COMPLETE
                 }
             }
             6 | 7 => {
                 self.writes.clear();
-                let ids = self.registry.nexus_ids(&target.name);
-                target.lun.reset(&ids.into_iter().filter(|i| *i != nexus.id).collect::<Vec<_>>());
+                let mut ids = self.registry.nexus_ids(&target.name);
+                ids.push(nexus.id);
+                target.lun.reset(&ids);
                 self.events.push_back(Event::ResetTarget { target: target.clone(), cold: t.function == 7, session_id: self.session_id });
                 COMPLETE
             }

@@ -29,10 +29,10 @@ use sense::Sense;
 /// Largest transfer in blocks we accept in one command (also in VPD page 0xB0).
 pub const TRANSFER_BLOCKS_MAX: u32 = 8192;
 /// Largest WRITE SAME in blocks (VPD page 0xB0).
-pub const WRITE_SAME_BLOCKS_MAX: u64 = 1 << 20;
+pub const WRITE_SAME_BLOCKS_MAX: u64 = 8192;
 /// UNMAP limits (VPD page 0xB0).
 pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
-pub const UNMAP_BLOCKS_MAX: u32 = 1 << 22;
+pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
 /// Unmap granularity in blocks (4 KiB, the file systems' block size).
 pub const UNMAP_GRANULARITY_BLOCKS: u32 = 8;
 pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 255;
@@ -170,6 +170,7 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, usize)] = &[
     (0x88, None, 16),       // READ(16)
     (0x89, None, 16),       // COMPARE AND WRITE
     (0x8a, None, 16),       // WRITE(16)
+    (0x8b, None, 16),       // ORWRITE(16)
     (0x8e, None, 16),       // WRITE AND VERIFY(16)
     (0x8f, None, 16),       // VERIFY(16)
     (0x90, None, 16),       // PRE-FETCH(16)
@@ -257,7 +258,7 @@ enum Access {
 fn access_of(opcode: u8) -> Access {
     match opcode {
         0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 | 0x9e => Access::Read,
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x35
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b | 0x35
         | 0x91 | 0x15 | 0x55 | 0x1b => Access::Write,
         _ => Access::None,
     }
@@ -433,6 +434,7 @@ impl Lun {
             0x41 | 0x93 => self.write_same(cdb, data_out),
             0x42 => self.unmap(cdb, data_out),
             0x89 => self.compare_and_write(cdb, data_out),
+            0x8b => self.or_write(cdb, data_out),
             0x1a | 0x5a => self.mode_sense(cdb),
             0x15 | 0x55 => self.mode_select(cdb, data_out),
             0x1b => {
@@ -632,9 +634,7 @@ impl Lun {
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&self.device.block_count().saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&self.device.block_size_bytes().to_be_bytes());
-        // Physical block exponent: 4 KiB physical blocks for 512-byte logical ones.
-        let block = self.device.block_size_bytes();
-        d[13] = if block < 4096 { (4096 / block).trailing_zeros() as u8 } else { 0 };
+        // Physical block exponent 0: every logical block can be mapped and unmapped alone.
         d[14] = 0x80 | 0x40; // LBPME, LBPRZ
         d.truncate(alloc);
         Ok(d)
@@ -809,7 +809,9 @@ impl Lun {
             data_out[..block].to_vec()
         };
         let _guard = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
-        if unmap && pattern.iter().all(|b| *b == 0) {
+        if unmap {
+            // UNMAP set: deallocate; with LBPRZ the blocks read back as zeros whatever the
+            // pattern was (what initiators using WRITE SAME to discard expect).
             self.device.unmap(lba, blocks).map_err(|e| device_failure(e, true))?;
             return Ok(Vec::new());
         }
@@ -893,6 +895,36 @@ impl Lun {
         }
         let fua = cdb[1] & 0x08 != 0 || !self.lock().mode.write_cache_enabled;
         self.device.write(lba, write, fua).map_err(|e| device_failure(e, true))?;
+        Ok(Vec::new())
+    }
+
+    /// ORWRITE(16): OR the data into what the blocks hold, atomically against other writes.
+    fn or_write(&self, cdb: &[u8], data_out: &[u8]) -> CmdResult {
+        let lba = be_u(cdb, 2, 8);
+        let blocks = be_u(cdb, 10, 4);
+        if cdb[1] >> 5 != 0 {
+            return Err(bad_field(1)); // ORPROTECT
+        }
+        self.check_range(lba, blocks)?;
+        if blocks > TRANSFER_BLOCKS_MAX as u64 {
+            return Err(bad_field(10));
+        }
+        if blocks == 0 {
+            return Ok(Vec::new());
+        }
+        let block = self.device.block_size_bytes() as usize;
+        let len = blocks as usize * block;
+        if data_out.len() < len {
+            return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
+        }
+        let _guard = self.io_lock.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = vec![0u8; len];
+        self.device.read(lba, &mut current).map_err(|e| device_failure(e, false))?;
+        for (c, d) in current.iter_mut().zip(&data_out[..len]) {
+            *c |= *d;
+        }
+        let fua = cdb[1] & 0x08 != 0 || !self.lock().mode.write_cache_enabled;
+        self.device.write(lba, &current, fua).map_err(|e| device_failure(e, true))?;
         Ok(Vec::new())
     }
 
