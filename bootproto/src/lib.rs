@@ -18,5 +18,6 @@
 //! option overload, TFTP writes, HTTP serving (the node serves the rendered scripts).
 pub mod dhcp;
 pub mod mac;
+pub mod tftp;
 
 pub use mac::MacAddr;
