@@ -79,7 +79,7 @@ use layer::{BlockMap, Journal, MapFile, Record};
 pub const LAYER_BLOCK_SIZE_BYTES: u64 = 4096;
 /// Logical block size served to initiators.
 pub const SECTOR_SIZE_BYTES: u64 = 512;
-/// A flush that would grow the journal past this writes a checkpoint instead.
+/// Default for [`VolumeOptions::journal_bytes_max`].
 pub const JOURNAL_BYTES_MAX: u64 = 4 << 20;
 const STRIPES: usize = 256;
 const META_MAGIC: &[u8; 8] = b"CAIRNVM1";
@@ -163,11 +163,23 @@ pub struct VolumeSpec {
 }
 
 /// How to open a volume.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct VolumeOptions {
     /// The generation this node serves the volume at (from the replicated boot session).
     pub generation: u64,
     pub mirror: Option<Arc<dyn WriteMirror>>,
+    /// A flush that would grow the journal past this writes a checkpoint of the map instead.
+    pub journal_bytes_max: u64,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            generation: 0,
+            mirror: None,
+            journal_bytes_max: JOURNAL_BYTES_MAX,
+        }
+    }
 }
 
 struct LayerState {
@@ -195,6 +207,7 @@ pub struct Volume {
     pending: Mutex<Vec<Record>>,
     journal: Mutex<Journal>,
     data_dirty: AtomicBool,
+    journal_bytes_max: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -336,6 +349,7 @@ impl Volume {
             pending: Mutex::new(Vec::new()),
             journal: Mutex::new(journal),
             data_dirty: AtomicBool::new(false),
+            journal_bytes_max: options.journal_bytes_max,
         })
     }
 
@@ -652,7 +666,7 @@ impl Volume {
             let mut pending = lock(&self.pending);
             let records = std::mem::take(&mut *pending);
             let grows_to = journal.bytes + (records.len() * layer::RECORD_BYTES) as u64;
-            let checkpoint = (grows_to > JOURNAL_BYTES_MAX).then(|| layer.map.to_packed());
+            let checkpoint = (grows_to > self.journal_bytes_max).then(|| layer.map.to_packed());
             (records, checkpoint)
         };
         // Data before the map: a block is durable `Layer` only once its data is durable.
