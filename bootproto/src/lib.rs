@@ -17,6 +17,7 @@
 //! Deliberately not done: DHCPv6, BOOTP-only clients, relay agent information echo (option 82),
 //! option overload, TFTP writes, HTTP serving (the node serves the rendered scripts).
 pub mod dhcp;
+pub mod ipxe;
 pub mod mac;
 pub mod tftp;
 
