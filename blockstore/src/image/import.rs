@@ -2,8 +2,11 @@
 //!
 //! Raw files are read directly. qcow2, VHD (qemu calls it `vpc`), VHDX and VMDK are recognised by
 //! their magic bytes and streamed through `qemu-nbd` from Debian's qemu-utils (see
-//! [`super::nbd`] for why not `qemu-img convert`): a clear [`ImportError::ConverterMissing`] when
-//! it is not installed, and qemu's own message when it rejects a corrupt file.
+//! [`super::nbd`] for why not `qemu-img convert`), after `qemu-img check` has passed (qemu reads
+//! clusters past the end of a truncated file as zeros, which would import silently wrong).
+//! A clear [`ImportError::ConverterMissing`] when the tools are not installed, and qemu's own
+//! message when it rejects a corrupt file. A raw file cannot be corrupt as such: any bytes are
+//! a valid disk.
 //!
 //! Memory: the reading thread fills chunk buffers from a fixed pool of `2 * WRITER_THREADS + 2`
 //! buffers (about 1 MiB in all) and hands them to `WRITER_THREADS` threads that hash, skip zero
@@ -27,6 +30,7 @@ use crate::chunks::{is_zero, ChunkError, ChunkHash, ChunkStore, CHUNK_SIZE_BYTES
 /// Threads that hash and write chunks during an import.
 pub const WRITER_THREADS: usize = 4;
 const QEMU_NBD: &str = "qemu-nbd";
+const QEMU_IMG: &str = "qemu-img";
 const QEMU_NBD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,14 +161,18 @@ struct ImportShared<'a> {
 }
 
 impl ImportShared<'_> {
-    fn pin(&self, hash: ChunkHash) {
+    /// Pins `hash` for this import; false if this import had already pinned it (another of
+    /// its writer threads handles or handled that content).
+    fn pin(&self, hash: ChunkHash) -> bool {
         let mut mine = self
             .pinned
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if mine.insert(hash) {
+        let first = mine.insert(hash);
+        if first {
             *self.store.pins().active.entry(hash).or_insert(0) += 1;
         }
+        first
     }
 
     fn unpin_all(&self, committed: bool) {
@@ -198,8 +206,7 @@ impl ImportShared<'_> {
         } else {
             let hash = ChunkHash::of(data);
             // Pin before looking: a collection re-checks pins right before each unlink.
-            self.pin(hash);
-            let written = self.store.write_chunk_file(&hash, data)?;
+            let written = self.pin(hash) && self.store.write_chunk_file(&hash, data)?;
             let mut counters = self
                 .counters
                 .lock()
@@ -405,6 +412,7 @@ impl ChunkStore {
             return self.import_raw(name, version, &mut reader, size_bytes, progress);
         }
         drop(file);
+        check_image(path, format)?;
         let mut server = QemuNbd::start(self, path, format)?;
         let converter_error = |message: String| ImportError::Converter {
             format,
@@ -420,6 +428,61 @@ impl ChunkStore {
         let _ = reader.disconnect();
         drop(server);
         outcome
+    }
+}
+
+/// Runs `qemu-img check`: qemu reads clusters past the end of a truncated file as zeros, so
+/// without this a damaged image would import silently wrong. Exit codes (qemu-img(1)): 0 clean,
+/// 3 only leaked clusters (harmless for reading), 63 the format has no check; anything else is
+/// a damaged image.
+fn check_image(path: &Path, format: ImageFormat) -> Result<(), ImportError> {
+    let output = Command::new(QEMU_IMG)
+        .arg("check")
+        .arg("--format")
+        .arg(format.qemu_name())
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| {
+            if error.kind() == io::ErrorKind::NotFound {
+                ImportError::ConverterMissing {
+                    format,
+                    path: path.to_path_buf(),
+                    tool: QEMU_IMG,
+                }
+            } else {
+                ImportError::Converter {
+                    format,
+                    path: path.to_path_buf(),
+                    tool: QEMU_IMG,
+                    message: error.to_string(),
+                }
+            }
+        })?;
+    match output.status.code() {
+        Some(0 | 3 | 63) => Ok(()),
+        code => {
+            let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_string();
+            let mut lines: Vec<String> = text(&output.stderr)
+                .lines()
+                .chain(text(&output.stdout).lines())
+                .map(str::to_string)
+                .filter(|line| !line.is_empty())
+                .collect();
+            lines.dedup();
+            let shown: Vec<String> = lines.iter().take(3).cloned().collect();
+            let more = lines.len().saturating_sub(shown.len());
+            let mut message = format!("check failed (exit {code:?}): {}", shown.join("; "));
+            if more > 0 {
+                message.push_str(&format!("; and {more} more lines"));
+            }
+            Err(ImportError::Converter {
+                format,
+                path: path.to_path_buf(),
+                tool: QEMU_IMG,
+                message,
+            })
+        }
     }
 }
 
