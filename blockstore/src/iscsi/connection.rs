@@ -1093,3 +1093,232 @@ impl ClampUnderflow for Residual {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{BlockDevice, DeviceError};
+    use crate::iscsi::target::TargetConfig;
+    use crate::iscsi::wire::{NopOut, DataOut as WireDataOut};
+    use proptest::prelude::*;
+    use std::sync::Mutex;
+
+    const IQN: &str = "iqn.2026-11.org.cairn:client.525400770010";
+
+    /// A memory device for sans-IO tests.
+    struct Memory(Mutex<Vec<u8>>);
+    impl BlockDevice for Memory {
+        fn block_size_bytes(&self) -> u32 {
+            512
+        }
+        fn block_count(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64 / 512
+        }
+        fn unique_id(&self) -> [u8; 16] {
+            [9; 16]
+        }
+        fn read(&self, lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError> {
+            let m = self.0.lock().unwrap();
+            let at = lba as usize * 512;
+            buffer.copy_from_slice(&m[at..at + buffer.len()]);
+            Ok(())
+        }
+        fn write(&self, lba: u64, data: &[u8], _fua: bool) -> Result<(), DeviceError> {
+            let mut m = self.0.lock().unwrap();
+            let at = lba as usize * 512;
+            m[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
+            let mut m = self.0.lock().unwrap();
+            let at = lba as usize * 512;
+            m[at..at + blocks as usize * 512].fill(0);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    fn connection() -> Connection {
+        let registry = Arc::new(Registry::default());
+        registry.add_target(IQN, Arc::new(Memory(Mutex::new(vec![0; 512 * 1024]))), TargetConfig::default()).unwrap();
+        Connection::new(registry, PortalInfo { addresses: vec!["127.0.0.1:3260,1".into()], portal_group_tag: 1 }, [5; 16])
+    }
+
+    /// Runs every pending command and returns what the connection sends.
+    fn drain(c: &mut Connection) -> Vec<Pdu> {
+        while let Some(e) = c.poll_event() {
+            if let Event::Execute(cmd) = e {
+                let r = cmd.target.lun.execute(&cmd.nexus, cmd.lun, &cmd.cdb, &cmd.data_out);
+                c.handle_command_complete(cmd.itt, r);
+            }
+        }
+        std::iter::from_fn(|| c.poll_transmit().map(|(p, _, _)| p)).collect()
+    }
+
+    fn login(c: &mut Connection, extra: &[(&str, &str)]) -> Vec<Pdu> {
+        let mut text = Vec::new();
+        for (k, v) in [("InitiatorName", "iqn.2026-11.org.cairn:test"), ("TargetName", IQN), ("AuthMethod", "None")]
+            .iter()
+            .chain(extra.iter())
+        {
+            text::push_pair(&mut text, k, v);
+        }
+        let req = LoginRequest {
+            transit: true,
+            continue_: false,
+            current_stage: 0,
+            next_stage: 3,
+            version_max: 0,
+            version_min: 0,
+            isid: [0x80, 0, 0, 0, 0, 1],
+            tsih: 0,
+            itt: 1,
+            cid: 0,
+            cmd_sn: 10,
+            exp_stat_sn: 0,
+            data: text,
+        };
+        c.handle_bytes(&InitiatorPdu::Login(req).to_pdu().encode(false, false));
+        drain(c)
+    }
+
+    fn command(cmd_sn: u32, itt: u32, cdb: &[u8], read: bool, write: bool, edtl: u32, data: Vec<u8>, final_: bool) -> Vec<u8> {
+        let mut full = cdb.to_vec();
+        full.resize(16, 0);
+        InitiatorPdu::ScsiCommand(ScsiCommand {
+            immediate: false,
+            final_,
+            read,
+            write,
+            attributes: 1,
+            lun: 0,
+            itt,
+            expected_data_transfer_length: edtl,
+            cmd_sn,
+            exp_stat_sn: 0,
+            cdb: full,
+            data,
+        })
+        .to_pdu()
+        .encode(false, false)
+    }
+
+    #[test]
+    fn login_then_write_with_r2t_then_read_back() {
+        let mut c = connection();
+        let out = login(&mut c, &[("InitialR2T", "Yes"), ("ImmediateData", "Yes"), ("MaxBurstLength", "4096")]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].opcode(), opcode::LOGIN_RESPONSE);
+        assert_eq!(out[0].bhs[36], 0);
+        // WRITE(10) of 16 blocks at LBA 8: 512 bytes immediate, the rest by two R2Ts of 4096.
+        let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        let cdb = [0x2a, 0, 0, 0, 0, 8, 0, 0, 16, 0];
+        c.handle_bytes(&command(10, 0x100, &cdb, false, true, 8192, payload[..512].to_vec(), true));
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].opcode(), opcode::R2T);
+        let mut offset = wire::be32(&out[0].bhs, 40);
+        let mut length = wire::be32(&out[0].bhs, 44);
+        let mut ttt = wire::be32(&out[0].bhs, 20);
+        assert_eq!((offset, length), (512, 4096));
+        loop {
+            let d = InitiatorPdu::DataOut(WireDataOut {
+                final_: true,
+                lun: 0,
+                itt: 0x100,
+                ttt,
+                exp_stat_sn: 0,
+                data_sn: 0,
+                buffer_offset: offset,
+                data: payload[offset as usize..(offset + length) as usize].to_vec(),
+            });
+            c.handle_bytes(&d.to_pdu().encode(false, false));
+            let out = drain(&mut c);
+            assert_eq!(out.len(), 1);
+            if out[0].opcode() == opcode::SCSI_RESPONSE {
+                assert_eq!(out[0].bhs[3], 0, "write failed");
+                break;
+            }
+            assert_eq!(out[0].opcode(), opcode::R2T);
+            offset = wire::be32(&out[0].bhs, 40);
+            length = wire::be32(&out[0].bhs, 44);
+            ttt = wire::be32(&out[0].bhs, 20);
+        }
+        // READ(10) back: one Data-In with status (phase collapse).
+        let cdb = [0x28, 0, 0, 0, 0, 8, 0, 0, 16, 0];
+        c.handle_bytes(&command(11, 0x101, &cdb, true, false, 8192, Vec::new(), true));
+        let out = drain(&mut c);
+        let data: Vec<u8> = out.iter().filter(|p| p.opcode() == opcode::DATA_IN).flat_map(|p| p.data.clone()).collect();
+        assert_eq!(data, payload);
+        let last = out.last().unwrap();
+        assert_eq!(last.bhs[1] & 0x81, 0x81, "final Data-In carries status");
+    }
+
+    #[test]
+    fn commands_out_of_order_wait_and_out_of_window_are_dropped() {
+        let mut c = connection();
+        login(&mut c, &[]);
+        let tur = [0u8; 6];
+        // CmdSN 11 before 10: held, then both answered in order.
+        c.handle_bytes(&command(11, 2, &tur, false, false, 0, Vec::new(), true));
+        assert!(drain(&mut c).is_empty());
+        c.handle_bytes(&command(10, 1, &tur, false, false, 0, Vec::new(), true));
+        let out = drain(&mut c);
+        assert_eq!(out.iter().map(|p| p.itt()).collect::<Vec<_>>(), vec![1, 2]);
+        // Far outside the window: silently ignored.
+        c.handle_bytes(&command(5000, 3, &tur, false, false, 0, Vec::new(), true));
+        assert!(drain(&mut c).is_empty());
+        // Still alive.
+        let nop = InitiatorPdu::NopOut(NopOut { immediate: true, lun: 0, itt: 9, ttt: TAG_NONE, cmd_sn: 12, exp_stat_sn: 0, data: vec![] });
+        c.handle_bytes(&nop.to_pdu().encode(false, false));
+        assert_eq!(drain(&mut c)[0].opcode(), opcode::NOP_IN);
+    }
+
+    #[test]
+    fn write_past_the_end_is_check_condition_and_writes_nothing() {
+        let mut c = connection();
+        login(&mut c, &[]);
+        // 1024 blocks on the device; write 2 blocks at 1023.
+        let cdb = [0x2a, 0, 0, 0, 0x03, 0xff, 0, 0, 2, 0];
+        c.handle_bytes(&command(10, 1, &cdb, false, true, 1024, vec![0xaa; 1024], true));
+        let out = drain(&mut c);
+        assert_eq!(out[0].opcode(), opcode::SCSI_RESPONSE);
+        assert_eq!(out[0].bhs[3], sense::CHECK_CONDITION);
+        let s = &out[0].data[2..];
+        assert_eq!((s[2] & 0x0f, s[12], s[13]), (sense::key::ILLEGAL_REQUEST, 0x21, 0x00));
+        let cdb = [0x28, 0, 0, 0, 0x03, 0xff, 0, 0, 1, 0];
+        c.handle_bytes(&command(11, 2, &cdb, true, false, 512, Vec::new(), true));
+        let out = drain(&mut c);
+        assert!(out[0].data.iter().all(|b| *b == 0), "the failed write changed the last block");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_after_login_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8)) {
+            let mut c = connection();
+            login(&mut c, &[]);
+            for chunk in chunks {
+                c.handle_bytes(&chunk);
+                drain(&mut c);
+            }
+        }
+
+        #[test]
+        fn arbitrary_login_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut c = connection();
+            c.handle_bytes(&bytes);
+            drain(&mut c);
+        }
+
+        #[test]
+        fn arbitrary_cdbs_never_panic(cdb in proptest::collection::vec(any::<u8>(), 6..16), edtl in 0u32..70000, write in any::<bool>()) {
+            let mut c = connection();
+            login(&mut c, &[]);
+            let data = if write { vec![0x5a; (edtl as usize).min(4096)] } else { Vec::new() };
+            c.handle_bytes(&command(10, 1, &cdb, !write, write, edtl, data, true));
+            drain(&mut c);
+        }
+    }
+}

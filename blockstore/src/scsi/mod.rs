@@ -150,6 +150,7 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, usize)] = &[
     (0x2f, None, 10),       // VERIFY(10)
     (0x34, None, 10),       // PRE-FETCH(10)
     (0x35, None, 10),       // SYNCHRONIZE CACHE(10)
+    (0x37, None, 10),       // READ DEFECT DATA(10)
     (0x41, None, 10),       // WRITE SAME(10)
     (0x42, None, 10),       // UNMAP
     (0x55, None, 10),       // MODE SELECT(10)
@@ -184,6 +185,7 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, usize)] = &[
     (0xaa, None, 12),       // WRITE(12)
     (0xae, None, 12),       // WRITE AND VERIFY(12)
     (0xaf, None, 12),       // VERIFY(12)
+    (0xb7, None, 12),       // READ DEFECT DATA(12)
 ];
 
 /// The CDB usage bitmap (SPC-4 6.35.3): which bits of each CDB byte the command looks at.
@@ -435,6 +437,18 @@ impl Lun {
             0x42 => self.unmap(cdb, data_out),
             0x89 => self.compare_and_write(cdb, data_out),
             0x8b => self.or_write(cdb, data_out),
+            0x37 => {
+                // READ DEFECT DATA(10): a virtual disk has no defect list.
+                let mut d = vec![0u8, cdb[2] & 0x1f, 0, 0];
+                d.truncate(be_u(cdb, 7, 2) as usize);
+                Ok(d)
+            }
+            0xb7 => {
+                // READ DEFECT DATA(12).
+                let mut d = vec![0u8, cdb[1] & 0x1f, 0, 0, 0, 0, 0, 0];
+                d.truncate(be_u(cdb, 6, 4) as usize);
+                Ok(d)
+            }
             0x1a | 0x5a => self.mode_sense(cdb),
             0x15 | 0x55 => self.mode_select(cdb, data_out),
             0x1b => {

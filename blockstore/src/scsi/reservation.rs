@@ -52,7 +52,15 @@ fn exclusive_access(kind: u8) -> bool {
 }
 
 fn valid_kind(kind: u8) -> bool {
-    matches!(kind, 1 | 3 | 5 | 6 | 7 | 8)
+    matches!(
+        kind,
+        WRITE_EXCLUSIVE
+            | EXCLUSIVE_ACCESS
+            | WRITE_EXCLUSIVE_REGISTRANTS_ONLY
+            | EXCLUSIVE_ACCESS_REGISTRANTS_ONLY
+            | WRITE_EXCLUSIVE_ALL_REGISTRANTS
+            | EXCLUSIVE_ACCESS_ALL_REGISTRANTS
+    )
 }
 
 impl Reservations {
