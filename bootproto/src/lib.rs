@@ -19,6 +19,7 @@
 pub mod dhcp;
 pub mod ipxe;
 pub mod mac;
+pub mod ra;
 pub mod testing;
 pub mod tftp;
 
