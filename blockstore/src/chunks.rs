@@ -15,13 +15,16 @@
 //! ext4 and XFS handle well. In exchange: a chunk is written crash-safely by the classic
 //! temp-file, `fdatasync`, rename, directory-`fsync` sequence with no index to keep consistent;
 //! garbage collection is an `unlink` with no compaction; a corrupt file damages one chunk only;
-//! replication (a later issue) copies files by name. Pack files would cut per-chunk fsyncs during
-//! import, which we instead overlap with several writer threads (see `crate::image::import`).
+//! replication (a later issue) copies files by name. Pack files would avoid a sync per chunk
+//! during import; instead an import writes new chunks to `tmp/` unsynced, makes a batch of 256
+//! durable with one `syncfs`, and only then renames them into place (see `crate::image::import`).
+//! Single chunks (`put_chunk`) use temp file + `fdatasync` + rename.
 //!
 //! # Invariants
 //!
 //! - A file under `chunks/` at its final name always holds the complete chunk: its data is
-//!   `fdatasync`ed *before* the rename that gives it that name. The rename itself becomes durable
+//!   made durable (`fdatasync`, or `syncfs` for an import batch) *before* the rename that gives
+//!   it that name. The rename itself becomes durable
 //!   when the directory is fsynced, which an import does for every directory it touched before it
 //!   writes its manifest (the commit point). So after a crash, a chunk file is either complete or
 //!   absent, and every chunk of a committed manifest is present.
@@ -36,7 +39,8 @@
 //! # Not done here
 //!
 //! Replication between nodes, compression, encryption, variable-size (content-defined) chunking.
-//! One process owns a store directory at a time (the node); nothing locks it against a second.
+//! One `ChunkStore` owns a store directory at a time (the node's); nothing locks it against a
+//! second, and a second one's `open` would delete the first one's in-flight temp files.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -162,11 +166,10 @@ pub struct ChunkStore {
 
 /// Whether a chunk-sized buffer is all zeros (such chunks are never stored).
 pub fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(16);
-    let words_zero = words
-        .by_ref()
-        .all(|word| word.iter().fold(0u8, |acc, byte| acc | byte) == 0);
-    words_zero && words.remainder().iter().all(|byte| *byte == 0)
+    // Slice equality compiles to memcmp, fast even in unoptimised builds.
+    static ZEROS: [u8; CHUNK_SIZE_BYTES] = [0; CHUNK_SIZE_BYTES];
+    data.chunks(CHUNK_SIZE_BYTES)
+        .all(|piece| piece == &ZEROS[..piece.len()])
 }
 
 impl ChunkStore {
@@ -347,6 +350,43 @@ impl ChunkStore {
             let _ = fs::remove_file(&temp);
         }
         result.map(|()| true)
+    }
+
+    /// Writes chunk data to a new temp file without syncing it; [`Self::publish_staged`] makes
+    /// it durable and names it. Used by imports, which sync whole batches at once.
+    pub(crate) fn stage_chunk_file(&self, data: &[u8]) -> Result<PathBuf, ChunkError> {
+        if data.len() != CHUNK_SIZE_BYTES {
+            return Err(ChunkError::BadLength(data.len()));
+        }
+        let temp = self.temp_path("staged");
+        let result = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .and_then(|mut file| file.write_all(data))
+            .map_err(io_error(&temp));
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result.map(|()| temp)
+    }
+
+    /// Makes staged chunk files durable with one `syncfs` of the store's file system, then
+    /// renames each to its final name (data durable before the name exists: the invariant
+    /// above). The caller fsyncs the fan-out directories before its commit point.
+    pub(crate) fn publish_staged(&self, staged: &[(ChunkHash, PathBuf)]) -> Result<(), ChunkError> {
+        let tmp = File::open(&self.tmp_dir).map_err(io_error(&self.tmp_dir))?;
+        rustix::fs::syncfs(&tmp).map_err(|errno| ChunkError::Io {
+            path: self.tmp_dir.clone(),
+            source: std::io::Error::from_raw_os_error(errno.raw_os_error()),
+        })?;
+        for (hash, temp) in staged {
+            let dir = self.fanout_dir(hash);
+            fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+            let final_path = self.chunk_path(hash);
+            fs::rename(temp, &final_path).map_err(io_error(&final_path))?;
+        }
+        Ok(())
     }
 
     pub fn read_stats(&self) -> ChunkReadStats {

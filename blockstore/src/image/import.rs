@@ -29,6 +29,9 @@ use crate::chunks::{is_zero, ChunkError, ChunkHash, ChunkStore, CHUNK_SIZE_BYTES
 
 /// Threads that hash and write chunks during an import.
 pub const WRITER_THREADS: usize = 4;
+/// New chunks written to temp files before one `syncfs` makes them all durable and they are
+/// renamed into place (16 MiB of data).
+pub const STAGE_BATCH_CHUNKS: usize = 256;
 const QEMU_NBD: &str = "qemu-nbd";
 const QEMU_IMG: &str = "qemu-img";
 const QEMU_NBD_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -156,6 +159,8 @@ struct ImportShared<'a> {
     chunks: Mutex<Vec<Option<ChunkHash>>>,
     pinned: Mutex<HashSet<ChunkHash>>,
     fanouts: Mutex<HashSet<u8>>,
+    /// Chunk files written to tmp/ but not yet synced and renamed.
+    staged: Mutex<Vec<(ChunkHash, PathBuf)>>,
     counters: Mutex<(u64, u64, u64)>,
     error: Mutex<Option<ChunkError>>,
 }
@@ -196,6 +201,20 @@ impl ImportShared<'_> {
         }
     }
 
+    /// Makes a batch of staged chunk files durable and gives them their names.
+    fn publish(&self, batch: Vec<(ChunkHash, PathBuf)>) -> Result<(), ChunkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.store.publish_staged(&batch)?;
+        let mut fanouts = self
+            .fanouts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        fanouts.extend(batch.iter().map(|(hash, _)| hash.0[0]));
+        Ok(())
+    }
+
     fn store_chunk(&self, index: usize, data: &[u8]) -> Result<(), ChunkError> {
         let entry = if is_zero(data) {
             self.counters
@@ -206,20 +225,31 @@ impl ImportShared<'_> {
         } else {
             let hash = ChunkHash::of(data);
             // Pin before looking: a collection re-checks pins right before each unlink.
-            let written = self.pin(hash) && self.store.write_chunk_file(&hash, data)?;
-            let mut counters = self
-                .counters
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if written {
-                counters.0 += 1;
-                drop(counters);
-                self.fanouts
+            let new = self.pin(hash) && !self.store.contains(&hash);
+            if new {
+                let temp = self.store.stage_chunk_file(data)?;
+                self.counters
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .insert(hash.0[0]);
+                    .0 += 1;
+                let batch = {
+                    let mut staged = self
+                        .staged
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    staged.push((hash, temp));
+                    if staged.len() >= STAGE_BATCH_CHUNKS {
+                        std::mem::take(&mut *staged)
+                    } else {
+                        Vec::new()
+                    }
+                };
+                self.publish(batch)?;
             } else {
-                counters.1 += 1;
+                self.counters
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .1 += 1;
             }
             Some(hash)
         };
@@ -253,11 +283,15 @@ impl ChunkStore {
             chunks: Mutex::new(vec![None; chunk_count]),
             pinned: Mutex::new(HashSet::new()),
             fanouts: Mutex::new(HashSet::new()),
+            staged: Mutex::new(Vec::new()),
             counters: Mutex::new((0, 0, 0)),
             error: Mutex::new(None),
         };
         let result = self.import_chunks(&shared, reader, size_bytes, chunk_count, progress);
         let result = result.and_then(|()| {
+            let rest =
+                std::mem::take(&mut *shared.staged.lock().unwrap_or_else(|p| p.into_inner()));
+            shared.publish(rest)?;
             let fanouts =
                 std::mem::take(&mut *shared.fanouts.lock().unwrap_or_else(|p| p.into_inner()));
             self.sync_fanout_dirs(&fanouts)?;
@@ -281,6 +315,11 @@ impl ChunkStore {
                 chunks_zero: zero,
             })
         });
+        for (_, temp) in
+            std::mem::take(&mut *shared.staged.lock().unwrap_or_else(|p| p.into_inner()))
+        {
+            let _ = std::fs::remove_file(temp); // a failed import's unpublished chunks
+        }
         shared.unpin_all(result.is_ok());
         if let Ok(outcome) = &result {
             progress.finish(size_bytes, size_bytes);
