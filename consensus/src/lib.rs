@@ -1,1 +1,30 @@
-//! cairn-consensus (placeholder, see ARCHITECTURE.md).
+//! cairn-consensus: the replicated, event-sourced state of a Cairn cluster.
+//!
+//! openraft 0.9 with a RocksDB log store and state machine (`store`), node-to-node RPC over QUIC
+//! with mutual TLS from a cluster CA (`tls`, `rpc`, `network`), and `ClusterNode` (`raft_node`),
+//! which the `cairn` binary drives. The domain model (`domain`) is pure: commands are validated
+//! against the state and become events; the state is a fold over the events.
+//!
+//! Invariants:
+//! - The event history is the durable truth and is never lost: snapshots carry all of it, so
+//!   purging the Raft log keeps it, and nodes that join late receive it.
+//! - A failed synced write of the log or state machine stops the node; it never continues.
+//! - A peer is accepted only with a certificate from the cluster CA naming the node id it claims.
+//! - Only the leader stamps a proposal's time; followers forward writes to it.
+//!
+//! Not done here: the admin API, tokens and authorization (the `node` crate), and any clock or
+//! network in the domain.
+pub mod codec;
+pub mod domain;
+pub mod metrics;
+pub mod network;
+pub mod quic;
+pub mod raft_node;
+pub mod rpc;
+pub mod tls;
+pub mod store;
+pub mod types;
+
+pub use raft_node::{ClusterNode, MembershipError, NodeConfig, ProposeError, RaftTuning, ReadError, StartError};
+pub use tls::{ClusterCa, NodeIdentity};
+pub use types::NodeAddress;

@@ -1,0 +1,48 @@
+//! Metrics of the replicated state, all declared here. Names: `cairn_raft_*`, base units.
+
+use crate::types::RaftMetrics;
+
+pub const TERM: &str = "cairn_raft_term";
+pub const COMMIT_INDEX: &str = "cairn_raft_commit_index";
+pub const LAST_APPLIED_INDEX: &str = "cairn_raft_last_applied_index";
+pub const APPLY_LAG: &str = "cairn_raft_apply_lag_entries";
+pub const IS_LEADER: &str = "cairn_raft_is_leader";
+pub const EVENTS_APPLIED: &str = "cairn_raft_events_applied_total";
+pub const SNAPSHOT_BUILT_BYTES: &str = "cairn_raft_snapshot_built_bytes";
+pub const SNAPSHOTS_INSTALLED: &str = "cairn_raft_snapshots_installed_total";
+pub const STORAGE_FAILURES: &str = "cairn_raft_storage_failures_total";
+pub const PROPOSE_SECONDS: &str = "cairn_raft_propose_seconds";
+pub const PROPOSALS_REJECTED: &str = "cairn_raft_proposals_rejected_total";
+
+pub(crate) fn observe(metrics: &RaftMetrics) {
+    metrics::gauge!(TERM).set(metrics.current_term as f64);
+    let applied = metrics.last_applied.map(|id| id.index).unwrap_or(0);
+    let committed = metrics.last_log_index.unwrap_or(0);
+    metrics::gauge!(COMMIT_INDEX).set(committed as f64);
+    metrics::gauge!(LAST_APPLIED_INDEX).set(applied as f64);
+    metrics::gauge!(APPLY_LAG).set(committed.saturating_sub(applied) as f64);
+    metrics::gauge!(IS_LEADER).set(if metrics.current_leader == Some(metrics.id) { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn events_applied(count: usize) {
+    metrics::counter!(EVENTS_APPLIED).increment(count as u64);
+}
+
+pub(crate) fn snapshot_built(bytes: usize) {
+    metrics::gauge!(SNAPSHOT_BUILT_BYTES).set(bytes as f64);
+}
+
+pub(crate) fn snapshot_installed(_events: usize) {
+    metrics::counter!(SNAPSHOTS_INSTALLED).increment(1);
+}
+
+pub(crate) fn storage_failed() {
+    metrics::counter!(STORAGE_FAILURES).increment(1);
+}
+
+pub(crate) fn propose_finished(seconds: f64, rejected: bool) {
+    metrics::histogram!(PROPOSE_SECONDS).record(seconds);
+    if rejected {
+        metrics::counter!(PROPOSALS_REJECTED).increment(1);
+    }
+}

@@ -1,0 +1,224 @@
+//! QUIC transport for node-to-node RPC (quinn, mutual TLS from the cluster CA).
+//!
+//! One connection per peer, reopened when it fails; one bidirectional stream per RPC carrying one
+//! request frame and one response frame. The server learns the peer's node id from its
+//! certificate and refuses a request that claims another id.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint};
+use rustls_pki_types::CertificateDer;
+
+use crate::domain::NodeId;
+use crate::rpc::{
+    decode_body, encode_frame, frame_length, RequestEnvelope, RpcHandler, RpcRequest, RpcResponse, Transport,
+    TransportError, FRAME_BYTES_MAX,
+};
+use crate::tls::{self, NodeIdentity, TlsError, ALPN_RAFT};
+use crate::types::NodeAddress;
+
+/// How long a server waits for a request's bytes once its stream is open.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent RPCs one peer may have open on a connection.
+const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    #[error("quic configuration: {0}")]
+    Config(String),
+    #[error("cannot bind {address}: {error}")]
+    Bind { address: SocketAddr, error: std::io::Error },
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut config = quinn::TransportConfig::default();
+    config.keep_alive_interval(Some(Duration::from_millis(500)));
+    if let Ok(idle) = Duration::from_secs(5).try_into() {
+        config.max_idle_timeout(Some(idle));
+    }
+    config.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into());
+    config.max_concurrent_uni_streams(0u32.into());
+    Arc::new(config)
+}
+
+/// Binds a QUIC endpoint that serves RPCs (clients must hold a cluster certificate) and can dial
+/// peers with this node's certificate.
+pub fn bind_endpoint(identity: &NodeIdentity, listen: SocketAddr) -> Result<Endpoint, QuicError> {
+    let server_tls = identity.server_config(true, &[ALPN_RAFT])?;
+    let server_crypto = QuicServerConfig::try_from(server_tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server_config.transport_config(transport_config());
+    let mut endpoint =
+        Endpoint::server(server_config, listen).map_err(|error| QuicError::Bind { address: listen, error })?;
+    endpoint.set_default_client_config(client_config(identity)?);
+    Ok(endpoint)
+}
+
+fn client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, QuicError> {
+    let client_tls = identity.client_config(&[ALPN_RAFT])?;
+    let client_crypto = QuicClientConfig::try_from(client_tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(client_crypto));
+    config.transport_config(transport_config());
+    Ok(config)
+}
+
+/// The node id named by the certificate the peer presented on `connection`.
+pub fn peer_node_id(connection: &Connection) -> Result<NodeId, TlsError> {
+    let identity = connection.peer_identity().ok_or(TlsError::NoNodeId)?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| TlsError::NoNodeId)?;
+    let leaf = chain.first().ok_or(TlsError::NoNodeId)?;
+    tls::node_id_of_certificate(leaf.as_ref())
+}
+
+/// Serves RPCs on `endpoint` until it is closed: every accepted connection and stream is handled
+/// by `handler`. Returns the accept loop's task.
+pub fn serve<H: RpcHandler>(endpoint: Endpoint, handler: Arc<H>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let connection = match incoming.await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        tracing::warn!(%error, "peer handshake failed");
+                        return;
+                    }
+                };
+                let peer = match peer_node_id(&connection) {
+                    Ok(peer) => peer,
+                    Err(error) => {
+                        tracing::warn!(%error, remote = %connection.remote_address(), "peer certificate names no node");
+                        connection.close(1u32.into(), b"certificate names no node");
+                        return;
+                    }
+                };
+                serve_connection(connection, peer, handler).await;
+            });
+        }
+    })
+}
+
+async fn serve_connection<H: RpcHandler>(connection: Connection, peer: NodeId, handler: Arc<H>) {
+    loop {
+        let (mut send, mut recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(_) => return,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame::<RequestEnvelope>(&mut recv)).await {
+                Ok(Ok(request)) => request,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, peer, "bad rpc request");
+                    let _ = respond(&mut send, &RpcResponse::Refused(error.to_string())).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            let response = if request.from != peer {
+                tracing::warn!(peer, claimed = request.from, "peer claims another node id; refused");
+                RpcResponse::Refused(format!("certificate names node {peer}, request claims node {}", request.from))
+            } else {
+                handler.handle(peer, request.request).await
+            };
+            let _ = respond(&mut send, &response).await;
+        });
+    }
+}
+
+async fn respond(send: &mut quinn::SendStream, response: &RpcResponse) -> Result<(), TransportError> {
+    let frame = encode_frame(response)?;
+    send.write_all(&frame).await.map_err(|e| TransportError::Frame(e.to_string()))?;
+    send.finish().map_err(|e| TransportError::Frame(e.to_string()))?;
+    Ok(())
+}
+
+async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.map_err(|e| TransportError::Frame(e.to_string()))?;
+    let len = frame_length(prefix)?;
+    debug_assert!(len <= FRAME_BYTES_MAX);
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| TransportError::Frame(e.to_string()))?;
+    decode_body(&body)
+}
+
+/// The QUIC client side: cached connections to peers. Clones share the cache.
+#[derive(Clone)]
+pub struct QuicTransport {
+    node_id: NodeId,
+    endpoint: Endpoint,
+    connections: Arc<Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Connection>>>>>>,
+}
+
+impl QuicTransport {
+    /// `endpoint` must have a default client config (`bind_endpoint` sets it).
+    pub fn new(node_id: NodeId, endpoint: Endpoint) -> QuicTransport {
+        QuicTransport { node_id, endpoint, connections: Arc::default() }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    async fn connection(&self, target: NodeId, address: &NodeAddress) -> Result<Connection, TransportError> {
+        let slot = {
+            let mut connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            connections.entry(target).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if connection.close_reason().is_none() {
+                return Ok(connection.clone());
+            }
+        }
+        let unreachable = |reason: String| TransportError::Unreachable {
+            node_id: target,
+            address: address.raft.clone(),
+            reason,
+        };
+        let socket: SocketAddr = address.raft.parse().map_err(|_| unreachable("not an ip:port".into()))?;
+        let connecting =
+            self.endpoint.connect(socket, &tls::node_server_name(target)).map_err(|e| unreachable(e.to_string()))?;
+        let connection = connecting.await.map_err(|e| unreachable(e.to_string()))?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn exchange(&self, connection: &Connection, frame: &[u8], target: NodeId) -> Result<RpcResponse, TransportError> {
+        let failed = |reason: String| TransportError::Failed { node_id: target, reason };
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(e.to_string()))?;
+        send.write_all(frame).await.map_err(|e| failed(e.to_string()))?;
+        send.finish().map_err(|e| failed(e.to_string()))?;
+        read_frame(&mut recv).await
+    }
+}
+
+impl Transport for QuicTransport {
+    async fn call(
+        &self,
+        target: NodeId,
+        address: &NodeAddress,
+        request: RpcRequest,
+        timeout: Duration,
+    ) -> Result<RpcResponse, TransportError> {
+        let frame = encode_frame(&RequestEnvelope { from: self.node_id, request })?;
+        let attempt = async {
+            let connection = self.connection(target, address).await?;
+            self.exchange(&connection, &frame, target).await
+        };
+        let response = tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| TransportError::Timeout { node_id: target, timeout })??;
+        if let RpcResponse::Refused(reason) = response {
+            return Err(TransportError::Refused { node_id: target, reason });
+        }
+        Ok(response)
+    }
+}
