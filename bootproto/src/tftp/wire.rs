@@ -74,9 +74,11 @@ pub fn parse(bytes: &[u8]) -> Result<Packet, TftpParseError> {
         4 => Packet::Ack { block: block()? },
         5 => {
             let code = block()?;
-            let mut fields = Strings(&body[2..]);
-            // Some peers omit the terminating nul on error messages: accept what is there.
-            let message = fields.next_string().unwrap_or_else(|_| String::from_utf8_lossy(&body[2..]).into_owned());
+            // Some peers omit the terminating nul or send other encodings: keep what is there,
+            // up to the first nul, lossily decoded.
+            let text = &body[2..];
+            let end = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+            let message = String::from_utf8_lossy(&text[..end]).into_owned();
             Packet::Error { code, message }
         }
         6 => Packet::Oack { options: parse_options(Strings(body))? },
@@ -208,6 +210,14 @@ mod tests {
         #[test]
         fn round_trip(p in packet()) {
             prop_assert_eq!(parse(&encode(&p)), Ok(p));
+        }
+
+        /// Whatever parses re-encodes to something that parses to the same packet.
+        #[test]
+        fn parsed_packets_re_encode(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Ok(p) = parse(&bytes) {
+                prop_assert_eq!(parse(&encode(&p)), Ok(p));
+            }
         }
     }
 }
