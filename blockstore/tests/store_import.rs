@@ -202,7 +202,10 @@ fn garbage_collection_during_an_import_keeps_its_chunks() {
     let outcome = store
         .import_raw("new", 1, &mut &data[..], data.len() as u64, &progress)
         .unwrap();
-    assert_eq!(progress.collected.load(Ordering::SeqCst) > 0, true);
+    assert!(
+        progress.collected.load(Ordering::SeqCst) > 0,
+        "the collection ran"
+    );
     for hash in outcome.manifest.chunks.iter().flatten() {
         store.read_chunk_uncached(hash).unwrap();
     }

@@ -20,7 +20,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -345,10 +345,8 @@ impl ChunkStore {
         progress: &dyn ImportProgress,
     ) -> Result<(), ImportError> {
         let pool_size = 2 * WRITER_THREADS + 2;
-        let (work_sender, work_receiver): (
-            SyncSender<(usize, Vec<u8>)>,
-            Receiver<(usize, Vec<u8>)>,
-        ) = mpsc::sync_channel(WRITER_THREADS);
+        // (chunk index, chunk buffer) to the writer threads; at most WRITER_THREADS queued.
+        let (work_sender, work_receiver) = mpsc::sync_channel::<(usize, Vec<u8>)>(WRITER_THREADS);
         let work_receiver = Mutex::new(work_receiver);
         let (free_sender, free_receiver) = mpsc::channel::<Vec<u8>>();
         std::thread::scope(|scope| {
