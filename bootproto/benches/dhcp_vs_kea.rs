@@ -23,11 +23,20 @@ use cairn_bootproto::testing::{MemoryCommitter, MemoryDirectory};
 const INNER: &str = "CAIRN_BENCH_IN_NETNS";
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {program}")).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn main() {
@@ -45,7 +54,12 @@ fn main() {
         }
     }
     let ns = format!("cairnbench{}", std::process::id());
-    if !Command::new("ip").args(["netns", "add", &ns]).status().map(|s| s.success()).unwrap_or(false) {
+    if !Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+    {
         println!("dhcp_vs_kea: skipped: cannot create a network namespace (needs root)");
         return;
     }
@@ -56,11 +70,21 @@ fn main() {
     ];
     let mut ok = true;
     for args in setup {
-        ok &= Command::new("ip").args(&args).status().map(|s| s.success()).unwrap_or(false);
+        ok &= Command::new("ip")
+            .args(&args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
     }
     let status = if ok {
         let exe = std::env::current_exe().expect("current exe");
-        Command::new("ip").args(["netns", "exec", &ns]).arg(exe).env(INNER, "1").status().map(|s| s.success()).unwrap_or(false)
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(exe)
+            .env(INNER, "1")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
     } else {
         false
     };
@@ -79,18 +103,37 @@ struct Run {
 
 fn perfdhcp(server: &str, seconds: u64, rate: u64, clients: u64) -> anyhow::Result<Run> {
     let output = Command::new("perfdhcp")
-        .args(["-4", "-l", "127.0.0.1", "-r", &rate.to_string(), "-R", &clients.to_string(), "-p", &seconds.to_string(), server])
+        .args([
+            "-4",
+            "-l",
+            "127.0.0.1",
+            "-r",
+            &rate.to_string(),
+            "-R",
+            &clients.to_string(),
+            "-p",
+            &seconds.to_string(),
+            server,
+        ])
         .output()?;
     let report = String::from_utf8_lossy(&output.stdout).into_owned();
     let section = |name: &str, key: &str| -> u64 {
         report
             .split(&format!("Statistics for: {name}"))
             .nth(1)
-            .and_then(|part| part.lines().find_map(|l| l.trim().strip_prefix(key)).and_then(|v| v.trim().parse().ok()))
+            .and_then(|part| {
+                part.lines()
+                    .find_map(|l| l.trim().strip_prefix(key))
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or(0)
     };
     let acks = section("REQUEST-ACK", "received packets:");
-    anyhow::ensure!(!report.is_empty(), "perfdhcp printed nothing: {}", String::from_utf8_lossy(&output.stderr));
+    anyhow::ensure!(
+        !report.is_empty(),
+        "perfdhcp printed nothing: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(Run {
         leases_per_second: acks as f64 / seconds as f64,
         acks,
@@ -107,11 +150,23 @@ fn inner() -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
 
     // Cairn.
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let committer = MemoryCommitter::new(Duration::from_millis(delay_ms));
     let directory = MemoryDirectory::new(committer.clone(), true);
-    let pool = PoolConfig::new(Ipv4Addr::new(127, 0, 0, 0), 8, Ipv4Addr::new(127, 16, 0, 1), Ipv4Addr::new(127, 31, 255, 254));
-    let mut config = DhcpConfig::full(Ipv4Addr::new(127, 0, 0, 2), pool, "http://127.0.0.2:8080/boot/ipxe");
+    let pool = PoolConfig::new(
+        Ipv4Addr::new(127, 0, 0, 0),
+        8,
+        Ipv4Addr::new(127, 16, 0, 1),
+        Ipv4Addr::new(127, 31, 255, 254),
+    );
+    let mut config = DhcpConfig::full(
+        Ipv4Addr::new(127, 0, 0, 2),
+        pool,
+        "http://127.0.0.2:8080/boot/ipxe",
+    );
     config.bind_ip = Ipv4Addr::new(127, 0, 0, 2);
     let server = runtime.block_on(DhcpServer::bind(config, directory, committer.clone()))?;
     let task = runtime.spawn(server.run());
@@ -151,7 +206,11 @@ fn inner() -> anyhow::Result<()> {
     let _ = kea.kill();
     let _ = kea.wait();
     let kea_run = kea_run?;
-    let kea_version = Command::new("kea-dhcp4").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let kea_version = Command::new("kea-dhcp4")
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
 
     println!("dhcp_vs_kea: perfdhcp -4 relay mode (giaddr 127.0.0.1), {seconds} s, rate {rate}/s, {clients} clients, in a private netns");
     println!(
@@ -166,10 +225,22 @@ fn inner() -> anyhow::Result<()> {
         "  kea    : {:>9.1} leases/s  ({} acks / {} requests / {} discovers); kea-dhcp4 {kea_version}, memfile persisted to csv",
         kea_run.leases_per_second, kea_run.acks, kea_run.requests, kea_run.discovers
     );
-    let ratio = if kea_run.leases_per_second > 0.0 { cairn.leases_per_second / kea_run.leases_per_second } else { f64::NAN };
+    let ratio = if kea_run.leases_per_second > 0.0 {
+        cairn.leases_per_second / kea_run.leases_per_second
+    } else {
+        f64::NAN
+    };
     println!("  ratio cairn/kea: {ratio:.2}x");
     if kea_run.acks == 0 {
-        println!("  note: kea answered nothing; its log: {}", std::fs::read_to_string(&log).unwrap_or_default().lines().take(5).collect::<Vec<_>>().join(" | "));
+        println!(
+            "  note: kea answered nothing; its log: {}",
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
     }
     Ok(())
 }

@@ -39,11 +39,18 @@ pub enum BootMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlanContent {
     /// Boot one of `entries`; a menu when there are several.
-    Boot { entries: Vec<BootEntry>, default_entry: usize, menu_timeout_ms: u64 },
+    Boot {
+        entries: Vec<BootEntry>,
+        default_entry: usize,
+        menu_timeout_ms: u64,
+    },
     /// Images are assigned to users: ask for a login, send it to `login_url`.
     Login { login_url: String },
     /// Show a message and retry after `retry_secs`.
-    Message { message: BootMessage, retry_secs: u32 },
+    Message {
+        message: BootMessage,
+        retry_secs: u32,
+    },
 }
 
 /// Everything a client's script depends on (pure data, built by the node).
@@ -66,7 +73,11 @@ pub fn render_ipxe_script(plan: &BootPlan) -> String {
     };
     let retry_url = url(&plan.retry_url);
     match &plan.content {
-        PlanContent::Boot { entries, default_entry, menu_timeout_ms } if !entries.is_empty() => {
+        PlanContent::Boot {
+            entries,
+            default_entry,
+            menu_timeout_ms,
+        } if !entries.is_empty() => {
             s += &format!("set initiator-iqn {}\n", iqn(&plan.initiator_iqn));
             if entries.len() > 1 {
                 let default = (*default_entry).min(entries.len() - 1);
@@ -108,7 +119,10 @@ pub fn render_ipxe_script(plan: &BootPlan) -> String {
             s += "echo Cairn: the login could not be checked (${errno}); retrying in 10 s\n";
             s += &retry(&retry_url, 10);
         }
-        PlanContent::Message { message: kind, retry_secs } => {
+        PlanContent::Message {
+            message: kind,
+            retry_secs,
+        } => {
             s += &message(&who, *kind, &retry_url, *retry_secs);
         }
     }
@@ -117,10 +131,18 @@ pub fn render_ipxe_script(plan: &BootPlan) -> String {
 
 fn message(who: &str, kind: BootMessage, retry_url: &str, retry_secs: u32) -> String {
     let text = match kind {
-        BootMessage::NoImageAssigned => format!("no image is assigned to {who}. Ask an administrator to assign one."),
-        BootMessage::ClusterUnavailable => "the storage cluster is unavailable right now.".to_owned(),
-        BootMessage::LoginFailed => format!("login failed for {who}: unknown user, wrong password, or no image for this user."),
-        BootMessage::NotRegistered => format!("this machine ({who}) is not registered. An administrator can adopt it in the console."),
+        BootMessage::NoImageAssigned => {
+            format!("no image is assigned to {who}. Ask an administrator to assign one.")
+        }
+        BootMessage::ClusterUnavailable => {
+            "the storage cluster is unavailable right now.".to_owned()
+        }
+        BootMessage::LoginFailed => format!(
+            "login failed for {who}: unknown user, wrong password, or no image for this user."
+        ),
+        BootMessage::NotRegistered => format!(
+            "this machine ({who}) is not registered. An administrator can adopt it in the console."
+        ),
     };
     let mut s = format!("echo Cairn: {text}\n");
     s += &format!("echo Retrying in {retry_secs} s (press a key to retry now)\n");
@@ -129,7 +151,10 @@ fn message(who: &str, kind: BootMessage, retry_url: &str, retry_secs: u32) -> St
 }
 
 fn retry(retry_url: &str, secs: u32) -> String {
-    let mut s = format!("prompt --timeout {} Press any key to retry now ||\n", u64::from(secs.max(1)) * 1000);
+    let mut s = format!(
+        "prompt --timeout {} Press any key to retry now ||\n",
+        u64::from(secs.max(1)) * 1000
+    );
     s += &format!("chain --autofree --replace {retry_url} || goto failed_retry\n");
     s += ":failed_retry\n";
     s += "prompt --timeout 10000 Retrying ||\n";
@@ -144,7 +169,12 @@ pub fn sanboot_uris(entry: &BootEntry) -> String {
             SocketAddr::V4(v4) => v4.ip().to_string(),
             SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
         };
-        format!("iscsi:{host}::{}:{}:{}", portal.port(), entry.lun, iqn(&entry.target_iqn))
+        format!(
+            "iscsi:{host}::{}:{}:{}",
+            portal.port(),
+            entry.lun,
+            iqn(&entry.target_iqn)
+        )
     };
     match &entry.standby {
         Some(standby) => format!("{} {}", uri(&entry.primary), uri(standby)),
@@ -156,20 +186,35 @@ pub fn sanboot_uris(entry: &BootEntry) -> String {
 fn text(raw: &str) -> String {
     let filtered: String = raw
         .chars()
-        .map(|c| if c.is_ascii_graphic() && !"$#\\\"'|&;`{}".contains(c) || c == ' ' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_graphic() && !"$#\\\"'|&;`{}".contains(c) || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(80)
         .collect();
-    if filtered.trim().is_empty() { "(unnamed)".to_owned() } else { filtered }
+    if filtered.trim().is_empty() {
+        "(unnamed)".to_owned()
+    } else {
+        filtered
+    }
 }
 
 /// IQNs: RFC 3720 characters only (lowercase letters, digits, `.`, `-`, `:`).
 fn iqn(raw: &str) -> String {
-    raw.chars().filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-:".contains(*c)).take(223).collect()
+    raw.chars()
+        .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-:".contains(*c))
+        .take(223)
+        .collect()
 }
 
 /// URLs written by the node: no whitespace, no `$`-expansions.
 fn url(raw: &str) -> String {
-    raw.chars().filter(|c| c.is_ascii_graphic() && !"${}\\\"'`".contains(*c)).collect()
+    raw.chars()
+        .filter(|c| c.is_ascii_graphic() && !"${}\\\"'`".contains(*c))
+        .collect()
 }
 
 /// What a script or login request carries in its query string.
@@ -199,9 +244,16 @@ pub fn parse_boot_query(query: &str) -> Result<BootQuery, QueryError> {
     let mut out = BootQuery::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode(value).ok_or_else(|| QueryError::Encoding(value.chars().take(64).collect()))?;
+        let value = percent_decode(value)
+            .ok_or_else(|| QueryError::Encoding(value.chars().take(64).collect()))?;
         match key {
-            "mac" => out.mac = Some(value.parse().map_err(|_| QueryError::Mac(value.chars().take(64).collect()))?),
+            "mac" => {
+                out.mac = Some(
+                    value
+                        .parse()
+                        .map_err(|_| QueryError::Mac(value.chars().take(64).collect()))?,
+                )
+            }
             "user" => out.user = Some(value),
             "password" => out.password = Some(value),
             _ => {}
@@ -261,7 +313,12 @@ mod tests {
 
     fn check(plan: &BootPlan, expect: &str) {
         let got = render_ipxe_script(plan);
-        let expect: String = expect.lines().map(|l| l.trim_start()).filter(|l| !l.is_empty()).map(|l| format!("{l}\n")).collect();
+        let expect: String = expect
+            .lines()
+            .map(|l| l.trim_start())
+            .filter(|l| !l.is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
         assert_eq!(got, expect, "\n--- got ---\n{got}");
     }
 
@@ -273,7 +330,11 @@ mod tests {
 
     #[test]
     fn single_image_sanboots_two_paths() {
-        let p = plan(PlanContent::Boot { entries: vec![entry("Debian 12", "10.0.0.1:3260", Some("10.0.0.2:3260"))], default_entry: 0, menu_timeout_ms: 5000 });
+        let p = plan(PlanContent::Boot {
+            entries: vec![entry("Debian 12", "10.0.0.1:3260", Some("10.0.0.2:3260"))],
+            default_entry: 0,
+            menu_timeout_ms: 5000,
+        });
         check(&p, &format!("#!ipxe
             set initiator-iqn iqn.2025-01.io.cairn:desk-1
             echo Cairn: booting Debian 12 for desk-1 (52:54:00:77:00:10)
@@ -286,7 +347,10 @@ mod tests {
     #[test]
     fn several_images_give_a_menu_with_timeout() {
         let p = plan(PlanContent::Boot {
-            entries: vec![entry("Debian", "10.0.0.1:3260", Some("10.0.0.2:3260")), entry("Win ${x}", "[fd00::1]:3261", None)],
+            entries: vec![
+                entry("Debian", "10.0.0.1:3260", Some("10.0.0.2:3260")),
+                entry("Win ${x}", "[fd00::1]:3261", None),
+            ],
             default_entry: 1,
             menu_timeout_ms: 8000,
         });
@@ -311,7 +375,9 @@ mod tests {
 
     #[test]
     fn login_and_messages() {
-        let p = plan(PlanContent::Login { login_url: "http://10.0.0.1:8080/boot/login".into() });
+        let p = plan(PlanContent::Login {
+            login_url: "http://10.0.0.1:8080/boot/login".into(),
+        });
         check(&p, &format!("#!ipxe
             :login
             echo Cairn: images for desk-1 (52:54:00:77:00:10) are assigned to users: please log in
@@ -323,23 +389,42 @@ mod tests {
             :failed
             echo Cairn: the login could not be checked (${{errno}}); retrying in 10 s
             {RETRY}"));
-        let p = plan(PlanContent::Message { message: BootMessage::ClusterUnavailable, retry_secs: 10 });
-        check(&p, &format!("#!ipxe
+        let p = plan(PlanContent::Message {
+            message: BootMessage::ClusterUnavailable,
+            retry_secs: 10,
+        });
+        check(
+            &p,
+            &format!(
+                "#!ipxe
             echo Cairn: the storage cluster is unavailable right now.
             echo Retrying in 10 s (press a key to retry now)
-            {RETRY}"));
-        let empty = render_ipxe_script(&plan(PlanContent::Boot { entries: vec![], default_entry: 0, menu_timeout_ms: 0 }));
+            {RETRY}"
+            ),
+        );
+        let empty = render_ipxe_script(&plan(PlanContent::Boot {
+            entries: vec![],
+            default_entry: 0,
+            menu_timeout_ms: 0,
+        }));
         assert!(empty.contains("no image is assigned to desk-1"), "{empty}");
     }
 
     #[test]
     fn queries_parse() {
-        let q = parse_boot_query("mac=52-54-00-77-00-10&user=ann%20b&password=p%26w%3D&x=1").unwrap();
+        let q =
+            parse_boot_query("mac=52-54-00-77-00-10&user=ann%20b&password=p%26w%3D&x=1").unwrap();
         assert_eq!(q.mac, Some("52:54:00:77:00:10".parse().unwrap()));
         assert_eq!(q.user.as_deref(), Some("ann b"));
         assert_eq!(q.password.as_deref(), Some("p&w="));
-        assert!(matches!(parse_boot_query("mac=zz"), Err(QueryError::Mac(_))));
-        assert!(matches!(parse_boot_query("user=%4"), Err(QueryError::Encoding(_))));
+        assert!(matches!(
+            parse_boot_query("mac=zz"),
+            Err(QueryError::Mac(_))
+        ));
+        assert!(matches!(
+            parse_boot_query("user=%4"),
+            Err(QueryError::Encoding(_))
+        ));
     }
 
     proptest! {

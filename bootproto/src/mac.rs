@@ -16,14 +16,21 @@ impl MacAddr {
     /// Formats with `-` separators, safe in a URL query without escaping.
     pub fn to_hyphenated(&self) -> String {
         let b = self.0;
-        format!("{:02x}-{:02x}-{:02x}-{:02x}-{:02x}-{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        format!(
+            "{:02x}-{:02x}-{:02x}-{:02x}-{:02x}-{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -81,7 +88,13 @@ mod tests {
         assert_eq!(mac.to_string(), "52:54:00:77:00:10");
         assert_eq!(mac.to_hyphenated(), "52-54-00-77-00-10");
         assert_eq!("52-54-00-77-00-10".parse::<MacAddr>().unwrap(), mac);
-        for bad in ["", "52:54:00:77:00", "52:54:00:77:00:10:11", "zz:54:00:77:00:10", "123:4:5:6:7:8"] {
+        for bad in [
+            "",
+            "52:54:00:77:00",
+            "52:54:00:77:00:10:11",
+            "zz:54:00:77:00:10",
+            "123:4:5:6:7:8",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

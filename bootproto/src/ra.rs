@@ -55,7 +55,10 @@ pub fn parse_router_solicitation(bytes: &[u8]) -> Option<RouterSolicitation> {
 
 /// Builds a router advertisement with M = O = 0, no prefixes, the given router lifetime and,
 /// when known, our link-layer address. The checksum is left 0 for the kernel to fill in.
-pub fn router_advertisement(router_lifetime_secs: u16, source_link_layer: Option<[u8; 6]>) -> Vec<u8> {
+pub fn router_advertisement(
+    router_lifetime_secs: u16,
+    source_link_layer: Option<[u8; 6]>,
+) -> Vec<u8> {
     let mut out = vec![
         ICMPV6_ROUTER_ADVERTISEMENT,
         0,
@@ -88,9 +91,15 @@ pub struct RaConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum RaError {
     #[error("interface {interface:?}: {source}")]
-    Interface { interface: String, source: std::io::Error },
+    Interface {
+        interface: String,
+        source: std::io::Error,
+    },
     #[error("raw icmpv6 socket on {interface:?}: {source}")]
-    Socket { interface: String, source: std::io::Error },
+    Socket {
+        interface: String,
+        source: std::io::Error,
+    },
     #[error("icmpv6 receive failed: {0}")]
     Receive(std::io::Error),
 }
@@ -109,40 +118,72 @@ impl RaResponder {
         let sys = |file: &str| {
             std::fs::read_to_string(format!("/sys/class/net/{interface}/{file}"))
                 .map(|s| s.trim().to_owned())
-                .map_err(|source| RaError::Interface { interface: interface.clone(), source })
+                .map_err(|source| RaError::Interface {
+                    interface: interface.clone(),
+                    source,
+                })
         };
         if interface.is_empty() || interface.contains('/') || interface.contains("..") {
-            return Err(RaError::Interface { interface: interface.clone(), source: std::io::Error::other("bad interface name") });
+            return Err(RaError::Interface {
+                interface: interface.clone(),
+                source: std::io::Error::other("bad interface name"),
+            });
         }
-        let interface_index: u32 = sys("ifindex")?
-            .parse()
-            .map_err(|_| RaError::Interface { interface: interface.clone(), source: std::io::Error::other("bad ifindex") })?;
-        let mac = sys("address").ok().and_then(|text| text.parse::<crate::MacAddr>().ok()).map(|m| m.0);
-        let socket_error = |source| RaError::Socket { interface: interface.clone(), source };
-        let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).map_err(socket_error)?;
-        socket.bind_device(Some(interface.as_bytes())).map_err(socket_error)?;
-        socket.join_multicast_v6(&ALL_ROUTERS, interface_index).map_err(socket_error)?;
+        let interface_index: u32 = sys("ifindex")?.parse().map_err(|_| RaError::Interface {
+            interface: interface.clone(),
+            source: std::io::Error::other("bad ifindex"),
+        })?;
+        let mac = sys("address")
+            .ok()
+            .and_then(|text| text.parse::<crate::MacAddr>().ok())
+            .map(|m| m.0);
+        let socket_error = |source| RaError::Socket {
+            interface: interface.clone(),
+            source,
+        };
+        let socket =
+            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).map_err(socket_error)?;
+        socket
+            .bind_device(Some(interface.as_bytes()))
+            .map_err(socket_error)?;
+        socket
+            .join_multicast_v6(&ALL_ROUTERS, interface_index)
+            .map_err(socket_error)?;
         // RFC 4861: neighbour discovery messages carry hop limit 255.
         socket.set_multicast_hops_v6(255).map_err(socket_error)?;
         socket.set_unicast_hops_v6(255).map_err(socket_error)?;
-        socket.set_multicast_if_v6(interface_index).map_err(socket_error)?;
+        socket
+            .set_multicast_if_v6(interface_index)
+            .map_err(socket_error)?;
         socket.set_multicast_loop_v6(false).map_err(socket_error)?;
         socket.set_nonblocking(true).map_err(socket_error)?;
         // A raw datagram socket behaves like a UDP one for recvfrom/sendto: let tokio drive it.
         let std_socket: std::net::UdpSocket = socket.into();
         let socket = tokio::net::UdpSocket::from_std(std_socket).map_err(socket_error)?;
-        Ok(RaResponder { socket, interface_index, advertisement: router_advertisement(config.router_lifetime_secs, mac) })
+        Ok(RaResponder {
+            socket,
+            interface_index,
+            advertisement: router_advertisement(config.router_lifetime_secs, mac),
+        })
     }
 
     /// Answers solicitations until the socket fails. Cancel by dropping the future.
     pub async fn run(self) -> Result<(), RaError> {
         let mut buffer = vec![0u8; 1500];
         loop {
-            let (len, from) = self.socket.recv_from(&mut buffer).await.map_err(RaError::Receive)?;
-            let Some(_solicitation) = parse_router_solicitation(&buffer[..len]) else { continue };
+            let (len, from) = self
+                .socket
+                .recv_from(&mut buffer)
+                .await
+                .map_err(RaError::Receive)?;
+            let Some(_solicitation) = parse_router_solicitation(&buffer[..len]) else {
+                continue;
+            };
             // Unicast to the soliciting node when it has an address, else to all nodes.
             let to = match from {
-                SocketAddr::V6(from) if !from.ip().is_unspecified() => SocketAddrV6::new(*from.ip(), 0, 0, self.interface_index),
+                SocketAddr::V6(from) if !from.ip().is_unspecified() => {
+                    SocketAddrV6::new(*from.ip(), 0, 0, self.interface_index)
+                }
                 _ => SocketAddrV6::new(ALL_NODES, 0, 0, self.interface_index),
             };
             if let Err(e) = self.socket.send_to(&self.advertisement, to).await {
@@ -162,12 +203,29 @@ mod tests {
     #[test]
     fn solicitation_and_advertisement() {
         let rs = [133, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0x52, 0x54, 0, 0x77, 0, 0x10];
-        assert_eq!(parse_router_solicitation(&rs), Some(RouterSolicitation { source_link_layer: Some([0x52, 0x54, 0, 0x77, 0, 0x10]) }));
-        assert_eq!(parse_router_solicitation(&rs[..8]), Some(RouterSolicitation { source_link_layer: None }));
-        assert_eq!(parse_router_solicitation(&[133, 0, 0, 0, 0, 0, 0, 0, 1, 0]), None, "zero-length option");
+        assert_eq!(
+            parse_router_solicitation(&rs),
+            Some(RouterSolicitation {
+                source_link_layer: Some([0x52, 0x54, 0, 0x77, 0, 0x10])
+            })
+        );
+        assert_eq!(
+            parse_router_solicitation(&rs[..8]),
+            Some(RouterSolicitation {
+                source_link_layer: None
+            })
+        );
+        assert_eq!(
+            parse_router_solicitation(&[133, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
+            None,
+            "zero-length option"
+        );
         assert_eq!(parse_router_solicitation(&[134, 0, 0, 0, 0, 0, 0, 0]), None);
         let ra = router_advertisement(0, Some([2, 0, 0, 0, 0, 1]));
-        assert_eq!(ra, [134, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            ra,
+            [134, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 0, 0, 0, 0, 1]
+        );
     }
 
     proptest! {

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::dhcp::{BootDirectory, ClientLookup, ClientStatus, CommitError, DiscoveredClient, Lease, LeaseCommitter};
+use crate::dhcp::{
+    BootDirectory, ClientLookup, ClientStatus, CommitError, DiscoveredClient, Lease, LeaseCommitter,
+};
 use crate::mac::MacAddr;
 
 /// A lease table in memory, keyed by MAC like the replicated one.
@@ -26,7 +28,10 @@ pub struct MemoryCommitter {
 impl MemoryCommitter {
     /// `delay` is awaited once per `commit_leases` call (a stand-in for a Raft commit).
     pub fn new(delay: Duration) -> Arc<MemoryCommitter> {
-        Arc::new(MemoryCommitter { delay, ..MemoryCommitter::default() })
+        Arc::new(MemoryCommitter {
+            delay,
+            ..MemoryCommitter::default()
+        })
     }
 
     pub fn set_failing(&self, fail: bool) {
@@ -34,12 +39,19 @@ impl MemoryCommitter {
     }
 
     pub fn table(&self) -> Vec<Lease> {
-        self.table.lock().map(|t| t.values().cloned().collect()).unwrap_or_default()
+        self.table
+            .lock()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// (commit calls, leases committed, conflicts seen).
     pub fn counts(&self) -> (u64, u64, u64) {
-        (self.calls.load(Ordering::SeqCst), self.leases.load(Ordering::SeqCst), self.conflicts.load(Ordering::SeqCst))
+        (
+            self.calls.load(Ordering::SeqCst),
+            self.leases.load(Ordering::SeqCst),
+            self.conflicts.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -51,11 +63,19 @@ impl LeaseCommitter for MemoryCommitter {
         if self.fail.load(Ordering::SeqCst) {
             return Err(CommitError::Failed("memory committer set to fail".into()));
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let mut table = self.table.lock().map_err(|_| CommitError::Failed("poisoned".into()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut table = self
+            .table
+            .lock()
+            .map_err(|_| CommitError::Failed("poisoned".into()))?;
         self.calls.fetch_add(1, Ordering::SeqCst);
         for lease in leases {
-            let clash = table.values().any(|l| l.ip == lease.ip && l.mac != lease.mac && l.expires_unix_secs > now);
+            let clash = table
+                .values()
+                .any(|l| l.ip == lease.ip && l.mac != lease.mac && l.expires_unix_secs > now);
             if clash {
                 self.conflicts.fetch_add(1, Ordering::SeqCst);
             }
@@ -101,19 +121,35 @@ impl MemoryDirectory {
     }
 
     pub fn discovered(&self) -> Vec<DiscoveredClient> {
-        self.discovered.lock().map(|d| d.clone()).unwrap_or_default()
+        self.discovered
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default()
     }
 
     /// The address leased to `mac`, if any.
     pub fn lease_of(&self, mac: MacAddr) -> Option<Ipv4Addr> {
-        self.committer.table().into_iter().find(|l| l.mac == mac).map(|l| l.ip)
+        self.committer
+            .table()
+            .into_iter()
+            .find(|l| l.mac == mac)
+            .map(|l| l.ip)
     }
 }
 
 impl ClientLookup for MemoryDirectory {
     fn client(&self, mac: MacAddr) -> ClientStatus {
-        let known = self.register_all || self.registered.lock().map(|r| r.contains(&mac)).unwrap_or(false);
-        if known { ClientStatus::Registered } else { ClientStatus::Unknown }
+        let known = self.register_all
+            || self
+                .registered
+                .lock()
+                .map(|r| r.contains(&mac))
+                .unwrap_or(false);
+        if known {
+            ClientStatus::Registered
+        } else {
+            ClientStatus::Unknown
+        }
     }
 }
 

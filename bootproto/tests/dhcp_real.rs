@@ -19,15 +19,32 @@ use tokio::net::UdpSocket;
 const RELAY: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
 
 fn config(server: Ipv4Addr, port: u16) -> DhcpConfig {
-    let pool = PoolConfig::new(Ipv4Addr::new(127, 0, 0, 0), 8, Ipv4Addr::new(127, 20, 0, 1), Ipv4Addr::new(127, 20, 0, 200));
+    let pool = PoolConfig::new(
+        Ipv4Addr::new(127, 0, 0, 0),
+        8,
+        Ipv4Addr::new(127, 20, 0, 1),
+        Ipv4Addr::new(127, 20, 0, 200),
+    );
     let mut config = DhcpConfig::full(server, pool, "http://127.0.0.4:8080/boot/ipxe");
     config.bind_ip = server;
     config.server_port = port;
     config
 }
 
-fn relayed(kind: MessageType, mac: MacAddr, requested: Option<Ipv4Addr>, server_id: Option<Ipv4Addr>) -> Vec<u8> {
-    let mut m = v4::Message::new_with_id(rand_xid(mac), Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, RELAY, &mac.0);
+fn relayed(
+    kind: MessageType,
+    mac: MacAddr,
+    requested: Option<Ipv4Addr>,
+    server_id: Option<Ipv4Addr>,
+) -> Vec<u8> {
+    let mut m = v4::Message::new_with_id(
+        rand_xid(mac),
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        RELAY,
+        &mac.0,
+    );
     m.opts_mut().insert(DhcpOption::MessageType(kind));
     if let Some(ip) = requested {
         m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
@@ -42,7 +59,12 @@ fn rand_xid(mac: MacAddr) -> u32 {
     u32::from_be_bytes([mac.0[2], mac.0[3], mac.0[4], mac.0[5]])
 }
 
-async fn answer(relay: &UdpSocket, server: SocketAddr, request: &[u8], wait_ms: u64) -> Option<v4::Message> {
+async fn answer(
+    relay: &UdpSocket,
+    server: SocketAddr,
+    request: &[u8],
+    wait_ms: u64,
+) -> Option<v4::Message> {
     relay.send_to(request, server).await.unwrap();
     let mut buffer = vec![0u8; 1500];
     match tokio::time::timeout(Duration::from_millis(wait_ms), relay.recv_from(&mut buffer)).await {
@@ -60,43 +82,131 @@ async fn leader_only_commit_before_ack_and_leadership_change() {
     let mac = MacAddr([0x52, 0x54, 0, 0, 0, 1]);
     directory.register(mac);
     directory.set_leader(None);
-    let server = DhcpServer::bind(config(server_ip, port), directory.clone(), committer.clone()).await.unwrap();
+    let server = DhcpServer::bind(
+        config(server_ip, port),
+        directory.clone(),
+        committer.clone(),
+    )
+    .await
+    .unwrap();
     let task = tokio::spawn(server.run());
-    let relay = UdpSocket::bind(SocketAddr::from((RELAY, port))).await.unwrap();
+    let relay = UdpSocket::bind(SocketAddr::from((RELAY, port)))
+        .await
+        .unwrap();
     let to = SocketAddr::from((server_ip, port));
 
-    assert!(answer(&relay, to, &relayed(MessageType::Discover, mac, None, None), 300).await.is_none(), "a follower stays silent");
+    assert!(
+        answer(
+            &relay,
+            to,
+            &relayed(MessageType::Discover, mac, None, None),
+            300
+        )
+        .await
+        .is_none(),
+        "a follower stays silent"
+    );
     directory.set_leader(Some(1));
-    let offer = answer(&relay, to, &relayed(MessageType::Discover, mac, None, None), 2000).await.expect("the leader offers");
+    let offer = answer(
+        &relay,
+        to,
+        &relayed(MessageType::Discover, mac, None, None),
+        2000,
+    )
+    .await
+    .expect("the leader offers");
     assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
     let ip = offer.yiaddr();
     assert_eq!(ip, Ipv4Addr::new(127, 20, 0, 1));
     assert_eq!(directory.lease_of(mac), None, "an offer commits nothing");
 
-    let ack = answer(&relay, to, &relayed(MessageType::Request, mac, Some(ip), Some(server_ip)), 2000).await.expect("ack");
+    let ack = answer(
+        &relay,
+        to,
+        &relayed(MessageType::Request, mac, Some(ip), Some(server_ip)),
+        2000,
+    )
+    .await
+    .expect("ack");
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
-    assert_eq!(directory.lease_of(mac), Some(ip), "the lease is in the table when the ack arrives");
+    assert_eq!(
+        directory.lease_of(mac),
+        Some(ip),
+        "the lease is in the table when the ack arrives"
+    );
 
     committer.set_failing(true);
-    assert!(answer(&relay, to, &relayed(MessageType::Request, mac, Some(ip), None), 500).await.is_none(), "no ack without a commit");
+    assert!(
+        answer(
+            &relay,
+            to,
+            &relayed(MessageType::Request, mac, Some(ip), None),
+            500
+        )
+        .await
+        .is_none(),
+        "no ack without a commit"
+    );
     committer.set_failing(false);
 
     // Leadership moves away and back (new epoch): the book is rebuilt from the table.
     directory.set_leader(None);
-    assert!(answer(&relay, to, &relayed(MessageType::Request, mac, Some(ip), None), 300).await.is_none());
+    assert!(answer(
+        &relay,
+        to,
+        &relayed(MessageType::Request, mac, Some(ip), None),
+        300
+    )
+    .await
+    .is_none());
     directory.set_leader(Some(2));
     let other = MacAddr([0x52, 0x54, 0, 0, 0, 2]);
     directory.register(other);
-    let offer = answer(&relay, to, &relayed(MessageType::Discover, other, Some(ip), None), 2000).await.expect("new leader answers");
-    assert_ne!(offer.yiaddr(), ip, "another client never gets a leased address");
-    let ack = answer(&relay, to, &relayed(MessageType::Request, mac, Some(ip), None), 2000).await.expect("renewal after leader change");
-    assert_eq!((ack.opts().msg_type(), ack.yiaddr()), (Some(MessageType::Ack), ip));
+    let offer = answer(
+        &relay,
+        to,
+        &relayed(MessageType::Discover, other, Some(ip), None),
+        2000,
+    )
+    .await
+    .expect("new leader answers");
+    assert_ne!(
+        offer.yiaddr(),
+        ip,
+        "another client never gets a leased address"
+    );
+    let ack = answer(
+        &relay,
+        to,
+        &relayed(MessageType::Request, mac, Some(ip), None),
+        2000,
+    )
+    .await
+    .expect("renewal after leader change");
+    assert_eq!(
+        (ack.opts().msg_type(), ack.yiaddr()),
+        (Some(MessageType::Ack), ip)
+    );
 
     // Unknown MACs: silence, recorded as discovered.
     let stranger = MacAddr([0x52, 0x54, 0, 0, 0, 9]);
-    assert!(answer(&relay, to, &relayed(MessageType::Discover, stranger, None, None), 300).await.is_none());
-    assert!(directory.discovered().iter().any(|d| d.mac == stranger && d.relay == RELAY));
-    assert_eq!(committer.counts().2, 0, "no conflicting lease was ever committed");
+    assert!(answer(
+        &relay,
+        to,
+        &relayed(MessageType::Discover, stranger, None, None),
+        300
+    )
+    .await
+    .is_none());
+    assert!(directory
+        .discovered()
+        .iter()
+        .any(|d| d.mac == stranger && d.relay == RELAY));
+    assert_eq!(
+        committer.counts().2,
+        0,
+        "no conflicting lease was ever committed"
+    );
     task.abort();
 }
 
@@ -109,13 +219,24 @@ pub fn perfdhcp(args: &[&str]) -> Option<String> {
             return None;
         }
     };
-    Some(String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr))
+    Some(
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
 }
 
 /// (sent, received) for one exchange section of perfdhcp's report.
 fn exchange(report: &str, section: &str) -> (u64, u64) {
-    let part = report.split(&format!("Statistics for: {section}")).nth(1).unwrap_or("");
-    let value = |key: &str| part.lines().find_map(|l| l.trim().strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    let part = report
+        .split(&format!("Statistics for: {section}"))
+        .nth(1)
+        .unwrap_or("");
+    let value = |key: &str| {
+        part.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
     (value("sent packets:"), value("received packets:"))
 }
 
@@ -135,7 +256,22 @@ async fn perfdhcp_relay_mode_against_the_leader() {
     };
     let task = tokio::spawn(server.run());
     // perfdhcp acts as a relay on 127.0.0.1:67 (giaddr 127.0.0.1) and expects replies there.
-    let Some(report) = tokio::task::spawn_blocking(|| perfdhcp(&["-4", "-l", "127.0.0.1", "-r", "200", "-R", "400", "-p", "3", "127.0.0.3"])).await.unwrap() else {
+    let Some(report) = tokio::task::spawn_blocking(|| {
+        perfdhcp(&[
+            "-4",
+            "-l",
+            "127.0.0.1",
+            "-r",
+            "200",
+            "-R",
+            "400",
+            "-p",
+            "3",
+            "127.0.0.3",
+        ])
+    })
+    .await
+    .unwrap() else {
         task.abort();
         return;
     };
@@ -143,10 +279,20 @@ async fn perfdhcp_relay_mode_against_the_leader() {
     let (discovers, offers) = exchange(&report, "DISCOVER-OFFER");
     let (requests, acks) = exchange(&report, "REQUEST-ACK");
     eprintln!("perfdhcp: {discovers} discovers, {offers} offers, {requests} requests, {acks} acks");
-    assert!(discovers > 100 && acks > 100, "perfdhcp completed too few exchanges:\n{report}");
-    assert!(offers * 100 >= discovers * 95 && acks * 100 >= requests * 95, "more than 5% lost:\n{report}");
+    assert!(
+        discovers > 100 && acks > 100,
+        "perfdhcp completed too few exchanges:\n{report}"
+    );
+    assert!(
+        offers * 100 >= discovers * 95 && acks * 100 >= requests * 95,
+        "more than 5% lost:\n{report}"
+    );
     let table = committer.table();
-    assert!(table.len() as u64 >= acks.min(400), "every acked lease is committed ({} in table, {acks} acks)", table.len());
+    assert!(
+        table.len() as u64 >= acks.min(400),
+        "every acked lease is committed ({} in table, {acks} acks)",
+        table.len()
+    );
     let mut ips: Vec<_> = table.iter().map(|l| l.ip).collect();
     ips.sort();
     ips.dedup();

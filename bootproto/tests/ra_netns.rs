@@ -14,7 +14,11 @@ fn ra_tool() -> Option<PathBuf> {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 #[test]
@@ -35,9 +39,23 @@ fn answers_router_solicitations_in_a_namespace() {
         }
     }
     let _cleanup = Cleanup(ns.clone());
-    let exec = |args: &[&str]| Command::new("ip").args(["netns", "exec", &ns]).args(args).status().map(|s| s.success()).unwrap_or(false);
-    assert!(exec(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]));
-    assert!(ip(&["-n", &ns, "link", "add", "va", "type", "veth", "peer", "name", "vb"]));
+    let exec = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    assert!(exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0"
+    ]));
+    assert!(ip(&[
+        "-n", &ns, "link", "add", "va", "type", "veth", "peer", "name", "vb"
+    ]));
     for link in ["lo", "va", "vb"] {
         assert!(ip(&["-n", &ns, "link", "set", link, "up"]));
     }
@@ -50,10 +68,22 @@ fn answers_router_solicitations_in_a_namespace() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let output = Command::new("ip").args(["netns", "exec", &ns]).arg(&tool).args(["solicit", "vb"]).output().unwrap();
+    let output = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(&tool)
+        .args(["solicit", "vb"])
+        .output()
+        .unwrap();
     let _ = responder.kill();
     let _ = responder.wait();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "no advertisement: {stdout} {}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.starts_with("RA flags=00 lifetime=0 len=24 from=[fe80::"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "no advertisement: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.starts_with("RA flags=00 lifetime=0 len=24 from=[fe80::"),
+        "{stdout}"
+    );
 }

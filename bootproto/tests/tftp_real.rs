@@ -33,7 +33,11 @@ fn fixture() -> (tempfile::TempDir, tempfile::TempDir) {
     std::fs::write(root.path().join("sub/inner.txt"), b"inner").unwrap();
     std::fs::write(outside.path().join("secret"), b"secret").unwrap();
     std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("escape")).unwrap();
-    std::os::unix::fs::symlink(root.path().join("sub/inner.txt"), root.path().join("inside-link")).unwrap();
+    std::os::unix::fs::symlink(
+        root.path().join("sub/inner.txt"),
+        root.path().join("inside-link"),
+    )
+    .unwrap();
     (root, outside)
 }
 
@@ -42,7 +46,10 @@ async fn ask(server: SocketAddr, request: &[u8]) -> Packet {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     socket.send_to(request, server).await.unwrap();
     let mut buffer = vec![0u8; 70_000];
-    let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer)).await.unwrap().unwrap();
+    let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer))
+        .await
+        .unwrap()
+        .unwrap();
     wire::parse(&buffer[..len]).unwrap()
 }
 
@@ -50,7 +57,10 @@ fn rrq(filename: &str, options: &[(&str, &str)]) -> Vec<u8> {
     wire::encode(&Packet::Rrq {
         filename: filename.into(),
         mode: "octet".into(),
-        options: options.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        options: options
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
     })
 }
 
@@ -63,7 +73,12 @@ fn error_code(packet: Packet) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_downloads_files() {
-    if std::process::Command::new("curl").arg("--version").output().map(|o| !String::from_utf8_lossy(&o.stdout).contains("tftp")).unwrap_or(true) {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .map(|o| !String::from_utf8_lossy(&o.stdout).contains("tftp"))
+        .unwrap_or(true)
+    {
         eprintln!("skipped: curl with tftp support is not installed");
         return;
     }
@@ -89,7 +104,11 @@ async fn curl_downloads_files() {
             .unwrap();
         assert!(status.success(), "curl {url} {extra:?} failed: {status}");
         let expected = std::fs::read(root.path().join(name)).unwrap();
-        assert_eq!(std::fs::read(&target).unwrap(), expected, "{name} {extra:?}");
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            expected,
+            "{name} {extra:?}"
+        );
     }
     let status = tokio::process::Command::new("curl")
         .args(["-sS", "--max-time", "10", "-o", "/dev/null"])
@@ -105,26 +124,53 @@ async fn windowsize_transfer_with_own_client() {
     let (root, _outside) = fixture();
     let server = start(root.path(), |_| {}).await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    socket.send_to(&rrq("undionly.kpxe", &[("blksize", "1024"), ("windowsize", "4"), ("tsize", "0")]), server).await.unwrap();
+    socket
+        .send_to(
+            &rrq(
+                "undionly.kpxe",
+                &[("blksize", "1024"), ("windowsize", "4"), ("tsize", "0")],
+            ),
+            server,
+        )
+        .await
+        .unwrap();
     let mut buffer = vec![0u8; 2048];
     let (len, tid) = socket.recv_from(&mut buffer).await.unwrap();
     assert_ne!(tid, server, "the transfer uses a new port (TID)");
     assert_eq!(
         wire::parse(&buffer[..len]).unwrap(),
-        Packet::Oack { options: vec![("blksize".into(), "1024".into()), ("windowsize".into(), "4".into()), ("tsize".into(), "70001".into())] }
+        Packet::Oack {
+            options: vec![
+                ("blksize".into(), "1024".into()),
+                ("windowsize".into(), "4".into()),
+                ("tsize".into(), "70001".into())
+            ]
+        }
     );
-    socket.send_to(&wire::encode(&Packet::Ack { block: 0 }), tid).await.unwrap();
+    socket
+        .send_to(&wire::encode(&Packet::Ack { block: 0 }), tid)
+        .await
+        .unwrap();
     let mut received = Vec::new();
     let mut expected_block: u16 = 1;
     loop {
-        let (len, from) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer)).await.unwrap().unwrap();
+        let (len, from) =
+            tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buffer))
+                .await
+                .unwrap()
+                .unwrap();
         assert_eq!(from, tid);
-        let Packet::Data { block, data } = wire::parse(&buffer[..len]).unwrap() else { panic!("expected data") };
+        let Packet::Data { block, data } = wire::parse(&buffer[..len]).unwrap() else {
+            panic!("expected data")
+        };
         assert_eq!(block, expected_block);
         received.extend_from_slice(&data);
         let last = data.len() < 1024;
         if block % 4 == 0 || last {
-            socket.send_to(&wire::encode(&Packet::Ack { block }), tid).await.unwrap();
+            socket
+                .send_to(&wire::encode(&Packet::Ack { block }), tid)
+                .await
+                .unwrap();
         }
         if last {
             break;
@@ -141,13 +187,35 @@ async fn bad_requests_get_the_right_errors() {
     assert_eq!(error_code(ask(server, &rrq("missing", &[])).await), 1);
     assert_eq!(error_code(ask(server, &rrq("../etc/passwd", &[])).await), 2);
     assert_eq!(error_code(ask(server, &rrq("/etc/passwd", &[])).await), 2);
-    assert_eq!(error_code(ask(server, &rrq("escape", &[])).await), 2, "symlink out of the root");
-    assert_eq!(error_code(ask(server, &rrq("sub", &[])).await), 2, "a directory");
-    let wrq = wire::encode(&Packet::Wrq { filename: "x".into(), mode: "octet".into(), options: vec![] });
+    assert_eq!(
+        error_code(ask(server, &rrq("escape", &[])).await),
+        2,
+        "symlink out of the root"
+    );
+    assert_eq!(
+        error_code(ask(server, &rrq("sub", &[])).await),
+        2,
+        "a directory"
+    );
+    let wrq = wire::encode(&Packet::Wrq {
+        filename: "x".into(),
+        mode: "octet".into(),
+        options: vec![],
+    });
     assert_eq!(error_code(ask(server, &wrq).await), 4);
-    assert_eq!(error_code(ask(server, &[0, 9, 1, 2, 3]).await), 4, "unknown opcode");
-    assert_eq!(error_code(ask(server, &rrq("exact.bin", &[("blksize", "2")])).await), 8);
-    assert_eq!(error_code(ask(server, &wire::encode(&Packet::Ack { block: 1 })).await), 5);
+    assert_eq!(
+        error_code(ask(server, &[0, 9, 1, 2, 3]).await),
+        4,
+        "unknown opcode"
+    );
+    assert_eq!(
+        error_code(ask(server, &rrq("exact.bin", &[("blksize", "2")])).await),
+        8
+    );
+    assert_eq!(
+        error_code(ask(server, &wire::encode(&Packet::Ack { block: 1 })).await),
+        5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,17 +228,40 @@ async fn limits_are_enforced() {
         c.limits.retries_max = 1;
     })
     .await;
-    assert_eq!(error_code(ask(server, &rrq("undionly.kpxe", &[])).await), 0, "file above the size limit");
+    assert_eq!(
+        error_code(ask(server, &rrq("undionly.kpxe", &[])).await),
+        0,
+        "file above the size limit"
+    );
     // Hold the only slot with a transfer we never acknowledge.
     let holder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    holder.send_to(&rrq("exact.bin", &[]), server).await.unwrap();
+    holder
+        .send_to(&rrq("exact.bin", &[]), server)
+        .await
+        .unwrap();
     let mut buffer = vec![0u8; 2048];
     let (len, _) = holder.recv_from(&mut buffer).await.unwrap();
-    assert!(matches!(wire::parse(&buffer[..len]).unwrap(), Packet::Data { block: 1, .. }));
-    assert_eq!(error_code(ask(server, &rrq("exact.bin", &[])).await), 0, "busy while the slot is held");
+    assert!(matches!(
+        wire::parse(&buffer[..len]).unwrap(),
+        Packet::Data { block: 1, .. }
+    ));
+    assert_eq!(
+        error_code(ask(server, &rrq("exact.bin", &[])).await),
+        0,
+        "busy while the slot is held"
+    );
     // The unacknowledged transfer retransmits once, then gives up and frees the slot.
     let (len, _) = holder.recv_from(&mut buffer).await.unwrap();
-    assert!(matches!(wire::parse(&buffer[..len]).unwrap(), Packet::Data { block: 1, .. }), "retransmission");
+    assert!(
+        matches!(
+            wire::parse(&buffer[..len]).unwrap(),
+            Packet::Data { block: 1, .. }
+        ),
+        "retransmission"
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(matches!(ask(server, &rrq("exact.bin", &[])).await, Packet::Data { block: 1, .. }));
+    assert!(matches!(
+        ask(server, &rrq("exact.bin", &[])).await,
+        Packet::Data { block: 1, .. }
+    ));
 }

@@ -119,7 +119,11 @@ pub struct DhcpConfig {
 
 impl DhcpConfig {
     /// A full-mode config with one pool; handy for tests and the demo.
-    pub fn full(server_ip: Ipv4Addr, pool: PoolConfig, script_url: impl Into<String>) -> DhcpConfig {
+    pub fn full(
+        server_ip: Ipv4Addr,
+        pool: PoolConfig,
+        script_url: impl Into<String>,
+    ) -> DhcpConfig {
         DhcpConfig {
             mode: DhcpMode::Full,
             server_ip,
@@ -142,16 +146,30 @@ impl DhcpConfig {
 
     /// A proxyDHCP config (no pools).
     pub fn proxy(server_ip: Ipv4Addr, script_url: impl Into<String>) -> DhcpConfig {
-        DhcpConfig { mode: DhcpMode::Proxy, pools: Vec::new(), ..DhcpConfig::full(server_ip, PoolConfig::empty(), script_url) }
+        DhcpConfig {
+            mode: DhcpMode::Proxy,
+            pools: Vec::new(),
+            ..DhcpConfig::full(server_ip, PoolConfig::empty(), script_url)
+        }
     }
 }
 
 impl PoolConfig {
     fn empty() -> PoolConfig {
-        PoolConfig::new(Ipv4Addr::UNSPECIFIED, 32, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
+        PoolConfig::new(
+            Ipv4Addr::UNSPECIFIED,
+            32,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+        )
     }
 
-    pub fn new(subnet: Ipv4Addr, prefix_len: u8, range_first: Ipv4Addr, range_last: Ipv4Addr) -> PoolConfig {
+    pub fn new(
+        subnet: Ipv4Addr,
+        prefix_len: u8,
+        range_first: Ipv4Addr,
+        range_last: Ipv4Addr,
+    ) -> PoolConfig {
         PoolConfig {
             subnet,
             prefix_len,
@@ -203,7 +221,12 @@ pub enum ConfigError {
     #[error("pool {subnet}/{prefix_len}: prefix length above 32")]
     PrefixLength { subnet: Ipv4Addr, prefix_len: u8 },
     #[error("pool {subnet}/{prefix_len}: range {first}-{last} is empty or outside the subnet")]
-    Range { subnet: Ipv4Addr, prefix_len: u8, first: Ipv4Addr, last: Ipv4Addr },
+    Range {
+        subnet: Ipv4Addr,
+        prefix_len: u8,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    },
     #[error("pools {a} and {b} overlap")]
     Overlap { a: Ipv4Addr, b: Ipv4Addr },
     #[error("pools hold {addresses} addresses, above pool_addresses_max {max}")]
@@ -222,7 +245,10 @@ impl DhcpConfig {
         let mut total: u64 = 0;
         for pool in &self.pools {
             if pool.prefix_len > 32 {
-                return Err(ConfigError::PrefixLength { subnet: pool.subnet, prefix_len: pool.prefix_len });
+                return Err(ConfigError::PrefixLength {
+                    subnet: pool.subnet,
+                    prefix_len: pool.prefix_len,
+                });
             }
             if u32::from(pool.range_first) > u32::from(pool.range_last)
                 || !pool.contains(pool.range_first)
@@ -239,19 +265,36 @@ impl DhcpConfig {
         }
         for (i, a) in self.pools.iter().enumerate() {
             for b in &self.pools[i + 1..] {
-                if a.in_range(b.range_first) || a.in_range(b.range_last) || b.in_range(a.range_first) {
-                    return Err(ConfigError::Overlap { a: a.range_first, b: b.range_first });
+                if a.in_range(b.range_first)
+                    || a.in_range(b.range_last)
+                    || b.in_range(a.range_first)
+                {
+                    return Err(ConfigError::Overlap {
+                        a: a.range_first,
+                        b: b.range_first,
+                    });
                 }
             }
         }
         if total > u64::from(self.pool_addresses_max) {
-            return Err(ConfigError::TooManyAddresses { addresses: total, max: self.pool_addresses_max });
+            return Err(ConfigError::TooManyAddresses {
+                addresses: total,
+                max: self.pool_addresses_max,
+            });
         }
         if self.mode == DhcpMode::Full && self.pools.is_empty() {
             return Err(ConfigError::NoPool);
         }
-        let files = [Some(&self.pxe.bios_boot_file), Some(&self.pxe.efi_x64_boot_file)];
-        for file in files.into_iter().flatten().chain(self.pxe.efi_ia32_boot_file.iter()).chain(self.pxe.efi_arm64_boot_file.iter()) {
+        let files = [
+            Some(&self.pxe.bios_boot_file),
+            Some(&self.pxe.efi_x64_boot_file),
+        ];
+        for file in files
+            .into_iter()
+            .flatten()
+            .chain(self.pxe.efi_ia32_boot_file.iter())
+            .chain(self.pxe.efi_arm64_boot_file.iter())
+        {
             if file.len() > 127 {
                 return Err(ConfigError::BootFileName(file.clone()));
             }

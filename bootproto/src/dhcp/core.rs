@@ -112,7 +112,11 @@ impl DhcpCore {
     pub fn new(config: DhcpConfig) -> Result<DhcpCore, ConfigError> {
         config.validate()?;
         let book = LeaseBook::new(&config.pools);
-        Ok(DhcpCore { config, book, epoch: None })
+        Ok(DhcpCore {
+            config,
+            book,
+            epoch: None,
+        })
     }
 
     pub fn config(&self) -> &DhcpConfig {
@@ -143,31 +147,60 @@ impl DhcpCore {
     pub fn handle_commit(&mut self, lease: &Lease, committed: bool, _now_unix_secs: u64) {
         let previous = match self.book.binding_of_ip(lease.ip) {
             Some(b) if b.mac == lease.mac => match b.state {
-                BindingState::Committing { previous_expires_unix_secs, .. } => previous_expires_unix_secs,
+                BindingState::Committing {
+                    previous_expires_unix_secs,
+                    ..
+                } => previous_expires_unix_secs,
                 _ => return,
             },
             _ => return,
         };
-        let expires_unix_secs = if committed { lease.expires_unix_secs } else { lease.expires_unix_secs.max(previous) };
-        self.book.set_state(lease.ip, lease.mac, BindingState::Bound { expires_unix_secs });
+        let expires_unix_secs = if committed {
+            lease.expires_unix_secs
+        } else {
+            lease.expires_unix_secs.max(previous)
+        };
+        self.book.set_state(
+            lease.ip,
+            lease.mac,
+            BindingState::Bound { expires_unix_secs },
+        );
     }
 
     /// Decides what to do with one datagram.
-    pub fn handle_packet(&mut self, now_unix_secs: u64, packet: Packet<'_>, clients: &dyn ClientLookup) -> Outcome {
+    pub fn handle_packet(
+        &mut self,
+        now_unix_secs: u64,
+        packet: Packet<'_>,
+        clients: &dyn ClientLookup,
+    ) -> Outcome {
         let request = match parse_request(packet.bytes) {
             Ok(request) => request,
-            Err(ignored) => return Outcome { decision: Decision::Ignore(ignored), discovered: None },
+            Err(ignored) => {
+                return Outcome {
+                    decision: Decision::Ignore(ignored),
+                    discovered: None,
+                }
+            }
         };
         let status = clients.client(request.mac);
         let discovered = (status == ClientStatus::Unknown).then(|| DiscoveredClient {
             mac: request.mac,
             architecture: request.architecture,
-            vendor_class: request.vendor_class.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()),
+            vendor_class: request
+                .vendor_class
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
             hostname: request.hostname.clone(),
             relay: request.message.giaddr(),
         });
-        let answer = status == ClientStatus::Registered || self.config.unknown_clients == UnknownClientPolicy::Answer;
-        let decision = if !answer && matches!(request.kind, MessageType::Discover | MessageType::Request | MessageType::Inform) {
+        let answer = status == ClientStatus::Registered
+            || self.config.unknown_clients == UnknownClientPolicy::Answer;
+        let decision = if !answer
+            && matches!(
+                request.kind,
+                MessageType::Discover | MessageType::Request | MessageType::Inform
+            ) {
             Decision::Ignore(Ignored::UnknownClient)
         } else {
             match self.config.mode {
@@ -175,7 +208,10 @@ impl DhcpCore {
                 DhcpMode::Proxy => self.decide_proxy(&request, packet),
             }
         };
-        Outcome { decision, discovered }
+        Outcome {
+            decision,
+            discovered,
+        }
     }
 
     fn decide_full(&mut self, now: u64, request: &Request, packet: Packet<'_>) -> Decision {
@@ -183,7 +219,11 @@ impl DhcpCore {
             return Decision::Ignore(Ignored::UnhandledMessageType);
         }
         let giaddr = request.message.giaddr();
-        let link = if giaddr.is_unspecified() { self.config.server_ip } else { giaddr };
+        let link = if giaddr.is_unspecified() {
+            self.config.server_ip
+        } else {
+            giaddr
+        };
         let Some(pool) = self.config.pools.iter().position(|p| p.contains(link)) else {
             return Decision::Ignore(Ignored::NoPool);
         };
@@ -194,15 +234,23 @@ impl DhcpCore {
                         return Decision::Ignore(Ignored::CommitInFlight);
                     }
                 }
-                let Some(ip) = self.book.choose(pool, request.mac, request.requested_ip, now) else {
+                let Some(ip) = self
+                    .book
+                    .choose(pool, request.mac, request.requested_ip, now)
+                else {
                     return Decision::Ignore(Ignored::PoolExhausted);
                 };
                 let state = match self.book.binding_of_ip(ip) {
                     // Keep a live committed lease as it is; the offer changes nothing.
-                    Some(b) if b.mac == request.mac && matches!(b.state, BindingState::Bound { expires_unix_secs } if expires_unix_secs > now) => {
+                    Some(b)
+                        if b.mac == request.mac
+                            && matches!(b.state, BindingState::Bound { expires_unix_secs } if expires_unix_secs > now) =>
+                    {
                         b.state.clone()
                     }
-                    _ => BindingState::Offered { until_unix_secs: now + u64::from(self.config.offer_reservation_secs) },
+                    _ => BindingState::Offered {
+                        until_unix_secs: now + u64::from(self.config.offer_reservation_secs),
+                    },
                 };
                 self.book.bind(ip, request.mac, state);
                 Decision::Reply(self.full_reply(request, pool, MessageType::Offer, ip))
@@ -215,11 +263,16 @@ impl DhcpCore {
                     }
                 }
                 let ciaddr = request.message.ciaddr();
-                let wanted = request.requested_ip.or((!ciaddr.is_unspecified()).then_some(ciaddr));
+                let wanted = request
+                    .requested_ip
+                    .or((!ciaddr.is_unspecified()).then_some(ciaddr));
                 let Some(wanted) = wanted else {
                     return Decision::Reply(self.nak(request));
                 };
-                let binding = self.book.binding_of_mac(request.mac).map(|(ip, b)| (ip, b.state.clone()));
+                let binding = self
+                    .book
+                    .binding_of_mac(request.mac)
+                    .map(|(ip, b)| (ip, b.state.clone()));
                 if let Some((ip, BindingState::Committing { .. })) = &binding {
                     if *ip == wanted {
                         return Decision::Ignore(Ignored::CommitInFlight);
@@ -230,36 +283,79 @@ impl DhcpCore {
                     // Wrong network, outside the range, or someone else's address.
                     return Decision::Reply(self.nak(request));
                 }
-                if request.server_id.is_some() && binding.as_ref().map(|(ip, _)| *ip) != Some(wanted) {
+                if request.server_id.is_some()
+                    && binding.as_ref().map(|(ip, _)| *ip) != Some(wanted)
+                {
                     // SELECTING an address we did not offer (or whose offer was reclaimed).
                     return Decision::Reply(self.nak(request));
                 }
                 let expires = now + u64::from(pool_config.lease_secs);
                 let previous = self.book.committed_expiry(wanted, request.mac);
-                self.book.bind(wanted, request.mac, BindingState::Committing { expires_unix_secs: expires, previous_expires_unix_secs: previous });
-                let lease = Lease { mac: request.mac, ip: wanted, expires_unix_secs: expires, hostname: request.hostname.clone() };
+                self.book.bind(
+                    wanted,
+                    request.mac,
+                    BindingState::Committing {
+                        expires_unix_secs: expires,
+                        previous_expires_unix_secs: previous,
+                    },
+                );
+                let lease = Lease {
+                    mac: request.mac,
+                    ip: wanted,
+                    expires_unix_secs: expires,
+                    hostname: request.hostname.clone(),
+                };
                 let reply = self.full_reply(request, pool, MessageType::Ack, wanted);
-                Decision::CommitThenReply { lease, reply: Some(reply) }
+                Decision::CommitThenReply {
+                    lease,
+                    reply: Some(reply),
+                }
             }
             MessageType::Release => {
                 let ciaddr = request.message.ciaddr();
                 match self.book.binding_of_mac(request.mac) {
-                    Some((ip, b)) if ip == ciaddr && matches!(b.state, BindingState::Bound { expires_unix_secs } if expires_unix_secs > now) => {
+                    Some((ip, b))
+                        if ip == ciaddr
+                            && matches!(b.state, BindingState::Bound { expires_unix_secs } if expires_unix_secs > now) =>
+                    {
                         let previous = self.book.committed_expiry(ip, request.mac);
-                        self.book.bind(ip, request.mac, BindingState::Committing { expires_unix_secs: now, previous_expires_unix_secs: previous });
-                        let lease = Lease { mac: request.mac, ip, expires_unix_secs: now, hostname: None };
+                        self.book.bind(
+                            ip,
+                            request.mac,
+                            BindingState::Committing {
+                                expires_unix_secs: now,
+                                previous_expires_unix_secs: previous,
+                            },
+                        );
+                        let lease = Lease {
+                            mac: request.mac,
+                            ip,
+                            expires_unix_secs: now,
+                            hostname: None,
+                        };
                         Decision::CommitThenReply { lease, reply: None }
                     }
                     _ => Decision::Ignore(Ignored::Released),
                 }
             }
             MessageType::Decline => {
-                let Some(ip) = request.requested_ip else { return Decision::Ignore(Ignored::NoBinding) };
+                let Some(ip) = request.requested_ip else {
+                    return Decision::Ignore(Ignored::NoBinding);
+                };
                 match self.book.binding_of_mac(request.mac) {
-                    Some((bound, b)) if bound == ip && !matches!(b.state, BindingState::Committing { .. }) => {
+                    Some((bound, b))
+                        if bound == ip && !matches!(b.state, BindingState::Committing { .. }) =>
+                    {
                         // Not before the MAC's committed lease on it expires, either.
-                        let until = (now + u64::from(self.config.decline_quarantine_secs)).max(self.book.committed_expiry(ip, request.mac));
-                        self.book.bind(ip, MacAddr::ZERO, BindingState::Declined { until_unix_secs: until });
+                        let until = (now + u64::from(self.config.decline_quarantine_secs))
+                            .max(self.book.committed_expiry(ip, request.mac));
+                        self.book.bind(
+                            ip,
+                            MacAddr::ZERO,
+                            BindingState::Declined {
+                                until_unix_secs: until,
+                            },
+                        );
                         // The MAC's committed lease still names `ip`; it stays quarantined here
                         // and the client's next DISCOVER gets a new address that replaces it.
                         self.book.drop_offer(request.mac);
@@ -269,7 +365,8 @@ impl DhcpCore {
                 }
             }
             MessageType::Inform => {
-                let mut reply = self.full_reply(request, pool, MessageType::Ack, Ipv4Addr::UNSPECIFIED);
+                let mut reply =
+                    self.full_reply(request, pool, MessageType::Ack, Ipv4Addr::UNSPECIFIED);
                 let opts = reply.message.opts_mut();
                 opts.remove(OptionCode::AddressLeaseTime);
                 opts.remove(OptionCode::Renewal);
@@ -288,16 +385,28 @@ impl DhcpCore {
         let kind = match (request.kind, on_proxy_port) {
             (MessageType::Discover, false) => MessageType::Offer,
             (MessageType::Request, true) | (MessageType::Inform, true) => MessageType::Ack,
-            (MessageType::Request, false) if request.server_id == Some(self.config.server_ip) => MessageType::Ack,
+            (MessageType::Request, false) if request.server_id == Some(self.config.server_ip) => {
+                MessageType::Ack
+            }
             _ => return Decision::Ignore(Ignored::UnhandledMessageType),
         };
         let mut message = self.base_reply(request, kind);
         message.set_yiaddr(Ipv4Addr::UNSPECIFIED);
-        message.opts_mut().insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
+        message
+            .opts_mut()
+            .insert(DhcpOption::ClassIdentifier(b"PXEClient".to_vec()));
         // PXE vendor options: discovery control = 8 (use the boot file in this offer directly).
-        message.opts_mut().insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
-        if let Some(DhcpOption::ClientMachineIdentifier(uuid)) = request.message.opts().get(OptionCode::ClientMachineIdentifier) {
-            message.opts_mut().insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+        message
+            .opts_mut()
+            .insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+        if let Some(DhcpOption::ClientMachineIdentifier(uuid)) = request
+            .message
+            .opts()
+            .get(OptionCode::ClientMachineIdentifier)
+        {
+            message
+                .opts_mut()
+                .insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
         }
         self.add_boot(request, &mut message);
         let to = if on_proxy_port {
@@ -310,7 +419,14 @@ impl DhcpCore {
 
     fn base_reply(&self, request: &Request, kind: MessageType) -> v4::Message {
         let req = &request.message;
-        let mut message = v4::Message::new_with_id(req.xid(), Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, req.giaddr(), &request.mac.0);
+        let mut message = v4::Message::new_with_id(
+            req.xid(),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            req.giaddr(),
+            &request.mac.0,
+        );
         message.set_opcode(Opcode::BootReply);
         message.set_flags(req.flags());
         message.set_hops(0);
@@ -330,7 +446,9 @@ impl DhcpCore {
         let opts = message.opts_mut();
         opts.insert(DhcpOption::AddressLeaseTime(pool.lease_secs));
         opts.insert(DhcpOption::Renewal(pool.lease_secs / 2));
-        opts.insert(DhcpOption::Rebinding((u64::from(pool.lease_secs) * 7 / 8) as u32));
+        opts.insert(DhcpOption::Rebinding(
+            (u64::from(pool.lease_secs) * 7 / 8) as u32,
+        ));
         opts.insert(DhcpOption::SubnetMask(pool.netmask()));
         opts.insert(DhcpOption::BroadcastAddr(pool.broadcast()));
         if !pool.routers.is_empty() {
@@ -362,14 +480,18 @@ impl DhcpCore {
                 message.set_fname_str(&file);
             }
             if request.wants.contains(&OptionCode::BootfileName) || file.len() > 127 {
-                message.opts_mut().insert(DhcpOption::BootfileName(file.into_bytes()));
+                message
+                    .opts_mut()
+                    .insert(DhcpOption::BootfileName(file.into_bytes()));
             }
         }
         if request.is_ipxe && pxe.ipxe_no_proxydhcp {
-            message.opts_mut().insert(DhcpOption::Unknown(v4::UnknownOption::new(
-                OptionCode::from(IPXE_ENCAPSULATED),
-                vec![IPXE_NO_PXEDHCP, 1, 1],
-            )));
+            message
+                .opts_mut()
+                .insert(DhcpOption::Unknown(v4::UnknownOption::new(
+                    OptionCode::from(IPXE_ENCAPSULATED),
+                    vec![IPXE_NO_PXEDHCP, 1, 1],
+                )));
         }
     }
 
@@ -392,7 +514,10 @@ impl DhcpCore {
             // RFC 2131: a relayed NAK asks the relay to broadcast it.
             message.set_flags(request.message.flags().set_broadcast());
         }
-        Reply { to: self.destination(request, MessageType::Nak), message }
+        Reply {
+            to: self.destination(request, MessageType::Nak),
+            message,
+        }
     }
 }
 
@@ -458,7 +583,11 @@ fn parse_request(bytes: &[u8]) -> Result<Request, Ignored> {
         _ => false,
     };
     let is_ipxe = user_class_ipxe || opts.get(OptionCode::from(IPXE_ENCAPSULATED)).is_some();
-    let is_pxe = is_ipxe || architecture.is_some() || vendor_class.as_deref().is_some_and(|v| v.starts_with(b"PXEClient"));
+    let is_pxe = is_ipxe
+        || architecture.is_some()
+        || vendor_class
+            .as_deref()
+            .is_some_and(|v| v.starts_with(b"PXEClient"));
     let wants = match opts.get(OptionCode::ParameterRequestList) {
         Some(DhcpOption::ParameterRequestList(list)) => list.clone(),
         _ => Vec::new(),

@@ -20,7 +20,11 @@ const RELAY: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 struct Registry(HashSet<MacAddr>);
 impl ClientLookup for Registry {
     fn client(&self, mac: MacAddr) -> ClientStatus {
-        if self.0.contains(&mac) { ClientStatus::Registered } else { ClientStatus::Unknown }
+        if self.0.contains(&mac) {
+            ClientStatus::Registered
+        } else {
+            ClientStatus::Unknown
+        }
     }
 }
 
@@ -29,10 +33,20 @@ fn mac(n: u8) -> MacAddr {
 }
 
 fn config() -> DhcpConfig {
-    let mut local = PoolConfig::new(Ipv4Addr::new(10, 0, 0, 0), 24, Ipv4Addr::new(10, 0, 0, 100), Ipv4Addr::new(10, 0, 0, 102));
+    let mut local = PoolConfig::new(
+        Ipv4Addr::new(10, 0, 0, 0),
+        24,
+        Ipv4Addr::new(10, 0, 0, 100),
+        Ipv4Addr::new(10, 0, 0, 102),
+    );
     local.routers = vec![SERVER];
     local.lease_secs = 600;
-    let relayed = PoolConfig::new(Ipv4Addr::new(10, 1, 0, 0), 16, Ipv4Addr::new(10, 1, 0, 10), Ipv4Addr::new(10, 1, 0, 11));
+    let relayed = PoolConfig::new(
+        Ipv4Addr::new(10, 1, 0, 0),
+        16,
+        Ipv4Addr::new(10, 1, 0, 10),
+        Ipv4Addr::new(10, 1, 0, 11),
+    );
     let mut config = DhcpConfig::full(SERVER, local, "http://10.0.0.1:8080/boot/ipxe");
     config.pools.push(relayed);
     config
@@ -54,19 +68,56 @@ fn request(spec: &str) -> Vec<u8> {
         Some("type99") => MessageType::Unknown(99),
         other => panic!("bad spec {other:?}"),
     };
-    let mut m = v4::Message::new_with_id(0x1234, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac(1).0);
+    let mut m = v4::Message::new_with_id(
+        0x1234,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &mac(1).0,
+    );
     m.opts_mut().insert(DhcpOption::MessageType(kind));
     for word in words {
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
         match key {
-            "mac" => { m.set_chaddr(&mac(value.parse().unwrap()).0); }
-            "ip" => { m.opts_mut().insert(DhcpOption::RequestedIpAddress(value.parse().unwrap())); }
-            "sid" => { m.opts_mut().insert(DhcpOption::ServerIdentifier(value.parse().unwrap())); }
-            "ci" => { m.set_ciaddr(value.parse::<Ipv4Addr>().unwrap()); }
-            "relay" => { m.set_giaddr(RELAY); }
-            "arch" => { m.opts_mut().insert(DhcpOption::ClientSystemArchitecture(v4::Architecture(value.parse().unwrap()))); m.opts_mut().insert(DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007".to_vec())); }
-            "pxe" => { m.opts_mut().insert(DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec())); }
-            "ipxe" => { m.opts_mut().insert(DhcpOption::UserClass(b"iPXE".to_vec())); m.opts_mut().insert(DhcpOption::ParameterRequestList(vec![OptionCode::BootfileName, OptionCode::from(175)])); }
+            "mac" => {
+                m.set_chaddr(&mac(value.parse().unwrap()).0);
+            }
+            "ip" => {
+                m.opts_mut()
+                    .insert(DhcpOption::RequestedIpAddress(value.parse().unwrap()));
+            }
+            "sid" => {
+                m.opts_mut()
+                    .insert(DhcpOption::ServerIdentifier(value.parse().unwrap()));
+            }
+            "ci" => {
+                m.set_ciaddr(value.parse::<Ipv4Addr>().unwrap());
+            }
+            "relay" => {
+                m.set_giaddr(RELAY);
+            }
+            "arch" => {
+                m.opts_mut()
+                    .insert(DhcpOption::ClientSystemArchitecture(v4::Architecture(
+                        value.parse().unwrap(),
+                    )));
+                m.opts_mut().insert(DhcpOption::ClassIdentifier(
+                    b"PXEClient:Arch:00007".to_vec(),
+                ));
+            }
+            "pxe" => {
+                m.opts_mut().insert(DhcpOption::ClassIdentifier(
+                    b"PXEClient:Arch:00000:UNDI:002001".to_vec(),
+                ));
+            }
+            "ipxe" => {
+                m.opts_mut().insert(DhcpOption::UserClass(b"iPXE".to_vec()));
+                m.opts_mut().insert(DhcpOption::ParameterRequestList(vec![
+                    OptionCode::BootfileName,
+                    OptionCode::from(175),
+                ]));
+            }
             other => panic!("bad modifier {other}"),
         }
     }
@@ -79,7 +130,12 @@ fn request(spec: &str) -> Vec<u8> {
 fn summary(decision: &Decision) -> String {
     let reply_summary = |r: &super::core::Reply| {
         let m = &r.message;
-        let mut s = format!("{:?} {} to {}", m.opts().msg_type().unwrap(), m.yiaddr(), r.to);
+        let mut s = format!(
+            "{:?} {} to {}",
+            m.opts().msg_type().unwrap(),
+            m.yiaddr(),
+            r.to
+        );
         if let Some(Ok(file)) = m.fname_str() {
             s += &format!(" file={file}");
         }
@@ -92,8 +148,14 @@ fn summary(decision: &Decision) -> String {
         Decision::Ignore(reason) => format!("ignore {reason:?}"),
         Decision::Reply(r) => reply_summary(r),
         Decision::CommitThenReply { lease, reply } => {
-            let after = reply.as_ref().map(|r| format!(" then {}", reply_summary(r))).unwrap_or_default();
-            format!("commit {} {} exp={}{after}", lease.mac, lease.ip, lease.expires_unix_secs)
+            let after = reply
+                .as_ref()
+                .map(|r| format!(" then {}", reply_summary(r)))
+                .unwrap_or_default();
+            format!(
+                "commit {} {} exp={}{after}",
+                lease.mac, lease.ip, lease.expires_unix_secs
+            )
         }
     }
 }
@@ -123,7 +185,15 @@ fn check_with(config: DhcpConfig, steps: &str, expect: &str) {
         }
         pending.retain(|(t, _)| *t >= now);
         let bytes = request(spec);
-        let outcome = core.handle_packet(now, Packet { bytes: &bytes, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), local_port: 67 }, &registry);
+        let outcome = core.handle_packet(
+            now,
+            Packet {
+                bytes: &bytes,
+                source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                local_port: 67,
+            },
+            &registry,
+        );
         let mut line = summary(&outcome.decision);
         if let Some(d) = outcome.discovered {
             line += &format!(" (discovered {})", d.mac);
@@ -135,7 +205,11 @@ fn check_with(config: DhcpConfig, steps: &str, expect: &str) {
         out.push(line);
     }
     let got = out.join("\n");
-    let expect: Vec<&str> = expect.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let expect: Vec<&str> = expect
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     assert_eq!(got, expect.join("\n"), "\n--- got ---\n{got}\n");
 }
 
@@ -351,21 +425,62 @@ fn proxy_mode_port_4011_answers_unicast() {
     let registry = Registry([mac(1)].into_iter().collect());
     let bytes = request("request mac=1 pxe ci=10.0.0.77");
     let source = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 77), 4011);
-    let outcome = core.handle_packet(0, Packet { bytes: &bytes, source, local_port: 4011 }, &registry);
-    assert_eq!(summary(&outcome.decision), "Ack 0.0.0.0 to 10.0.0.77:4011 file=undionly.kpxe");
+    let outcome = core.handle_packet(
+        0,
+        Packet {
+            bytes: &bytes,
+            source,
+            local_port: 4011,
+        },
+        &registry,
+    );
+    assert_eq!(
+        summary(&outcome.decision),
+        "Ack 0.0.0.0 to 10.0.0.77:4011 file=undionly.kpxe"
+    );
 }
 
 #[test]
 fn leadership_change_rebuilds_from_committed_leases() {
     let mut core = DhcpCore::new(config()).unwrap();
     let registry = Registry((1..=9).map(mac).collect());
-    core.handle_leadership(7, &[Lease { mac: mac(2), ip: Ipv4Addr::new(10, 0, 0, 100), expires_unix_secs: 1000, hostname: None }]);
+    core.handle_leadership(
+        7,
+        &[Lease {
+            mac: mac(2),
+            ip: Ipv4Addr::new(10, 0, 0, 100),
+            expires_unix_secs: 1000,
+            hostname: None,
+        }],
+    );
     let bytes = request("discover mac=1");
-    let outcome = core.handle_packet(0, Packet { bytes: &bytes, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), local_port: 67 }, &registry);
-    assert_eq!(summary(&outcome.decision), "Offer 10.0.0.101 to 255.255.255.255:68");
+    let outcome = core.handle_packet(
+        0,
+        Packet {
+            bytes: &bytes,
+            source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            local_port: 67,
+        },
+        &registry,
+    );
+    assert_eq!(
+        summary(&outcome.decision),
+        "Offer 10.0.0.101 to 255.255.255.255:68"
+    );
     let bytes = request("discover mac=2");
-    let outcome = core.handle_packet(0, Packet { bytes: &bytes, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), local_port: 67 }, &registry);
-    assert_eq!(summary(&outcome.decision), "Offer 10.0.0.100 to 255.255.255.255:68");
+    let outcome = core.handle_packet(
+        0,
+        Packet {
+            bytes: &bytes,
+            source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            local_port: 67,
+        },
+        &registry,
+    );
+    assert_eq!(
+        summary(&outcome.decision),
+        "Offer 10.0.0.100 to 255.255.255.255:68"
+    );
 }
 
 proptest! {

@@ -24,7 +24,10 @@ pub enum BindingState {
     Offered { until_unix_secs: u64 },
     /// DHCPREQUEST accepted, lease being committed; the ACK waits for the commit.
     /// `previous_expires_unix_secs` is the committed expiry before this commit (0 if none).
-    Committing { expires_unix_secs: u64, previous_expires_unix_secs: u64 },
+    Committing {
+        expires_unix_secs: u64,
+        previous_expires_unix_secs: u64,
+    },
     /// Committed lease (possibly expired or released: then reclaimable, but still the MAC's).
     Bound { expires_unix_secs: u64 },
     /// DHCPDECLINE: someone else uses it; out of the pool until `until_unix_secs`.
@@ -40,9 +43,8 @@ pub struct Binding {
 impl Binding {
     fn reclaimable(&self, now_unix_secs: u64) -> bool {
         match self.state {
-            BindingState::Offered { until_unix_secs } | BindingState::Declined { until_unix_secs } => {
-                until_unix_secs <= now_unix_secs
-            }
+            BindingState::Offered { until_unix_secs }
+            | BindingState::Declined { until_unix_secs } => until_unix_secs <= now_unix_secs,
             BindingState::Bound { expires_unix_secs } => expires_unix_secs <= now_unix_secs,
             BindingState::Committing { .. } => false,
         }
@@ -93,14 +95,25 @@ impl LeaseBook {
         }
         self.by_ip.clear();
         self.by_mac.clear();
-        let mut sorted: Vec<&Lease> = leases.iter().filter(|l| self.pool_of(l.ip).is_some()).collect();
+        let mut sorted: Vec<&Lease> = leases
+            .iter()
+            .filter(|l| self.pool_of(l.ip).is_some())
+            .collect();
         sorted.sort_by(|a, b| (b.expires_unix_secs, a.mac).cmp(&(a.expires_unix_secs, b.mac)));
         for lease in sorted {
             let ip = u32::from(lease.ip);
             if self.by_ip.contains_key(&ip) || self.by_mac.contains_key(&lease.mac) {
                 continue;
             }
-            self.by_ip.insert(ip, Binding { mac: lease.mac, state: BindingState::Bound { expires_unix_secs: lease.expires_unix_secs } });
+            self.by_ip.insert(
+                ip,
+                Binding {
+                    mac: lease.mac,
+                    state: BindingState::Bound {
+                        expires_unix_secs: lease.expires_unix_secs,
+                    },
+                },
+            );
             self.by_mac.insert(lease.mac, ip);
         }
     }
@@ -108,7 +121,9 @@ impl LeaseBook {
     /// Index of the pool whose range holds `ip`.
     pub fn pool_of(&self, ip: Ipv4Addr) -> Option<usize> {
         let ip = u32::from(ip);
-        self.pools.iter().position(|p| ip >= p.first && ip <= p.last)
+        self.pools
+            .iter()
+            .position(|p| ip >= p.first && ip <= p.last)
     }
 
     pub fn binding_of_mac(&self, mac: MacAddr) -> Option<(Ipv4Addr, &Binding)> {
@@ -140,7 +155,13 @@ impl LeaseBook {
 
     /// Picks the address for `mac` in pool `pool` without changing the book (see module docs
     /// for the order). `None` when the pool is exhausted.
-    pub fn choose(&mut self, pool: usize, mac: MacAddr, requested: Option<Ipv4Addr>, now_unix_secs: u64) -> Option<Ipv4Addr> {
+    pub fn choose(
+        &mut self,
+        pool: usize,
+        mac: MacAddr,
+        requested: Option<Ipv4Addr>,
+        now_unix_secs: u64,
+    ) -> Option<Ipv4Addr> {
         let state = self.pools.get(pool)?;
         let (first, last) = (state.first, state.last);
         if let Some(&ip) = self.by_mac.get(&mac) {
@@ -194,14 +215,23 @@ impl LeaseBook {
                 // new lease replaces it: keep the old address out of the pool until then.
                 let held_until = match self.by_ip.get(&previous).map(|b| &b.state) {
                     Some(BindingState::Bound { expires_unix_secs }) => *expires_unix_secs,
-                    Some(BindingState::Committing { expires_unix_secs, previous_expires_unix_secs }) => {
-                        (*expires_unix_secs).max(*previous_expires_unix_secs)
-                    }
+                    Some(BindingState::Committing {
+                        expires_unix_secs,
+                        previous_expires_unix_secs,
+                    }) => (*expires_unix_secs).max(*previous_expires_unix_secs),
                     _ => 0,
                 };
                 self.unbind_ip(previous);
                 if held_until > 0 {
-                    self.by_ip.insert(previous, Binding { mac: MacAddr::ZERO, state: BindingState::Declined { until_unix_secs: held_until } });
+                    self.by_ip.insert(
+                        previous,
+                        Binding {
+                            mac: MacAddr::ZERO,
+                            state: BindingState::Declined {
+                                until_unix_secs: held_until,
+                            },
+                        },
+                    );
                 }
             }
         }
@@ -230,7 +260,10 @@ impl LeaseBook {
         match self.by_ip.get(&u32::from(ip)) {
             Some(b) if b.mac == mac => match b.state {
                 BindingState::Bound { expires_unix_secs } => expires_unix_secs,
-                BindingState::Committing { expires_unix_secs, previous_expires_unix_secs } => expires_unix_secs.max(previous_expires_unix_secs),
+                BindingState::Committing {
+                    expires_unix_secs,
+                    previous_expires_unix_secs,
+                } => expires_unix_secs.max(previous_expires_unix_secs),
                 _ => 0,
             },
             _ => 0,
@@ -273,11 +306,27 @@ impl LeaseBook {
     /// Panics if the two maps disagree (tests and debug assertions only).
     pub fn check_invariants(&self) {
         for (mac, ip) in &self.by_mac {
-            let binding = self.by_ip.get(ip).expect("by_mac points to a missing binding");
-            assert_eq!(binding.mac, *mac, "by_mac and by_ip disagree on {}", Ipv4Addr::from(*ip));
+            let binding = self
+                .by_ip
+                .get(ip)
+                .expect("by_mac points to a missing binding");
+            assert_eq!(
+                binding.mac,
+                *mac,
+                "by_mac and by_ip disagree on {}",
+                Ipv4Addr::from(*ip)
+            );
         }
-        let holders = self.by_ip.values().filter(|b| !matches!(b.state, BindingState::Declined { .. })).count();
-        assert_eq!(holders, self.by_mac.len(), "a mac holds two addresses or a binding is orphaned");
+        let holders = self
+            .by_ip
+            .values()
+            .filter(|b| !matches!(b.state, BindingState::Declined { .. }))
+            .count();
+        assert_eq!(
+            holders,
+            self.by_mac.len(),
+            "a mac holds two addresses or a binding is orphaned"
+        );
     }
 }
 
@@ -302,17 +351,60 @@ mod tests {
     fn allocation_is_lowest_free_and_sticky() {
         let mut b = book();
         let ip1 = b.choose(0, mac(1), None, 0).unwrap();
-        b.bind(ip1, mac(1), BindingState::Offered { until_unix_secs: 30 });
+        b.bind(
+            ip1,
+            mac(1),
+            BindingState::Offered {
+                until_unix_secs: 30,
+            },
+        );
         let ip2 = b.choose(0, mac(2), None, 0).unwrap();
-        assert_eq!((ip1, ip2), (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 11)));
-        b.bind(ip2, mac(2), BindingState::Offered { until_unix_secs: 30 });
-        assert_eq!(b.choose(0, mac(1), None, 0), Some(ip1), "a mac keeps its address");
+        assert_eq!(
+            (ip1, ip2),
+            (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 11))
+        );
+        b.bind(
+            ip2,
+            mac(2),
+            BindingState::Offered {
+                until_unix_secs: 30,
+            },
+        );
+        assert_eq!(
+            b.choose(0, mac(1), None, 0),
+            Some(ip1),
+            "a mac keeps its address"
+        );
         let ip3 = b.choose(0, mac(3), Some(ip1), 0).unwrap();
-        assert_eq!(ip3, Ipv4Addr::new(10, 0, 0, 12), "a reserved address is not given to another mac");
-        b.bind(ip3, mac(3), BindingState::Bound { expires_unix_secs: 100 });
-        assert_eq!(b.choose(0, mac(4), None, 10), None, "exhausted while offers are live");
-        assert_eq!(b.choose(0, mac(4), None, 31), Some(ip1), "expired offers are reclaimed lowest first");
-        b.bind(ip1, mac(4), BindingState::Offered { until_unix_secs: 60 });
+        assert_eq!(
+            ip3,
+            Ipv4Addr::new(10, 0, 0, 12),
+            "a reserved address is not given to another mac"
+        );
+        b.bind(
+            ip3,
+            mac(3),
+            BindingState::Bound {
+                expires_unix_secs: 100,
+            },
+        );
+        assert_eq!(
+            b.choose(0, mac(4), None, 10),
+            None,
+            "exhausted while offers are live"
+        );
+        assert_eq!(
+            b.choose(0, mac(4), None, 31),
+            Some(ip1),
+            "expired offers are reclaimed lowest first"
+        );
+        b.bind(
+            ip1,
+            mac(4),
+            BindingState::Offered {
+                until_unix_secs: 60,
+            },
+        );
         assert_eq!(b.binding_of_mac(mac(1)), None);
         b.check_invariants();
     }
@@ -321,12 +413,28 @@ mod tests {
     fn load_rebuilds_and_keeps_affinity() {
         let mut b = book();
         b.load(&[
-            Lease { mac: mac(7), ip: Ipv4Addr::new(10, 0, 0, 11), expires_unix_secs: 5, hostname: None },
-            Lease { mac: mac(8), ip: Ipv4Addr::new(10, 0, 0, 99), expires_unix_secs: 5, hostname: None },
+            Lease {
+                mac: mac(7),
+                ip: Ipv4Addr::new(10, 0, 0, 11),
+                expires_unix_secs: 5,
+                hostname: None,
+            },
+            Lease {
+                mac: mac(8),
+                ip: Ipv4Addr::new(10, 0, 0, 99),
+                expires_unix_secs: 5,
+                hostname: None,
+            },
         ]);
         assert_eq!(b.len(), 1, "a lease outside the pools is ignored");
-        assert_eq!(b.choose(0, mac(7), None, 1000), Some(Ipv4Addr::new(10, 0, 0, 11)));
-        assert_eq!(b.choose(0, mac(1), None, 1000), Some(Ipv4Addr::new(10, 0, 0, 10)));
+        assert_eq!(
+            b.choose(0, mac(7), None, 1000),
+            Some(Ipv4Addr::new(10, 0, 0, 11))
+        );
+        assert_eq!(
+            b.choose(0, mac(1), None, 1000),
+            Some(Ipv4Addr::new(10, 0, 0, 10))
+        );
         b.check_invariants();
     }
 }

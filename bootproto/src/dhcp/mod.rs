@@ -102,5 +102,8 @@ pub enum CommitError {
 /// batch is committed; on `Err` none of them is acknowledged to clients (a partial commit is
 /// harmless: the same client retries and gets the same address).
 pub trait LeaseCommitter: Send + Sync + 'static {
-    fn commit_leases(&self, leases: Vec<Lease>) -> impl Future<Output = Result<(), CommitError>> + Send;
+    fn commit_leases(
+        &self,
+        leases: Vec<Lease>,
+    ) -> impl Future<Output = Result<(), CommitError>> + Send;
 }

@@ -25,9 +25,15 @@ pub enum DhcpServerError {
     #[error("invalid dhcp config: {0}")]
     Config(#[from] ConfigError),
     #[error("cannot bind dhcp socket {address}: {source}")]
-    Bind { address: SocketAddrV4, source: std::io::Error },
+    Bind {
+        address: SocketAddrV4,
+        source: std::io::Error,
+    },
     #[error("cannot bind dhcp socket to interface {interface:?}: {source}")]
-    Interface { interface: String, source: std::io::Error },
+    Interface {
+        interface: String,
+        source: std::io::Error,
+    },
     #[error("dhcp socket receive failed: {0}")]
     Receive(std::io::Error),
 }
@@ -53,7 +59,11 @@ struct PendingCommit {
 impl<D: BootDirectory, C: LeaseCommitter> DhcpServer<D, C> {
     /// Validates `config` and binds `bind_ip:server_port` (and `bind_ip:proxy_port` in proxy
     /// mode), with SO_BROADCAST and, when `interface` is set, SO_BINDTODEVICE.
-    pub async fn bind(config: DhcpConfig, directory: Arc<D>, committer: Arc<C>) -> Result<Self, DhcpServerError> {
+    pub async fn bind(
+        config: DhcpConfig,
+        directory: Arc<D>,
+        committer: Arc<C>,
+    ) -> Result<Self, DhcpServerError> {
         let core = DhcpCore::new(config.clone())?;
         let mut ports = vec![config.server_port];
         if config.mode == DhcpMode::Proxy {
@@ -61,34 +71,57 @@ impl<D: BootDirectory, C: LeaseCommitter> DhcpServer<D, C> {
         }
         let mut sockets = Vec::new();
         for port in ports {
-            let socket = bind_socket(SocketAddrV4::new(config.bind_ip, port), config.interface.as_deref())?;
+            let socket = bind_socket(
+                SocketAddrV4::new(config.bind_ip, port),
+                config.interface.as_deref(),
+            )?;
             sockets.push((Arc::new(socket), port));
         }
         let reply_socket = sockets[0].0.clone();
         Ok(DhcpServer {
-            shared: Arc::new(Shared { core: Mutex::new(core), directory, committer, reply_socket }),
+            shared: Arc::new(Shared {
+                core: Mutex::new(core),
+                directory,
+                committer,
+                reply_socket,
+            }),
             sockets,
         })
     }
 
     /// Local addresses of the bound sockets (server port first).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.sockets.iter().filter_map(|(s, _)| s.local_addr().ok()).collect()
+        self.sockets
+            .iter()
+            .filter_map(|(s, _)| s.local_addr().ok())
+            .collect()
     }
 
     /// Serves until a socket fails. Cancel by dropping the future (or aborting its task).
     pub async fn run(self) -> Result<(), DhcpServerError> {
         let config = lock(&self.shared.core).config().clone();
         let (commit_tx, commit_rx) = mpsc::channel::<PendingCommit>(config.commit_queue_max);
-        let committer_task = tokio::spawn(commit_loop(self.shared.clone(), commit_rx, config.commit_batch_max, config.commits_in_flight_max));
+        let committer_task = tokio::spawn(commit_loop(
+            self.shared.clone(),
+            commit_rx,
+            config.commit_batch_max,
+            config.commits_in_flight_max,
+        ));
         let mut receivers = tokio::task::JoinSet::new();
         for (socket, port) in self.sockets {
-            receivers.spawn(receive_loop(self.shared.clone(), socket, port, commit_tx.clone()));
+            receivers.spawn(receive_loop(
+                self.shared.clone(),
+                socket,
+                port,
+                commit_tx.clone(),
+            ));
         }
         drop(commit_tx);
         let result = match receivers.join_next().await {
             Some(Ok(result)) => result,
-            Some(Err(join)) => Err(DhcpServerError::Receive(std::io::Error::other(join.to_string()))),
+            Some(Err(join)) => Err(DhcpServerError::Receive(std::io::Error::other(
+                join.to_string(),
+            ))),
             None => Ok(()),
         };
         receivers.abort_all();
@@ -97,7 +130,10 @@ impl<D: BootDirectory, C: LeaseCommitter> DhcpServer<D, C> {
     }
 }
 
-fn bind_socket(address: SocketAddrV4, interface: Option<&str>) -> Result<UdpSocket, DhcpServerError> {
+fn bind_socket(
+    address: SocketAddrV4,
+    interface: Option<&str>,
+) -> Result<UdpSocket, DhcpServerError> {
     let bind_error = |source| DhcpServerError::Bind { address, source };
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(bind_error)?;
     socket.set_reuse_address(true).map_err(bind_error)?;
@@ -108,9 +144,14 @@ fn bind_socket(address: SocketAddrV4, interface: Option<&str>) -> Result<UdpSock
     if let Some(interface) = interface {
         socket
             .bind_device(Some(interface.as_bytes()))
-            .map_err(|source| DhcpServerError::Interface { interface: interface.to_owned(), source })?;
+            .map_err(|source| DhcpServerError::Interface {
+                interface: interface.to_owned(),
+                source,
+            })?;
     }
-    socket.bind(&SocketAddr::V4(address).into()).map_err(bind_error)?;
+    socket
+        .bind(&SocketAddr::V4(address).into())
+        .map_err(bind_error)?;
     UdpSocket::from_std(socket.into()).map_err(bind_error)
 }
 
@@ -121,7 +162,10 @@ fn lock(core: &Mutex<DhcpCore>) -> MutexGuard<'_, DhcpCore> {
 }
 
 fn now_unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn receive_loop<D: BootDirectory, C: LeaseCommitter>(
@@ -138,7 +182,9 @@ async fn receive_loop<D: BootDirectory, C: LeaseCommitter>(
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(e) => return Err(DhcpServerError::Receive(e)),
         };
-        let SocketAddr::V4(source) = source else { continue };
+        let SocketAddr::V4(source) = source else {
+            continue;
+        };
         let Some(epoch) = shared.directory.leader_epoch() else {
             tracing::trace!(%source, "dhcp request ignored: not the leader");
             continue;
@@ -148,10 +194,22 @@ async fn receive_loop<D: BootDirectory, C: LeaseCommitter>(
             let mut core = lock(&shared.core);
             if core.epoch() != Some(epoch) {
                 let leases = shared.directory.leases();
-                tracing::info!(epoch, leases = leases.len(), "dhcp lease book rebuilt for new leadership");
+                tracing::info!(
+                    epoch,
+                    leases = leases.len(),
+                    "dhcp lease book rebuilt for new leadership"
+                );
                 core.handle_leadership(epoch, &leases);
             }
-            core.handle_packet(now, Packet { bytes: &buffer[..len], source, local_port: port }, &*shared.directory)
+            core.handle_packet(
+                now,
+                Packet {
+                    bytes: &buffer[..len],
+                    source,
+                    local_port: port,
+                },
+                &*shared.directory,
+            )
         };
         if let Some(discovered) = outcome.discovered {
             tracing::debug!(client_mac = %discovered.mac, "dhcp unknown client discovered");
@@ -161,8 +219,10 @@ async fn receive_loop<D: BootDirectory, C: LeaseCommitter>(
             Decision::Ignore(reason) => tracing::trace!(?reason, %source, "dhcp request ignored"),
             Decision::Reply(reply) => send_reply(&socket, &reply).await,
             Decision::CommitThenReply { lease, reply } => {
-                if let Err(mpsc::error::TrySendError::Full(pending) | mpsc::error::TrySendError::Closed(pending)) =
-                    commits.try_send(PendingCommit { lease, reply })
+                if let Err(
+                    mpsc::error::TrySendError::Full(pending)
+                    | mpsc::error::TrySendError::Closed(pending),
+                ) = commits.try_send(PendingCommit { lease, reply })
                 {
                     tracing::warn!(client_mac = %pending.lease.mac, "dhcp commit queue full: request dropped");
                     lock(&shared.core).handle_commit(&pending.lease, false, now);
@@ -193,8 +253,12 @@ async fn commit_loop<D: BootDirectory, C: LeaseCommitter>(
     loop {
         // Wait for a free commit slot first, so that requests pile up into bigger batches while
         // all slots are busy.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
-        let Some(first) = queue.recv().await else { return };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
         let mut batch = vec![first];
         while batch.len() < batch_max {
             match queue.try_recv() {
@@ -221,7 +285,9 @@ async fn commit_loop<D: BootDirectory, C: LeaseCommitter>(
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, leases = batch.len(), "dhcp lease commit failed: no ack sent"),
+                Err(e) => {
+                    tracing::warn!(error = %e, leases = batch.len(), "dhcp lease commit failed: no ack sent")
+                }
             }
             drop(permit);
         });

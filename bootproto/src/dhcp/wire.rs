@@ -34,14 +34,14 @@ pub enum DhcpParseError {
 /// Options kept, and the lengths they must have.
 fn length_ok(code: u8, len: usize) -> Option<bool> {
     Some(match code {
-        53 => len == 1,                        // message type
-        50 | 54 | 51 => len == 4,              // requested ip, server id, lease time
-        57 => len == 2,                        // maximum message size
-        93 => len >= 2 && len % 2 == 0,        // client architectures (first one is used)
-        12 => (1..=255).contains(&len),        // host name
+        53 => len == 1,                 // message type
+        50 | 54 | 51 => len == 4,       // requested ip, server id, lease time
+        57 => len == 2,                 // maximum message size
+        93 => len >= 2 && len & 1 == 0, // client architectures (first one is used)
+        12 => (1..=255).contains(&len), // host name
         60 | 77 | 55 | 97 => (1..=255).contains(&len),
-        61 => (2..=255).contains(&len),        // client identifier
-        175 => len <= 255,                     // iPXE encapsulated options (presence only)
+        61 => (2..=255).contains(&len), // client identifier
+        175 => len <= 255,              // iPXE encapsulated options (presence only)
         _ => return None,
     })
 }
@@ -78,10 +78,14 @@ pub fn sanitize(bytes: &[u8]) -> Result<Vec<u8>, DhcpParseError> {
             255 => break,
             _ => {}
         }
-        let Some(&len) = bytes.get(at + 1) else { return Err(DhcpParseError::Truncated { code }) };
+        let Some(&len) = bytes.get(at + 1) else {
+            return Err(DhcpParseError::Truncated { code });
+        };
         let start = at + 2;
         let end = start + usize::from(len);
-        let Some(data) = bytes.get(start..end) else { return Err(DhcpParseError::Truncated { code }) };
+        let Some(data) = bytes.get(start..end) else {
+            return Err(DhcpParseError::Truncated { code });
+        };
         at = end;
         if length_ok(code, 1).is_none() {
             continue;
@@ -95,7 +99,10 @@ pub fn sanitize(bytes: &[u8]) -> Result<Vec<u8>, DhcpParseError> {
     clean.extend_from_slice(&bytes[..HEADER_LEN]);
     for (code, mut data) in options {
         if length_ok(code, data.len()) != Some(true) {
-            return Err(DhcpParseError::OptionLength { code, len: data.len() });
+            return Err(DhcpParseError::OptionLength {
+                code,
+                len: data.len(),
+            });
         }
         if code == 93 {
             data.truncate(2);
@@ -117,15 +124,27 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn discover() -> v4::Message {
-        let mut m = v4::Message::new_with_id(7, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(10, 1, 0, 1), &[2, 0, 0, 0, 0, 1]);
+        let mut m = v4::Message::new_with_id(
+            7,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(10, 1, 0, 1),
+            &[2, 0, 0, 0, 0, 1],
+        );
         let opts = m.opts_mut();
         opts.insert(DhcpOption::MessageType(MessageType::Discover));
         opts.insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 5)));
         opts.insert(DhcpOption::Hostname("client-1".into()));
         opts.insert(DhcpOption::ClientSystemArchitecture(v4::Architecture(7)));
-        opts.insert(DhcpOption::ClassIdentifier(b"PXEClient:Arch:00007".to_vec()));
+        opts.insert(DhcpOption::ClassIdentifier(
+            b"PXEClient:Arch:00007".to_vec(),
+        ));
         opts.insert(DhcpOption::UserClass(b"iPXE".to_vec()));
-        opts.insert(DhcpOption::ParameterRequestList(vec![OptionCode::SubnetMask, OptionCode::BootfileName]));
+        opts.insert(DhcpOption::ParameterRequestList(vec![
+            OptionCode::SubnetMask,
+            OptionCode::BootfileName,
+        ]));
         m
     }
 
@@ -146,12 +165,24 @@ mod tests {
             b.extend_from_slice(extra);
             parse(&b)
         };
-        assert_eq!(with(&[51, 3, 0, 0, 1, 255]), Err(DhcpParseError::OptionLength { code: 51, len: 3 }));
-        assert_eq!(with(&[12, 9, b'x']), Err(DhcpParseError::Truncated { code: 12 }));
-        assert!(with(&[81, 0, 255]).is_ok(), "an option we do not read is dropped, not decoded");
+        assert_eq!(
+            with(&[51, 3, 0, 0, 1, 255]),
+            Err(DhcpParseError::OptionLength { code: 51, len: 3 })
+        );
+        assert_eq!(
+            with(&[12, 9, b'x']),
+            Err(DhcpParseError::Truncated { code: 12 })
+        );
+        assert!(
+            with(&[81, 0, 255]).is_ok(),
+            "an option we do not read is dropped, not decoded"
+        );
         assert_eq!(parse(&[0u8; 100]), Err(DhcpParseError::Short(100)));
         let split = with(&[12, 2, b'a', b'b', 12, 1, b'c', 255]).unwrap();
-        assert_eq!(split.opts().get(OptionCode::Hostname), Some(&DhcpOption::Hostname("client-1abc".into())));
+        assert_eq!(
+            split.opts().get(OptionCode::Hostname),
+            Some(&DhcpOption::Hostname("client-1abc".into()))
+        );
     }
 
     proptest! {

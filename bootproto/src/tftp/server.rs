@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
-use super::transfer::{check_filename, ReadTransfer, Refusal, TransferLimits, TransferState, Transmit};
+use super::transfer::{
+    check_filename, ReadTransfer, Refusal, TransferLimits, TransferState, Transmit,
+};
 use super::wire::{self, ErrorCode, Packet};
 
 /// TFTP server configuration (plain data, read by the node from TOML).
@@ -32,7 +34,12 @@ pub struct TftpConfig {
 
 impl TftpConfig {
     pub fn new(bind: SocketAddr, root: impl Into<PathBuf>) -> TftpConfig {
-        TftpConfig { bind, root: root.into(), transfers_max: default_transfers_max(), limits: TransferLimits::default() }
+        TftpConfig {
+            bind,
+            root: root.into(),
+            transfers_max: default_transfers_max(),
+            limits: TransferLimits::default(),
+        }
     }
 }
 
@@ -50,9 +57,15 @@ fn default_transfers_max() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum TftpServerError {
     #[error("tftp root {path}: {source}")]
-    Root { path: PathBuf, source: std::io::Error },
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot bind tftp socket {address}: {source}")]
-    Bind { address: SocketAddr, source: std::io::Error },
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("tftp socket receive failed: {0}")]
     Receive(std::io::Error),
 }
@@ -66,9 +79,22 @@ pub struct TftpServer {
 
 impl TftpServer {
     pub async fn bind(config: TftpConfig) -> Result<TftpServer, TftpServerError> {
-        let root = std::fs::canonicalize(&config.root).map_err(|source| TftpServerError::Root { path: config.root.clone(), source })?;
-        let socket = UdpSocket::bind(config.bind).await.map_err(|source| TftpServerError::Bind { address: config.bind, source })?;
-        Ok(TftpServer { socket, root, config })
+        let root = std::fs::canonicalize(&config.root).map_err(|source| TftpServerError::Root {
+            path: config.root.clone(),
+            source,
+        })?;
+        let socket =
+            UdpSocket::bind(config.bind)
+                .await
+                .map_err(|source| TftpServerError::Bind {
+                    address: config.bind,
+                    source,
+                })?;
+        Ok(TftpServer {
+            socket,
+            root,
+            config,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -81,7 +107,11 @@ impl TftpServer {
         let slots = Arc::new(Semaphore::new(self.config.transfers_max));
         let root = Arc::new(self.root);
         let limits = Arc::new(self.config.limits);
-        let local_ip = self.socket.local_addr().map_err(TftpServerError::Receive)?.ip();
+        let local_ip = self
+            .socket
+            .local_addr()
+            .map_err(TftpServerError::Receive)?
+            .ip();
         let mut buffer = vec![0u8; 1024];
         loop {
             let (len, peer) = match self.socket.recv_from(&mut buffer).await {
@@ -90,32 +120,65 @@ impl TftpServer {
                 Err(e) => return Err(TftpServerError::Receive(e)),
             };
             let request = match wire::parse(&buffer[..len]) {
-                Ok(Packet::Rrq { filename, mode, options }) => (filename, mode, options),
+                Ok(Packet::Rrq {
+                    filename,
+                    mode,
+                    options,
+                }) => (filename, mode, options),
                 Ok(Packet::Wrq { filename, .. }) => {
                     tracing::debug!(%peer, filename, "tftp write request refused");
-                    let _ = self.socket.send_to(&wire::error(ErrorCode::IllegalOperation, "read-only server: write refused"), peer).await;
+                    let _ = self
+                        .socket
+                        .send_to(
+                            &wire::error(
+                                ErrorCode::IllegalOperation,
+                                "read-only server: write refused",
+                            ),
+                            peer,
+                        )
+                        .await;
                     continue;
                 }
                 Ok(Packet::Error { .. }) => continue,
                 Ok(_) => {
                     // DATA, ACK or OACK on the request port: not part of any transfer here.
-                    let _ = self.socket.send_to(&wire::error(ErrorCode::UnknownTransferId, "no transfer on this port"), peer).await;
+                    let _ = self
+                        .socket
+                        .send_to(
+                            &wire::error(ErrorCode::UnknownTransferId, "no transfer on this port"),
+                            peer,
+                        )
+                        .await;
                     continue;
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "tftp bad request");
-                    let _ = self.socket.send_to(&wire::error(ErrorCode::IllegalOperation, &e.to_string()), peer).await;
+                    let _ = self
+                        .socket
+                        .send_to(
+                            &wire::error(ErrorCode::IllegalOperation, &e.to_string()),
+                            peer,
+                        )
+                        .await;
                     continue;
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                let _ = self.socket.send_to(&wire::error(ErrorCode::NotDefined, "server busy, try again"), peer).await;
+                let _ = self
+                    .socket
+                    .send_to(
+                        &wire::error(ErrorCode::NotDefined, "server busy, try again"),
+                        peer,
+                    )
+                    .await;
                 continue;
             };
             let (root, limits) = (root.clone(), limits.clone());
             tokio::spawn(async move {
                 let (filename, mode, options) = request;
-                if let Err(e) = serve(&root, &limits, local_ip, peer, &filename, &mode, &options).await {
+                if let Err(e) =
+                    serve(&root, &limits, local_ip, peer, &filename, &mode, &options).await
+                {
                     tracing::debug!(%peer, filename, error = %e, "tftp transfer ended with an error");
                 }
                 drop(permit);
@@ -131,16 +194,42 @@ pub fn open_confined(root: &Path, filename: &str) -> Result<(std::fs::File, u64)
     path.extend(parts);
     let resolved = match std::fs::canonicalize(&path) {
         Ok(resolved) => resolved,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Refusal::new(ErrorCode::FileNotFound, format!("file not found: {filename:?}"))),
-        Err(_) => return Err(Refusal::new(ErrorCode::AccessViolation, format!("access denied: {filename:?}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Refusal::new(
+                ErrorCode::FileNotFound,
+                format!("file not found: {filename:?}"),
+            ))
+        }
+        Err(_) => {
+            return Err(Refusal::new(
+                ErrorCode::AccessViolation,
+                format!("access denied: {filename:?}"),
+            ))
+        }
     };
     if !resolved.starts_with(root) {
-        return Err(Refusal::new(ErrorCode::AccessViolation, format!("outside the tftp root: {filename:?}")));
+        return Err(Refusal::new(
+            ErrorCode::AccessViolation,
+            format!("outside the tftp root: {filename:?}"),
+        ));
     }
-    let file = std::fs::File::open(&resolved).map_err(|_| Refusal::new(ErrorCode::AccessViolation, format!("access denied: {filename:?}")))?;
-    let metadata = file.metadata().map_err(|_| Refusal::new(ErrorCode::AccessViolation, format!("access denied: {filename:?}")))?;
+    let file = std::fs::File::open(&resolved).map_err(|_| {
+        Refusal::new(
+            ErrorCode::AccessViolation,
+            format!("access denied: {filename:?}"),
+        )
+    })?;
+    let metadata = file.metadata().map_err(|_| {
+        Refusal::new(
+            ErrorCode::AccessViolation,
+            format!("access denied: {filename:?}"),
+        )
+    })?;
     if !metadata.is_file() {
-        return Err(Refusal::new(ErrorCode::AccessViolation, format!("not a regular file: {filename:?}")));
+        return Err(Refusal::new(
+            ErrorCode::AccessViolation,
+            format!("not a regular file: {filename:?}"),
+        ));
     }
     Ok((file, metadata.len()))
 }
@@ -158,15 +247,23 @@ async fn serve(
     let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
     let socket = &socket;
     let refuse = |refusal: Refusal| async move {
-        let _ = socket.send_to(&wire::error(refusal.code, &refusal.message), peer).await;
+        let _ = socket
+            .send_to(&wire::error(refusal.code, &refusal.message), peer)
+            .await;
         Err(std::io::Error::other(refusal.message))
     };
     if mode != "octet" && mode != "netascii" {
-        return refuse(Refusal::new(ErrorCode::IllegalOperation, format!("unsupported mode {mode:?}"))).await;
+        return refuse(Refusal::new(
+            ErrorCode::IllegalOperation,
+            format!("unsupported mode {mode:?}"),
+        ))
+        .await;
     }
     let root_owned = root.to_path_buf();
     let name = filename.to_owned();
-    let opened = tokio::task::spawn_blocking(move || open_confined(&root_owned, &name)).await.map_err(std::io::Error::other)?;
+    let opened = tokio::task::spawn_blocking(move || open_confined(&root_owned, &name))
+        .await
+        .map_err(std::io::Error::other)?;
     let (file, size) = match opened {
         Ok(opened) => opened,
         Err(refusal) => return refuse(refusal).await,
@@ -182,7 +279,9 @@ async fn serve(
         while let Some(transmit) = transfer.poll_transmit() {
             match transmit {
                 Transmit::Oack(options) => {
-                    socket.send_to(&wire::encode(&Packet::Oack { options }), peer).await?;
+                    socket
+                        .send_to(&wire::encode(&Packet::Oack { options }), peer)
+                        .await?;
                 }
                 Transmit::Data { block, offset, len } => {
                     packet[..4].copy_from_slice(&wire::data_header(block));
@@ -193,22 +292,40 @@ async fn serve(
         }
         match transfer.state() {
             TransferState::Finished => return Ok(()),
-            TransferState::Failed => return Err(std::io::Error::other("transfer failed (timeout or client error)")),
+            TransferState::Failed => {
+                return Err(std::io::Error::other(
+                    "transfer failed (timeout or client error)",
+                ))
+            }
             TransferState::Running => {}
         }
-        let Some(deadline) = transfer.poll_timeout() else { return Ok(()) };
+        let Some(deadline) = transfer.poll_timeout() else {
+            return Ok(());
+        };
         match tokio::time::timeout_at(deadline.into(), socket.recv_from(&mut incoming)).await {
             Err(_elapsed) => transfer.handle_timeout(Instant::now()),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => transfer.handle_error(),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                transfer.handle_error()
+            }
             Ok(Err(e)) => return Err(e),
             Ok(Ok((_, from))) if from != peer => {
-                let _ = socket.send_to(&wire::error(ErrorCode::UnknownTransferId, "unknown transfer id"), from).await;
+                let _ = socket
+                    .send_to(
+                        &wire::error(ErrorCode::UnknownTransferId, "unknown transfer id"),
+                        from,
+                    )
+                    .await;
             }
             Ok(Ok((len, _))) => match wire::parse(&incoming[..len]) {
                 Ok(Packet::Ack { block }) => transfer.handle_ack(Instant::now(), block),
                 Ok(Packet::Error { .. }) => transfer.handle_error(),
                 _ => {
-                    let _ = socket.send_to(&wire::error(ErrorCode::IllegalOperation, "expected an ack"), peer).await;
+                    let _ = socket
+                        .send_to(
+                            &wire::error(ErrorCode::IllegalOperation, "expected an ack"),
+                            peer,
+                        )
+                        .await;
                     transfer.handle_error();
                 }
             },

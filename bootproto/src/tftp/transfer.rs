@@ -74,7 +74,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -82,7 +85,15 @@ impl Refusal {
 /// Returns the path components to join under the root. The shell must still resolve symlinks
 /// and check the result stays inside the root.
 pub fn check_filename(filename: &str) -> Result<Vec<&str>, Refusal> {
-    let refuse = |why: &str| Refusal::new(ErrorCode::AccessViolation, format!("{why}: {:?}", filename.chars().take(128).collect::<String>()));
+    let refuse = |why: &str| {
+        Refusal::new(
+            ErrorCode::AccessViolation,
+            format!(
+                "{why}: {:?}",
+                filename.chars().take(128).collect::<String>()
+            ),
+        )
+    };
     if filename.is_empty() || filename.len() > 255 {
         return Err(refuse("bad filename length"));
     }
@@ -146,21 +157,42 @@ pub struct ReadTransfer {
 
 impl ReadTransfer {
     /// Negotiates `options` (from the RRQ) for a file of `file_size` bytes.
-    pub fn start(options: &[(String, String)], file_size: u64, limits: &TransferLimits, now: Instant) -> Result<ReadTransfer, Refusal> {
+    pub fn start(
+        options: &[(String, String)],
+        file_size: u64,
+        limits: &TransferLimits,
+        now: Instant,
+    ) -> Result<ReadTransfer, Refusal> {
         if file_size > limits.file_size_bytes_max {
-            return Err(Refusal::new(ErrorCode::NotDefined, format!("file of {file_size} bytes above the limit of {}", limits.file_size_bytes_max)));
+            return Err(Refusal::new(
+                ErrorCode::NotDefined,
+                format!(
+                    "file of {file_size} bytes above the limit of {}",
+                    limits.file_size_bytes_max
+                ),
+            ));
         }
         let mut block_size: u64 = 512;
         let mut window_size: u64 = 1;
         let mut timeout = Duration::from_millis(limits.timeout_ms);
         let mut accepted = Vec::new();
         for (name, value) in options {
-            let number = || value.parse::<u64>().map_err(|_| Refusal::new(ErrorCode::OptionRefused, format!("option {name} has bad value {value:?}")));
+            let number = || {
+                value.parse::<u64>().map_err(|_| {
+                    Refusal::new(
+                        ErrorCode::OptionRefused,
+                        format!("option {name} has bad value {value:?}"),
+                    )
+                })
+            };
             match name.as_str() {
                 "blksize" => {
                     let asked = number()?;
                     if !(8..=65464).contains(&asked) {
-                        return Err(Refusal::new(ErrorCode::OptionRefused, format!("blksize {asked} outside 8-65464")));
+                        return Err(Refusal::new(
+                            ErrorCode::OptionRefused,
+                            format!("blksize {asked} outside 8-65464"),
+                        ));
                     }
                     block_size = asked.min(u64::from(limits.block_size_bytes_max.max(8)));
                     accepted.push((name.clone(), block_size.to_string()));
@@ -172,7 +204,10 @@ impl ReadTransfer {
                 "timeout" => {
                     let asked = number()?;
                     if !(1..=255).contains(&asked) {
-                        return Err(Refusal::new(ErrorCode::OptionRefused, format!("timeout {asked} outside 1-255")));
+                        return Err(Refusal::new(
+                            ErrorCode::OptionRefused,
+                            format!("timeout {asked} outside 1-255"),
+                        ));
                     }
                     timeout = Duration::from_secs(asked);
                     accepted.push((name.clone(), asked.to_string()));
@@ -180,7 +215,10 @@ impl ReadTransfer {
                 "windowsize" => {
                     let asked = number()?;
                     if !(1..=65535).contains(&asked) {
-                        return Err(Refusal::new(ErrorCode::OptionRefused, format!("windowsize {asked} outside 1-65535")));
+                        return Err(Refusal::new(
+                            ErrorCode::OptionRefused,
+                            format!("windowsize {asked} outside 1-65535"),
+                        ));
                     }
                     window_size = asked.min(u64::from(limits.window_size_max.max(1)));
                     accepted.push((name.clone(), window_size.to_string()));
@@ -240,7 +278,11 @@ impl ReadTransfer {
         self.next += 1;
         let offset = (index - 1) * self.block_size;
         let len = self.file_size.saturating_sub(offset).min(self.block_size) as usize;
-        Some(Transmit::Data { block: index as u16, offset, len })
+        Some(Transmit::Data {
+            block: index as u16,
+            offset,
+            len,
+        })
     }
 
     /// When [`Self::handle_timeout`] must be called if nothing arrives.
@@ -304,7 +346,9 @@ mod tests {
     use super::*;
 
     fn opts(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     fn drain(t: &mut ReadTransfer) -> Vec<String> {
@@ -318,10 +362,26 @@ mod tests {
 
     #[test]
     fn filenames_are_confined() {
-        assert_eq!(check_filename("ipxe/undionly.kpxe").unwrap(), vec!["ipxe", "undionly.kpxe"]);
+        assert_eq!(
+            check_filename("ipxe/undionly.kpxe").unwrap(),
+            vec!["ipxe", "undionly.kpxe"]
+        );
         assert_eq!(check_filename("./a//b").unwrap(), vec!["a", "b"]);
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a\\b", "a\0b", ".", "./"] {
-            assert_eq!(check_filename(bad).unwrap_err().code, ErrorCode::AccessViolation, "{bad:?}");
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a\\b",
+            "a\0b",
+            ".",
+            "./",
+        ] {
+            assert_eq!(
+                check_filename(bad).unwrap_err().code,
+                ErrorCode::AccessViolation,
+                "{bad:?}"
+            );
         }
     }
 
@@ -333,9 +393,17 @@ mod tests {
         t.handle_ack(now, 1);
         assert_eq!(drain(&mut t), ["data 2@512+512"]);
         t.handle_ack(now, 1);
-        assert_eq!(drain(&mut t), Vec::<String>::new(), "duplicate ack sends nothing");
+        assert_eq!(
+            drain(&mut t),
+            Vec::<String>::new(),
+            "duplicate ack sends nothing"
+        );
         t.handle_ack(now, 2);
-        assert_eq!(drain(&mut t), ["data 3@1024+0"], "a multiple of 512 ends with an empty block");
+        assert_eq!(
+            drain(&mut t),
+            ["data 3@1024+0"],
+            "a multiple of 512 ends with an empty block"
+        );
         t.handle_ack(now, 3);
         assert_eq!(t.state(), TransferState::Finished);
     }
@@ -343,17 +411,42 @@ mod tests {
     #[test]
     fn options_are_negotiated_and_window_resends_after_timeout() {
         let now = Instant::now();
-        let limits = TransferLimits { window_size_max: 4, ..TransferLimits::default() };
-        let o = opts(&[("blksize", "1024"), ("tsize", "0"), ("windowsize", "8"), ("foo", "1"), ("timeout", "2")]);
+        let limits = TransferLimits {
+            window_size_max: 4,
+            ..TransferLimits::default()
+        };
+        let o = opts(&[
+            ("blksize", "1024"),
+            ("tsize", "0"),
+            ("windowsize", "8"),
+            ("foo", "1"),
+            ("timeout", "2"),
+        ]);
         let mut t = ReadTransfer::start(&o, 5000, &limits, now).unwrap();
-        assert_eq!(drain(&mut t), [r#"oack [("blksize", "1024"), ("tsize", "5000"), ("windowsize", "4"), ("timeout", "2")]"#]);
+        assert_eq!(
+            drain(&mut t),
+            [
+                r#"oack [("blksize", "1024"), ("tsize", "5000"), ("windowsize", "4"), ("timeout", "2")]"#
+            ]
+        );
         t.handle_ack(now, 0);
-        assert_eq!(drain(&mut t), ["data 1@0+1024", "data 2@1024+1024", "data 3@2048+1024", "data 4@3072+1024"]);
+        assert_eq!(
+            drain(&mut t),
+            [
+                "data 1@0+1024",
+                "data 2@1024+1024",
+                "data 3@2048+1024",
+                "data 4@3072+1024"
+            ]
+        );
         t.handle_ack(now, 2);
         assert_eq!(drain(&mut t), ["data 5@4096+904"]);
         assert_eq!(t.poll_timeout(), Some(now + Duration::from_secs(2)));
         t.handle_timeout(now + Duration::from_secs(2));
-        assert_eq!(drain(&mut t), ["data 3@2048+1024", "data 4@3072+1024", "data 5@4096+904"]);
+        assert_eq!(
+            drain(&mut t),
+            ["data 3@2048+1024", "data 4@3072+1024", "data 5@4096+904"]
+        );
         t.handle_ack(now, 5);
         assert_eq!(t.state(), TransferState::Finished);
     }
@@ -361,17 +454,38 @@ mod tests {
     #[test]
     fn bad_options_and_big_files_are_refused() {
         let now = Instant::now();
-        let limits = TransferLimits { file_size_bytes_max: 100, ..TransferLimits::default() };
-        assert_eq!(ReadTransfer::start(&[], 101, &limits, now).unwrap_err().code, ErrorCode::NotDefined);
-        for bad in [("blksize", "7"), ("blksize", "x"), ("timeout", "0"), ("windowsize", "0")] {
-            assert_eq!(ReadTransfer::start(&opts(&[bad]), 10, &limits, now).unwrap_err().code, ErrorCode::OptionRefused);
+        let limits = TransferLimits {
+            file_size_bytes_max: 100,
+            ..TransferLimits::default()
+        };
+        assert_eq!(
+            ReadTransfer::start(&[], 101, &limits, now)
+                .unwrap_err()
+                .code,
+            ErrorCode::NotDefined
+        );
+        for bad in [
+            ("blksize", "7"),
+            ("blksize", "x"),
+            ("timeout", "0"),
+            ("windowsize", "0"),
+        ] {
+            assert_eq!(
+                ReadTransfer::start(&opts(&[bad]), 10, &limits, now)
+                    .unwrap_err()
+                    .code,
+                ErrorCode::OptionRefused
+            );
         }
     }
 
     #[test]
     fn gives_up_after_retries_and_block_numbers_roll_over() {
         let now = Instant::now();
-        let limits = TransferLimits { retries_max: 2, ..TransferLimits::default() };
+        let limits = TransferLimits {
+            retries_max: 2,
+            ..TransferLimits::default()
+        };
         let mut t = ReadTransfer::start(&[], 10, &limits, now).unwrap();
         drain(&mut t);
         for i in 1..=3 {
@@ -380,7 +494,16 @@ mod tests {
         assert_eq!(t.state(), TransferState::Failed);
 
         let big = 512 * 70_000;
-        let mut t = ReadTransfer::start(&[], big, &TransferLimits { file_size_bytes_max: big, ..limits }, now).unwrap();
+        let mut t = ReadTransfer::start(
+            &[],
+            big,
+            &TransferLimits {
+                file_size_bytes_max: big,
+                ..limits
+            },
+            now,
+        )
+        .unwrap();
         for block in 1..=70_001u64 {
             let sent = t.poll_transmit().unwrap();
             assert!(matches!(sent, Transmit::Data { block: b, .. } if b == block as u16));

@@ -18,12 +18,30 @@ pub enum ErrorCode {
 /// One TFTP packet. Options keep the order they were sent in; names are lowercased on parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
-    Rrq { filename: String, mode: String, options: Vec<(String, String)> },
-    Wrq { filename: String, mode: String, options: Vec<(String, String)> },
-    Data { block: u16, data: Vec<u8> },
-    Ack { block: u16 },
-    Error { code: u16, message: String },
-    Oack { options: Vec<(String, String)> },
+    Rrq {
+        filename: String,
+        mode: String,
+        options: Vec<(String, String)>,
+    },
+    Wrq {
+        filename: String,
+        mode: String,
+        options: Vec<(String, String)>,
+    },
+    Data {
+        block: u16,
+        data: Vec<u8>,
+    },
+    Ack {
+        block: u16,
+    },
+    Error {
+        code: u16,
+        message: String,
+    },
+    Oack {
+        options: Vec<(String, String)>,
+    },
 }
 
 /// Why bytes are not a TFTP packet.
@@ -65,12 +83,23 @@ pub fn parse(bytes: &[u8]) -> Result<Packet, TftpParseError> {
             let mode = fields.next_string()?.to_ascii_lowercase();
             let options = parse_options(fields)?;
             if opcode == 1 {
-                Packet::Rrq { filename, mode, options }
+                Packet::Rrq {
+                    filename,
+                    mode,
+                    options,
+                }
             } else {
-                Packet::Wrq { filename, mode, options }
+                Packet::Wrq {
+                    filename,
+                    mode,
+                    options,
+                }
             }
         }
-        3 => Packet::Data { block: block()?, data: body[2..].to_vec() },
+        3 => Packet::Data {
+            block: block()?,
+            data: body[2..].to_vec(),
+        },
         4 => Packet::Ack { block: block()? },
         5 => {
             let code = block()?;
@@ -81,7 +110,9 @@ pub fn parse(bytes: &[u8]) -> Result<Packet, TftpParseError> {
             let message = String::from_utf8_lossy(&text[..end]).into_owned();
             Packet::Error { code, message }
         }
-        6 => Packet::Oack { options: parse_options(Strings(body))? },
+        6 => Packet::Oack {
+            options: parse_options(Strings(body))?,
+        },
         other => return Err(TftpParseError::Opcode(other)),
     })
 }
@@ -90,7 +121,9 @@ fn parse_options(mut fields: Strings<'_>) -> Result<Vec<(String, String)>, TftpP
     let mut options = Vec::new();
     while !fields.0.is_empty() {
         let name = fields.next_string()?.to_ascii_lowercase();
-        let value = fields.next_string().map_err(|_| TftpParseError::OptionWithoutValue(name.clone()))?;
+        let value = fields
+            .next_string()
+            .map_err(|_| TftpParseError::OptionWithoutValue(name.clone()))?;
         options.push((name, value));
         if options.len() > OPTIONS_MAX {
             return Err(TftpParseError::TooManyOptions(options.len()));
@@ -103,8 +136,14 @@ struct Strings<'a>(&'a [u8]);
 
 impl Strings<'_> {
     fn next_string(&mut self) -> Result<String, TftpParseError> {
-        let end = self.0.iter().position(|b| *b == 0).ok_or(TftpParseError::Unterminated)?;
-        let text = std::str::from_utf8(&self.0[..end]).map_err(|_| TftpParseError::NotUtf8)?.to_owned();
+        let end = self
+            .0
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or(TftpParseError::Unterminated)?;
+        let text = std::str::from_utf8(&self.0[..end])
+            .map_err(|_| TftpParseError::NotUtf8)?
+            .to_owned();
         self.0 = &self.0[end + 1..];
         Ok(text)
     }
@@ -118,8 +157,24 @@ pub fn encode(packet: &Packet) -> Vec<u8> {
         out.push(0);
     };
     match packet {
-        Packet::Rrq { filename, mode, options } | Packet::Wrq { filename, mode, options } => {
-            out.extend_from_slice(&(if matches!(packet, Packet::Rrq { .. }) { 1u16 } else { 2 }).to_be_bytes());
+        Packet::Rrq {
+            filename,
+            mode,
+            options,
+        }
+        | Packet::Wrq {
+            filename,
+            mode,
+            options,
+        } => {
+            out.extend_from_slice(
+                &(if matches!(packet, Packet::Rrq { .. }) {
+                    1u16
+                } else {
+                    2
+                })
+                .to_be_bytes(),
+            );
             push_str(&mut out, filename);
             push_str(&mut out, mode);
             for (name, value) in options {
@@ -154,7 +209,10 @@ pub fn encode(packet: &Packet) -> Vec<u8> {
 
 /// An ERROR packet.
 pub fn error(code: ErrorCode, message: &str) -> Vec<u8> {
-    encode(&Packet::Error { code: code as u16, message: message.to_owned() })
+    encode(&Packet::Error {
+        code: code as u16,
+        message: message.to_owned(),
+    })
 }
 
 /// The header of a DATA packet for `block`, followed by the caller's data.
@@ -176,13 +234,22 @@ mod tests {
             Ok(Packet::Rrq {
                 filename: "undionly.kpxe".into(),
                 mode: "octet".into(),
-                options: vec![("blksize".into(), "1468".into()), ("tsize".into(), "0".into())],
+                options: vec![
+                    ("blksize".into(), "1468".into()),
+                    ("tsize".into(), "0".into())
+                ],
             })
         );
         assert_eq!(parse(b"\x00\x09"), Err(TftpParseError::Opcode(9)));
         assert_eq!(parse(b"\x00\x01name"), Err(TftpParseError::Unterminated));
         assert_eq!(parse(b"\x00\x04\x01"), Err(TftpParseError::Short(3)));
-        assert_eq!(parse(b"\x00\x05\x00\x01oops"), Ok(Packet::Error { code: 1, message: "oops".into() }));
+        assert_eq!(
+            parse(b"\x00\x05\x00\x01oops"),
+            Ok(Packet::Error {
+                code: 1,
+                message: "oops".into()
+            })
+        );
     }
 
     fn text() -> impl Strategy<Value = String> {
@@ -192,9 +259,22 @@ mod tests {
     fn packet() -> impl Strategy<Value = Packet> {
         let options = proptest::collection::vec(("[a-z]{1,8}", "[0-9]{1,5}"), 0..4);
         prop_oneof![
-            ("[a-z0-9./_-]{1,20}", "octet|netascii", options.clone()).prop_map(|(filename, mode, options)| Packet::Rrq { filename, mode, options }),
-            ("[a-z0-9./_-]{1,20}", "octet|netascii", options.clone()).prop_map(|(filename, mode, options)| Packet::Wrq { filename, mode, options }),
-            (any::<u16>(), proptest::collection::vec(any::<u8>(), 0..600)).prop_map(|(block, data)| Packet::Data { block, data }),
+            ("[a-z0-9./_-]{1,20}", "octet|netascii", options.clone()).prop_map(
+                |(filename, mode, options)| Packet::Rrq {
+                    filename,
+                    mode,
+                    options
+                }
+            ),
+            ("[a-z0-9./_-]{1,20}", "octet|netascii", options.clone()).prop_map(
+                |(filename, mode, options)| Packet::Wrq {
+                    filename,
+                    mode,
+                    options
+                }
+            ),
+            (any::<u16>(), proptest::collection::vec(any::<u8>(), 0..600))
+                .prop_map(|(block, data)| Packet::Data { block, data }),
             any::<u16>().prop_map(|block| Packet::Ack { block }),
             (0u16..9, text()).prop_map(|(code, message)| Packet::Error { code, message }),
             options.prop_map(|options| Packet::Oack { options }),
