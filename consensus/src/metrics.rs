@@ -21,7 +21,11 @@ pub(crate) fn observe(metrics: &RaftMetrics) {
     metrics::gauge!(COMMIT_INDEX).set(committed as f64);
     metrics::gauge!(LAST_APPLIED_INDEX).set(applied as f64);
     metrics::gauge!(APPLY_LAG).set(committed.saturating_sub(applied) as f64);
-    metrics::gauge!(IS_LEADER).set(if metrics.current_leader == Some(metrics.id) { 1.0 } else { 0.0 });
+    metrics::gauge!(IS_LEADER).set(if metrics.current_leader == Some(metrics.id) {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 pub(crate) fn events_applied(count: usize) {

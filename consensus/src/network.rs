@@ -7,11 +7,13 @@
 
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 
 use crate::domain::NodeId;
@@ -35,7 +37,12 @@ impl<T: Transport> RaftNetworkFactory<TypeConfig> for NetworkFactory<T> {
     type Network = PeerClient<T>;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeAddress) -> Self::Network {
-        PeerClient { node_id: self.node_id, target, address: node.clone(), transport: self.transport.clone() }
+        PeerClient {
+            node_id: self.node_id,
+            target,
+            address: node.clone(),
+            transport: self.transport.clone(),
+        }
     }
 }
 
@@ -56,23 +63,47 @@ impl<T: Transport> PeerClient<T> {
         request: RpcRequest,
         timeout: Duration,
     ) -> Result<RpcResponse, RPCError<u64, NodeAddress, RaftError<u64, E>>> {
-        match self.transport.call(self.target, &self.address, request, timeout).await {
+        match self
+            .transport
+            .call(self.target, &self.address, request, timeout)
+            .await
+        {
             Ok(response) => Ok(response),
-            Err(TransportError::Timeout { .. }) => {
-                Err(RPCError::Timeout(Timeout { action, id: self.node_id, target: self.target, timeout }))
+            Err(TransportError::Timeout { .. }) => Err(RPCError::Timeout(Timeout {
+                action,
+                id: self.node_id,
+                target: self.target,
+                timeout,
+            })),
+            Err(error @ TransportError::Unreachable { .. }) => {
+                Err(RPCError::Unreachable(Unreachable::new(&error)))
             }
-            Err(error @ TransportError::Unreachable { .. }) => Err(RPCError::Unreachable(Unreachable::new(&error))),
             Err(error) => Err(RPCError::Network(NetworkError::new(&error))),
         }
     }
 
-    fn unexpected<E: std::error::Error>(&self, response: RpcResponse) -> RPCError<u64, NodeAddress, RaftError<u64, E>> {
-        let error = TransportError::Failed { node_id: self.target, reason: format!("unexpected response {response:?}") };
+    fn unexpected<E: std::error::Error>(
+        &self,
+        response: RpcResponse,
+    ) -> RPCError<u64, NodeAddress, RaftError<u64, E>> {
+        let error = TransportError::Failed {
+            node_id: self.target,
+            reason: format!("unexpected response {response:?}"),
+        };
         RPCError::Network(NetworkError::new(&error))
     }
 
-    fn remote<R, E: std::error::Error>(&self, result: Result<R, RaftError<u64, E>>) -> RpcResult<R, E> {
-        result.map_err(|error| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.address.clone(), error)))
+    fn remote<R, E: std::error::Error>(
+        &self,
+        result: Result<R, RaftError<u64, E>>,
+    ) -> RpcResult<R, E> {
+        result.map_err(|error| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.address.clone(),
+                error,
+            ))
+        })
     }
 }
 
@@ -82,7 +113,14 @@ impl<T: Transport> RaftNetwork<TypeConfig> for PeerClient<T> {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
-        match self.call(RPCTypes::AppendEntries, RpcRequest::AppendEntries(rpc), option.hard_ttl()).await? {
+        match self
+            .call(
+                RPCTypes::AppendEntries,
+                RpcRequest::AppendEntries(rpc),
+                option.hard_ttl(),
+            )
+            .await?
+        {
             RpcResponse::AppendEntries(result) => self.remote(result),
             other => Err(self.unexpected(other)),
         }
@@ -93,7 +131,14 @@ impl<T: Transport> RaftNetwork<TypeConfig> for PeerClient<T> {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
-        match self.call(RPCTypes::InstallSnapshot, RpcRequest::InstallSnapshot(rpc), option.hard_ttl()).await? {
+        match self
+            .call(
+                RPCTypes::InstallSnapshot,
+                RpcRequest::InstallSnapshot(rpc),
+                option.hard_ttl(),
+            )
+            .await?
+        {
             RpcResponse::InstallSnapshot(result) => self.remote(result),
             other => Err(self.unexpected(other)),
         }
@@ -104,7 +149,10 @@ impl<T: Transport> RaftNetwork<TypeConfig> for PeerClient<T> {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<u64>, openraft::error::Infallible> {
-        match self.call(RPCTypes::Vote, RpcRequest::Vote(rpc), option.hard_ttl()).await? {
+        match self
+            .call(RPCTypes::Vote, RpcRequest::Vote(rpc), option.hard_ttl())
+            .await?
+        {
             RpcResponse::Vote(result) => self.remote(result),
             other => Err(self.unexpected(other)),
         }

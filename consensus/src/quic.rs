@@ -15,14 +15,17 @@ use rustls_pki_types::CertificateDer;
 
 use crate::domain::NodeId;
 use crate::rpc::{
-    decode_body, encode_frame, frame_length, RequestEnvelope, RpcHandler, RpcRequest, RpcResponse, Transport,
-    TransportError, FRAME_BYTES_MAX,
+    decode_body, encode_frame, frame_length, RequestEnvelope, RpcHandler, RpcRequest, RpcResponse,
+    Transport, TransportError, FRAME_BYTES_MAX,
 };
 use crate::tls::{self, NodeIdentity, TlsError, ALPN_RAFT};
 use crate::types::NodeAddress;
 
 /// How long a server waits for a request's bytes once its stream is open.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a handshake: a peer that does not answer within it is unreachable (and a
+/// caller may safely retry elsewhere, since nothing was sent).
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Concurrent RPCs one peer may have open on a connection.
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 
@@ -33,7 +36,10 @@ pub enum QuicError {
     #[error("quic configuration: {0}")]
     Config(String),
     #[error("cannot bind {address}: {error}")]
-    Bind { address: SocketAddr, error: std::io::Error },
+    Bind {
+        address: SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -51,18 +57,23 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 /// peers with this node's certificate.
 pub fn bind_endpoint(identity: &NodeIdentity, listen: SocketAddr) -> Result<Endpoint, QuicError> {
     let server_tls = identity.server_config(true, &[ALPN_RAFT])?;
-    let server_crypto = QuicServerConfig::try_from(server_tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let server_crypto =
+        QuicServerConfig::try_from(server_tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server_config.transport_config(transport_config());
     let mut endpoint =
-        Endpoint::server(server_config, listen).map_err(|error| QuicError::Bind { address: listen, error })?;
+        Endpoint::server(server_config, listen).map_err(|error| QuicError::Bind {
+            address: listen,
+            error,
+        })?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
 }
 
 fn client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, QuicError> {
     let client_tls = identity.client_config(&[ALPN_RAFT])?;
-    let client_crypto = QuicClientConfig::try_from(client_tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let client_crypto =
+        QuicClientConfig::try_from(client_tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(client_crypto));
     config.transport_config(transport_config());
     Ok(config)
@@ -71,7 +82,9 @@ fn client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, QuicErr
 /// The node id named by the certificate the peer presented on `connection`.
 pub fn peer_node_id(connection: &Connection) -> Result<NodeId, TlsError> {
     let identity = connection.peer_identity().ok_or(TlsError::NoNodeId)?;
-    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| TlsError::NoNodeId)?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TlsError::NoNodeId)?;
     let leaf = chain.first().ok_or(TlsError::NoNodeId)?;
     tls::node_id_of_certificate(leaf.as_ref())
 }
@@ -112,7 +125,12 @@ async fn serve_connection<H: RpcHandler>(connection: Connection, peer: NodeId, h
         };
         let handler = handler.clone();
         tokio::spawn(async move {
-            let request = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame::<RequestEnvelope>(&mut recv)).await {
+            let request = match tokio::time::timeout(
+                REQUEST_READ_TIMEOUT,
+                read_frame::<RequestEnvelope>(&mut recv),
+            )
+            .await
+            {
                 Ok(Ok(request)) => request,
                 Ok(Err(error)) => {
                     tracing::warn!(%error, peer, "bad rpc request");
@@ -122,8 +140,15 @@ async fn serve_connection<H: RpcHandler>(connection: Connection, peer: NodeId, h
                 Err(_) => return,
             };
             let response = if request.from != peer {
-                tracing::warn!(peer, claimed = request.from, "peer claims another node id; refused");
-                RpcResponse::Refused(format!("certificate names node {peer}, request claims node {}", request.from))
+                tracing::warn!(
+                    peer,
+                    claimed = request.from,
+                    "peer claims another node id; refused"
+                );
+                RpcResponse::Refused(format!(
+                    "certificate names node {peer}, request claims node {}",
+                    request.from
+                ))
             } else {
                 handler.handle(peer, request.request).await
             };
@@ -132,20 +157,32 @@ async fn serve_connection<H: RpcHandler>(connection: Connection, peer: NodeId, h
     }
 }
 
-async fn respond(send: &mut quinn::SendStream, response: &RpcResponse) -> Result<(), TransportError> {
+async fn respond(
+    send: &mut quinn::SendStream,
+    response: &RpcResponse,
+) -> Result<(), TransportError> {
     let frame = encode_frame(response)?;
-    send.write_all(&frame).await.map_err(|e| TransportError::Frame(e.to_string()))?;
-    send.finish().map_err(|e| TransportError::Frame(e.to_string()))?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| TransportError::Frame(e.to_string()))?;
+    send.finish()
+        .map_err(|e| TransportError::Frame(e.to_string()))?;
     Ok(())
 }
 
-async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
+async fn read_frame<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, TransportError> {
     let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await.map_err(|e| TransportError::Frame(e.to_string()))?;
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| TransportError::Frame(e.to_string()))?;
     let len = frame_length(prefix)?;
     debug_assert!(len <= FRAME_BYTES_MAX);
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| TransportError::Frame(e.to_string()))?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| TransportError::Frame(e.to_string()))?;
     decode_body(&body)
 }
 
@@ -154,22 +191,36 @@ async fn read_frame<T: serde::de::DeserializeOwned>(recv: &mut quinn::RecvStream
 pub struct QuicTransport {
     node_id: NodeId,
     endpoint: Endpoint,
-    connections: Arc<Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Connection>>>>>>,
+    connections: Arc<Mutex<HashMap<NodeId, ConnectionSlot>>>,
 }
+
+/// The cached connection to one peer; the async lock makes concurrent callers share one dial.
+type ConnectionSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
 
 impl QuicTransport {
     /// `endpoint` must have a default client config (`bind_endpoint` sets it).
     pub fn new(node_id: NodeId, endpoint: Endpoint) -> QuicTransport {
-        QuicTransport { node_id, endpoint, connections: Arc::default() }
+        QuicTransport {
+            node_id,
+            endpoint,
+            connections: Arc::default(),
+        }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
 
-    async fn connection(&self, target: NodeId, address: &NodeAddress) -> Result<Connection, TransportError> {
+    async fn connection(
+        &self,
+        target: NodeId,
+        address: &NodeAddress,
+    ) -> Result<Connection, TransportError> {
         let slot = {
-            let mut connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut connections = self
+                .connections
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             connections.entry(target).or_default().clone()
         };
         let mut slot = slot.lock().await;
@@ -183,18 +234,45 @@ impl QuicTransport {
             address: address.raft.clone(),
             reason,
         };
-        let socket: SocketAddr = address.raft.parse().map_err(|_| unreachable("not an ip:port".into()))?;
-        let connecting =
-            self.endpoint.connect(socket, &tls::node_server_name(target)).map_err(|e| unreachable(e.to_string()))?;
-        let connection = connecting.await.map_err(|e| unreachable(e.to_string()))?;
+        let socket: SocketAddr = address
+            .raft
+            .parse()
+            .map_err(|_| unreachable("not an ip:port".into()))?;
+        let connecting = self
+            .endpoint
+            .connect(socket, &tls::node_server_name(target))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| unreachable(format!("no handshake within {CONNECT_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
         *slot = Some(connection.clone());
         Ok(connection)
     }
 
-    async fn exchange(&self, connection: &Connection, frame: &[u8], target: NodeId) -> Result<RpcResponse, TransportError> {
-        let failed = |reason: String| TransportError::Failed { node_id: target, reason };
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(e.to_string()))?;
-        send.write_all(frame).await.map_err(|e| failed(e.to_string()))?;
+    async fn exchange(
+        &self,
+        connection: &Connection,
+        frame: &[u8],
+        target: NodeId,
+    ) -> Result<RpcResponse, TransportError> {
+        let failed = |reason: String| TransportError::Failed {
+            node_id: target,
+            reason,
+        };
+        // Failing to open a stream means nothing was sent: the peer is unreachable, not ambiguous.
+        let (mut send, mut recv) =
+            connection
+                .open_bi()
+                .await
+                .map_err(|e| TransportError::Unreachable {
+                    node_id: target,
+                    address: connection.remote_address().to_string(),
+                    reason: e.to_string(),
+                })?;
+        send.write_all(frame)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         send.finish().map_err(|e| failed(e.to_string()))?;
         read_frame(&mut recv).await
     }
@@ -208,16 +286,30 @@ impl Transport for QuicTransport {
         request: RpcRequest,
         timeout: Duration,
     ) -> Result<RpcResponse, TransportError> {
-        let frame = encode_frame(&RequestEnvelope { from: self.node_id, request })?;
-        let attempt = async {
-            let connection = self.connection(target, address).await?;
-            self.exchange(&connection, &frame, target).await
-        };
-        let response = tokio::time::timeout(timeout, attempt)
+        let frame = encode_frame(&RequestEnvelope {
+            from: self.node_id,
+            request,
+        })?;
+        let started = tokio::time::Instant::now();
+        let connection = tokio::time::timeout(timeout, self.connection(target, address))
             .await
-            .map_err(|_| TransportError::Timeout { node_id: target, timeout })??;
+            .map_err(|_| TransportError::Unreachable {
+                node_id: target,
+                address: address.raft.clone(),
+                reason: "connect timed out".into(),
+            })??;
+        let remaining = timeout.saturating_sub(started.elapsed());
+        let response = tokio::time::timeout(remaining, self.exchange(&connection, &frame, target))
+            .await
+            .map_err(|_| TransportError::Timeout {
+                node_id: target,
+                timeout,
+            })??;
         if let RpcResponse::Refused(reason) = response {
-            return Err(TransportError::Refused { node_id: target, reason });
+            return Err(TransportError::Refused {
+                node_id: target,
+                reason,
+            });
         }
         Ok(response)
     }

@@ -15,10 +15,12 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use tokio::sync::watch;
 
-use crate::domain::{Command, Event, Hash32, Name, NodeId, Proposal, Rejection, Seq, State, TimeMs};
+use crate::domain::{
+    Command, Event, Hash32, Name, NodeId, Proposal, Rejection, Seq, State, TimeMs,
+};
 use crate::network::NetworkFactory;
 use crate::quic::{self, QuicError, QuicTransport};
-use crate::rpc::{ForwardError, RpcHandler, RpcRequest, RpcResponse, Transport};
+use crate::rpc::{ForwardError, RpcHandler, RpcRequest, RpcResponse, Transport, TransportError};
 use crate::store::rocks::{self, OpenError, RocksLogStore, StateReader};
 use crate::tls::NodeIdentity;
 use crate::types::{NodeAddress, Raft, RaftMetrics, StorageError};
@@ -110,7 +112,10 @@ pub enum ReadError {
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
     #[error("node {this} is not the leader (leader: {leader:?})")]
-    NotLeader { this: NodeId, leader: Option<(NodeId, NodeAddress)> },
+    NotLeader {
+        this: NodeId,
+        leader: Option<(NodeId, NodeAddress)>,
+    },
     #[error("membership change failed: {0}")]
     Failed(String),
 }
@@ -132,7 +137,10 @@ pub struct ClusterNode {
 }
 
 fn now_ms() -> TimeMs {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as TimeMs).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as TimeMs)
+        .unwrap_or(0)
 }
 
 impl ClusterNode {
@@ -140,11 +148,16 @@ impl ClusterNode {
     /// Raft. A node restarted on its data directory rejoins with its log, vote and history.
     pub async fn start(config: NodeConfig) -> Result<ClusterNode, StartError> {
         if config.identity.node_id != config.node_id {
-            return Err(StartError::IdentityMismatch { config: config.node_id, certificate: config.identity.node_id });
+            return Err(StartError::IdentityMismatch {
+                config: config.node_id,
+                certificate: config.identity.node_id,
+            });
         }
         let path = config.data_dir.join("raft");
-        std::fs::create_dir_all(&path)
-            .map_err(|error| StartError::DataDir { path: path.display().to_string(), error })?;
+        std::fs::create_dir_all(&path).map_err(|error| StartError::DataDir {
+            path: path.display().to_string(),
+            error,
+        })?;
         let (log, state_machine) = rocks::open(&path)?;
         let reader = state_machine.reader();
         let endpoint = quic::bind_endpoint(&config.identity, config.raft_listen)?;
@@ -164,9 +177,15 @@ impl ClusterNode {
         .validate()
         .map_err(|e| StartError::Config(e.to_string()))?;
         let network = NetworkFactory::new(config.node_id, transport.clone());
-        let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log.clone(), state_machine)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            log.clone(),
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
         let inner = Arc::new(Inner {
             node_id: config.node_id,
             raft: raft.clone(),
@@ -176,10 +195,16 @@ impl ClusterNode {
             tuning,
             tasks: Mutex::new(Vec::new()),
         });
-        let handler = Arc::new(NodeHandler { inner: Arc::downgrade(&inner) });
+        let handler = Arc::new(NodeHandler {
+            inner: Arc::downgrade(&inner),
+        });
         let server = quic::serve(endpoint, handler);
         let metrics_task = tokio::spawn(watch_metrics(raft.metrics()));
-        inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).extend([server, metrics_task]);
+        inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([server, metrics_task]);
         tracing::info!(node_id = config.node_id, listen = %config.raft_listen, "cluster node started");
         Ok(ClusterNode { inner })
     }
@@ -197,7 +222,11 @@ impl ClusterNode {
     /// initialized node is an error from openraft that callers may ignore.
     pub async fn initialize(&self, advertise: NodeAddress) -> Result<(), MembershipError> {
         let members = BTreeMap::from([(self.inner.node_id, advertise)]);
-        self.inner.raft.initialize(members).await.map_err(|e| MembershipError::Failed(e.to_string()))
+        self.inner
+            .raft
+            .initialize(members)
+            .await
+            .map_err(|e| MembershipError::Failed(e.to_string()))
     }
 
     pub async fn is_initialized(&self) -> bool {
@@ -205,7 +234,11 @@ impl ClusterNode {
     }
 
     /// Adds `node_id` as a learner and waits until it has caught up (leader only).
-    pub async fn add_learner(&self, node_id: NodeId, address: NodeAddress) -> Result<(), MembershipError> {
+    pub async fn add_learner(
+        &self,
+        node_id: NodeId,
+        address: NodeAddress,
+    ) -> Result<(), MembershipError> {
         let result = self.inner.raft.add_learner(node_id, address, true).await;
         self.membership_result(result)
     }
@@ -213,7 +246,11 @@ impl ClusterNode {
     /// Makes `voters` the voting members (learners among them are promoted; voters not in it
     /// become learners). Leader only.
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), MembershipError> {
-        let result = self.inner.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true).await;
+        let result = self
+            .inner
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+            .await;
         self.membership_result(result)
     }
 
@@ -223,12 +260,25 @@ impl ClusterNode {
         let membership = metrics.membership_config.membership();
         let ids = BTreeSet::from([node_id]);
         if membership.voter_ids().any(|id| id == node_id) {
-            let result = self.inner.raft.change_membership(ChangeMembers::RemoveVoters(ids.clone()), false).await;
+            let result = self
+                .inner
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+                .await;
             self.membership_result(result)?;
         }
         let metrics = self.metrics().borrow().clone();
-        if metrics.membership_config.membership().learner_ids().any(|id| id == node_id) {
-            let result = self.inner.raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await;
+        if metrics
+            .membership_config
+            .membership()
+            .learner_ids()
+            .any(|id| id == node_id)
+        {
+            let result = self
+                .inner
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                .await;
             self.membership_result(result)?;
         }
         Ok(())
@@ -240,10 +290,12 @@ impl ClusterNode {
     ) -> Result<(), MembershipError> {
         match result {
             Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => Err(MembershipError::NotLeader {
-                this: self.inner.node_id,
-                leader: forward.leader_id.zip(forward.leader_node),
-            }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(MembershipError::NotLeader {
+                    this: self.inner.node_id,
+                    leader: forward.leader_id.zip(forward.leader_node),
+                })
+            }
             Err(error) => Err(MembershipError::Failed(error.to_string())),
         }
     }
@@ -253,25 +305,46 @@ impl ClusterNode {
     pub async fn propose(&self, actor: Name, command: Command) -> Result<Vec<Event>, ProposeError> {
         let started = Instant::now();
         let result = self.propose_inner(actor, command, started).await;
-        crate::metrics::propose_finished(started.elapsed().as_secs_f64(), matches!(result, Err(ProposeError::Rejected(_))));
+        crate::metrics::propose_finished(
+            started.elapsed().as_secs_f64(),
+            matches!(result, Err(ProposeError::Rejected(_))),
+        );
         result
     }
 
-    async fn propose_inner(&self, actor: Name, command: Command, started: Instant) -> Result<Vec<Event>, ProposeError> {
+    async fn propose_inner(
+        &self,
+        actor: Name,
+        command: Command,
+        started: Instant,
+    ) -> Result<Vec<Event>, ProposeError> {
         let deadline = started + Duration::from_millis(self.inner.tuning.forward_timeout_ms);
         loop {
             let leader = match self.wait_leader(deadline).await {
                 Some(leader) => leader,
-                None => return Err(ProposeError::NoLeader { waited_ms: started.elapsed().as_millis() as u64 }),
+                None => {
+                    return Err(ProposeError::NoLeader {
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    })
+                }
             };
             let attempt = if leader == self.inner.node_id {
-                self.inner.propose_as_leader(actor.clone(), command.clone()).await
+                self.inner
+                    .propose_as_leader(actor.clone(), command.clone())
+                    .await
             } else {
-                self.forward_proposal(leader, actor.clone(), command.clone()).await
+                self.forward_proposal(leader, actor.clone(), command.clone())
+                    .await
             };
             match attempt {
                 Ok(events) => return Ok(events),
-                Err(ForwardError::Rejected(rejection)) => return Err(ProposeError::Rejected(rejection)),
+                Err(ForwardError::Rejected(rejection)) => {
+                    return Err(ProposeError::Rejected(rejection))
+                }
+                // Ambiguous: the leader may have committed it. Retrying could apply it twice.
+                Err(ForwardError::Unavailable(reason)) => {
+                    return Err(ProposeError::Unavailable(reason))
+                }
                 Err(error) => {
                     if Instant::now() >= deadline {
                         return Err(ProposeError::Unavailable(error.to_string()));
@@ -286,19 +359,49 @@ impl ClusterNode {
         }
     }
 
-    async fn forward_proposal(&self, leader: NodeId, actor: Name, command: Command) -> Result<Vec<Event>, ForwardError> {
-        let address = self.leader_address(leader).ok_or(ForwardError::NotLeader { leader: None })?;
+    async fn forward_proposal(
+        &self,
+        leader: NodeId,
+        actor: Name,
+        command: Command,
+    ) -> Result<Vec<Event>, ForwardError> {
+        let address = self
+            .leader_address(leader)
+            .ok_or(ForwardError::NotLeader { leader: None })?;
         let timeout = Duration::from_millis(self.inner.tuning.forward_timeout_ms);
-        match self.inner.transport.call(leader, &address, RpcRequest::ForwardProposal { actor, command }, timeout).await {
+        match self
+            .inner
+            .transport
+            .call(
+                leader,
+                &address,
+                RpcRequest::ForwardProposal { actor, command },
+                timeout,
+            )
+            .await
+        {
             Ok(RpcResponse::Proposal(result)) => result,
-            Ok(other) => Err(ForwardError::Unavailable(format!("unexpected response {other:?}"))),
+            Ok(other) => Err(ForwardError::Unavailable(format!(
+                "unexpected response {other:?}"
+            ))),
+            // Nothing reached the leader: safe to retry with whoever leads next.
+            Err(error @ TransportError::Unreachable { .. }) => {
+                Err(ForwardError::NotLeader { leader: None }).inspect_err(
+                    |_| tracing::debug!(%error, leader, "leader unreachable; retrying"),
+                )
+            }
+            // The proposal may or may not have been committed: the caller must find out.
             Err(error) => Err(ForwardError::Unavailable(error.to_string())),
         }
     }
 
     fn leader_address(&self, leader: NodeId) -> Option<NodeAddress> {
         let metrics = self.metrics().borrow().clone();
-        metrics.membership_config.membership().get_node(&leader).cloned()
+        metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()
     }
 
     /// Waits (until `deadline`) for a known leader.
@@ -309,7 +412,11 @@ impl ClusterNode {
                 return Some(leader);
             }
             let remaining = deadline.checked_duration_since(Instant::now())?;
-            if tokio::time::timeout(remaining, metrics.changed()).await.ok()?.is_err() {
+            if tokio::time::timeout(remaining, metrics.changed())
+                .await
+                .ok()?
+                .is_err()
+            {
                 return None;
             }
         }
@@ -323,7 +430,11 @@ impl ClusterNode {
         loop {
             let leader = match self.wait_leader(deadline).await {
                 Some(leader) => leader,
-                None => return Err(ReadError::NoLeader { waited_ms: started.elapsed().as_millis() as u64 }),
+                None => {
+                    return Err(ReadError::NoLeader {
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    })
+                }
             };
             let index = if leader == self.inner.node_id {
                 self.inner.read_index().await
@@ -355,11 +466,20 @@ impl ClusterNode {
     }
 
     async fn remote_read_index(&self, leader: NodeId) -> Result<u64, ForwardError> {
-        let address = self.leader_address(leader).ok_or(ForwardError::NotLeader { leader: None })?;
+        let address = self
+            .leader_address(leader)
+            .ok_or(ForwardError::NotLeader { leader: None })?;
         let timeout = Duration::from_millis(self.inner.tuning.forward_timeout_ms);
-        match self.inner.transport.call(leader, &address, RpcRequest::ReadIndex, timeout).await {
+        match self
+            .inner
+            .transport
+            .call(leader, &address, RpcRequest::ReadIndex, timeout)
+            .await
+        {
             Ok(RpcResponse::ReadIndex(result)) => result,
-            Ok(other) => Err(ForwardError::Unavailable(format!("unexpected response {other:?}"))),
+            Ok(other) => Err(ForwardError::Unavailable(format!(
+                "unexpected response {other:?}"
+            ))),
             Err(error) => Err(ForwardError::Unavailable(error.to_string())),
         }
     }
@@ -395,7 +515,12 @@ impl ClusterNode {
 
     /// Builds a snapshot now and purges the log up to it (operators and tests).
     pub async fn snapshot_and_purge(&self) -> Result<(), String> {
-        self.inner.raft.trigger().snapshot().await.map_err(|e| e.to_string())?;
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| e.to_string())?;
         let mut metrics = self.metrics();
         let applied = metrics.borrow().last_applied;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -403,11 +528,18 @@ impl ClusterNode {
             let snapshot = metrics.borrow().snapshot;
             if snapshot.is_some() && snapshot >= applied {
                 if let Some(log_id) = snapshot {
-                    self.inner.raft.trigger().purge_log(log_id.index).await.map_err(|e| e.to_string())?;
+                    self.inner
+                        .raft
+                        .trigger()
+                        .purge_log(log_id.index)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
                 return Ok(());
             }
-            let remaining = deadline.checked_duration_since(Instant::now()).ok_or("snapshot timed out")?;
+            let remaining = deadline
+                .checked_duration_since(Instant::now())
+                .ok_or("snapshot timed out")?;
             match tokio::time::timeout(remaining, metrics.changed()).await {
                 Ok(Ok(())) => {}
                 _ => return Err("snapshot did not complete".into()),
@@ -424,8 +556,17 @@ impl ClusterNode {
     /// Stops Raft and the endpoint. Storage is released once every handle is dropped.
     pub async fn shutdown(&self) {
         let _ = self.inner.raft.shutdown().await;
-        self.inner.transport.endpoint().close(0u32.into(), b"shutdown");
-        for task in self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        self.inner
+            .transport
+            .endpoint()
+            .close(0u32.into(), b"shutdown");
+        for task in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             task.abort();
         }
         tracing::info!(node_id = self.inner.node_id, "cluster node stopped");
@@ -433,15 +574,29 @@ impl ClusterNode {
 }
 
 impl Inner {
-    async fn propose_as_leader(&self, actor: Name, command: Command) -> Result<Vec<Event>, ForwardError> {
+    async fn propose_as_leader(
+        &self,
+        actor: Name,
+        command: Command,
+    ) -> Result<Vec<Event>, ForwardError> {
         // The leader's clock, never earlier than the last event (clocks may differ across leaders).
-        let time_ms = self.reader.with_state(|state| now_ms().max(state.last_time_ms));
-        let proposal = Proposal { actor, time_ms, command };
-        self.reader.with_state(|state| state.check(&proposal)).map_err(ForwardError::Rejected)?;
+        let time_ms = self
+            .reader
+            .with_state(|state| now_ms().max(state.last_time_ms));
+        let proposal = Proposal {
+            actor,
+            time_ms,
+            command,
+        };
+        self.reader
+            .with_state(|state| state.check(&proposal))
+            .map_err(ForwardError::Rejected)?;
         match self.raft.client_write(proposal).await {
             Ok(response) => response.data.map_err(ForwardError::Rejected),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(ForwardError::NotLeader { leader: forward.leader_id })
+                Err(ForwardError::NotLeader {
+                    leader: forward.leader_id,
+                })
             }
             Err(error) => Err(ForwardError::Unavailable(error.to_string())),
         }
@@ -450,9 +605,11 @@ impl Inner {
     async fn read_index(&self) -> Result<u64, ForwardError> {
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|id| id.index).unwrap_or(0)),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward))) => {
-                Err(ForwardError::NotLeader { leader: forward.leader_id })
-            }
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                forward,
+            ))) => Err(ForwardError::NotLeader {
+                leader: forward.leader_id,
+            }),
             Err(error) => Err(ForwardError::Unavailable(error.to_string())),
         }
     }
@@ -469,9 +626,13 @@ impl RpcHandler for NodeHandler {
             return RpcResponse::Refused("node is shutting down".into());
         };
         match request {
-            RpcRequest::AppendEntries(rpc) => RpcResponse::AppendEntries(inner.raft.append_entries(rpc).await),
+            RpcRequest::AppendEntries(rpc) => {
+                RpcResponse::AppendEntries(inner.raft.append_entries(rpc).await)
+            }
             RpcRequest::Vote(rpc) => RpcResponse::Vote(inner.raft.vote(rpc).await),
-            RpcRequest::InstallSnapshot(rpc) => RpcResponse::InstallSnapshot(inner.raft.install_snapshot(rpc).await),
+            RpcRequest::InstallSnapshot(rpc) => {
+                RpcResponse::InstallSnapshot(inner.raft.install_snapshot(rpc).await)
+            }
             RpcRequest::ForwardProposal { actor, command } => {
                 RpcResponse::Proposal(inner.propose_as_leader(actor, command).await)
             }
@@ -485,7 +646,11 @@ async fn watch_metrics(mut metrics: watch::Receiver<RaftMetrics>) {
         let snapshot = metrics.borrow().clone();
         crate::metrics::observe(&snapshot);
         if let Err(fatal) = &snapshot.running_state {
-            tracing::error!(node_id = snapshot.id, error = %fatal, "raft stopped");
+            if matches!(fatal, openraft::error::Fatal::Stopped) {
+                tracing::info!(node_id = snapshot.id, "raft stopped");
+            } else {
+                tracing::error!(node_id = snapshot.id, error = %fatal, "raft stopped on a fatal error");
+            }
             return;
         }
         if metrics.changed().await.is_err() {
@@ -493,4 +658,3 @@ async fn watch_metrics(mut metrics: watch::Receiver<RaftMetrics>) {
         }
     }
 }
-

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +35,10 @@ pub enum RpcRequest {
     Vote(VoteRequest<u64>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A follower forwards a write; the leader stamps the time and proposes it.
-    ForwardProposal { actor: Name, command: Command },
+    ForwardProposal {
+        actor: Name,
+        command: Command,
+    },
     /// The leader confirms its leadership and returns the log index a linearizable read must wait
     /// for.
     ReadIndex,
@@ -66,7 +69,11 @@ pub enum ForwardError {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("peer {node_id} at {address} unreachable: {reason}")]
-    Unreachable { node_id: NodeId, address: String, reason: String },
+    Unreachable {
+        node_id: NodeId,
+        address: String,
+        reason: String,
+    },
     #[error("rpc to peer {node_id} failed: {reason}")]
     Failed { node_id: NodeId, reason: String },
     #[error("rpc to peer {node_id} timed out after {timeout:?}")]
@@ -91,14 +98,18 @@ pub trait Transport: Clone + Send + Sync + 'static {
 
 /// The server side: what a node does with a request from peer `from` (already authenticated).
 pub trait RpcHandler: Send + Sync + 'static {
-    fn handle(&self, from: NodeId, request: RpcRequest) -> impl Future<Output = RpcResponse> + Send;
+    fn handle(&self, from: NodeId, request: RpcRequest)
+        -> impl Future<Output = RpcResponse> + Send;
 }
 
 /// Encodes one frame: `u32` big-endian length, then the body.
 pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, TransportError> {
     let body = codec::encode(value).map_err(|e| TransportError::Frame(e.to_string()))?;
     if body.len() > FRAME_BYTES_MAX {
-        return Err(TransportError::Frame(format!("frame of {} bytes exceeds {FRAME_BYTES_MAX}", body.len())));
+        return Err(TransportError::Frame(format!(
+            "frame of {} bytes exceeds {FRAME_BYTES_MAX}",
+            body.len()
+        )));
     }
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -110,7 +121,9 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, TransportError> 
 pub fn frame_length(prefix: [u8; 4]) -> Result<usize, TransportError> {
     let len = u32::from_be_bytes(prefix) as usize;
     if len > FRAME_BYTES_MAX {
-        return Err(TransportError::Frame(format!("frame of {len} bytes exceeds {FRAME_BYTES_MAX}")));
+        return Err(TransportError::Frame(format!(
+            "frame of {len} bytes exceeds {FRAME_BYTES_MAX}"
+        )));
     }
     Ok(len)
 }
@@ -143,8 +156,12 @@ mod tests {
         let back: RequestEnvelope = decode_body(&frame[4..4 + len]).unwrap();
         assert_eq!(back.from, 3);
         assert!(matches!(back.request, RpcRequest::Vote(v) if v.vote == openraft::Vote::new(2, 3)));
-        let error: RpcResponse = RpcResponse::AppendEntries(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
+        let error: RpcResponse =
+            RpcResponse::AppendEntries(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
         let back: RpcResponse = decode_body(&encode_frame(&error).unwrap()[4..]).unwrap();
-        assert!(matches!(back, RpcResponse::AppendEntries(Err(RaftError::Fatal(_)))));
+        assert!(matches!(
+            back,
+            RpcResponse::AppendEntries(Err(RaftError::Fatal(_)))
+        ));
     }
 }

@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -44,7 +44,10 @@ pub fn node_server_name(node_id: NodeId) -> String {
 
 /// Parses `node-<id>.cairn`.
 pub fn parse_node_server_name(name: &str) -> Option<NodeId> {
-    name.strip_prefix(NAME_PREFIX)?.strip_suffix(NAME_SUFFIX)?.parse().ok()
+    name.strip_prefix(NAME_PREFIX)?
+        .strip_suffix(NAME_SUFFIX)?
+        .parse()
+        .ok()
 }
 
 /// The cluster certificate authority (its certificate and private key, PEM).
@@ -72,20 +75,38 @@ impl ClusterCa {
         name.push(DnType::CommonName, "cairn cluster ca");
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let certificate = params.self_signed(&key)?;
         let cert_pem = certificate.pem();
-        Ok(ClusterCa { certificate, key, cert_pem })
+        Ok(ClusterCa {
+            certificate,
+            key,
+            cert_pem,
+        })
     }
 
     /// Loads a CA written by `cert_pem()` / `key_pem()`. Certificates it issues verify against
     /// the original CA certificate (same name and key).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, TlsError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Parse { what: "ca key", reason: e.to_string() })?;
-        let params = CertificateParams::from_ca_cert_pem(cert_pem)
-            .map_err(|e| TlsError::Parse { what: "ca certificate", reason: e.to_string() })?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Parse {
+            what: "ca key",
+            reason: e.to_string(),
+        })?;
+        let params =
+            CertificateParams::from_ca_cert_pem(cert_pem).map_err(|e| TlsError::Parse {
+                what: "ca certificate",
+                reason: e.to_string(),
+            })?;
         let certificate = params.self_signed(&key)?;
-        Ok(ClusterCa { certificate, key, cert_pem: cert_pem.to_string() })
+        Ok(ClusterCa {
+            certificate,
+            key,
+            cert_pem: cert_pem.to_string(),
+        })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -109,7 +130,10 @@ impl ClusterCa {
         name.push(DnType::CommonName, node_server_name(node_id));
         params.distinguished_name = name;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let certificate = params.signed_by(&key, &self.certificate, &self.key)?;
         Ok(NodeIdentity {
@@ -130,22 +154,38 @@ pub fn ca_fingerprint(ca_cert_pem: &str) -> Result<String, TlsError> {
 fn first_certificate(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, TlsError> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
-        .ok_or(TlsError::Parse { what, reason: "no certificate in pem".into() })?
-        .map_err(|e| TlsError::Parse { what, reason: e.to_string() })
+        .ok_or(TlsError::Parse {
+            what,
+            reason: "no certificate in pem".into(),
+        })?
+        .map_err(|e| TlsError::Parse {
+            what,
+            reason: e.to_string(),
+        })
 }
 
 /// The node id a certificate names in its `node-<id>.cairn` DNS subject alternative name.
 pub fn node_id_of_certificate(der: &[u8]) -> Result<NodeId, TlsError> {
-    let (_, certificate) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| TlsError::Parse { what: "peer certificate", reason: e.to_string() })?;
+    let (_, certificate) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Parse {
+            what: "peer certificate",
+            reason: e.to_string(),
+        })?;
     let san = certificate
         .subject_alternative_name()
-        .map_err(|e| TlsError::Parse { what: "subject alternative name", reason: e.to_string() })?
+        .map_err(|e| TlsError::Parse {
+            what: "subject alternative name",
+            reason: e.to_string(),
+        })?
         .ok_or(TlsError::NoNodeId)?;
-    let mut ids = san.value.general_names.iter().filter_map(|name| match name {
-        x509_parser::extensions::GeneralName::DNSName(dns) => parse_node_server_name(dns),
-        _ => None,
-    });
+    let mut ids = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => parse_node_server_name(dns),
+            _ => None,
+        });
     match (ids.next(), ids.next()) {
         (Some(id), None) => Ok(id),
         _ => Err(TlsError::NoNodeId),
@@ -157,10 +197,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl NodeIdentity {
-    fn chain_and_key(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    fn chain_and_key(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
         let chain = vec![first_certificate(&self.cert_pem, "node certificate")?];
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
-            .map_err(|e| TlsError::Parse { what: "node key", reason: e.to_string() })?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
+            TlsError::Parse {
+                what: "node key",
+                reason: e.to_string(),
+            }
+        })?;
         Ok((chain, key))
     }
 
@@ -175,20 +221,27 @@ impl NodeIdentity {
     /// TLS 1.3 server configuration. With `require_client_certificate`, only clients holding a
     /// certificate from the cluster CA get in (node-to-node RPC); without, any client may connect
     /// (the admin API, which authenticates with bearer tokens).
-    pub fn server_config(&self, require_client_certificate: bool, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
+    pub fn server_config(
+        &self,
+        require_client_certificate: bool,
+        alpn: &[&[u8]],
+    ) -> Result<ServerConfig, TlsError> {
         let (chain, key) = self.chain_and_key()?;
         let builder = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = if require_client_certificate {
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+                    .build()
+                    .map_err(|e| TlsError::Config(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         } else {
             builder.with_no_client_auth()
         };
-        let mut config = builder.with_single_cert(chain, key).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(config)
     }

@@ -19,7 +19,10 @@ pub struct NodeAddress {
 
 impl NodeAddress {
     pub fn new(raft: std::net::SocketAddr, api: impl Into<String>) -> NodeAddress {
-        NodeAddress { raft: raft.to_string(), api: api.into() }
+        NodeAddress {
+            raft: raft.to_string(),
+            api: api.into(),
+        }
     }
 }
 

@@ -28,16 +28,43 @@ fn config(ca: &ClusterCa, node_id: u64, root: &std::path::Path, listen: SocketAd
         raft_listen: listen,
         advertise: NodeAddress::new(listen, format!("http://{listen}")),
         identity: ca.issue_node_certificate(node_id).unwrap(),
-        tuning: RaftTuning { snapshot_after_entries: 50, logs_kept_after_snapshot: 0, ..RaftTuning::default() },
+        tuning: RaftTuning {
+            snapshot_after_entries: 50,
+            logs_kept_after_snapshot: 0,
+            ..RaftTuning::default()
+        },
     }
 }
 
 fn create_image(n: usize) -> Command {
-    Command::CreateImage { name: Name::new(format!("image-{n}")).unwrap(), description: format!("image {n}") }
+    Command::CreateImage {
+        name: Name::new(format!("image-{n}")).unwrap(),
+        description: format!("image {n}"),
+    }
 }
 
 fn admin() -> Name {
     Name::new("admin").unwrap()
+}
+
+/// Proposes like a careful client: an ambiguous failure (`Unavailable`: the leader went away
+/// while the proposal was in flight) is retried, and a retry that finds the image already there
+/// counts as done. Returns whether it was written (false only if it already existed before).
+async fn create_retrying(node: &ClusterNode, n: usize) -> bool {
+    let mut ambiguous = false;
+    for _ in 0..50 {
+        match node.propose(admin(), create_image(n)).await {
+            Ok(_) => return true,
+            Err(ProposeError::Rejected(Rejection::AlreadyExists { .. })) if ambiguous => {
+                return true
+            }
+            Err(ProposeError::Unavailable(_)) | Err(ProposeError::NoLeader { .. }) => {
+                ambiguous = true
+            }
+            Err(error) => panic!("create image-{n}: {error}"),
+        }
+    }
+    panic!("create image-{n}: cluster stayed unavailable");
 }
 
 async fn wait_for<F: Fn() -> bool>(what: &str, timeout: Duration, check: F) {
@@ -54,24 +81,42 @@ fn all_events(node: &ClusterNode) -> Vec<Event> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_replicate_fail_over_restart_and_feed_a_late_learner() {
-    let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let root = tempfile::tempdir().unwrap();
     let ca = ClusterCa::generate().unwrap();
-    let configs: Vec<NodeConfig> = (1..=3).map(|id| config(&ca, id, root.path(), free_port())).collect();
+    let configs: Vec<NodeConfig> = (1..=3)
+        .map(|id| config(&ca, id, root.path(), free_port()))
+        .collect();
     let mut nodes: Vec<Option<ClusterNode>> = Vec::new();
     for config in &configs {
         nodes.push(Some(ClusterNode::start(config.clone()).await.unwrap()));
     }
-    let node = |nodes: &Vec<Option<ClusterNode>>, id: u64| nodes[(id - 1) as usize].clone().unwrap();
+    let node =
+        |nodes: &Vec<Option<ClusterNode>>, id: u64| nodes[(id - 1) as usize].clone().unwrap();
 
     // Form the cluster: initialize node 1, add 2 and 3 as learners, promote them.
     let first = node(&nodes, 1);
-    first.initialize(configs[0].advertise.clone()).await.unwrap();
-    wait_for("node 1 to lead", Duration::from_secs(10), || first.is_leader()).await;
+    first
+        .initialize(configs[0].advertise.clone())
+        .await
+        .unwrap();
+    wait_for("node 1 to lead", Duration::from_secs(10), || {
+        first.is_leader()
+    })
+    .await;
     for config in &configs[1..] {
-        first.add_learner(config.node_id, config.advertise.clone()).await.unwrap();
+        first
+            .add_learner(config.node_id, config.advertise.clone())
+            .await
+            .unwrap();
     }
-    first.change_membership(BTreeSet::from([1, 2, 3])).await.unwrap();
+    first
+        .change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .unwrap();
 
     // A write through a follower is forwarded to the leader.
     let follower = node(&nodes, 2);
@@ -82,10 +127,16 @@ async fn three_nodes_replicate_fail_over_restart_and_feed_a_late_learner() {
     assert!(events[0].time_ms > 0);
 
     // A refused command returns the precise rejection and writes nothing.
-    let error = follower.propose(admin(), create_image(0)).await.unwrap_err();
+    let error = follower
+        .propose(admin(), create_image(0))
+        .await
+        .unwrap_err();
     assert_eq!(
         error,
-        ProposeError::Rejected(Rejection::AlreadyExists { kind: EntityKind::Image, name: "image-0".into() })
+        ProposeError::Rejected(Rejection::AlreadyExists {
+            kind: EntityKind::Image,
+            name: "image-0".into()
+        })
     );
     let mut written = 1;
     for n in 1..40 {
@@ -94,7 +145,10 @@ async fn three_nodes_replicate_fail_over_restart_and_feed_a_late_learner() {
         written += 1;
     }
     // Linearizable read on a follower sees every committed write.
-    let count = node(&nodes, 3).read(|state| state.images.len()).await.unwrap();
+    let count = node(&nodes, 3)
+        .read(|state| state.images.len())
+        .await
+        .unwrap();
     assert_eq!(count, written);
 
     // Kill the leader; a new one is elected and writable.
@@ -106,12 +160,15 @@ async fn three_nodes_replicate_fail_over_restart_and_feed_a_late_learner() {
     drop(first);
     let killed = Instant::now();
     let survivor = nodes.iter().flatten().next().unwrap().clone();
-    survivor.propose(admin(), create_image(1000)).await.unwrap();
+    assert!(create_retrying(&survivor, 1000).await);
     written += 1;
-    println!("writable again {} ms after the leader was shut down", killed.elapsed().as_millis());
+    println!(
+        "writable again {} ms after the leader was shut down",
+        killed.elapsed().as_millis()
+    );
     assert_ne!(survivor.leader(), Some(old_leader_id));
     for n in 1001..1030 {
-        survivor.propose(admin(), create_image(n)).await.unwrap();
+        assert!(create_retrying(&survivor, n).await);
         written += 1;
     }
 
@@ -128,9 +185,14 @@ async fn three_nodes_replicate_fail_over_restart_and_feed_a_late_learner() {
     };
     nodes[(old_leader_id - 1) as usize] = Some(restarted);
     let live: Vec<ClusterNode> = nodes.iter().flatten().cloned().collect();
-    wait_for("all nodes to apply every event", Duration::from_secs(20), || {
-        live.iter().all(|n| n.local_state(|s| s.last_seq) == written as u64)
-    })
+    wait_for(
+        "all nodes to apply every event",
+        Duration::from_secs(20),
+        || {
+            live.iter()
+                .all(|n| n.local_state(|s| s.last_seq) == written as u64)
+        },
+    )
     .await;
     let hash = live[0].state_hash();
     let history = all_events(&live[0]);
@@ -145,18 +207,27 @@ async fn three_nodes_replicate_fail_over_restart_and_feed_a_late_learner() {
 
     // Snapshot and purge the log on the leader, then add a late learner: it must get everything.
     let leader_id = live[0].leader().unwrap();
-    let leader = live.iter().find(|n| n.node_id() == leader_id).unwrap().clone();
+    let leader = live
+        .iter()
+        .find(|n| n.node_id() == leader_id)
+        .unwrap()
+        .clone();
     leader.snapshot_and_purge().await.unwrap();
     let purged = leader.metrics().borrow().purged;
     assert!(purged.is_some(), "the leader purged its log");
     let late = config(&ca, 4, root.path(), free_port());
     let learner = ClusterNode::start(late.clone()).await.unwrap();
     leader.add_learner(4, late.advertise.clone()).await.unwrap();
-    wait_for("the learner to receive the history", Duration::from_secs(20), || {
-        learner.local_state(|s| s.last_seq) == written as u64
-    })
+    wait_for(
+        "the learner to receive the history",
+        Duration::from_secs(20),
+        || learner.local_state(|s| s.last_seq) == written as u64,
+    )
     .await;
-    assert!(learner.metrics().borrow().snapshot.is_some(), "the learner installed a snapshot");
+    assert!(
+        learner.metrics().borrow().snapshot.is_some(),
+        "the learner installed a snapshot"
+    );
     assert_eq!(learner.state_hash(), hash);
     assert_eq!(all_events(&learner), history);
 

@@ -35,28 +35,63 @@ async fn mutual_tls_accepts_members_and_refuses_strangers() {
     let server = serve(server_endpoint.clone(), Arc::new(WhoAmI));
 
     // A member of the cluster is served, and the server knows who it is.
-    let member = QuicTransport::new(2, bind_endpoint(&ca.issue_node_certificate(2).unwrap(), local()).unwrap());
-    let response = member.call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT).await.unwrap();
-    assert!(matches!(response, RpcResponse::ReadIndex(Ok(2))), "{response:?}");
+    let member = QuicTransport::new(
+        2,
+        bind_endpoint(&ca.issue_node_certificate(2).unwrap(), local()).unwrap(),
+    );
+    let response = member
+        .call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        matches!(response, RpcResponse::ReadIndex(Ok(2))),
+        "{response:?}"
+    );
 
     // A certificate from another CA fails the handshake.
-    let stranger =
-        QuicTransport::new(2, bind_endpoint(&foreign_ca.issue_node_certificate(2).unwrap(), local()).unwrap());
-    let error = stranger.call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT).await.unwrap_err();
-    assert!(matches!(error, TransportError::Unreachable { .. }), "{error:?}");
+    let stranger = QuicTransport::new(
+        2,
+        bind_endpoint(&foreign_ca.issue_node_certificate(2).unwrap(), local()).unwrap(),
+    );
+    let error = stranger
+        .call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, TransportError::Unreachable { .. }),
+        "{error:?}"
+    );
 
     // A member claiming another node id than its certificate names is refused.
-    let impostor = QuicTransport::new(5, bind_endpoint(&ca.issue_node_certificate(2).unwrap(), local()).unwrap());
-    let error = impostor.call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT).await.unwrap_err();
+    let impostor = QuicTransport::new(
+        5,
+        bind_endpoint(&ca.issue_node_certificate(2).unwrap(), local()).unwrap(),
+    );
+    let error = impostor
+        .call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT)
+        .await
+        .unwrap_err();
     assert!(matches!(error, TransportError::Refused { .. }), "{error:?}");
 
     // Dialling node 3 at node 1's address fails: the server's certificate names node 1.
-    let error = member.call(3, &server_address, RpcRequest::ReadIndex, TIMEOUT).await.unwrap_err();
-    assert!(matches!(error, TransportError::Unreachable { .. }), "{error:?}");
+    let error = member
+        .call(3, &server_address, RpcRequest::ReadIndex, TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, TransportError::Unreachable { .. }),
+        "{error:?}"
+    );
 
     // And a client that trusts another CA refuses our server.
-    let error = stranger.call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT).await.unwrap_err();
-    assert!(matches!(error, TransportError::Unreachable { .. }), "{error:?}");
+    let error = stranger
+        .call(1, &server_address, RpcRequest::ReadIndex, TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, TransportError::Unreachable { .. }),
+        "{error:?}"
+    );
 
     server_endpoint.close(0u32.into(), b"done");
     server.abort();

@@ -18,14 +18,19 @@ async fn failed_write_poisons_the_store() {
     assert!(log.save_vote(&openraft::Vote::new(2, 1)).await.is_err());
     assert!(log.is_poisoned());
     // Nothing continues: even reads fail now.
-    assert!(RaftLogStorage::<TypeConfig>::read_vote(&mut log).await.is_err());
+    assert!(RaftLogStorage::<TypeConfig>::read_vote(&mut log)
+        .await
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_fsync_stops_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ClusterCa::generate().unwrap();
-    let listen = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let advertise = NodeAddress::new(listen, "");
     let node = ClusterNode::start(NodeConfig {
         node_id: 1,
@@ -39,15 +44,32 @@ async fn failed_fsync_stops_the_node() {
     .unwrap();
     node.initialize(advertise).await.unwrap();
     let admin = Name::new("admin").unwrap();
-    let create = |n: u32| Command::CreateImage { name: Name::new(format!("image-{n}")).unwrap(), description: String::new() };
+    let create = |n: u32| Command::CreateImage {
+        name: Name::new(format!("image-{n}")).unwrap(),
+        description: String::new(),
+    };
     node.propose(admin.clone(), create(1)).await.unwrap();
 
     node.inject_storage_failure();
     let error = node.propose(admin, create(2)).await.unwrap_err();
-    assert!(matches!(error, ProposeError::Stopped(_) | ProposeError::Unavailable(_)), "{error:?}");
+    assert!(
+        matches!(
+            error,
+            ProposeError::Stopped(_) | ProposeError::Unavailable(_)
+        ),
+        "{error:?}"
+    );
     let mut metrics = node.metrics();
-    let stopped = tokio::time::timeout(Duration::from_secs(5), metrics.wait_for(|m| m.running_state.is_err())).await;
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(5),
+        metrics.wait_for(|m| m.running_state.is_err()),
+    )
+    .await;
     assert!(stopped.is_ok(), "raft stopped after the failed write");
-    assert_eq!(node.local_state(|s| s.last_seq), 1, "nothing applied after the failure");
+    assert_eq!(
+        node.local_state(|s| s.last_seq),
+        1,
+        "nothing applied after the failure"
+    );
     node.shutdown().await;
 }

@@ -13,7 +13,9 @@ use openraft::{OptionalSend, RaftLogReader, RaftSnapshotBuilder};
 use super::snapshot::{self, Header};
 use super::{read_error, StateMachineCore};
 use crate::domain::{Event, Outcome, Seq, State};
-use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
+};
 
 #[derive(Default)]
 struct MemLog {
@@ -35,7 +37,9 @@ impl MemLogStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemLog> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -44,7 +48,12 @@ impl RaftLogReader<TypeConfig> for MemLogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        Ok(self.lock().entries.range(range).map(|(_, entry)| entry.clone()).collect())
+        Ok(self
+            .lock()
+            .entries
+            .range(range)
+            .map(|(_, entry)| entry.clone())
+            .collect())
     }
 }
 
@@ -53,8 +62,16 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let log = self.lock();
-        let last_log_id = log.entries.values().next_back().map(|entry| entry.log_id).or(log.last_purged);
-        Ok(LogState { last_purged_log_id: log.last_purged, last_log_id })
+        let last_log_id = log
+            .entries
+            .values()
+            .next_back()
+            .map(|entry| entry.log_id)
+            .or(log.last_purged);
+        Ok(LogState {
+            last_purged_log_id: log.last_purged,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -79,7 +96,11 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         Ok(self.lock().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -126,7 +147,9 @@ impl MemStateMachine {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemMachine> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
@@ -136,7 +159,13 @@ impl MemStateMachine {
     pub fn events(&self, from_seq: Seq, limit: usize) -> Vec<Event> {
         let machine = self.lock();
         let start = (from_seq.max(1) - 1) as usize;
-        machine.events.iter().skip(start).take(limit).cloned().collect()
+        machine
+            .events
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     fn build(&self) -> Result<Snapshot, StorageError> {
@@ -151,9 +180,15 @@ impl MemStateMachine {
             writer.push(event).map_err(read_error)?;
         }
         let bytes = writer.finish(&header).map_err(read_error)?;
-        let meta = super::rocks::snapshot_meta(&header, self.snapshot_counter.fetch_add(1, Ordering::SeqCst));
+        let meta = super::rocks::snapshot_meta(
+            &header,
+            self.snapshot_counter.fetch_add(1, Ordering::SeqCst),
+        );
         machine.current = Some((meta.clone(), bytes.clone()));
-        Ok(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(bytes)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(std::io::Cursor::new(bytes)),
+        })
     }
 }
 
@@ -190,7 +225,9 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<std::io::Cursor<Vec<u8>>>, StorageError> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<std::io::Cursor<Vec<u8>>>, StorageError> {
         Ok(Box::new(std::io::Cursor::new(Vec::new())))
     }
 
@@ -208,8 +245,11 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
             )));
         }
         let mut machine = self.lock();
-        machine.core =
-            StateMachineCore { state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        machine.core = StateMachineCore {
+            state,
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
         machine.events = events;
         machine.current = Some((meta.clone(), bytes));
         Ok(())
@@ -221,7 +261,10 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
             (machine.current.clone(), machine.core.last_applied)
         };
         if let Some((meta, bytes)) = current {
-            return Ok(Some(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(bytes)) }));
+            return Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(std::io::Cursor::new(bytes)),
+            }));
         }
         if applied.is_none() {
             return Ok(None);

@@ -13,13 +13,17 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{OptionalSend, RaftLogReader, RaftSnapshotBuilder};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 
 use super::snapshot::{self, Header};
 use super::{read_error, write_error, StateMachineCore};
 use crate::codec;
 use crate::domain::{Event, Outcome, Seq, State};
-use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
+};
 
 const CF_LOGS: &str = "logs";
 const CF_META: &str = "meta";
@@ -48,7 +52,9 @@ struct Shared {
 
 impl Shared {
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     fn check(&self) -> Result<(), StorageError> {
@@ -66,7 +72,9 @@ impl Shared {
         } else {
             let mut options = WriteOptions::default();
             options.set_sync(true);
-            self.db.write_opt(batch, &options).map_err(|e| e.to_string())
+            self.db
+                .write_opt(batch, &options)
+                .map_err(|e| e.to_string())
         };
         if let Err(error) = result {
             self.poisoned.store(true, Ordering::SeqCst);
@@ -77,7 +85,11 @@ impl Shared {
         Ok(())
     }
 
-    fn get<T: serde::de::DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>, StorageError> {
+    fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &str,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
         self.check()?;
         match self.db.get_cf(self.cf(cf), key).map_err(read_error)? {
             None => Ok(None),
@@ -92,12 +104,21 @@ pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), OpenError
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
-    let cfs = [CF_LOGS, CF_META, CF_EVENTS].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-    let db = DB::open_cf_descriptors(&options, path, cfs)
-        .map_err(|error| OpenError::Open { path: path.display().to_string(), error })?;
-    let shared = Arc::new(Shared { db, poisoned: AtomicBool::new(false), inject_write_failure: AtomicBool::new(false) });
+    let cfs = [CF_LOGS, CF_META, CF_EVENTS]
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors(&options, path, cfs).map_err(|error| OpenError::Open {
+        path: path.display().to_string(),
+        error,
+    })?;
+    let shared = Arc::new(Shared {
+        db,
+        poisoned: AtomicBool::new(false),
+        inject_write_failure: AtomicBool::new(false),
+    });
     let core = load_core(&shared)?;
-    let log = RocksLogStore { shared: shared.clone() };
+    let log = RocksLogStore {
+        shared: shared.clone(),
+    };
     let state_machine = RocksStateMachine {
         shared,
         core: Arc::new(RwLock::new(core)),
@@ -109,21 +130,31 @@ pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), OpenError
 
 fn load_core(shared: &Shared) -> Result<StateMachineCore, OpenError> {
     let corrupt = |what: String| OpenError::Corrupt(what);
-    let (last_applied, membership): (Option<LogId>, StoredMembership) =
-        match shared.get(CF_META, KEY_STATE_MACHINE).map_err(|e| corrupt(e.to_string()))? {
-            Some(position) => position,
-            None => (None, StoredMembership::default()),
-        };
+    let (last_applied, membership): (Option<LogId>, StoredMembership) = shared
+        .get(CF_META, KEY_STATE_MACHINE)
+        .map_err(|e| corrupt(e.to_string()))?
+        .unwrap_or_default();
     let mut state = State::default();
-    for item in shared.db.iterator_cf(shared.cf(CF_EVENTS), IteratorMode::Start) {
+    for item in shared
+        .db
+        .iterator_cf(shared.cf(CF_EVENTS), IteratorMode::Start)
+    {
         let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
-        let event: Event = codec::decode(&value).map_err(|e| corrupt(format!("event {}: {e}", hex::encode(&key))))?;
+        let event: Event = codec::decode(&value)
+            .map_err(|e| corrupt(format!("event {}: {e}", hex::encode(&key))))?;
         if event.seq != state.last_seq + 1 || key.as_ref() != event.seq.to_be_bytes() {
-            return Err(corrupt(format!("event history has a gap before seq {}", event.seq)));
+            return Err(corrupt(format!(
+                "event history has a gap before seq {}",
+                event.seq
+            )));
         }
         state.apply_event(&event);
     }
-    Ok(StateMachineCore { state, last_applied, membership })
+    Ok(StateMachineCore {
+        state,
+        last_applied,
+        membership,
+    })
 }
 
 fn index_key(index: u64) -> [u8; 8] {
@@ -131,7 +162,9 @@ fn index_key(index: u64) -> [u8; 8] {
 }
 
 fn key_index(key: &[u8]) -> Result<u64, StorageError> {
-    let bytes: [u8; 8] = key.try_into().map_err(|_| read_error(format!("log key of {} bytes", key.len())))?;
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| read_error(format!("log key of {} bytes", key.len())))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
@@ -144,7 +177,9 @@ pub struct RocksLogStore {
 impl RocksLogStore {
     /// Makes every later write fail as a failed fsync would (tests of the fatal-storage path).
     pub fn inject_write_failure(&self) {
-        self.shared.inject_write_failure.store(true, Ordering::SeqCst);
+        self.shared
+            .inject_write_failure
+            .store(true, Ordering::SeqCst);
     }
 
     /// Whether a write has failed (the store refuses everything after that).
@@ -153,7 +188,10 @@ impl RocksLogStore {
     }
 
     fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        let mut iter = self.shared.db.iterator_cf(self.shared.cf(CF_LOGS), IteratorMode::End);
+        let mut iter = self
+            .shared
+            .db
+            .iterator_cf(self.shared.cf(CF_LOGS), IteratorMode::End);
         match iter.next() {
             None => Ok(None),
             Some(item) => {
@@ -177,10 +215,10 @@ impl RaftLogReader<TypeConfig> for RocksLogStore {
             Bound::Unbounded => 0,
         };
         let mut entries = Vec::new();
-        let iter = self
-            .shared
-            .db
-            .iterator_cf(self.shared.cf(CF_LOGS), IteratorMode::From(&index_key(start), Direction::Forward));
+        let iter = self.shared.db.iterator_cf(
+            self.shared.cf(CF_LOGS),
+            IteratorMode::From(&index_key(start), Direction::Forward),
+        );
         for item in iter {
             let (key, value) = item.map_err(read_error)?;
             let index = key_index(&key)?;
@@ -199,7 +237,10 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.shared.get(CF_META, KEY_LAST_PURGED)?;
         let last_log_id = self.last_log_id()?.or(last_purged_log_id);
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -208,7 +249,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.shared.cf(CF_META), KEY_VOTE, codec::encode(vote).map_err(write_error)?);
+        batch.put_cf(
+            self.shared.cf(CF_META),
+            KEY_VOTE,
+            codec::encode(vote).map_err(write_error)?,
+        );
         self.shared.write(batch)
     }
 
@@ -218,15 +263,26 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.shared.cf(CF_META), KEY_COMMITTED, codec::encode(&committed).map_err(write_error)?);
+        batch.put_cf(
+            self.shared.cf(CF_META),
+            KEY_COMMITTED,
+            codec::encode(&committed).map_err(write_error)?,
+        );
         self.shared.write(batch)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.shared.get::<Option<LogId>>(CF_META, KEY_COMMITTED)?.flatten())
+        Ok(self
+            .shared
+            .get::<Option<LogId>>(CF_META, KEY_COMMITTED)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -234,7 +290,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         let mut batch = WriteBatch::default();
         let cf = self.shared.cf(CF_LOGS);
         for entry in entries {
-            batch.put_cf(cf, index_key(entry.log_id.index), codec::encode(&entry).map_err(write_error)?);
+            batch.put_cf(
+                cf,
+                index_key(entry.log_id.index),
+                codec::encode(&entry).map_err(write_error)?,
+            );
         }
         match self.shared.write(batch) {
             Ok(()) => {
@@ -250,24 +310,39 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.shared.cf(CF_LOGS), &index_key(log_id.index)[..], &[0xffu8; 9][..]);
+        batch.delete_range_cf(
+            self.shared.cf(CF_LOGS),
+            &index_key(log_id.index)[..],
+            &[0xffu8; 9][..],
+        );
         self.shared.write(batch)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.shared.cf(CF_META), KEY_LAST_PURGED, codec::encode(&log_id).map_err(write_error)?);
-        batch.delete_range_cf(self.shared.cf(CF_LOGS), index_key(0), index_key(log_id.index + 1));
+        batch.put_cf(
+            self.shared.cf(CF_META),
+            KEY_LAST_PURGED,
+            codec::encode(&log_id).map_err(write_error)?,
+        );
+        batch.delete_range_cf(
+            self.shared.cf(CF_LOGS),
+            index_key(0),
+            index_key(log_id.index + 1),
+        );
         self.shared.write(batch)
     }
 }
+
+/// The last snapshot built or installed: its meta and bytes.
+type CachedSnapshot = (SnapshotMeta, Vec<u8>);
 
 /// The state machine on RocksDB: the event history plus the in-memory projection folded from it.
 #[derive(Clone)]
 pub struct RocksStateMachine {
     shared: Arc<Shared>,
     core: Arc<RwLock<StateMachineCore>>,
-    current: Arc<Mutex<Option<(SnapshotMeta, Vec<u8>)>>>,
+    current: Arc<Mutex<Option<CachedSnapshot>>>,
     snapshot_counter: Arc<AtomicU64>,
 }
 
@@ -281,22 +356,28 @@ pub struct StateReader {
 impl StateReader {
     /// Runs `f` on the current projection.
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        let core = self.core.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let core = self
+            .core
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&core.state)
     }
 
     pub fn last_applied(&self) -> Option<LogId> {
-        self.core.read().unwrap_or_else(|poisoned| poisoned.into_inner()).last_applied
+        self.core
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .last_applied
     }
 
     /// Up to `limit` stored events starting at `from_seq`, in order.
     pub fn events(&self, from_seq: Seq, limit: usize) -> Result<Vec<Event>, StorageError> {
         self.shared.check()?;
         let mut events = Vec::new();
-        let iter = self
-            .shared
-            .db
-            .iterator_cf(self.shared.cf(CF_EVENTS), IteratorMode::From(&from_seq.to_be_bytes(), Direction::Forward));
+        let iter = self.shared.db.iterator_cf(
+            self.shared.cf(CF_EVENTS),
+            IteratorMode::From(&from_seq.to_be_bytes(), Direction::Forward),
+        );
         for item in iter.take(limit) {
             let (_, value) = item.map_err(read_error)?;
             events.push(codec::decode(&value).map_err(read_error)?);
@@ -307,35 +388,62 @@ impl StateReader {
 
 impl RocksStateMachine {
     pub fn reader(&self) -> StateReader {
-        StateReader { shared: self.shared.clone(), core: self.core.clone() }
+        StateReader {
+            shared: self.shared.clone(),
+            core: self.core.clone(),
+        }
     }
 
     fn build(&self) -> Result<Snapshot, StorageError> {
         // Capture the position and a RocksDB snapshot under the lock so the events match it.
-        let core = self.core.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let core = self
+            .core
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let db_snapshot = self.shared.db.snapshot();
-        let header =
-            Header { last_applied: core.last_applied, membership: core.membership.clone(), event_count: core.state.last_seq };
+        let header = Header {
+            last_applied: core.last_applied,
+            membership: core.membership.clone(),
+            event_count: core.state.last_seq,
+        };
         drop(core);
         let mut writer = snapshot::Writer::new(&header).map_err(read_error)?;
         for item in db_snapshot.iterator_cf(self.shared.cf(CF_EVENTS), IteratorMode::Start) {
             let (key, value) = item.map_err(read_error)?;
-            writer.push_encoded(key_index(&key)?, &value).map_err(read_error)?;
+            writer
+                .push_encoded(key_index(&key)?, &value)
+                .map_err(read_error)?;
         }
         let bytes = writer.finish(&header).map_err(read_error)?;
-        let meta = snapshot_meta(&header, self.snapshot_counter.fetch_add(1, Ordering::SeqCst));
-        *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((meta.clone(), bytes.clone()));
+        let meta = snapshot_meta(
+            &header,
+            self.snapshot_counter.fetch_add(1, Ordering::SeqCst),
+        );
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((meta.clone(), bytes.clone()));
         crate::metrics::snapshot_built(bytes.len());
-        Ok(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(bytes)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(std::io::Cursor::new(bytes)),
+        })
     }
 }
 
 pub(crate) fn snapshot_meta(header: &Header, counter: u64) -> SnapshotMeta {
     let snapshot_id = match header.last_applied {
-        Some(log_id) => format!("{}-{}-{}-{counter}", log_id.leader_id.term, log_id.leader_id.node_id, log_id.index),
+        Some(log_id) => format!(
+            "{}-{}-{}-{counter}",
+            log_id.leader_id.term, log_id.leader_id.node_id, log_id.index
+        ),
         None => format!("none-{counter}"),
     };
-    SnapshotMeta { last_log_id: header.last_applied, last_membership: header.membership.clone(), snapshot_id }
+    SnapshotMeta {
+        last_log_id: header.last_applied,
+        last_membership: header.membership.clone(),
+        snapshot_id,
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for RocksStateMachine {
@@ -349,7 +457,10 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         self.shared.check()?;
-        let core = self.core.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let core = self
+            .core
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok((core.last_applied, core.membership.clone()))
     }
 
@@ -359,7 +470,10 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         I::IntoIter: OptionalSend,
     {
         self.shared.check()?;
-        let mut core = self.core.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut core = self
+            .core
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut batch = WriteBatch::default();
         let events_cf = self.shared.cf(CF_EVENTS);
         let mut outcomes = Vec::new();
@@ -367,13 +481,21 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         for entry in entries {
             let (outcome, events) = core.apply_entry(&entry);
             for event in &events {
-                batch.put_cf(events_cf, event.seq.to_be_bytes(), codec::encode(event).map_err(write_error)?);
+                batch.put_cf(
+                    events_cf,
+                    event.seq.to_be_bytes(),
+                    codec::encode(event).map_err(write_error)?,
+                );
             }
             event_count += events.len();
             outcomes.push(outcome);
         }
         let position = (core.last_applied, core.membership.clone());
-        batch.put_cf(self.shared.cf(CF_META), KEY_STATE_MACHINE, codec::encode(&position).map_err(write_error)?);
+        batch.put_cf(
+            self.shared.cf(CF_META),
+            KEY_STATE_MACHINE,
+            codec::encode(&position).map_err(write_error)?,
+        );
         self.shared.write(batch)?;
         crate::metrics::events_applied(event_count);
         Ok(outcomes)
@@ -383,7 +505,9 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<std::io::Cursor<Vec<u8>>>, StorageError> {
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<std::io::Cursor<Vec<u8>>>, StorageError> {
         Ok(Box::new(std::io::Cursor::new(Vec::new())))
     }
 
@@ -406,27 +530,58 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         let events_cf = self.shared.cf(CF_EVENTS);
         batch.delete_range_cf(events_cf, &[0u8; 8][..], &[0xffu8; 9][..]);
         for event in &events {
-            batch.put_cf(events_cf, event.seq.to_be_bytes(), codec::encode(event).map_err(write_error)?);
+            batch.put_cf(
+                events_cf,
+                event.seq.to_be_bytes(),
+                codec::encode(event).map_err(write_error)?,
+            );
         }
         let position = (meta.last_log_id, meta.last_membership.clone());
-        batch.put_cf(self.shared.cf(CF_META), KEY_STATE_MACHINE, codec::encode(&position).map_err(write_error)?);
-        let mut core = self.core.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        batch.put_cf(
+            self.shared.cf(CF_META),
+            KEY_STATE_MACHINE,
+            codec::encode(&position).map_err(write_error)?,
+        );
+        let mut core = self
+            .core
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.shared.write(batch)?;
-        *core = StateMachineCore { state, last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        *core = StateMachineCore {
+            state,
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
         drop(core);
-        *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((meta.clone(), bytes));
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((meta.clone(), bytes));
         crate::metrics::snapshot_installed(events.len());
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
         self.shared.check()?;
-        let current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
         if let Some((meta, bytes)) = current {
-            return Ok(Some(Snapshot { meta, snapshot: Box::new(std::io::Cursor::new(bytes)) }));
+            return Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(std::io::Cursor::new(bytes)),
+            }));
         }
         // None cached (fresh start): the snapshot is derivable from the stored history.
-        if self.core.read().unwrap_or_else(|poisoned| poisoned.into_inner()).last_applied.is_none() {
+        if self
+            .core
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .last_applied
+            .is_none()
+        {
             return Ok(None);
         }
         self.build().map(Some)

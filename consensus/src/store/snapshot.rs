@@ -30,7 +30,10 @@ pub enum SnapshotError {
     #[error("snapshot frame of {0} bytes exceeds the limit")]
     FrameTooLarge(usize),
     #[error("snapshot frame at byte {offset} does not decode: {error}")]
-    Decode { offset: usize, error: codec::CodecError },
+    Decode {
+        offset: usize,
+        error: codec::CodecError,
+    },
     #[error("snapshot event {found} out of sequence, expected {expected}")]
     Sequence { expected: u64, found: u64 },
     #[error("snapshot encode failed: {0}")]
@@ -45,14 +48,20 @@ pub struct Writer {
 
 impl Writer {
     pub fn new(header: &Header) -> Result<Writer, SnapshotError> {
-        let mut writer = Writer { bytes: MAGIC.to_vec(), next_seq: 1 };
+        let mut writer = Writer {
+            bytes: MAGIC.to_vec(),
+            next_seq: 1,
+        };
         writer.frame(header)?;
         Ok(writer)
     }
 
     pub fn push(&mut self, event: &Event) -> Result<(), SnapshotError> {
         if event.seq != self.next_seq {
-            return Err(SnapshotError::Sequence { expected: self.next_seq, found: event.seq });
+            return Err(SnapshotError::Sequence {
+                expected: self.next_seq,
+                found: event.seq,
+            });
         }
         self.next_seq += 1;
         self.frame(event)
@@ -60,7 +69,10 @@ impl Writer {
 
     pub fn push_encoded(&mut self, seq: u64, encoded_event: &[u8]) -> Result<(), SnapshotError> {
         if seq != self.next_seq {
-            return Err(SnapshotError::Sequence { expected: self.next_seq, found: seq });
+            return Err(SnapshotError::Sequence {
+                expected: self.next_seq,
+                found: seq,
+            });
         }
         self.next_seq += 1;
         self.raw_frame(encoded_event)
@@ -75,7 +87,8 @@ impl Writer {
         if encoded.len() > FRAME_BYTES_MAX {
             return Err(SnapshotError::FrameTooLarge(encoded.len()));
         }
-        self.bytes.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        self.bytes
+            .extend_from_slice(&(encoded.len() as u32).to_be_bytes());
         self.bytes.extend_from_slice(encoded);
         Ok(())
     }
@@ -83,7 +96,10 @@ impl Writer {
     /// Finishes; fails if fewer events were pushed than the header announced.
     pub fn finish(self, header: &Header) -> Result<Vec<u8>, SnapshotError> {
         if self.next_seq - 1 != header.event_count {
-            return Err(SnapshotError::Sequence { expected: header.event_count + 1, found: self.next_seq });
+            return Err(SnapshotError::Sequence {
+                expected: header.event_count + 1,
+                found: self.next_seq,
+            });
         }
         Ok(self.bytes)
     }
@@ -106,7 +122,13 @@ impl<'a> Reader<'a> {
         let mut offset = MAGIC.len();
         let header: Header = read_frame(bytes, &mut offset)?;
         let remaining = header.event_count;
-        Ok(Reader { bytes, offset, header, remaining, next_seq: 1 })
+        Ok(Reader {
+            bytes,
+            offset,
+            header,
+            remaining,
+            next_seq: 1,
+        })
     }
 
     /// The next event, or `None` after the last one (trailing bytes are an error).
@@ -119,7 +141,10 @@ impl<'a> Reader<'a> {
         }
         let event: Event = read_frame(self.bytes, &mut self.offset)?;
         if event.seq != self.next_seq {
-            return Err(SnapshotError::Sequence { expected: self.next_seq, found: event.seq });
+            return Err(SnapshotError::Sequence {
+                expected: self.next_seq,
+                found: event.seq,
+            });
         }
         self.next_seq += 1;
         self.remaining -= 1;
@@ -127,15 +152,25 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn read_frame<T: serde::de::DeserializeOwned>(bytes: &[u8], offset: &mut usize) -> Result<T, SnapshotError> {
+fn read_frame<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    offset: &mut usize,
+) -> Result<T, SnapshotError> {
     let start = *offset;
-    let len_bytes = bytes.get(start..start + 4).ok_or(SnapshotError::Truncated(start))?;
+    let len_bytes = bytes
+        .get(start..start + 4)
+        .ok_or(SnapshotError::Truncated(start))?;
     let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
     if len > FRAME_BYTES_MAX {
         return Err(SnapshotError::FrameTooLarge(len));
     }
-    let body = bytes.get(start + 4..start + 4 + len).ok_or(SnapshotError::Truncated(start))?;
-    let value = codec::decode(body).map_err(|error| SnapshotError::Decode { offset: start, error })?;
+    let body = bytes
+        .get(start + 4..start + 4 + len)
+        .ok_or(SnapshotError::Truncated(start))?;
+    let value = codec::decode(body).map_err(|error| SnapshotError::Decode {
+        offset: start,
+        error,
+    })?;
     *offset = start + 4 + len;
     Ok(value)
 }
@@ -174,7 +209,11 @@ mod tests {
 
     #[test]
     fn empty_snapshot_round_trips() {
-        let header = Header { last_applied: None, membership: Default::default(), event_count: 0 };
+        let header = Header {
+            last_applied: None,
+            membership: Default::default(),
+            event_count: 0,
+        };
         let bytes = Writer::new(&header).unwrap().finish(&header).unwrap();
         let (back, events, state) = read_all(&bytes).unwrap();
         assert_eq!(back.event_count, 0);
