@@ -1,1 +1,49 @@
-fn main() {}
+use clap::Parser;
+
+use cairn_node::cli::{Cli, ClusterCommand, NodeCommand, Top};
+use cairn_node::{commands, demo, server};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Top::Node(_) | Top::Demo(_));
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if serving { "info".into() } else { "warn".into() });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    cairn_node::https::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Top::Cluster(ClusterCommand::Init(args)) => commands::cluster_init(args),
+        Top::Cluster(ClusterCommand::Join(args)) => commands::cluster_join(&cli.global, args).await,
+        Top::Node(NodeCommand::Run { data_dir }) => {
+            let config = commands::load_node_config(data_dir)?;
+            let node = server::start(config, Some(install_metrics()?)).await?;
+            demo::shutdown_signal().await;
+            tracing::info!("shutting down");
+            node.shutdown().await;
+            Ok(())
+        }
+        Top::Demo(args) => demo::run(args, Some(install_metrics()?)).await,
+        other => commands::run_api_command(&cli.global, other).await,
+    }
+}
+
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))
+}

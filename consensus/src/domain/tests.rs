@@ -1,0 +1,475 @@
+//! Domain tests: specific cases through one `run` helper, and a property test that random command
+//! streams keep the two invariants the rest of the system relies on: a rejected command changes
+//! nothing, and replaying the events gives exactly the live state.
+
+use std::net::Ipv4Addr;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn name(text: &str) -> Name {
+    Name::new(text).unwrap()
+}
+
+fn mac(last: u8) -> Mac {
+    Mac([0x52, 0x54, 0, 0, 0, last])
+}
+
+fn proposal(time_ms: TimeMs, command: Command) -> Proposal {
+    Proposal {
+        actor: name("admin"),
+        time_ms,
+        command,
+    }
+}
+
+/// Runs commands in order; returns the state and each command's outcome.
+fn run(commands: Vec<Command>) -> (State, Vec<Outcome>) {
+    let mut state = State::default();
+    let mut events = vec![];
+    let mut outcomes = vec![];
+    for (i, command) in commands.into_iter().enumerate() {
+        let before = state.clone();
+        let outcome = state.execute(&proposal(1_000 + i as TimeMs, command));
+        match &outcome {
+            Ok(new) => events.extend(new.iter().cloned()),
+            Err(_) => assert_eq!(state, before, "a rejected command changed the state"),
+        }
+        outcomes.push(outcome);
+    }
+    let replayed = replay(&events, ReplayBound::Everything).unwrap();
+    assert_eq!(replayed, state);
+    assert_eq!(replayed.hash(), state.hash());
+    (state, outcomes)
+}
+
+fn register(node_id: NodeId, capacity_sessions: u32) -> Command {
+    Command::RegisterNode {
+        node_id,
+        name: name(&format!("node-{node_id}")),
+        raft_address: format!("127.0.0.{node_id}:7401"),
+        api_address: format!("http://127.0.0.{node_id}:7400"),
+        portal_address: format!("127.0.0.{node_id}:3260"),
+        boot_address: format!("http://127.0.0.{node_id}:8080"),
+        capacity_sessions,
+    }
+}
+
+fn ready_image(image: &str) -> Vec<Command> {
+    vec![
+        Command::CreateImage {
+            name: name(image),
+            description: "test".into(),
+        },
+        Command::BeginImageVersion { image: name(image) },
+        Command::CompleteImageVersion {
+            image: name(image),
+            version: 1,
+            manifest: Hash32::of(image.as_bytes()),
+            size_bytes: 1 << 20,
+        },
+    ]
+}
+
+#[test]
+fn rejections_are_precise() {
+    let (_, outcomes) = run(vec![
+        Command::AddClient {
+            mac: mac(1),
+            name: name("pc1"),
+            group: Some(name("lab")),
+        },
+        Command::AddGroup {
+            name: name("lab"),
+            description: String::new(),
+        },
+        Command::AddClient {
+            mac: mac(1),
+            name: name("pc1"),
+            group: Some(name("lab")),
+        },
+        Command::AddClient {
+            mac: mac(1),
+            name: name("pc1b"),
+            group: None,
+        },
+        Command::AddClient {
+            mac: mac(2),
+            name: name("pc1"),
+            group: None,
+        },
+        Command::RemoveGroup { name: name("lab") },
+        Command::Assign {
+            target: AssignmentTarget::Client(mac(1)),
+            image: name("missing"),
+            mode: DiskMode::Persistent,
+            default: false,
+            position: None,
+        },
+    ]);
+    let errors: Vec<String> = outcomes
+        .iter()
+        .map(|o| o.as_ref().err().map(|e| e.to_string()).unwrap_or_default())
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            "group lab not found".to_string(),
+            String::new(),
+            String::new(),
+            "client 52:54:00:00:00:01 already exists".into(),
+            "client pc1 (52:54:00:00:00:01) already exists".into(),
+            "group lab is in use: client pc1 (52:54:00:00:00:01) is a member".into(),
+            "image missing not found".into(),
+        ]
+    );
+}
+
+#[test]
+fn boots_spread_by_load_for_capacity_and_bump_generations() {
+    let mut commands = vec![register(1, 10), register(2, 10), register(3, 20)];
+    commands.extend(ready_image("debian"));
+    commands.push(Command::AddGroup {
+        name: name("lab"),
+        description: String::new(),
+    });
+    commands.push(Command::Assign {
+        target: AssignmentTarget::Group(name("lab")),
+        image: name("debian"),
+        mode: DiskMode::NonPersistent,
+        default: true,
+        position: None,
+    });
+    for i in 1..=8 {
+        commands.push(Command::AddClient {
+            mac: mac(i),
+            name: name(&format!("pc{i}")),
+            group: Some(name("lab")),
+        });
+        commands.push(Command::BeginBoot {
+            mac: mac(i),
+            image: name("debian"),
+            user: None,
+        });
+    }
+    commands.push(Command::BeginBoot {
+        mac: mac(1),
+        image: name("debian"),
+        user: None,
+    });
+    let (state, outcomes) = run(commands);
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    let per_node = state.sessions_per_node();
+    // Node 3 has twice the capacity, so it carries twice the sessions.
+    assert_eq!(
+        per_node.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 4]
+    );
+    for session in state.boot_sessions.values() {
+        assert_ne!(Some(session.primary), session.standby);
+        assert_eq!(session.mode, DiskMode::NonPersistent);
+    }
+    assert_eq!(state.boot_sessions[&mac(1)].generation, 2);
+    assert_eq!(state.boot_sessions[&mac(2)].generation, 1);
+}
+
+#[test]
+fn draining_and_unhealthy_nodes_get_no_boots() {
+    let mut commands = vec![register(1, 10), register(2, 10)];
+    commands.extend(ready_image("img"));
+    commands.push(Command::AddClient {
+        mac: mac(1),
+        name: name("pc1"),
+        group: None,
+    });
+    commands.push(Command::Assign {
+        target: AssignmentTarget::Client(mac(1)),
+        image: name("img"),
+        mode: DiskMode::Persistent,
+        default: false,
+        position: None,
+    });
+    commands.push(Command::SetNodeDraining {
+        node_id: 1,
+        draining: true,
+    });
+    commands.push(Command::BeginBoot {
+        mac: mac(1),
+        image: name("img"),
+        user: None,
+    });
+    commands.push(Command::SetNodeHealth {
+        node_id: 2,
+        healthy: false,
+    });
+    commands.push(Command::BeginBoot {
+        mac: mac(1),
+        image: name("img"),
+        user: None,
+    });
+    let (state, outcomes) = run(commands);
+    assert_eq!(state.boot_sessions[&mac(1)].primary, 2);
+    assert_eq!(state.boot_sessions[&mac(1)].standby, None);
+    assert_eq!(
+        outcomes.last().unwrap().as_ref().unwrap_err().to_string(),
+        "conflict: no healthy storage node can take a boot"
+    );
+}
+
+#[test]
+fn leases_are_never_doubled() {
+    let lease = |ip: u8, m: u8, expires_ms: TimeMs| LeaseRequest {
+        ip: Ipv4Addr::new(10, 0, 0, ip),
+        mac: mac(m),
+        expires_ms,
+    };
+    let (state, outcomes) = run(vec![
+        Command::CommitLeases {
+            leases: vec![lease(10, 1, 100_000), lease(11, 2, 100_000)],
+        },
+        Command::CommitLeases {
+            leases: vec![lease(10, 3, 100_000)],
+        },
+        Command::CommitLeases {
+            leases: vec![lease(12, 3, 100_000), lease(12, 4, 100_000)],
+        },
+        Command::CommitLeases {
+            leases: vec![lease(20, 1, 100_000)],
+        },
+        Command::CommitLeases {
+            leases: vec![lease(11, 5, 500)],
+        },
+    ]);
+    assert!(outcomes[0].is_ok());
+    assert_eq!(
+        outcomes[1].as_ref().unwrap_err().to_string(),
+        "conflict: address 10.0.0.10 is leased to 52:54:00:00:00:01"
+    );
+    assert!(outcomes[2].is_err());
+    assert!(outcomes[3].is_ok(), "a MAC may move to another address");
+    assert!(outcomes[4].is_err(), "expired request");
+    let held: Vec<(Ipv4Addr, Mac)> = state.leases.values().map(|l| (l.ip, l.mac)).collect();
+    assert_eq!(
+        held,
+        vec![
+            (Ipv4Addr::new(10, 0, 0, 11), mac(2)),
+            (Ipv4Addr::new(10, 0, 0, 20), mac(1))
+        ]
+    );
+}
+
+#[test]
+fn menu_order_and_defaults_merge_client_then_group() {
+    let mut commands = vec![];
+    for image in ["a", "b", "c"] {
+        commands.extend(ready_image(image));
+    }
+    commands.push(Command::AddGroup {
+        name: name("lab"),
+        description: String::new(),
+    });
+    commands.push(Command::AddClient {
+        mac: mac(1),
+        name: name("pc1"),
+        group: Some(name("lab")),
+    });
+    let assign = |target: AssignmentTarget, image: &str, default: bool, position: Option<u32>| {
+        Command::Assign {
+            target,
+            image: name(image),
+            mode: DiskMode::Persistent,
+            default,
+            position,
+        }
+    };
+    commands.push(assign(
+        AssignmentTarget::Group(name("lab")),
+        "a",
+        true,
+        None,
+    ));
+    commands.push(assign(
+        AssignmentTarget::Group(name("lab")),
+        "b",
+        false,
+        None,
+    ));
+    commands.push(assign(AssignmentTarget::Client(mac(1)), "c", false, None));
+    commands.push(assign(
+        AssignmentTarget::Client(mac(1)),
+        "b",
+        false,
+        Some(0),
+    ));
+    let (state, outcomes) = run(commands);
+    assert!(outcomes.iter().all(|o| o.is_ok()));
+    let list = state.client_images(&mac(1));
+    let order: Vec<&str> = list.images.iter().map(|a| a.image.as_str()).collect();
+    assert_eq!(order, vec!["b", "c", "a"]);
+    assert_eq!(list.default, Some(name("a")));
+}
+
+#[test]
+fn replay_until_seq_and_time_are_prefixes() {
+    let mut state = State::default();
+    let mut events = vec![];
+    for (i, group) in ["g1", "g2", "g3"].iter().enumerate() {
+        events.extend(
+            state
+                .execute(&proposal(
+                    10 * (i as TimeMs + 1),
+                    Command::AddGroup {
+                        name: name(group),
+                        description: String::new(),
+                    },
+                ))
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        replay(&events, ReplayBound::Seq(2)).unwrap().groups.len(),
+        2
+    );
+    assert_eq!(
+        replay(&events, ReplayBound::Time(10)).unwrap().groups.len(),
+        1
+    );
+    assert_eq!(
+        replay(&events, ReplayBound::Time(9)).unwrap(),
+        State::default()
+    );
+    assert_eq!(
+        replay(&events[1..], ReplayBound::Everything),
+        Err(ReplayError::Gap {
+            expected: 1,
+            found: 2
+        })
+    );
+}
+
+fn any_command() -> impl Strategy<Value = Command> {
+    let mac = (0u8..6).prop_map(mac);
+    let small_name = prop::sample::select(vec!["a", "b", "c"]).prop_map(name);
+    let target = prop_oneof![
+        mac.clone().prop_map(AssignmentTarget::Client),
+        small_name.clone().prop_map(AssignmentTarget::Group),
+        small_name.clone().prop_map(AssignmentTarget::User),
+    ];
+    let mode = prop_oneof![Just(DiskMode::Persistent), Just(DiskMode::NonPersistent)];
+    prop_oneof![
+        (1u64..4, 0u32..4).prop_map(|(id, capacity)| register(id, capacity)),
+        (1u64..4, any::<bool>())
+            .prop_map(|(node_id, draining)| Command::SetNodeDraining { node_id, draining }),
+        (1u64..4, any::<bool>())
+            .prop_map(|(node_id, healthy)| Command::SetNodeHealth { node_id, healthy }),
+        (1u64..4).prop_map(|node_id| Command::RemoveNode { node_id }),
+        small_name.clone().prop_map(|name| Command::CreateImage {
+            name,
+            description: String::new()
+        }),
+        small_name
+            .clone()
+            .prop_map(|name| Command::RemoveImage { name }),
+        small_name
+            .clone()
+            .prop_map(|image| Command::BeginImageVersion { image }),
+        (small_name.clone(), 1u32..3).prop_map(|(image, version)| Command::CompleteImageVersion {
+            image,
+            version,
+            manifest: Hash32::of(b"m"),
+            size_bytes: 4096
+        }),
+        (small_name.clone(), 1u32..3)
+            .prop_map(|(image, version)| Command::RetireImageVersion { image, version }),
+        (
+            mac.clone(),
+            small_name.clone(),
+            prop::option::of(small_name.clone())
+        )
+            .prop_map(|(mac, name, group)| Command::AddClient { mac, name, group }),
+        mac.clone().prop_map(|mac| Command::RemoveClient { mac }),
+        small_name.clone().prop_map(|name| Command::AddGroup {
+            name,
+            description: String::new()
+        }),
+        small_name
+            .clone()
+            .prop_map(|name| Command::RemoveGroup { name }),
+        small_name.clone().prop_map(|name| Command::AddUser {
+            name,
+            password_hash: None
+        }),
+        small_name
+            .clone()
+            .prop_map(|name| Command::RemoveUser { name }),
+        (
+            target.clone(),
+            small_name.clone(),
+            mode,
+            any::<bool>(),
+            prop::option::of(0u32..3)
+        )
+            .prop_map(|(target, image, mode, default, position)| Command::Assign {
+                target,
+                image,
+                mode,
+                default,
+                position
+            }),
+        (target, small_name.clone())
+            .prop_map(|(target, image)| Command::Unassign { target, image }),
+        (
+            mac.clone(),
+            small_name.clone(),
+            prop::option::of(small_name)
+        )
+            .prop_map(|(mac, image, user)| Command::BeginBoot { mac, image, user }),
+        prop::collection::vec((1u8..4, mac.clone(), 0i64..5_000), 1..4).prop_map(|leases| {
+            Command::CommitLeases {
+                leases: leases
+                    .into_iter()
+                    .map(|(ip, mac, expires_ms)| LeaseRequest {
+                        ip: Ipv4Addr::new(10, 0, 0, ip),
+                        mac,
+                        expires_ms,
+                    })
+                    .collect(),
+            }
+        }),
+        mac.prop_map(|mac| Command::ReleaseLease { mac }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_commands_keep_replay_equal_to_live_state(commands in prop::collection::vec(any_command(), 1..120)) {
+        let (state, _) = run(commands);
+        // Invariants of the projection itself.
+        for session in state.boot_sessions.values() {
+            prop_assert!(session.standby != Some(session.primary));
+        }
+        let mut macs: Vec<Mac> = state.leases.values().map(|l| l.mac).collect();
+        macs.sort();
+        let before = macs.len();
+        macs.dedup();
+        prop_assert_eq!(before, macs.len(), "a MAC holds two leases");
+    }
+
+    #[test]
+    fn events_survive_the_codec(commands in prop::collection::vec(any_command(), 1..60)) {
+        let mut state = State::default();
+        for (i, command) in commands.into_iter().enumerate() {
+            if let Ok(events) = state.execute(&proposal(i as TimeMs, command)) {
+                for event in events {
+                    let bytes = crate::codec::encode(&event).unwrap();
+                    prop_assert_eq!(crate::codec::decode::<Event>(&bytes).unwrap(), event.clone());
+                    let json = serde_json::to_string(&event).unwrap();
+                    prop_assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), event);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! `cairn node run`: one node's process. It starts the replicated state (`ClusterNode`), the
+//! admin API, and the node's background duties (finishing `cluster init`, promoting caught-up
+//! learners to voters while it leads).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use cairn_consensus::domain::{Command, Hash32, Name, Rejection};
+use cairn_consensus::{ClusterCa, ClusterNode, NodeAddress, NodeIdentity, ProposeError, RaftTuning};
+
+use crate::api::{self, ApiState};
+use crate::config::{write_private, NodeConfig};
+use crate::https;
+
+/// Files in a node's data directory besides `node.toml` and the Raft store.
+pub struct DataFiles {
+    dir: PathBuf,
+}
+
+impl DataFiles {
+    pub fn new(data_dir: &Path) -> DataFiles {
+        DataFiles { dir: data_dir.to_owned() }
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls_dir().join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.tls_dir().join("ca.key")
+    }
+    pub fn node_cert(&self) -> PathBuf {
+        self.tls_dir().join("node.pem")
+    }
+    pub fn node_key(&self) -> PathBuf {
+        self.tls_dir().join("node.key")
+    }
+    /// Present between `cluster init` and the first start that finished initialising.
+    pub fn init_pending(&self) -> PathBuf {
+        self.dir.join("init-pending.json")
+    }
+
+    pub fn write_tls(&self, ca_cert: &str, ca_key: &str, node_cert: &str, node_key: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(self.tls_dir()).with_context(|| format!("cannot create {}", self.tls_dir().display()))?;
+        for (path, text) in
+            [(self.ca_cert(), ca_cert), (self.ca_key(), ca_key), (self.node_cert(), node_cert), (self.node_key(), node_key)]
+        {
+            write_private(&path, text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub fn load_tls(&self, node_id: u64) -> anyhow::Result<(ClusterCa, NodeIdentity)> {
+        let read = |path: PathBuf| std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()));
+        let ca_cert = read(self.ca_cert())?;
+        let ca = ClusterCa::from_pem(&ca_cert, &read(self.ca_key())?).map_err(|e| anyhow::anyhow!("cluster ca: {e}"))?;
+        let identity =
+            NodeIdentity { node_id, cert_pem: read(self.node_cert())?, key_pem: read(self.node_key())?, ca_cert_pem: ca_cert };
+        Ok((ca, identity))
+    }
+}
+
+/// What `cluster init` leaves for the first start: the first admin token's digest.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitPending {
+    pub admin_token_name: Name,
+    pub admin_token_digest: Hash32,
+}
+
+/// A node running in this process.
+pub struct RunningNode {
+    pub cluster: ClusterNode,
+    pub config: NodeConfig,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    pub async fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.cluster.shutdown().await;
+    }
+}
+
+/// Starts every part of a node and returns once its API listens.
+pub async fn start(
+    config: NodeConfig,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<RunningNode> {
+    let files = DataFiles::new(&config.data_dir);
+    let (ca, identity) = files.load_tls(config.node_id)?;
+    let advertise = NodeAddress::new(config.raft(), config.api_url());
+    let cluster = ClusterNode::start(cairn_consensus::NodeConfig {
+        node_id: config.node_id,
+        data_dir: config.data_dir.clone(),
+        raft_listen: config.raft(),
+        advertise: advertise.clone(),
+        identity: identity.clone(),
+        tuning: RaftTuning::default(),
+    })
+    .await
+    .with_context(|| format!("starting node {}", config.node_id))?;
+
+    let http = https::client(&identity.ca_cert_pem)?;
+    let state = Arc::new(ApiState { cluster: cluster.clone(), config: config.clone(), ca, prometheus, http });
+    let listener = https::bind(config.api()).await?;
+    let router = api::router(state.clone());
+    let api_identity = identity.clone();
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(error) = https::serve(listener, &api_identity, router).await {
+            tracing::error!(%error, "admin api stopped");
+        }
+    })];
+
+    let pending_path = files.init_pending();
+    if pending_path.exists() {
+        finish_init(&cluster, &config, &advertise, &pending_path).await?;
+    }
+    tasks.push(tokio::spawn(promote_learners(cluster.clone(), config.voters_max)));
+    tracing::info!(node_id = config.node_id, api = %config.api(), raft = %config.raft(), "node running");
+    Ok(RunningNode { cluster, config, tasks })
+}
+
+/// Second half of `cluster init`, on the first start: make this node a one-member cluster,
+/// record it and the first admin token. Every step tolerates having been done already, so a
+/// crash in between is repaired by the next start.
+async fn finish_init(cluster: &ClusterNode, config: &NodeConfig, advertise: &NodeAddress, pending_path: &Path) -> anyhow::Result<()> {
+    let pending: InitPending = serde_json::from_slice(&std::fs::read(pending_path)?)
+        .with_context(|| format!("cannot parse {}", pending_path.display()))?;
+    if !cluster.is_initialized().await {
+        cluster.initialize(advertise.clone()).await.map_err(|e| anyhow::anyhow!("initialising raft: {e}"))?;
+    }
+    let actor = node_actor(config.node_id);
+    let commands = [
+        Command::RegisterNode {
+            node_id: config.node_id,
+            name: Name::new(config.name.clone())?,
+            raft_address: config.raft().to_string(),
+            api_address: config.api_url(),
+            portal_address: config.iscsi().to_string(),
+            boot_address: format!("http://{}", config.boot_http()),
+            capacity_sessions: config.capacity_sessions,
+        },
+        Command::CreateToken { name: pending.admin_token_name.clone(), digest: pending.admin_token_digest },
+    ];
+    for command in commands {
+        loop {
+            match cluster.propose(actor.clone(), command.clone()).await {
+                Ok(_) | Err(ProposeError::Rejected(Rejection::AlreadyExists { .. })) => break,
+                Err(ProposeError::Rejected(rejection)) => anyhow::bail!("initialising the cluster: {rejection}"),
+                Err(error) => {
+                    tracing::info!(%error, "waiting for the new cluster to elect this node");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    std::fs::remove_file(pending_path)?;
+    tracing::info!(node_id = config.node_id, "cluster initialised");
+    Ok(())
+}
+
+pub fn node_actor(node_id: u64) -> Name {
+    Name::new(format!("node-{node_id}")).expect("node actor names are valid")
+}
+
+/// While this node leads: learners that are registered storage nodes and have caught up with
+/// the log become voters, up to `voters_max`. More nodes stay learners (they still serve volumes).
+async fn promote_learners(cluster: ClusterNode, voters_max: usize) {
+    let mut interval = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        interval.tick().await;
+        if !cluster.is_leader() {
+            continue;
+        }
+        let metrics = cluster.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        if voters.len() >= voters_max {
+            continue;
+        }
+        let last_index = metrics.last_log_index.unwrap_or(0);
+        let Some(replication) = metrics.replication.as_ref() else { continue };
+        let caught_up = membership.learner_ids().find(|id| {
+            let registered = cluster.local_state(|s| s.nodes.contains_key(id));
+            let matched = replication.get(id).and_then(|m| m.as_ref()).map(|log_id| log_id.index).unwrap_or(0);
+            registered && matched + 16 >= last_index
+        });
+        if let Some(id) = caught_up {
+            let mut new_voters = voters.clone();
+            new_voters.insert(id);
+            match cluster.change_membership(new_voters).await {
+                Ok(()) => tracing::info!(node_id = id, "learner promoted to voter"),
+                Err(error) => tracing::warn!(node_id = id, %error, "promotion failed; will retry"),
+            }
+        }
+    }
+}
