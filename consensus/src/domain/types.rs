@@ -109,7 +109,8 @@ impl FromStr for Mac {
         }
         let mut bytes = [0u8; 6];
         for (byte, part) in bytes.iter_mut().zip(parts) {
-            if part.len() != 2 {
+            // `from_str_radix` alone would take "+f".
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid());
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
