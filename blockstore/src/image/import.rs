@@ -34,6 +34,7 @@ pub const WRITER_THREADS: usize = 4;
 pub const STAGE_BATCH_CHUNKS: usize = 256;
 const QEMU_NBD: &str = "qemu-nbd";
 const QEMU_IMG: &str = "qemu-img";
+const NBD_READ_BYTES: usize = 1 << 20;
 const QEMU_NBD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -458,11 +459,13 @@ impl ChunkStore {
             message,
         };
         let stream = server.connect().map_err(converter_error)?;
-        let mut reader =
+        let reader =
             NbdReader::connect(stream).map_err(|error| converter_error(error.to_string()))?;
         let size_bytes = reader.size_bytes();
-        let outcome = self.import_raw(name, version, &mut reader, size_bytes, progress);
-        let _ = reader.disconnect();
+        // 1 MiB NBD reads: 16 chunks per round trip to qemu-nbd.
+        let mut buffered = io::BufReader::with_capacity(NBD_READ_BYTES, reader);
+        let outcome = self.import_raw(name, version, &mut buffered, size_bytes, progress);
+        let _ = buffered.into_inner().disconnect();
         drop(server);
         outcome
     }
@@ -533,7 +536,13 @@ struct QemuNbd {
 
 impl QemuNbd {
     fn start(store: &ChunkStore, path: &Path, format: ImageFormat) -> Result<Self, ImportError> {
-        let socket = store.temp_path("nbd").with_extension("sock");
+        // A Unix socket path must fit in 108 bytes: use the system temp dir, not the store's.
+        let serial = store.temp_path("nbd");
+        let serial = serial
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("nbd");
+        let socket = std::env::temp_dir().join(format!("cairn-{serial}.sock"));
         let child = Command::new(QEMU_NBD)
             .arg("--read-only")
             .arg("--persistent")

@@ -82,6 +82,8 @@ pub const SECTOR_SIZE_BYTES: u64 = 512;
 /// Default for [`VolumeOptions::journal_bytes_max`].
 pub const JOURNAL_BYTES_MAX: u64 = 4 << 20;
 const STRIPES: usize = 256;
+/// Most 4 KiB blocks one `mapping_at` call looks at (4 GiB).
+const MAPPING_SCAN_BLOCKS_MAX: u64 = 1 << 20;
 const META_MAGIC: &[u8; 8] = b"CAIRNVM1";
 
 #[derive(Debug, thiserror::Error)]
@@ -616,6 +618,77 @@ impl Volume {
         }
     }
 
+    /// The standby side of [`WriteMirror`]: applies an operation the primary mirrored, unless
+    /// it comes from an older generation than this volume was opened at (a fenced primary).
+    /// Writes are whole 4 KiB blocks; nothing is mirrored further.
+    pub fn apply_mirrored(
+        &self,
+        generation: u64,
+        operation: MirrorOperation<'_>,
+    ) -> Result<(), VolumeError> {
+        if generation < self.generation {
+            return Err(VolumeError::Fenced {
+                held: generation,
+                current: self.generation,
+            });
+        }
+        self.check_fence()?;
+        let block = LAYER_BLOCK_SIZE_BYTES;
+        match operation {
+            MirrorOperation::Write { first_block, data } => {
+                let layer = self.layer();
+                let blocks = data.len() as u64 / block;
+                let fits = first_block
+                    .checked_add(blocks)
+                    .is_some_and(|end| end <= layer.map.block_count());
+                if data.is_empty() || data.len() as u64 % block != 0 || !fits {
+                    return Err(VolumeError::OutOfRange {
+                        offset: first_block.saturating_mul(block),
+                        length: data.len() as u64,
+                        size_bytes: layer.size_bytes,
+                    });
+                }
+                let _stripes = self.lock_stripes(first_block, first_block + blocks - 1);
+                self.data
+                    .write_all_at(data, first_block * block)
+                    .map_err(VolumeError::io(&self.data_path))?;
+                self.data_dirty.store(true, Ordering::Release);
+                self.set_states(
+                    &layer,
+                    first_block,
+                    first_block + blocks - 1,
+                    BlockState::Layer,
+                );
+                Ok(())
+            }
+            MirrorOperation::Unmap {
+                first_block,
+                block_count,
+            } => {
+                let layer = self.layer();
+                let fits = first_block
+                    .checked_add(block_count)
+                    .is_some_and(|end| end <= layer.map.block_count());
+                if block_count == 0 || !fits {
+                    return Err(VolumeError::OutOfRange {
+                        offset: first_block.saturating_mul(block),
+                        length: block_count.saturating_mul(block),
+                        size_bytes: layer.size_bytes,
+                    });
+                }
+                let _stripes = self.lock_stripes(first_block, first_block + block_count - 1);
+                self.set_states(
+                    &layer,
+                    first_block,
+                    first_block + block_count - 1,
+                    BlockState::Unmapped,
+                );
+                Ok(())
+            }
+            MirrorOperation::Flush => self.flush(),
+        }
+    }
+
     /// Makes `length` bytes at `offset` read as zeros (multiples of 512). Whole 4 KiB blocks
     /// become unmapped; partial blocks at the edges are written with zeros.
     pub fn unmap_at(&self, offset: u64, length: u64) -> Result<(), VolumeError> {
@@ -651,6 +724,15 @@ impl Volume {
             self.write_locked(&layer, tail_start, &zeros[..(end - tail_start) as usize])?;
         }
         self.set_states(&layer, whole_first, whole_end - 1, BlockState::Unmapped);
+        // Give the space back. Safe before the map change is durable: the unmap is already
+        // acknowledged-to-be, and a crash may show a block as old data or zeros (both allowed).
+        // Failure (a file system without hole punching) only costs space.
+        let _ = rustix::fs::fallocate(
+            &self.data,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            whole_first * LAYER_BLOCK_SIZE_BYTES,
+            (whole_end - whole_first) * LAYER_BLOCK_SIZE_BYTES,
+        );
         self.mirror_before_ack(MirrorOperation::Unmap {
             first_block: whole_first,
             block_count: whole_end - whole_first,
@@ -767,7 +849,9 @@ impl Volume {
         }
         let answer = mapped(first);
         let mut block = first + 1;
-        while block < block_count && mapped(block) == answer {
+        // A shorter run is a valid answer; bound the work of one GET LBA STATUS.
+        let scan_end = block_count.min(first + MAPPING_SCAN_BLOCKS_MAX);
+        while block < scan_end && mapped(block) == answer {
             block += 1;
         }
         let end = (block * LAYER_BLOCK_SIZE_BYTES).min(layer.size_bytes);
