@@ -4,6 +4,7 @@
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,6 +20,29 @@ use crate::scsi::ScsiResult;
 /// Socket read size; also bounds how much unframed input one connection holds at a time
 /// (plus one PDU).
 const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Encoded output handed to the writer task in one piece once it is this big...
+const WRITE_BATCH_BYTES: usize = 512 * 1024;
+/// ...and at most this many batches wait for the socket (bounds memory per session).
+const WRITE_BATCHES_MAX: usize = 4;
+
+/// Encoded PDUs: headers packed in `out`, data segments kept in their own buffers.
+#[derive(Default)]
+struct Batch {
+    out: Vec<u8>,
+    datas: Vec<Vec<u8>>,
+    /// (header start, header end, index into `datas`)
+    pieces: Vec<(usize, usize, Option<usize>)>,
+    bytes: usize,
+}
+
+/// Moves everything the connection wants to send into `batch`; returns the batch's size.
+fn drain_into(conn: &mut Connection, batch: &mut Batch) -> usize {
+    while let Some((pdu, h, d)) = conn.poll_transmit() {
+        batch.bytes += pdu.wire_len(h, d);
+        encode_split(pdu, h, d, &mut batch.out, &mut batch.datas, &mut batch.pieces);
+    }
+    batch.bytes
+}
 
 /// The iSCSI target of one node: the registry of targets plus the listeners serving them.
 #[derive(Clone, Default)]
@@ -87,12 +111,31 @@ impl Target {
         let mut challenge = [0u8; 16];
         rand::Rng::fill(&mut rand::thread_rng(), &mut challenge[..]);
         let mut conn = Connection::new(self.registry.clone(), self.portal_info(local), challenge);
-        let (mut reader, mut writer) = stream.into_split();
+        let (mut reader, writer) = stream.into_split();
+        // Big batches go to a writer task so sending one overlaps with reading and executing
+        // the next; small ones are written inline when the writer is idle (a task hand-off
+        // costs more than a small write). The channel is bounded: a slow initiator stops our
+        // reads.
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (batches, mut to_send) = tokio::sync::mpsc::channel::<Batch>(WRITE_BATCHES_MAX);
+        let writer_task = {
+            let writer = writer.clone();
+            let pending = pending.clone();
+            tokio::spawn(async move {
+                while let Some(batch) = to_send.recv().await {
+                    let mut w = writer.lock().await;
+                    let r = write_pieces(&mut w, &batch).await;
+                    pending.fetch_sub(1, Ordering::AcqRel);
+                    r?;
+                }
+                let _ = writer.lock().await.shutdown().await;
+                Ok::<(), std::io::Error>(())
+            })
+        };
         let closer = Arc::new(Notify::new());
         let mut registered: Option<u64> = None;
         let mut buf = vec![0u8; READ_CHUNK_BYTES];
-        let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
-        let mut datas: Vec<Vec<u8>> = Vec::new();
         let result = loop {
             let n = tokio::select! {
                 r = reader.read(&mut buf) => match r {
@@ -104,12 +147,20 @@ impl Target {
             };
             conn.handle_bytes(&buf[..n]);
             let mut close = false;
+            let mut batch = Batch::default();
             while let Some(event) = conn.poll_event() {
                 match event {
                     Event::Execute(command) => {
                         let itt = command.itt;
                         let result = execute(command).await;
                         conn.handle_command_complete(itt, result);
+                        // Hand big batches to the writer early so it works while we read on.
+                        if drain_into(&mut conn, &mut batch) >= WRITE_BATCH_BYTES {
+                            pending.fetch_add(1, Ordering::AcqRel);
+                            if batches.send(std::mem::take(&mut batch)).await.is_err() {
+                                close = true;
+                            }
+                        }
                     }
                     Event::ResetTarget { target, cold, session_id } => {
                         if cold {
@@ -134,28 +185,34 @@ impl Target {
                     registered = Some(id);
                 }
             }
-            // Encode everything queued; data segments go out without an extra copy.
-            out.clear();
-            datas.clear();
-            let mut pieces: Vec<(usize, usize, Option<usize>)> = Vec::new(); // (header start, header end, data index)
-            while let Some((pdu, h, d)) = conn.poll_transmit() {
-                encode_split(pdu, h, d, &mut out, &mut datas, &mut pieces);
-            }
-            if !pieces.is_empty() {
-                write_pieces(&mut writer, &out, &datas, &pieces).await?;
+            drain_into(&mut conn, &mut batch);
+            if !batch.pieces.is_empty() {
+                if batch.bytes < WRITE_BATCH_BYTES && pending.load(Ordering::Acquire) == 0 {
+                    // Nothing queued for the writer: writing here keeps the order.
+                    let mut w = writer.lock().await;
+                    if let Err(e) = write_pieces(&mut w, &batch).await {
+                        break Err(e);
+                    }
+                } else {
+                    pending.fetch_add(1, Ordering::AcqRel);
+                    if batches.send(batch).await.is_err() {
+                        break Ok(());
+                    }
+                }
             }
             if close || conn.is_closing() {
                 break Ok(());
             }
         };
+        drop(batches);
+        let written = writer_task.await.unwrap_or(Ok(()));
         if let Some(id) = registered {
             self.registry.unregister_session(id);
             if let (Some(target), Some(nexus)) = (conn.target(), conn.nexus()) {
                 target.lun.nexus_lost(nexus);
             }
         }
-        let _ = writer.shutdown().await;
-        result
+        result.and(written)
     }
 }
 
@@ -205,12 +262,8 @@ fn encode_split(
     pieces.push((start, out.len(), Some(datas.len() - 1)));
 }
 
-async fn write_pieces(
-    writer: &mut tokio::net::tcp::OwnedWriteHalf,
-    out: &[u8],
-    datas: &[Vec<u8>],
-    pieces: &[(usize, usize, Option<usize>)],
-) -> std::io::Result<()> {
+async fn write_pieces(writer: &mut tokio::net::tcp::OwnedWriteHalf, batch: &Batch) -> std::io::Result<()> {
+    let (out, datas, pieces) = (&batch.out, &batch.datas, &batch.pieces);
     let mut slices: Vec<&[u8]> = Vec::with_capacity(pieces.len() * 2);
     for (s, e, d) in pieces {
         slices.push(&out[*s..*e]);
