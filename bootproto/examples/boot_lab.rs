@@ -19,21 +19,54 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.len() >= 8, "usage: boot_lab <interface> <server_ip> <subnet>/<prefix> <first> <last> <tftp_root> <script_url> [mac...]");
     let interface = args[1].clone();
     let server_ip = args[2].parse()?;
-    let (subnet, prefix) = args[3].split_once('/').ok_or_else(|| anyhow::anyhow!("subnet needs /prefix"))?;
-    let mut pool = PoolConfig::new(subnet.parse()?, prefix.parse()?, args[4].parse()?, args[5].parse()?);
+    let (subnet, prefix) = args[3]
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("subnet needs /prefix"))?;
+    let mut pool = PoolConfig::new(
+        subnet.parse()?,
+        prefix.parse()?,
+        args[4].parse()?,
+        args[5].parse()?,
+    );
     pool.routers = vec![server_ip];
     let mut config = DhcpConfig::full(server_ip, pool, args[7].clone());
     config.interface = Some(interface.clone());
-    let macs: Vec<MacAddr> = args[8..].iter().map(|m| m.parse()).collect::<Result<_, _>>()?;
+    let macs: Vec<MacAddr> = args[8..]
+        .iter()
+        .map(|m| m.parse())
+        .collect::<Result<_, _>>()?;
     let committer = MemoryCommitter::new(Duration::from_millis(1));
     let directory = MemoryDirectory::new(committer.clone(), macs.is_empty());
     for mac in macs {
         directory.register(mac);
     }
     let dhcp = DhcpServer::bind(config, directory.clone(), Arc::clone(&committer)).await?;
-    let tftp = TftpServer::bind(TftpConfig::new(std::net::SocketAddr::new(server_ip.into(), 69), &args[6])).await?;
-    let ra = RaResponder::bind(&RaConfig { interface, router_lifetime_secs: 0 })?;
-    eprintln!("boot_lab: dhcp {:?}, tftp {}, ra on {}", dhcp.local_addrs(), tftp.local_addr()?, args[1]);
+    let tftp = TftpServer::bind(TftpConfig::new(
+        std::net::SocketAddr::new(server_ip.into(), 69),
+        &args[6],
+    ))
+    .await?;
+    // CAIRN_LAB_NO_RA=1 leaves router solicitations unanswered (to see iPXE's wait).
+    let ra = match std::env::var_os("CAIRN_LAB_NO_RA") {
+        Some(_) => None,
+        None => Some(RaResponder::bind(&RaConfig {
+            interface,
+            router_lifetime_secs: 0,
+        })?),
+    };
+    let ra_run = async move {
+        match ra {
+            Some(ra) => ra.run().await,
+            None => std::future::pending().await,
+        }
+    };
+    eprintln!(
+        "boot_lab: dhcp {:?}, tftp {}, ra on {}: {}",
+        dhcp.local_addrs(),
+        tftp.local_addr()?,
+        args[1],
+        std::env::var_os("CAIRN_LAB_NO_RA").is_none()
+    );
     let started = std::time::Instant::now();
     let watch = directory.clone();
     tokio::spawn(async move {
@@ -44,7 +77,12 @@ async fn main() -> anyhow::Result<()> {
             if table.len() != seen {
                 seen = table.len();
                 for lease in &table {
-                    eprintln!("boot_lab: [{:6.2}] lease {} -> {}", started.elapsed().as_secs_f64(), lease.mac, lease.ip);
+                    eprintln!(
+                        "boot_lab: [{:6.2}] lease {} -> {}",
+                        started.elapsed().as_secs_f64(),
+                        lease.mac,
+                        lease.ip
+                    );
                 }
             }
             let found = watch.discovered();
@@ -58,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         r = dhcp.run() => r?,
         r = tftp.run() => r?,
-        r = ra.run() => r?,
+        r = ra_run => r?,
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())

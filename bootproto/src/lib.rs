@@ -14,6 +14,21 @@
 //! - Parsers never panic on peer input; bad input gets the protocol's error or silence.
 //! - TFTP is read-only, confined to its root, bounded in transfer size and concurrency.
 //!
+//! Wiring (the node):
+//! 1. Implement [`dhcp::BootDirectory`] (leader epoch = Raft term while leader, client lookup,
+//!    committed lease table, discovered-MAC recording) and [`dhcp::LeaseCommitter`] (one Raft
+//!    entry per batch of leases). Build a [`dhcp::DhcpConfig`] (TOML), then
+//!    `DhcpServer::bind(config, directory, committer).await?.run().await` on every node: only the
+//!    leader answers, and a new leader rebuilds its lease book from the table on its first packet.
+//! 2. `TftpServer::bind(TftpConfig).await?.run()` with root `/usr/lib/ipxe` (Debian's ipxe).
+//! 3. Serve `render_ipxe_script(&plan)` at `PxeConfig::script_url` (any node), reading the
+//!    client's MAC with [`ipxe::parse_boot_query`]; the login step posts back to the plan's
+//!    `login_url` with `mac`, `user` and `password`.
+//! 4. On the clients' link, `RaResponder::bind(&RaConfig)?.run()` so iPXE does not wait ~14 s
+//!    for IPv6 routers.
+//!
+//! [`testing`] has in-memory stand-ins of both traits (tests, benchmark, `examples/boot_lab.rs`).
+//!
 //! Deliberately not done: DHCPv6, BOOTP-only clients, relay agent information echo (option 82),
 //! option overload, TFTP writes, HTTP serving (the node serves the rendered scripts).
 pub mod dhcp;
