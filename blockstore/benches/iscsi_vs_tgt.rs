@@ -6,7 +6,8 @@
 //! per session (resident set growth per idle session, and peak during the load).
 //!
 //! `cargo bench -p cairn-blockstore --bench iscsi_vs_tgt`; `BENCH_SECONDS` (default 5) and
-//! `BENCH_ROUNDS` (default 3) tune it. Needs tgt and libiscsi-bin; prints why and exits 0 when
+//! `BENCH_ROUNDS` (default 3) tune it; `BENCH_CAIRN_ARGS` adds arguments to `cairn-iscsi-file`
+//! (for example `--inline-io`). Needs tgt and libiscsi-bin; prints why and exits 0 when
 //! they are missing. Goals (not asserted): reads >= 1.5x tgt, writes >= 1.0x tgt.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -86,6 +87,7 @@ impl Drop for Cairn {
 fn start_cairn(image: &str, port: u16, iqn: &str) -> Cairn {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
         .args(["--portal", &format!("127.0.0.1:{port}"), "--iqn", iqn, "--file", image])
+        .args(std::env::var("BENCH_CAIRN_ARGS").unwrap_or_default().split_whitespace())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -369,6 +371,21 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system, all threads) a process has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) start after ')'.
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -426,12 +443,19 @@ fn main() {
     let _ = iscsi_perf(&cairn_url, 2048, false, 2);
 
     let (mut seq, mut rnd, mut wr) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
+    // CPU microseconds per 64 KiB sequential read, per target.
+    let mut cpu_per_read = (vec![], vec![]);
+    let tgt_pid = _tgt.child.id();
     for round in 0..rounds {
         // Alternate which target goes first each round.
         let order: [bool; 2] = if round % 2 == 0 { [true, false] } else { [false, true] };
         for cairn_first in order {
             let (url, port, iqn) = if cairn_first { (&cairn_url, cairn_port, cairn_iqn) } else { (&tgt_url, tgt_port, tgt_iqn) };
-            let (_, mbps) = iscsi_perf(url, 128, false, seconds);
+            let pid = if cairn_first { cairn.0.id() } else { tgt_pid };
+            let cpu_before = cpu_seconds(pid);
+            let (seq_iops, mbps) = iscsi_perf(url, 128, false, seconds);
+            let cpu_us = (cpu_seconds(pid) - cpu_before) * 1e6 / (seq_iops * seconds as f64).max(1.0);
+            if cairn_first { cpu_per_read.0.push(cpu_us) } else { cpu_per_read.1.push(cpu_us) }
             let (iops, _) = iscsi_perf(url, 8, true, seconds);
             let wmbps = write_load(port, iqn, if cairn_first { 0 } else { 1 }, seconds);
             let slot = |pair: &mut (Vec<f64>, Vec<f64>), v: f64| if cairn_first { pair.0.push(v) } else { pair.1.push(v) };
@@ -453,5 +477,7 @@ fn main() {
     println!("64 KiB sequential read : cairn {cs:8.1} MB/s   tgt {ts:8.1} MB/s   ratio {:.2}x (goal 1.5x)", cs / ts.max(1e-9));
     println!("4 KiB random read      : cairn {cr:8.0} IOPS   tgt {tr:8.0} IOPS   ratio {:.2}x (goal 1.5x)", cr / tr.max(1e-9));
     println!("64 KiB sequential write: cairn {cw:8.1} MB/s   tgt {tw:8.1} MB/s   ratio {:.2}x (goal 1.0x)", cw / tw.max(1e-9));
+    let (cc, tc) = (median(cpu_per_read.0), median(cpu_per_read.1));
+    println!("target CPU per 64 KiB read: cairn {cc:.1} us   tgt {tc:.1} us   (tgt/cairn {:.2}x; the machine is shared, so this is the steadier figure)", tc / cc.max(1e-9));
     println!("cairn memory: {per_idle_session_kib:.0} KiB resident per idle session (16 sessions), peak resident {peak_kib} KiB for the whole process");
 }

@@ -6,6 +6,10 @@
 //! - random 4 KiB write IOPS, without FUA and with FUA (fdatasync per write), and 512-byte
 //!   writes (read-modify-write of a 4 KiB block).
 //!
+//! - through iSCSI (libiscsi's `iscsi-perf`, 32 commands in flight): random 4 KiB and sequential
+//!   64 KiB reads from a volume served by Cairn's target, next to tgt serving the raw image file
+//!   (the reference peer), when tgt and libiscsi-bin are installed.
+//!
 //! `cargo bench -p cairn-blockstore --bench store`; `CAIRN_BENCH_IMAGE_MIB` (default 256) sets
 //! the image size, `CAIRN_BENCH_SECONDS` (default 2) the time per figure.
 
@@ -13,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -209,6 +214,10 @@ fn main() {
     println!(
         "random 4K read, mixed layer/base:      {layer_iops:10.0} IOPS  (4K blocks: {base} base, {layer} layer, {unmapped} unmapped)"
     );
+    volume.flush().unwrap();
+    drop(volume);
+    iscsi_figures(&store, &dir.path().join("volume"), &image_path, duration);
+
     let stats = store.read_stats();
     println!(
         "chunk reads: {} cache hits, {} from disk, cache holds {} MiB",
@@ -216,4 +225,140 @@ fn main() {
         stats.disk_reads_total,
         store.cache_bytes() >> 20
     );
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|output| output.status.success())
+        .unwrap_or(false)
+}
+
+/// iscsi-perf's "iops average N" for `blocks` 512-byte blocks per command.
+fn iscsi_perf(url: &str, blocks: u32, random: bool, seconds: u64) -> f64 {
+    let mut arguments = vec![
+        "-m".to_string(),
+        "32".into(),
+        "-b".into(),
+        blocks.to_string(),
+        "-t".into(),
+        seconds.to_string(),
+    ];
+    if random {
+        arguments.push("-r".into());
+    }
+    arguments.push(url.to_string());
+    let output = Command::new("timeout")
+        .arg((seconds + 20).to_string())
+        .arg("iscsi-perf")
+        .args(&arguments)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).replace('\r', "\n");
+    let line = text
+        .lines()
+        .filter(|line| line.starts_with("iops average"))
+        .last()
+        .unwrap_or("");
+    line.split(|c: char| !c.is_ascii_digit())
+        .find(|word| !word.is_empty())
+        .and_then(|word| word.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn iscsi_figures(store: &Arc<ChunkStore>, volume_dir: &Path, image: &Path, duration: Duration) {
+    use cairn_blockstore::iscsi::server::Target;
+    use cairn_blockstore::iscsi::target::TargetConfig;
+    if !have("iscsi-perf") {
+        println!("iscsi figures skipped: iscsi-perf not found (apt-get install -y libiscsi-bin)");
+        return;
+    }
+    let seconds = duration.as_secs().max(3);
+    // The volume was filled by the write figures; reset it so reads come from the base (the
+    // boot case: a shared image, verified chunks in the cache).
+    let volume = Volume::open(store.clone(), volume_dir, VolumeOptions::default()).unwrap();
+    volume.reset(None).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let target = Target::new();
+    let iqn = "iqn.2026-11.org.cairn:bench-volume";
+    target
+        .add_target(iqn, Arc::new(volume), TargetConfig::default())
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!(
+        "iscsi://127.0.0.1:{}/{iqn}/0",
+        listener.local_addr().unwrap().port()
+    );
+    runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let _ = target.serve(listener).await;
+    });
+    // Warm the chunk cache (and tgt's page cache below) with one sequential pass.
+    iscsi_perf(&url, 128, false, 2);
+    let volume_random = iscsi_perf(&url, 8, true, seconds);
+    let volume_sequential = iscsi_perf(&url, 128, false, seconds) * 65536.0 / 1e6;
+
+    let script = Path::new("/work/shared/peers/tgt-reference.sh");
+    let tgt = if have("tgtd") && script.exists() {
+        let portal = "127.0.0.1:3291";
+        let started = Command::new("bash")
+            .arg(script)
+            .args(["start", image.to_str().unwrap(), portal])
+            .output()
+            .unwrap();
+        let tgt_url = String::from_utf8_lossy(&started.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let figures = if started.status.success() && tgt_url.starts_with("iscsi://") {
+            iscsi_perf(&tgt_url, 128, false, 2);
+            Some((
+                iscsi_perf(&tgt_url, 8, true, seconds),
+                iscsi_perf(&tgt_url, 128, false, seconds) * 65536.0 / 1e6,
+            ))
+        } else {
+            println!(
+                "tgt did not start: {}",
+                String::from_utf8_lossy(&started.stderr)
+            );
+            None
+        };
+        let _ = Command::new("bash")
+            .arg(script)
+            .args(["stop", portal])
+            .output();
+        figures
+    } else {
+        println!(
+            "tgt figures skipped: tgtd or {} not found",
+            script.display()
+        );
+        None
+    };
+    match tgt {
+        Some((tgt_random, tgt_sequential)) => {
+            println!(
+                "iSCSI random 4K read:   volume {volume_random:8.0} IOPS, tgt (raw file) {tgt_random:8.0} IOPS ({:.2}x)",
+                volume_random / tgt_random.max(1.0)
+            );
+            println!(
+                "iSCSI sequential 64K:   volume {volume_sequential:8.0} MB/s, tgt (raw file) {tgt_sequential:8.0} MB/s ({:.2}x)",
+                volume_sequential / tgt_sequential.max(1.0)
+            );
+        }
+        None => {
+            println!("iSCSI random 4K read:   volume {volume_random:8.0} IOPS");
+            println!("iSCSI sequential 64K:   volume {volume_sequential:8.0} MB/s");
+        }
+    }
+    drop(runtime);
 }

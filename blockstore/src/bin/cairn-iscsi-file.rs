@@ -1,7 +1,10 @@
 //! Serves one file as LUN 0 of one iSCSI target, for conformance tests and benchmarks:
 //!
 //! `cairn-iscsi-file --portal 127.0.0.1:3260 [--portal 127.0.0.1:3261] --iqn IQN --file IMG
-//!  [--size-mib N] [--initiator IQN]... [--chap USER:SECRET] [--mutual-chap USER:SECRET]`
+//!  [--size-mib N] [--initiator IQN]... [--chap USER:SECRET] [--mutual-chap USER:SECRET]
+//!  [--threads N] [--inline-io]`
+//!
+//! `--inline-io` runs device calls on the connection task (see `Target::with_inline_io`).
 //!
 //! Prints `ready` on stdout once every portal listens.
 
@@ -24,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     let mut size_mib: Option<u64> = None;
     let mut config = TargetConfig::default();
     let mut threads = 2usize;
+    let mut inline_io = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -36,6 +40,7 @@ fn main() -> anyhow::Result<()> {
             "--chap" => config.chap = Some(parse_chap(&value()?)?),
             "--mutual-chap" => config.mutual_chap = Some(parse_chap(&value()?)?),
             "--threads" => threads = value()?.parse().context("--threads")?,
+            "--inline-io" => inline_io = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -50,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     id.copy_from_slice(&digest.as_bytes()[..16]);
     let device = FileDevice::open(&file, size_mib.map(|m| m << 20), id)
         .with_context(|| format!("opening {}", file.display()))?;
-    let target = Target::new();
+    let target = Target::new().with_inline_io(inline_io);
     target.add_target(&iqn, Arc::new(device), config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
     runtime.block_on(async move {

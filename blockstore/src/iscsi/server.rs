@@ -25,6 +25,29 @@ const WRITE_BATCH_BYTES: usize = 512 * 1024;
 /// ...and at most this many batches wait for the socket (bounds memory per session).
 const WRITE_BATCHES_MAX: usize = 4;
 
+/// Data-In buffers handed back after they were sent, so reads reuse warm memory instead of
+/// faulting in fresh pages for every command. Bounded.
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<Vec<u8>>>);
+
+const POOL_BUFFERS_MAX: usize = 64;
+const POOL_BUFFER_BYTES_MAX: usize = 1 << 20;
+
+impl BufferPool {
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
+    }
+    fn give(&self, buffers: &mut Vec<Vec<u8>>) {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for b in buffers.drain(..) {
+            // Kept at its length: the next read overwrites it without zeroing it first.
+            if pool.len() < POOL_BUFFERS_MAX && (4096..=POOL_BUFFER_BYTES_MAX).contains(&b.capacity()) {
+                pool.push(b);
+            }
+        }
+    }
+}
+
 /// Encoded PDUs: headers packed in `out`, data segments kept in their own buffers.
 #[derive(Default)]
 struct Batch {
@@ -49,11 +72,21 @@ fn drain_into(conn: &mut Connection, batch: &mut Batch) -> usize {
 pub struct Target {
     registry: Arc<Registry>,
     portals: Arc<Mutex<Vec<SocketAddr>>>,
+    inline_io: bool,
 }
 
 impl Target {
     pub fn new() -> Target {
         Target::default()
+    }
+
+    /// Runs every device call on the connection's own task instead of the blocking pool.
+    /// Faster for devices whose calls return in microseconds (a file in the page cache); wrong
+    /// for devices that wait on the network or a disk, which would stall other sessions.
+    /// Plain READs always run inline.
+    pub fn with_inline_io(mut self, inline_io: bool) -> Target {
+        self.inline_io = inline_io;
+        self
     }
 
     /// Serves `device` as LUN 0 of target `iqn`.
@@ -118,16 +151,19 @@ impl Target {
         // reads.
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let pending = Arc::new(AtomicUsize::new(0));
+        let pool = Arc::new(BufferPool::default());
         let (batches, mut to_send) = tokio::sync::mpsc::channel::<Batch>(WRITE_BATCHES_MAX);
         let writer_task = {
             let writer = writer.clone();
             let pending = pending.clone();
+            let pool = pool.clone();
             tokio::spawn(async move {
-                while let Some(batch) = to_send.recv().await {
+                while let Some(mut batch) = to_send.recv().await {
                     let mut w = writer.lock().await;
                     let r = write_pieces(&mut w, &batch).await;
                     pending.fetch_sub(1, Ordering::AcqRel);
                     r?;
+                    pool.give(&mut batch.datas);
                 }
                 let _ = writer.lock().await.shutdown().await;
                 Ok::<(), std::io::Error>(())
@@ -152,7 +188,7 @@ impl Target {
                 match event {
                     Event::Execute(command) => {
                         let itt = command.itt;
-                        let result = execute(command).await;
+                        let result = execute(command, &pool, self.inline_io).await;
                         conn.handle_command_complete(itt, result);
                         // Hand big batches to the writer early so it works while we read on.
                         if drain_into(&mut conn, &mut batch) >= WRITE_BATCH_BYTES {
@@ -187,12 +223,14 @@ impl Target {
             }
             drain_into(&mut conn, &mut batch);
             if !batch.pieces.is_empty() {
+                let mut batch = batch;
                 if batch.bytes < WRITE_BATCH_BYTES && pending.load(Ordering::Acquire) == 0 {
                     // Nothing queued for the writer: writing here keeps the order.
                     let mut w = writer.lock().await;
                     if let Err(e) = write_pieces(&mut w, &batch).await {
                         break Err(e);
                     }
+                    pool.give(&mut batch.datas);
                 } else {
                     pending.fetch_add(1, Ordering::AcqRel);
                     if batches.send(batch).await.is_err() {
@@ -247,16 +285,10 @@ fn encode_split(
     }
     let mut data = data;
     let pad = (4 - data_len % 4) % 4;
+    data.resize(data_len + pad, 0);
     if data_digest {
-        let d = super::wire::digest(&{
-            let mut padded = data.clone();
-            padded.resize(data_len + pad, 0);
-            padded
-        });
-        data.resize(data_len + pad, 0);
+        let d = super::wire::digest(&data);
         data.extend_from_slice(&d.to_le_bytes());
-    } else {
-        data.resize(data_len + pad, 0);
     }
     datas.push(data);
     pieces.push((start, out.len(), Some(datas.len() - 1)));
@@ -299,11 +331,14 @@ async fn write_pieces(writer: &mut tokio::net::tcp::OwnedWriteHalf, batch: &Batc
 /// Runs one SCSI command. Plain READs run inline (page-cache reads are shorter than a trip to
 /// the blocking pool); everything else runs on the blocking pool so a slow flush does not stall
 /// the runtime.
-async fn execute(command: Command) -> ScsiResult {
+async fn execute(command: Command, pool: &BufferPool, inline_io: bool) -> ScsiResult {
     let Command { lun, cdb, data_out, target, nexus, .. } = command;
-    let mut buffer = Vec::new();
+    let mut buffer = pool.take();
     if let Some(result) = target.lun.try_fast_read(&nexus, lun, &cdb, &mut buffer) {
         return if result.status == crate::scsi::sense::GOOD { ScsiResult::good(buffer) } else { result };
+    }
+    if inline_io {
+        return target.lun.execute(&nexus, lun, &cdb, &data_out);
     }
     tokio::task::spawn_blocking(move || target.lun.execute(&nexus, lun, &cdb, &data_out))
     .await

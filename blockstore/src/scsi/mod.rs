@@ -701,8 +701,9 @@ impl Lun {
         Ok(buf)
     }
 
-    /// Reads straight into `buffer` (the caller's Data-In buffer) when the command is a plain
-    /// READ with no unit attention or reservation in the way; `None` means "use `execute`".
+    /// Reads straight into `buffer` (the caller's Data-In buffer, whose old contents are
+    /// overwritten: a reused buffer is not zeroed first) when the command is a plain READ with
+    /// no unit attention or reservation in the way; `None` means "use `execute`".
     pub fn try_fast_read(&self, nexus: &Nexus, lun_id: u64, cdb: &[u8], buffer: &mut Vec<u8>) -> Option<ScsiResult> {
         if lun_id != 0 || !matches!(cdb.first(), Some(0x28 | 0x88 | 0xa8)) {
             return None;
@@ -721,11 +722,11 @@ impl Lun {
             return None;
         }
         let len = rw.blocks as usize * self.device.block_size_bytes() as usize;
-        let start = buffer.len();
-        buffer.resize(start + len, 0);
+        // Only the part beyond the old length gets zeroed; the device fills all of it.
+        buffer.resize(len, 0);
         if len > 0 {
-            if let Err(e) = self.device.read(rw.lba, &mut buffer[start..]) {
-                buffer.truncate(start);
+            if let Err(e) = self.device.read(rw.lba, buffer) {
+                buffer.clear();
                 return Some(Self::failure(device_failure(e, false)));
             }
         }
