@@ -268,7 +268,7 @@ impl ChunkStore {
         &self,
         name: &str,
         version: u64,
-        reader: &mut (dyn Read + Send),
+        reader: &mut dyn Read,
         size_bytes: u64,
         progress: &dyn ImportProgress,
     ) -> Result<ImportOutcome, ImportError> {
@@ -340,7 +340,7 @@ impl ChunkStore {
     fn import_chunks(
         &self,
         shared: &ImportShared<'_>,
-        reader: &mut (dyn Read + Send),
+        reader: &mut dyn Read,
         size_bytes: u64,
         chunk_count: usize,
         progress: &dyn ImportProgress,
