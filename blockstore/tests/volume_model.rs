@@ -528,3 +528,41 @@ fn a_standby_volume_fed_by_the_mirror_matches_the_primary() {
         })
     ));
 }
+
+#[test]
+fn leftovers_of_an_interrupted_checkpoint_are_ignored_and_damage_is_reported() {
+    let (harness, volume, _) = Harness::new();
+    volume.write(40, &[0x77; 4096], true).unwrap();
+    let expected = Harness::read_all(&volume);
+    drop(volume);
+    // A crash between creating the next journal / temp map and the rename of layer.map.
+    std::fs::write(harness.volume_dir.join("journal.99"), [1u8; 48]).unwrap();
+    std::fs::write(harness.volume_dir.join("layer.tmp"), b"half a map").unwrap();
+    let volume = harness.open();
+    assert!(Harness::read_all(&volume) == expected);
+    assert!(!harness.volume_dir.join("journal.99").exists());
+    drop(volume);
+    // A damaged checkpoint is reported, not guessed around.
+    let map = harness.volume_dir.join("layer.map");
+    let mut bytes = std::fs::read(&map).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(&map, &bytes).unwrap();
+    let error = Volume::open(
+        harness.store.clone(),
+        &harness.volume_dir,
+        VolumeOptions::default(),
+    )
+    .err()
+    .expect("a damaged map must not open");
+    assert!(error.to_string().contains("damaged"), "{error}");
+    bytes[20] ^= 0xff;
+    std::fs::write(&map, &bytes).unwrap();
+    let meta = harness.volume_dir.join("volume.meta");
+    std::fs::write(&meta, b"garbage").unwrap();
+    assert!(Volume::open(
+        harness.store.clone(),
+        &harness.volume_dir,
+        VolumeOptions::default()
+    )
+    .is_err());
+}
