@@ -299,3 +299,83 @@ async fn perfdhcp_relay_mode_against_the_leader() {
     assert_eq!(ips.len(), table.len(), "two MACs hold one address");
     assert_eq!(committer.counts().2, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_answers_on_both_ports_without_leases() {
+    let server_ip = Ipv4Addr::new(127, 0, 0, 6);
+    let (port, proxy_port) = (16768, 16769);
+    let committer = MemoryCommitter::new(Duration::ZERO);
+    let directory = MemoryDirectory::new(committer.clone(), true);
+    let mut config = DhcpConfig::proxy(server_ip, "http://127.0.0.6:8080/boot/ipxe");
+    config.bind_ip = server_ip;
+    config.server_port = port;
+    config.proxy_port = proxy_port;
+    let server = DhcpServer::bind(config, directory, committer.clone())
+        .await
+        .unwrap();
+    assert_eq!(server.local_addrs().len(), 2);
+    let task = tokio::spawn(server.run());
+    let relay = UdpSocket::bind(SocketAddr::from((RELAY, port)))
+        .await
+        .unwrap();
+    let mac = MacAddr([0x52, 0x54, 0, 0, 0, 7]);
+    let mut discover =
+        v4::Message::from_bytes(&relayed(MessageType::Discover, mac, None, None)).unwrap();
+    discover.opts_mut().insert(DhcpOption::ClassIdentifier(
+        b"PXEClient:Arch:00000:UNDI:002001".to_vec(),
+    ));
+    let offer = answer(
+        &relay,
+        SocketAddr::from((server_ip, port)),
+        &discover.to_vec().unwrap(),
+        2000,
+    )
+    .await
+    .expect("proxy offer");
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(
+        offer.yiaddr(),
+        Ipv4Addr::UNSPECIFIED,
+        "proxyDHCP gives no address"
+    );
+    assert_eq!(file(&offer), "undionly.kpxe");
+    assert_eq!(
+        offer.opts().get(dhcproto::v4::OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+    );
+
+    // Boot server discovery on the proxy port: answered to the sender's address and port.
+    let client = UdpSocket::bind("127.0.0.7:0").await.unwrap();
+    let mut request =
+        v4::Message::from_bytes(&relayed(MessageType::Request, mac, None, None)).unwrap();
+    request.set_giaddr(Ipv4Addr::UNSPECIFIED);
+    request.set_ciaddr(Ipv4Addr::new(127, 0, 0, 7));
+    request.opts_mut().insert(DhcpOption::ClassIdentifier(
+        b"PXEClient:Arch:00007".to_vec(),
+    ));
+    request
+        .opts_mut()
+        .insert(DhcpOption::ClientSystemArchitecture(v4::Architecture(7)));
+    let ack = answer(
+        &client,
+        SocketAddr::from((server_ip, proxy_port)),
+        &request.to_vec().unwrap(),
+        2000,
+    )
+    .await
+    .expect("proxy ack");
+    assert_eq!(
+        (ack.opts().msg_type(), file(&ack).as_str()),
+        (Some(MessageType::Ack), "ipxe.efi")
+    );
+    assert_eq!(committer.counts(), (0, 0, 0), "proxy mode commits no lease");
+    task.abort();
+}
+
+/// The boot file name field (dhcproto keeps the C string's terminating nul).
+fn file(message: &v4::Message) -> String {
+    message
+        .fname()
+        .map(|f| String::from_utf8_lossy(f).trim_end_matches('\0').to_owned())
+        .unwrap_or_default()
+}
