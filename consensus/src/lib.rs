@@ -23,13 +23,13 @@ pub mod metrics;
 pub mod network;
 pub mod quic;
 pub mod raft_node;
+pub mod service;
 pub mod rpc;
 pub mod store;
 pub mod tls;
 pub mod types;
 
-pub use raft_node::{
-    ClusterNode, MembershipError, NodeConfig, ProposeError, RaftTuning, ReadError, StartError,
-};
+pub use raft_node::{ClusterNode, NodeConfig, RaftTuning, StartError};
+pub use service::{MembershipError, ProposeError, ReadError};
 pub use tls::{ClusterCa, NodeIdentity};
 pub use types::NodeAddress;

@@ -1,26 +1,26 @@
 //! `ClusterNode`: one member of the Raft cluster, as the `cairn` binary drives it.
 //!
 //! It owns the RocksDB stores, the QUIC endpoint (serving Raft and application RPCs) and the
-//! openraft instance. Writes go to the leader (followers forward them; the leader stamps the
-//! time), linearizable reads use a read index from the leader, and stale reads use the local
-//! projection.
+//! openraft instance, and runs the storage- and network-independent `service::RaftService` on
+//! them: writes go to the leader (followers forward them; the leader stamps the time),
+//! linearizable reads use a read index from the leader, stale reads use the local projection.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
-use openraft::{ChangeMembers, SnapshotPolicy};
+use openraft::SnapshotPolicy;
 use tokio::sync::watch;
 
-use crate::domain::{
-    Command, Event, Hash32, Name, NodeId, Proposal, Rejection, Seq, State, TimeMs,
-};
+use crate::domain::{Command, Event, Hash32, Name, NodeId, Seq, State};
 use crate::network::NetworkFactory;
 use crate::quic::{self, QuicError, QuicTransport};
-use crate::rpc::{ForwardError, RpcHandler, RpcRequest, RpcResponse, Transport, TransportError};
+use crate::service::{
+    system_clock, MembershipChange, MembershipError, ProposeError, RaftService, ReadError,
+    ServiceHandler, ServiceTimeouts,
+};
 use crate::store::rocks::{self, OpenError, RocksLogStore, StateReader};
 use crate::tls::NodeIdentity;
 use crate::types::{NodeAddress, Raft, RaftMetrics, StorageError};
@@ -40,8 +40,10 @@ pub struct RaftTuning {
     pub snapshot_chunk_bytes: usize,
     /// Deadline of one snapshot chunk (not of the whole snapshot).
     pub snapshot_chunk_timeout_ms: u64,
-    /// Deadline of a forwarded write or read-index request.
+    /// How long a write or read looks for a leader; deadline of one forwarded request.
     pub forward_timeout_ms: u64,
+    /// Deadline of a membership change (adding a learner waits until it caught up).
+    pub membership_timeout_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -55,6 +57,33 @@ impl Default for RaftTuning {
             snapshot_chunk_bytes: 1024 * 1024,
             snapshot_chunk_timeout_ms: 5_000,
             forward_timeout_ms: 5_000,
+            membership_timeout_ms: 120_000,
+        }
+    }
+}
+
+impl RaftTuning {
+    /// The openraft configuration these settings mean.
+    pub fn raft_config(&self) -> Result<openraft::Config, String> {
+        openraft::Config {
+            cluster_name: "cairn".into(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: self.snapshot_chunk_timeout_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes as u64,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())
+    }
+
+    pub fn service_timeouts(&self) -> ServiceTimeouts {
+        ServiceTimeouts {
+            forward_timeout_ms: self.forward_timeout_ms,
+            membership_timeout_ms: self.membership_timeout_ms,
         }
     }
 }
@@ -87,46 +116,12 @@ pub enum StartError {
     Raft(String),
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ProposeError {
-    #[error("rejected: {0}")]
-    Rejected(Rejection),
-    #[error("no leader elected within {waited_ms} ms")]
-    NoLeader { waited_ms: u64 },
-    #[error("cluster unavailable: {0}")]
-    Unavailable(String),
-    #[error("node stopped: {0}")]
-    Stopped(String),
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ReadError {
-    #[error("no leader elected within {waited_ms} ms")]
-    NoLeader { waited_ms: u64 },
-    #[error("cluster unavailable: {0}")]
-    Unavailable(String),
-    #[error("node stopped: {0}")]
-    Stopped(String),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MembershipError {
-    #[error("node {this} is not the leader (leader: {leader:?})")]
-    NotLeader {
-        this: NodeId,
-        leader: Option<(NodeId, NodeAddress)>,
-    },
-    #[error("membership change failed: {0}")]
-    Failed(String),
-}
+type Service = RaftService<StateReader, QuicTransport>;
 
 struct Inner {
-    node_id: NodeId,
-    raft: Raft,
+    service: Arc<Service>,
     reader: StateReader,
     log: RocksLogStore,
-    transport: QuicTransport,
-    tuning: RaftTuning,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -134,13 +129,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct ClusterNode {
     inner: Arc<Inner>,
-}
-
-fn now_ms() -> TimeMs {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as TimeMs)
-        .unwrap_or(0)
 }
 
 impl ClusterNode {
@@ -162,20 +150,7 @@ impl ClusterNode {
         let reader = state_machine.reader();
         let endpoint = quic::bind_endpoint(&config.identity, config.raft_listen)?;
         let transport = QuicTransport::new(config.node_id, endpoint.clone());
-        let tuning = config.tuning.clone();
-        let raft_config = openraft::Config {
-            cluster_name: "cairn".into(),
-            heartbeat_interval: tuning.heartbeat_interval_ms,
-            election_timeout_min: tuning.election_timeout_min_ms,
-            election_timeout_max: tuning.election_timeout_max_ms,
-            install_snapshot_timeout: tuning.snapshot_chunk_timeout_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_after_entries),
-            max_in_snapshot_log_to_keep: tuning.logs_kept_after_snapshot,
-            snapshot_max_chunk_size: tuning.snapshot_chunk_bytes as u64,
-            ..Default::default()
-        }
-        .validate()
-        .map_err(|e| StartError::Config(e.to_string()))?;
+        let raft_config = config.tuning.raft_config().map_err(StartError::Config)?;
         let network = NetworkFactory::new(config.node_id, transport.clone());
         let raft = Raft::new(
             config.node_id,
@@ -186,302 +161,84 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let inner = Arc::new(Inner {
+        let service = Arc::new(RaftService {
             node_id: config.node_id,
             raft: raft.clone(),
+            state: reader.clone(),
+            transport,
+            clock: system_clock(),
+            timeouts: config.tuning.service_timeouts(),
+        });
+        let server = quic::serve(endpoint, Arc::new(ServiceHandler::new(&service)));
+        let metrics_task = tokio::spawn(watch_metrics(raft.metrics()));
+        let inner = Arc::new(Inner {
+            service,
             reader,
             log,
-            transport,
-            tuning,
-            tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(vec![server, metrics_task]),
         });
-        let handler = Arc::new(NodeHandler {
-            inner: Arc::downgrade(&inner),
-        });
-        let server = quic::serve(endpoint, handler);
-        let metrics_task = tokio::spawn(watch_metrics(raft.metrics()));
-        inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend([server, metrics_task]);
         tracing::info!(node_id = config.node_id, listen = %config.raft_listen, "cluster node started");
         Ok(ClusterNode { inner })
     }
 
     pub fn node_id(&self) -> NodeId {
-        self.inner.node_id
+        self.inner.service.node_id
     }
 
     /// The underlying openraft handle (for tests and tools).
     pub fn raft(&self) -> &Raft {
-        &self.inner.raft
+        &self.inner.service.raft
     }
 
-    /// Makes this node a one-member cluster (first node of `cairn cluster init`). Calling it on an
-    /// initialized node is an error from openraft that callers may ignore.
+    /// Makes this node a one-member cluster (first node of `cairn cluster init`). Fails on a node
+    /// that is already initialized.
     pub async fn initialize(&self, advertise: NodeAddress) -> Result<(), MembershipError> {
-        let members = BTreeMap::from([(self.inner.node_id, advertise)]);
-        self.inner
-            .raft
-            .initialize(members)
-            .await
-            .map_err(|e| MembershipError::Failed(e.to_string()))
+        self.inner.service.initialize(advertise).await
     }
 
     pub async fn is_initialized(&self) -> bool {
-        self.inner.raft.is_initialized().await.unwrap_or(false)
+        self.raft().is_initialized().await.unwrap_or(false)
     }
 
-    /// Adds `node_id` as a learner and waits until it has caught up (leader only).
+    /// Adds `node_id` as a learner and waits until it has caught up. Any member may call it: the
+    /// change is forwarded to the leader.
     pub async fn add_learner(
         &self,
         node_id: NodeId,
         address: NodeAddress,
     ) -> Result<(), MembershipError> {
-        let result = self.inner.raft.add_learner(node_id, address, true).await;
-        self.membership_result(result)
+        self.inner
+            .service
+            .change_membership(MembershipChange::AddLearner { node_id, address })
+            .await
     }
 
     /// Makes `voters` the voting members (learners among them are promoted; voters not in it
-    /// become learners). Leader only.
+    /// become learners). Forwarded to the leader.
     pub async fn change_membership(&self, voters: BTreeSet<NodeId>) -> Result<(), MembershipError> {
-        let result = self
-            .inner
-            .raft
-            .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
-            .await;
-        self.membership_result(result)
+        self.inner
+            .service
+            .change_membership(MembershipChange::SetVoters(voters))
+            .await
     }
 
-    /// Removes `node_id` from the cluster, voter or learner. Leader only.
+    /// Removes `node_id` from the cluster, voter or learner. Forwarded to the leader.
     pub async fn remove_node(&self, node_id: NodeId) -> Result<(), MembershipError> {
-        let metrics = self.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let ids = BTreeSet::from([node_id]);
-        if membership.voter_ids().any(|id| id == node_id) {
-            let result = self
-                .inner
-                .raft
-                .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
-                .await;
-            self.membership_result(result)?;
-        }
-        let metrics = self.metrics().borrow().clone();
-        if metrics
-            .membership_config
-            .membership()
-            .learner_ids()
-            .any(|id| id == node_id)
-        {
-            let result = self
-                .inner
-                .raft
-                .change_membership(ChangeMembers::RemoveNodes(ids), false)
-                .await;
-            self.membership_result(result)?;
-        }
-        Ok(())
-    }
-
-    fn membership_result<T>(
-        &self,
-        result: Result<T, RaftError<u64, ClientWriteError<u64, NodeAddress>>>,
-    ) -> Result<(), MembershipError> {
-        match result {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(MembershipError::NotLeader {
-                    this: self.inner.node_id,
-                    leader: forward.leader_id.zip(forward.leader_node),
-                })
-            }
-            Err(error) => Err(MembershipError::Failed(error.to_string())),
-        }
+        self.inner
+            .service
+            .change_membership(MembershipChange::Remove(node_id))
+            .await
     }
 
     /// Proposes `command` on behalf of `actor`; returns its events once committed and applied
     /// (on the leader). Followers forward to the leader; only the leader stamps the time.
     pub async fn propose(&self, actor: Name, command: Command) -> Result<Vec<Event>, ProposeError> {
-        let started = Instant::now();
-        let result = self.propose_inner(actor, command, started).await;
-        crate::metrics::propose_finished(
-            started.elapsed().as_secs_f64(),
-            matches!(result, Err(ProposeError::Rejected(_))),
-        );
-        result
+        self.inner.service.propose(actor, command).await
     }
 
-    async fn propose_inner(
-        &self,
-        actor: Name,
-        command: Command,
-        started: Instant,
-    ) -> Result<Vec<Event>, ProposeError> {
-        let deadline = started + Duration::from_millis(self.inner.tuning.forward_timeout_ms);
-        loop {
-            let leader = match self.wait_leader(deadline).await {
-                Some(leader) => leader,
-                None => {
-                    return Err(ProposeError::NoLeader {
-                        waited_ms: started.elapsed().as_millis() as u64,
-                    })
-                }
-            };
-            let attempt = if leader == self.inner.node_id {
-                self.inner
-                    .propose_as_leader(actor.clone(), command.clone())
-                    .await
-            } else {
-                self.forward_proposal(leader, actor.clone(), command.clone())
-                    .await
-            };
-            match attempt {
-                Ok(events) => return Ok(events),
-                Err(ForwardError::Rejected(rejection)) => {
-                    return Err(ProposeError::Rejected(rejection))
-                }
-                // Ambiguous: the leader may have committed it. Retrying could apply it twice.
-                Err(ForwardError::Unavailable(reason)) => {
-                    return Err(ProposeError::Unavailable(reason))
-                }
-                Err(error) => {
-                    if Instant::now() >= deadline {
-                        return Err(ProposeError::Unavailable(error.to_string()));
-                    }
-                    if let Err(fatal) = &self.metrics().borrow().running_state {
-                        return Err(ProposeError::Stopped(fatal.to_string()));
-                    }
-                    // Leadership moved or the leader is unreachable: retry after a short pause.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-    }
-
-    async fn forward_proposal(
-        &self,
-        leader: NodeId,
-        actor: Name,
-        command: Command,
-    ) -> Result<Vec<Event>, ForwardError> {
-        let address = self
-            .leader_address(leader)
-            .ok_or(ForwardError::NotLeader { leader: None })?;
-        let timeout = Duration::from_millis(self.inner.tuning.forward_timeout_ms);
-        match self
-            .inner
-            .transport
-            .call(
-                leader,
-                &address,
-                RpcRequest::ForwardProposal { actor, command },
-                timeout,
-            )
-            .await
-        {
-            Ok(RpcResponse::Proposal(result)) => result,
-            Ok(other) => Err(ForwardError::Unavailable(format!(
-                "unexpected response {other:?}"
-            ))),
-            // Nothing reached the leader: safe to retry with whoever leads next.
-            Err(error @ TransportError::Unreachable { .. }) => {
-                Err(ForwardError::NotLeader { leader: None }).inspect_err(
-                    |_| tracing::debug!(%error, leader, "leader unreachable; retrying"),
-                )
-            }
-            // The proposal may or may not have been committed: the caller must find out.
-            Err(error) => Err(ForwardError::Unavailable(error.to_string())),
-        }
-    }
-
-    fn leader_address(&self, leader: NodeId) -> Option<NodeAddress> {
-        let metrics = self.metrics().borrow().clone();
-        metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .cloned()
-    }
-
-    /// Waits (until `deadline`) for a known leader.
-    async fn wait_leader(&self, deadline: Instant) -> Option<NodeId> {
-        let mut metrics = self.metrics();
-        loop {
-            if let Some(leader) = metrics.borrow().current_leader {
-                return Some(leader);
-            }
-            let remaining = deadline.checked_duration_since(Instant::now())?;
-            if tokio::time::timeout(remaining, metrics.changed())
-                .await
-                .ok()?
-                .is_err()
-            {
-                return None;
-            }
-        }
-    }
-
-    /// Runs `f` on a linearizable view of the state: it reflects every write committed before
-    /// the call. Works on followers (read index from the leader, then wait for apply).
+    /// Runs `f` on a linearizable view of the state (works on followers).
     pub async fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T, ReadError> {
-        let started = Instant::now();
-        let deadline = started + Duration::from_millis(self.inner.tuning.forward_timeout_ms);
-        loop {
-            let leader = match self.wait_leader(deadline).await {
-                Some(leader) => leader,
-                None => {
-                    return Err(ReadError::NoLeader {
-                        waited_ms: started.elapsed().as_millis() as u64,
-                    })
-                }
-            };
-            let index = if leader == self.inner.node_id {
-                self.inner.read_index().await
-            } else {
-                self.remote_read_index(leader).await
-            };
-            match index {
-                Ok(index) => {
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    self.inner
-                        .raft
-                        .wait(Some(remaining))
-                        .applied_index_at_least(Some(index), "linearizable read")
-                        .await
-                        .map_err(|e| ReadError::Unavailable(e.to_string()))?;
-                    return Ok(self.inner.reader.with_state(f));
-                }
-                Err(error) => {
-                    if Instant::now() >= deadline {
-                        return Err(ReadError::Unavailable(error.to_string()));
-                    }
-                    if let Err(fatal) = &self.metrics().borrow().running_state {
-                        return Err(ReadError::Stopped(fatal.to_string()));
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-    }
-
-    async fn remote_read_index(&self, leader: NodeId) -> Result<u64, ForwardError> {
-        let address = self
-            .leader_address(leader)
-            .ok_or(ForwardError::NotLeader { leader: None })?;
-        let timeout = Duration::from_millis(self.inner.tuning.forward_timeout_ms);
-        match self
-            .inner
-            .transport
-            .call(leader, &address, RpcRequest::ReadIndex, timeout)
-            .await
-        {
-            Ok(RpcResponse::ReadIndex(result)) => result,
-            Ok(other) => Err(ForwardError::Unavailable(format!(
-                "unexpected response {other:?}"
-            ))),
-            Err(error) => Err(ForwardError::Unavailable(error.to_string())),
-        }
+        self.inner.service.read(f).await
     }
 
     /// Runs `f` on this node's current projection, which may lag the leader.
@@ -500,9 +257,10 @@ impl ClusterNode {
     }
 
     /// openraft's metrics: term, leader, last log and applied index, membership, running state
-    /// (`running_state` is `Err` once the node stopped on a fatal error such as a failed fsync).
+    /// (`running_state` is `Err` once the node stopped on a fatal error such as a failed fsync:
+    /// the binary should then exit).
     pub fn metrics(&self) -> watch::Receiver<RaftMetrics> {
-        self.inner.raft.metrics()
+        self.raft().metrics()
     }
 
     pub fn leader(&self) -> Option<NodeId> {
@@ -510,26 +268,24 @@ impl ClusterNode {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.leader() == Some(self.inner.node_id)
+        self.leader() == Some(self.node_id())
     }
 
     /// Builds a snapshot now and purges the log up to it (operators and tests).
     pub async fn snapshot_and_purge(&self) -> Result<(), String> {
-        self.inner
-            .raft
+        self.raft()
             .trigger()
             .snapshot()
             .await
             .map_err(|e| e.to_string())?;
         let mut metrics = self.metrics();
         let applied = metrics.borrow().last_applied;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let snapshot = metrics.borrow().snapshot;
             if snapshot.is_some() && snapshot >= applied {
                 if let Some(log_id) = snapshot {
-                    self.inner
-                        .raft
+                    self.raft()
                         .trigger()
                         .purge_log(log_id.index)
                         .await
@@ -555,8 +311,9 @@ impl ClusterNode {
 
     /// Stops Raft and the endpoint. Storage is released once every handle is dropped.
     pub async fn shutdown(&self) {
-        let _ = self.inner.raft.shutdown().await;
+        let _ = self.raft().shutdown().await;
         self.inner
+            .service
             .transport
             .endpoint()
             .close(0u32.into(), b"shutdown");
@@ -569,75 +326,7 @@ impl ClusterNode {
         {
             task.abort();
         }
-        tracing::info!(node_id = self.inner.node_id, "cluster node stopped");
-    }
-}
-
-impl Inner {
-    async fn propose_as_leader(
-        &self,
-        actor: Name,
-        command: Command,
-    ) -> Result<Vec<Event>, ForwardError> {
-        // The leader's clock, never earlier than the last event (clocks may differ across leaders).
-        let time_ms = self
-            .reader
-            .with_state(|state| now_ms().max(state.last_time_ms));
-        let proposal = Proposal {
-            actor,
-            time_ms,
-            command,
-        };
-        self.reader
-            .with_state(|state| state.check(&proposal))
-            .map_err(ForwardError::Rejected)?;
-        match self.raft.client_write(proposal).await {
-            Ok(response) => response.data.map_err(ForwardError::Rejected),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(ForwardError::NotLeader {
-                    leader: forward.leader_id,
-                })
-            }
-            Err(error) => Err(ForwardError::Unavailable(error.to_string())),
-        }
-    }
-
-    async fn read_index(&self) -> Result<u64, ForwardError> {
-        match self.raft.ensure_linearizable().await {
-            Ok(log_id) => Ok(log_id.map(|id| id.index).unwrap_or(0)),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                forward,
-            ))) => Err(ForwardError::NotLeader {
-                leader: forward.leader_id,
-            }),
-            Err(error) => Err(ForwardError::Unavailable(error.to_string())),
-        }
-    }
-}
-
-/// Serves peers' RPCs for a node. Holds the node weakly so a stopped node can be dropped.
-struct NodeHandler {
-    inner: Weak<Inner>,
-}
-
-impl RpcHandler for NodeHandler {
-    async fn handle(&self, _from: NodeId, request: RpcRequest) -> RpcResponse {
-        let Some(inner) = self.inner.upgrade() else {
-            return RpcResponse::Refused("node is shutting down".into());
-        };
-        match request {
-            RpcRequest::AppendEntries(rpc) => {
-                RpcResponse::AppendEntries(inner.raft.append_entries(rpc).await)
-            }
-            RpcRequest::Vote(rpc) => RpcResponse::Vote(inner.raft.vote(rpc).await),
-            RpcRequest::InstallSnapshot(rpc) => {
-                RpcResponse::InstallSnapshot(inner.raft.install_snapshot(rpc).await)
-            }
-            RpcRequest::ForwardProposal { actor, command } => {
-                RpcResponse::Proposal(inner.propose_as_leader(actor, command).await)
-            }
-            RpcRequest::ReadIndex => RpcResponse::ReadIndex(inner.read_index().await),
-        }
+        tracing::info!(node_id = self.node_id(), "cluster node stopped");
     }
 }
 

@@ -42,6 +42,8 @@ pub enum RpcRequest {
     /// The leader confirms its leadership and returns the log index a linearizable read must wait
     /// for.
     ReadIndex,
+    /// A member forwards a membership change to the leader.
+    ChangeMembership(crate::service::MembershipChange),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +53,7 @@ pub enum RpcResponse {
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     Proposal(Result<Vec<Event>, ForwardError>),
     ReadIndex(Result<u64, ForwardError>),
+    Membership(Result<(), ForwardError>),
     /// The server refused the request (wrong claimed node id, undecodable request).
     Refused(String),
 }
@@ -62,8 +65,14 @@ pub enum ForwardError {
     Rejected(Rejection),
     #[error("node is not the leader (leader: {leader:?})")]
     NotLeader { leader: Option<NodeId> },
+    #[error("no leader elected within {waited_ms} ms")]
+    NoLeader { waited_ms: u64 },
+    #[error("membership change refused: {0}")]
+    Membership(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    #[error("node stopped: {0}")]
+    Stopped(String),
 }
 
 #[derive(Debug, thiserror::Error)]

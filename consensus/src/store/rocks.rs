@@ -1,9 +1,16 @@
 //! RocksDB log store and state machine, sharing one database.
 //!
 //! Column families: `logs` (Raft entries by index, big-endian), `meta` (vote, committed, last
-//! purged, state machine position), `events` (the event history by seq, big-endian). Every write
-//! is synced. A failed write poisons the store: it and every later call return `StorageError`, on
-//! which openraft stops the node; nothing continues on top of a log it could not make durable.
+//! purged, state machine position), `events` (the event history by seq, big-endian).
+//!
+//! Durability: log appends, truncation, purge, vote and snapshot installation are synced. The
+//! state machine's apply batches and `committed` are written without their own fsync: RocksDB has
+//! one write-ahead log for all column families, so the next synced write (every append, purge,
+//! vote) makes them durable too, and until then the entries they came from are still in the log
+//! (purge is synced and comes later), so a crash only means re-applying them on restart.
+//!
+//! A failed write poisons the store: it and every later call return `StorageError`, on which
+//! openraft stops the node; nothing continues on top of a log it could not make durable.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -66,12 +73,17 @@ impl Shared {
 
     /// Writes `batch` synced; on failure poisons the store.
     fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.write_opt(batch, true)
+    }
+
+    /// Writes `batch`, synced or not (see the module docs); on failure poisons the store.
+    fn write_opt(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
         self.check()?;
         let result = if self.inject_write_failure.load(Ordering::SeqCst) {
             Err("injected fsync failure".to_string())
         } else {
             let mut options = WriteOptions::default();
-            options.set_sync(true);
+            options.set_sync(sync);
             self.db
                 .write_opt(batch, &options)
                 .map_err(|e| e.to_string())
@@ -268,7 +280,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
             KEY_COMMITTED,
             codec::encode(&committed).map_err(write_error)?,
         );
-        self.shared.write(batch)
+        self.shared.write_opt(batch, false)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -496,7 +508,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
             KEY_STATE_MACHINE,
             codec::encode(&position).map_err(write_error)?,
         );
-        self.shared.write(batch)?;
+        self.shared.write_opt(batch, false)?;
         crate::metrics::events_applied(event_count);
         Ok(outcomes)
     }
