@@ -738,7 +738,8 @@ impl Connection {
                 // its CmdSN was already passed (RFC 7143 11.6.1).
                 if self.writes.remove(&t.referenced_task_tag).is_some() {
                     COMPLETE
-                } else if self.running.contains_key(&t.referenced_task_tag) {
+                } else if self.cancel_queued(Some(t.referenced_task_tag)) > 0 {
+                    // Not started yet: it never runs and gets no response.
                     COMPLETE
                 } else if self.waiting.remove(&t.ref_cmd_sn).is_some() {
                     COMPLETE
@@ -749,6 +750,7 @@ impl Connection {
             2 | 4 => {
                 // ABORT TASK SET, CLEAR TASK SET.
                 self.writes.clear();
+                self.cancel_queued(None);
                 if t.lun != 0 { NO_LUN } else { COMPLETE }
             }
             3 => NOT_SUPPORTED, // CLEAR ACA: we never establish ACA
@@ -757,6 +759,7 @@ impl Connection {
                     NO_LUN
                 } else {
                     self.writes.clear();
+                    self.cancel_queued(None);
                     let mut ids = self.registry.nexus_ids(&target.name);
                     ids.push(nexus.id);
                     target.lun.reset(&ids);
@@ -765,6 +768,7 @@ impl Connection {
             }
             6 | 7 => {
                 self.writes.clear();
+                self.cancel_queued(None);
                 let mut ids = self.registry.nexus_ids(&target.name);
                 ids.push(nexus.id);
                 target.lun.reset(&ids);
@@ -779,6 +783,21 @@ impl Connection {
             // A cold reset ends this connection too, after the response (RFC 7143 11.5.1).
             self.close();
         }
+    }
+
+    /// Drops commands handed out as events but not taken by the shell yet (all, or one task
+    /// tag). Returns how many were dropped.
+    fn cancel_queued(&mut self, itt: Option<u32>) -> usize {
+        let before = self.events.len();
+        let running = &mut self.running;
+        self.events.retain(|e| match e {
+            Event::Execute(c) if itt.is_none_or(|t| t == c.itt) => {
+                running.remove(&c.itt);
+                false
+            }
+            _ => true,
+        });
+        before - self.events.len()
     }
 
     fn handle_text(&mut self, t: wire::TextRequest, header: &[u8; BHS_LEN]) {
