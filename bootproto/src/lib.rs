@@ -34,6 +34,7 @@
 pub mod dhcp;
 pub mod ipxe;
 pub mod mac;
+pub mod metrics;
 pub mod ra;
 pub mod testing;
 pub mod tftp;

@@ -189,6 +189,7 @@ impl RaResponder {
             if let Err(e) = self.socket.send_to(&self.advertisement, to).await {
                 tracing::debug!(%to, error = %e, "router advertisement not sent");
             } else {
+                crate::metrics::ra_advertisement();
                 tracing::debug!(%to, "router advertisement sent");
             }
         }

@@ -63,6 +63,27 @@ pub enum Ignored {
     Released,
 }
 
+impl Ignored {
+    /// A stable snake_case name (metrics label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ignored::Malformed => "malformed",
+            Ignored::NotARequest => "not_a_request",
+            Ignored::NotEthernet => "not_ethernet",
+            Ignored::NoMessageType => "no_message_type",
+            Ignored::UnhandledMessageType => "unhandled_message_type",
+            Ignored::UnknownClient => "unknown_client",
+            Ignored::NotPxeClient => "not_pxe_client",
+            Ignored::NoPool => "no_pool",
+            Ignored::PoolExhausted => "pool_exhausted",
+            Ignored::OtherServerChosen => "other_server_chosen",
+            Ignored::NoBinding => "no_binding",
+            Ignored::CommitInFlight => "commit_in_flight",
+            Ignored::Released => "released",
+        }
+    }
+}
+
 /// What the shell must do with a datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

@@ -216,19 +216,41 @@ async fn receive_loop<D: BootDirectory, C: LeaseCommitter>(
             shared.directory.record_discovered(discovered);
         }
         match outcome.decision {
-            Decision::Ignore(reason) => tracing::trace!(?reason, %source, "dhcp request ignored"),
-            Decision::Reply(reply) => send_reply(&socket, &reply).await,
+            Decision::Ignore(reason) => {
+                crate::metrics::dhcp_request(reason.as_str());
+                tracing::trace!(?reason, %source, "dhcp request ignored");
+            }
+            Decision::Reply(reply) => {
+                crate::metrics::dhcp_request(reply_kind(&reply));
+                send_reply(&socket, &reply).await
+            }
             Decision::CommitThenReply { lease, reply } => {
+                crate::metrics::dhcp_request(if reply.is_some() {
+                    "commit_then_ack"
+                } else {
+                    "commit_release"
+                });
                 if let Err(
                     mpsc::error::TrySendError::Full(pending)
                     | mpsc::error::TrySendError::Closed(pending),
                 ) = commits.try_send(PendingCommit { lease, reply })
                 {
+                    crate::metrics::dhcp_commit_queue_full();
                     tracing::warn!(client_mac = %pending.lease.mac, "dhcp commit queue full: request dropped");
                     lock(&shared.core).handle_commit(&pending.lease, false, now);
                 }
             }
         }
+    }
+}
+
+fn reply_kind(reply: &Reply) -> &'static str {
+    use dhcproto::v4::MessageType;
+    match reply.message.opts().msg_type() {
+        Some(MessageType::Offer) => "offer",
+        Some(MessageType::Ack) => "ack",
+        Some(MessageType::Nak) => "nak",
+        _ => "other",
     }
 }
 
@@ -269,7 +291,9 @@ async fn commit_loop<D: BootDirectory, C: LeaseCommitter>(
         let shared = shared.clone();
         tokio::spawn(async move {
             let leases: Vec<Lease> = batch.iter().map(|p| p.lease.clone()).collect();
+            let started = std::time::Instant::now();
             let result = shared.committer.commit_leases(leases).await;
+            crate::metrics::dhcp_commit(batch.len(), started.elapsed(), result.is_ok());
             let now = now_unix_secs();
             {
                 let mut core = lock(&shared.core);

@@ -164,6 +164,7 @@ impl TftpServer {
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
+                crate::metrics::tftp_transfer("busy");
                 let _ = self
                     .socket
                     .send_to(
@@ -176,10 +177,12 @@ impl TftpServer {
             let (root, limits) = (root.clone(), limits.clone());
             tokio::spawn(async move {
                 let (filename, mode, options) = request;
-                if let Err(e) =
-                    serve(&root, &limits, local_ip, peer, &filename, &mode, &options).await
-                {
-                    tracing::debug!(%peer, filename, error = %e, "tftp transfer ended with an error");
+                match serve(&root, &limits, local_ip, peer, &filename, &mode, &options).await {
+                    Ok(()) => crate::metrics::tftp_transfer("finished"),
+                    Err(e) => {
+                        crate::metrics::tftp_transfer("failed");
+                        tracing::debug!(%peer, filename, error = %e, "tftp transfer ended with an error");
+                    }
                 }
                 drop(permit);
             });
