@@ -440,3 +440,15 @@ fn reopened_store_drops_temp_files_and_keeps_chunks() {
         Err(ChunkError::Missing(_))
     ));
 }
+
+#[test]
+fn terminal_progress_renders_an_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let data = image(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    let progress = cairn_blockstore::image::TerminalProgress::new("importing test image");
+    let outcome = store
+        .import_raw("shown", 1, &mut &data[..], data.len() as u64, &progress)
+        .unwrap();
+    assert_eq!(outcome.chunks_written, 8);
+}

@@ -1,6 +1,6 @@
 //! Import progress: a callback trait and a terminal renderer (bytes, rate, time left).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,10 +17,11 @@ impl ImportProgress for NoProgress {
     fn update(&self, _done_bytes: u64, _total_bytes: u64) {}
 }
 
-/// Draws one self-overwriting line on stderr, at most every `interval`:
-/// `  1.50 GiB / 10.00 GiB  15.0%  312.4 MiB/s  0:00:27 left`.
+/// Draws one self-overwriting line on stderr (a plain line every 10 s when stderr is not a
+/// terminal): `<label> 1.50 GiB / 10.00 GiB  15.0%  312.40 MiB/s  0:00:27 left`.
 pub struct TerminalProgress {
     started: Instant,
+    terminal: bool,
     interval: Duration,
     last_drawn: Mutex<Option<Instant>>,
     label: String,
@@ -28,9 +29,12 @@ pub struct TerminalProgress {
 
 impl TerminalProgress {
     pub fn new(label: impl Into<String>) -> Self {
+        let terminal = std::io::stderr().is_terminal();
         TerminalProgress {
             started: Instant::now(),
-            interval: Duration::from_millis(200),
+            terminal,
+            // Redraw a terminal line often; write a log line only every ten seconds.
+            interval: Duration::from_millis(if terminal { 200 } else { 10_000 }),
             last_drawn: Mutex::new(None),
             label: label.into(),
         }
@@ -38,7 +42,12 @@ impl TerminalProgress {
 
     fn draw(&self, line: &str, end: &str) {
         let mut stderr = std::io::stderr().lock();
-        let _ = write!(stderr, "\r\x1b[2K{} {line}{end}", self.label);
+        if self.terminal {
+            let _ = write!(stderr, "\r\x1b[2K{} {line}{end}", self.label);
+        } else {
+            // A log file or pipe: whole lines, no control sequences.
+            let _ = writeln!(stderr, "{} {line}", self.label);
+        }
         let _ = stderr.flush();
     }
 }
