@@ -259,8 +259,7 @@ fn iscsi_perf(url: &str, blocks: u32, random: bool, seconds: u64) -> f64 {
     let text = String::from_utf8_lossy(&output.stdout).replace('\r', "\n");
     let line = text
         .lines()
-        .filter(|line| line.starts_with("iops average"))
-        .last()
+        .rfind(|line| line.starts_with("iops average"))
         .unwrap_or("");
     line.split(|c: char| !c.is_ascii_digit())
         .find(|word| !word.is_empty())
