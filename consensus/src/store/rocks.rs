@@ -12,8 +12,9 @@
 //! A failed write poisons the store: it and every later call return `StorageError`, on which
 //! openraft stops the node; nothing continues on top of a log it could not make durable.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -128,9 +129,7 @@ pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), OpenError
         inject_write_failure: AtomicBool::new(false),
     });
     let core = load_core(&shared)?;
-    let log = RocksLogStore {
-        shared: shared.clone(),
-    };
+    let log = RocksLogStore::open(shared.clone())?;
     let state_machine = RocksStateMachine {
         shared,
         core: Arc::new(RwLock::new(core)),
@@ -176,17 +175,140 @@ fn index_key(index: u64) -> [u8; 8] {
 fn key_index(key: &[u8]) -> Result<u64, StorageError> {
     let bytes: [u8; 8] = key
         .try_into()
-        .map_err(|_| read_error(format!("log key of {} bytes", key.len())))?;
+        .map_err(|_| read_error(format!("key of {} bytes", key.len())))?;
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// The Raft log on RocksDB.
+/// One write operation, queued to the writer thread.
+enum Op {
+    Put {
+        cf: &'static str,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    DeleteRange {
+        cf: &'static str,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+/// What to do once a job is on disk.
+enum Done {
+    /// An `append`: tell openraft the entries are flushed.
+    Flushed(LogFlushed<TypeConfig>),
+    /// A caller waiting for the write.
+    Reply(tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// Nobody waits (`committed`, which a later synced write makes durable).
+    Nothing,
+}
+
+struct Job {
+    ops: Vec<Op>,
+    sync: bool,
+    done: Done,
+}
+
+/// Most jobs merged into one RocksDB write.
+const JOBS_PER_WRITE_MAX: usize = 4096;
+
+/// The log's writer thread: takes jobs in order, merges whatever is queued into one write batch
+/// and one fsync (group commit), then completes them. After a failed write every job fails.
+fn run_writer(shared: Arc<Shared>, jobs: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < JOBS_PER_WRITE_MAX {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let mut sync = false;
+        for job in &group {
+            sync |= job.sync;
+            for op in &job.ops {
+                match op {
+                    Op::Put { cf, key, value } => batch.put_cf(shared.cf(cf), key, value),
+                    Op::DeleteRange { cf, from, to } => {
+                        batch.delete_range_cf(shared.cf(cf), from, to)
+                    }
+                }
+            }
+        }
+        let result = shared.write_opt(batch, sync).map_err(|e| e.to_string());
+        for job in group {
+            match job.done {
+                Done::Flushed(callback) => {
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other))
+                }
+                Done::Reply(reply) => {
+                    let _ = reply.send(result.clone());
+                }
+                Done::Nothing => {}
+            }
+        }
+    }
+}
+
+/// The log entries not yet purged, the vote and the purge point, kept in memory as well (the
+/// log between two snapshots is small), so entries are readable as soon as they are submitted,
+/// before the writer thread has flushed them.
+#[derive(Default)]
+struct LogCache {
+    entries: BTreeMap<u64, Entry>,
+    last_purged: Option<LogId>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+}
+
+/// The Raft log on RocksDB. Writes go through one writer thread that group-commits them.
 #[derive(Clone)]
 pub struct RocksLogStore {
     shared: Arc<Shared>,
+    cache: Arc<Mutex<LogCache>>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl RocksLogStore {
+    fn open(shared: Arc<Shared>) -> Result<RocksLogStore, OpenError> {
+        let corrupt = |what: String| OpenError::Corrupt(what);
+        let mut cache = LogCache {
+            last_purged: shared
+                .get(CF_META, KEY_LAST_PURGED)
+                .map_err(|e| corrupt(e.to_string()))?,
+            vote: shared
+                .get(CF_META, KEY_VOTE)
+                .map_err(|e| corrupt(e.to_string()))?,
+            committed: shared
+                .get::<Option<LogId>>(CF_META, KEY_COMMITTED)
+                .map_err(|e| corrupt(e.to_string()))?
+                .flatten(),
+            entries: BTreeMap::new(),
+        };
+        for item in shared
+            .db
+            .iterator_cf(shared.cf(CF_LOGS), IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|e| corrupt(e.to_string()))?;
+            let index = key_index(&key).map_err(|e| corrupt(e.to_string()))?;
+            let entry: Entry =
+                codec::decode(&value).map_err(|e| corrupt(format!("log entry {index}: {e}")))?;
+            cache.entries.insert(index, entry);
+        }
+        let (jobs, receiver) = std::sync::mpsc::channel();
+        let writer_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("cairn-raft-log".into())
+            .spawn(move || run_writer(writer_shared, receiver))
+            .map_err(|e| corrupt(format!("cannot start the log writer: {e}")))?;
+        Ok(RocksLogStore {
+            shared,
+            cache: Arc::new(Mutex::new(cache)),
+            jobs,
+        })
+    }
+
     /// Makes every later write fail as a failed fsync would (tests of the fatal-storage path).
     pub fn inject_write_failure(&self) {
         self.shared
@@ -199,18 +321,27 @@ impl RocksLogStore {
         self.shared.poisoned.load(Ordering::SeqCst)
     }
 
-    fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
-        let mut iter = self
-            .shared
-            .db
-            .iterator_cf(self.shared.cf(CF_LOGS), IteratorMode::End);
-        match iter.next() {
-            None => Ok(None),
-            Some(item) => {
-                let (_, value) = item.map_err(read_error)?;
-                let entry: Entry = codec::decode(&value).map_err(read_error)?;
-                Ok(Some(entry.log_id))
-            }
+    fn cache(&self) -> std::sync::MutexGuard<'_, LogCache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn submit(&self, ops: Vec<Op>, sync: bool, done: Done) -> Result<(), StorageError> {
+        self.shared.check()?;
+        self.jobs
+            .send(Job { ops, sync, done })
+            .map_err(|_| write_error("the log writer has stopped"))
+    }
+
+    /// Queues `ops` and waits until they are on disk.
+    async fn write_and_wait(&self, ops: Vec<Op>) -> Result<(), StorageError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.submit(ops, true, Done::Reply(reply))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(write_error(error)),
+            Err(_) => Err(write_error("the log writer has stopped")),
         }
     }
 }
@@ -221,25 +352,12 @@ impl RaftLogReader<TypeConfig> for RocksLogStore {
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         self.shared.check()?;
-        let start = match range.start_bound() {
-            Bound::Included(&index) => index,
-            Bound::Excluded(&index) => index + 1,
-            Bound::Unbounded => 0,
-        };
-        let mut entries = Vec::new();
-        let iter = self.shared.db.iterator_cf(
-            self.shared.cf(CF_LOGS),
-            IteratorMode::From(&index_key(start), Direction::Forward),
-        );
-        for item in iter {
-            let (key, value) = item.map_err(read_error)?;
-            let index = key_index(&key)?;
-            if !range.contains(&index) {
-                break;
-            }
-            entries.push(codec::decode(&value).map_err(read_error)?);
-        }
-        Ok(entries)
+        Ok(self
+            .cache()
+            .entries
+            .range(range)
+            .map(|(_, entry)| entry.clone())
+            .collect())
     }
 }
 
@@ -247,10 +365,16 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     type LogReader = RocksLogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.shared.get(CF_META, KEY_LAST_PURGED)?;
-        let last_log_id = self.last_log_id()?.or(last_purged_log_id);
+        self.shared.check()?;
+        let cache = self.cache();
+        let last_log_id = cache
+            .entries
+            .values()
+            .next_back()
+            .map(|entry| entry.log_id)
+            .or(cache.last_purged);
         Ok(LogState {
-            last_purged_log_id,
+            last_purged_log_id: cache.last_purged,
             last_log_id,
         })
     }
@@ -260,34 +384,39 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.shared.cf(CF_META),
-            KEY_VOTE,
-            codec::encode(vote).map_err(write_error)?,
-        );
-        self.shared.write(batch)
+        let value = codec::encode(vote).map_err(write_error)?;
+        self.write_and_wait(vec![Op::Put {
+            cf: CF_META,
+            key: KEY_VOTE.to_vec(),
+            value,
+        }])
+        .await?;
+        self.cache().vote = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.shared.get(CF_META, KEY_VOTE)
+        self.shared.check()?;
+        Ok(self.cache().vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.shared.cf(CF_META),
-            KEY_COMMITTED,
-            codec::encode(&committed).map_err(write_error)?,
-        );
-        self.shared.write_opt(batch, false)
+        let value = codec::encode(&committed).map_err(write_error)?;
+        self.cache().committed = committed;
+        self.submit(
+            vec![Op::Put {
+                cf: CF_META,
+                key: KEY_COMMITTED.to_vec(),
+                value,
+            }],
+            false,
+            Done::Nothing,
+        )
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .shared
-            .get::<Option<LogId>>(CF_META, KEY_COMMITTED)?
-            .flatten())
+        self.shared.check()?;
+        Ok(self.cache().committed)
     }
 
     async fn append<I>(
@@ -299,50 +428,53 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = WriteBatch::default();
-        let cf = self.shared.cf(CF_LOGS);
+        let mut ops = Vec::new();
+        let mut cache = self.cache();
         for entry in entries {
-            batch.put_cf(
-                cf,
-                index_key(entry.log_id.index),
-                codec::encode(&entry).map_err(write_error)?,
-            );
+            let value = codec::encode(&entry).map_err(write_error)?;
+            ops.push(Op::Put {
+                cf: CF_LOGS,
+                key: index_key(entry.log_id.index).to_vec(),
+                value,
+            });
+            cache.entries.insert(entry.log_id.index, entry);
         }
-        match self.shared.write(batch) {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(error) => {
-                callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
-                Err(error)
-            }
-        }
+        drop(cache);
+        // Returns at once; the writer thread calls back when the entries are flushed.
+        self.submit(ops, true, Done::Flushed(callback))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            self.shared.cf(CF_LOGS),
-            &index_key(log_id.index)[..],
-            &[0xffu8; 9][..],
-        );
-        self.shared.write(batch)
+        self.cache().entries.split_off(&log_id.index);
+        self.write_and_wait(vec![Op::DeleteRange {
+            cf: CF_LOGS,
+            from: index_key(log_id.index).to_vec(),
+            to: vec![0xff; 9],
+        }])
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.shared.cf(CF_META),
-            KEY_LAST_PURGED,
-            codec::encode(&log_id).map_err(write_error)?,
-        );
-        batch.delete_range_cf(
-            self.shared.cf(CF_LOGS),
-            index_key(0),
-            index_key(log_id.index + 1),
-        );
-        self.shared.write(batch)
+        {
+            let mut cache = self.cache();
+            cache.last_purged = Some(log_id);
+            let kept = cache.entries.split_off(&(log_id.index + 1));
+            cache.entries = kept;
+        }
+        let value = codec::encode(&log_id).map_err(write_error)?;
+        self.write_and_wait(vec![
+            Op::Put {
+                cf: CF_META,
+                key: KEY_LAST_PURGED.to_vec(),
+                value,
+            },
+            Op::DeleteRange {
+                cf: CF_LOGS,
+                from: index_key(0).to_vec(),
+                to: index_key(log_id.index + 1).to_vec(),
+            },
+        ])
+        .await
     }
 }
 
