@@ -307,6 +307,19 @@ impl ChunkStore {
         Ok(Arc::from(data.into_boxed_slice()))
     }
 
+    /// Stores a chunk received from elsewhere only if it hashes to `expected`: a corrupt copy
+    /// is refused, never stored under the wrong name.
+    pub fn put_chunk_verified(&self, expected: &ChunkHash, data: &[u8]) -> Result<(), ChunkError> {
+        let actual = ChunkHash::of(data);
+        if actual != *expected {
+            return Err(ChunkError::Corrupt {
+                hash: *expected,
+                actual,
+            });
+        }
+        self.put_chunk(data).map(|_| ())
+    }
+
     /// Writes one chunk durably unless it is already stored; returns its hash. Used for chunks
     /// arriving one by one (replication, a later issue). The chunk is complete and its name
     /// durable when this returns. Does not pin: callers racing a GC must hold their own pin.

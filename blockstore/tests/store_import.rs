@@ -452,3 +452,44 @@ fn terminal_progress_renders_an_import() {
         .unwrap();
     assert_eq!(outcome.chunks_written, 8);
 }
+
+#[test]
+fn scrub_and_missing_chunks_say_what_a_node_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let data = image(&[1, 2, 3, 0, 1]);
+    let outcome = store
+        .import_raw("s", 1, &mut &data[..], data.len() as u64, &NoProgress)
+        .unwrap();
+    let manifest = &outcome.manifest;
+    assert!(store.missing_chunks(manifest).is_empty());
+    let report = store.scrub(manifest).unwrap();
+    assert!(report.is_clean());
+    assert_eq!(report.chunks_verified, 3);
+    let [first, second] = [0, 1].map(|index| manifest.chunks[index].unwrap());
+    fs::remove_file(store.chunk_path(&first)).unwrap();
+    let path = store.chunk_path(&second);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    assert_eq!(store.missing_chunks(manifest), vec![first]);
+    let report = store.scrub(manifest).unwrap();
+    assert_eq!(
+        (
+            report.chunks_verified,
+            report.missing.clone(),
+            report.corrupt.clone()
+        ),
+        (1, vec![first], vec![second])
+    );
+    // Receiving a chunk: a copy that does not match its name is refused; the right one heals.
+    let good = data[..CHUNK_SIZE_BYTES].to_vec();
+    let mut bad = good.clone();
+    bad[5] ^= 1;
+    assert!(matches!(
+        store.put_chunk_verified(&first, &bad),
+        Err(ChunkError::Corrupt { .. })
+    ));
+    store.put_chunk_verified(&first, &good).unwrap();
+    assert!(store.missing_chunks(manifest).is_empty());
+}
