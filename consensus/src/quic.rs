@@ -25,7 +25,7 @@ use crate::types::NodeAddress;
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a handshake: a peer that does not answer within it is unreachable (and a
 /// caller may safely retry elsewhere, since nothing was sent).
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Concurrent RPCs one peer may have open on a connection.
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 

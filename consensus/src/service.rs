@@ -185,6 +185,14 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
         }
     }
 
+    /// Resolves once this member no longer believes `leader` leads.
+    async fn leader_changed_from(&self, leader: NodeId) {
+        let mut metrics = self.raft.metrics();
+        let _ = metrics
+            .wait_for(|current| current.current_leader != Some(leader))
+            .await;
+    }
+
     /// Runs `local` on the leader or `remote` towards it, retrying while nothing happened.
     async fn on_leader<R, L, LF, RF>(
         &self,
@@ -207,7 +215,16 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
                     })
                 }
                 Some((leader, _)) if leader == self.node_id => classify(local().await),
-                Some((leader, Some(address))) => classify(remote(leader, address).await),
+                Some((leader, Some(address))) => {
+                    // A leader that died with our request in flight never answers: give up as
+                    // soon as this member sees another leader (or an election) instead.
+                    tokio::select! {
+                        result = remote(leader, address) => classify(result),
+                        () = self.leader_changed_from(leader) => Attempt::Done(Err(ForwardError::Unavailable(
+                            format!("leader {leader} changed while the request was in flight; outcome unknown"),
+                        ))),
+                    }
+                }
                 Some((leader, None)) => Attempt::Retry(format!("leader {leader} has no address")),
             };
             match attempt {
