@@ -24,11 +24,19 @@ const IMAGE_BYTES: u64 = 1 << 30;
 const INITIATOR: &str = "iqn.2026-11.org.cairn:bench";
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 struct Tgt {
@@ -39,9 +47,23 @@ struct Tgt {
 impl Drop for Tgt {
     fn drop(&mut self) {
         let _ = Command::new("tgtadm")
-            .args(["-C", &self.control, "--lld", "iscsi", "--op", "delete", "--force", "--mode", "target", "--tid", "1"])
+            .args([
+                "-C",
+                &self.control,
+                "--lld",
+                "iscsi",
+                "--op",
+                "delete",
+                "--force",
+                "--mode",
+                "target",
+                "--tid",
+                "1",
+            ])
             .output();
-        let _ = Command::new("tgtadm").args(["-C", &self.control, "--op", "delete", "--mode", "system"]).output();
+        let _ = Command::new("tgtadm")
+            .args(["-C", &self.control, "--op", "delete", "--mode", "system"])
+            .output();
         std::thread::sleep(Duration::from_millis(300));
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -53,25 +75,64 @@ impl Drop for Tgt {
 fn start_tgt(image: &str, port: u16, iqn: &str) -> Tgt {
     let control = (port % 1000 + 100).to_string();
     let child = Command::new("tgtd")
-        .args(["-f", "-C", &control, "--iscsi", &format!("portal=127.0.0.1:{port}")])
+        .args([
+            "-f",
+            "-C",
+            &control,
+            "--iscsi",
+            &format!("portal=127.0.0.1:{port}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start tgtd");
-    let tgt = Tgt { child, control: control.clone() };
+    let tgt = Tgt {
+        child,
+        control: control.clone(),
+    };
     for _ in 0..50 {
-        if Command::new("tgtadm").args(["-C", &control, "--op", "show", "--mode", "sys"]).output().map(|o| o.status.success()).unwrap_or(false) {
+        if Command::new("tgtadm")
+            .args(["-C", &control, "--op", "show", "--mode", "sys"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let run = |args: &[&str]| {
-        let out = Command::new("tgtadm").args(["-C", &control]).args(args).output().expect("tgtadm");
-        assert!(out.status.success(), "tgtadm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("tgtadm")
+            .args(["-C", &control])
+            .args(args)
+            .output()
+            .expect("tgtadm");
+        assert!(
+            out.status.success(),
+            "tgtadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", iqn]);
-    run(&["--lld", "iscsi", "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", image]);
-    run(&["--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]);
+    run(&[
+        "--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", iqn,
+    ]);
+    run(&[
+        "--lld",
+        "iscsi",
+        "--op",
+        "new",
+        "--mode",
+        "logicalunit",
+        "--tid",
+        "1",
+        "--lun",
+        "1",
+        "-b",
+        image,
+    ]);
+    run(&[
+        "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+    ]);
     tgt
 }
 
@@ -86,28 +147,56 @@ impl Drop for Cairn {
 
 fn start_cairn(image: &str, port: u16, iqn: &str) -> Cairn {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
-        .args(["--portal", &format!("127.0.0.1:{port}"), "--iqn", iqn, "--file", image])
-        .args(std::env::var("BENCH_CAIRN_ARGS").unwrap_or_default().split_whitespace())
+        .args([
+            "--portal",
+            &format!("127.0.0.1:{port}"),
+            "--iqn",
+            iqn,
+            "--file",
+            image,
+        ])
+        .args(
+            std::env::var("BENCH_CAIRN_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start cairn-iscsi-file");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready");
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready");
     assert_eq!(line.trim(), "ready");
     Cairn(child)
 }
 
 /// Runs iscsi-perf and returns (IOPS, MB/s) from its "iops average N (M MB/s)" line.
 fn iscsi_perf(url: &str, blocks: u32, random: bool, seconds: u64) -> (f64, f64) {
-    let mut args = vec!["-m".to_string(), "32".into(), "-b".into(), blocks.to_string(), "-t".into(), seconds.to_string()];
+    let mut args = vec![
+        "-m".to_string(),
+        "32".into(),
+        "-b".into(),
+        blocks.to_string(),
+        "-t".into(),
+        seconds.to_string(),
+    ];
     if random {
         args.push("-r".into());
     }
     args.push(url.to_string());
-    let out = Command::new("timeout").arg((seconds + 20).to_string()).arg("iscsi-perf").args(&args).output().expect("iscsi-perf");
+    let out = Command::new("timeout")
+        .arg((seconds + 20).to_string())
+        .arg("iscsi-perf")
+        .args(&args)
+        .output()
+        .expect("iscsi-perf");
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
-    let line = text.lines().filter(|l| l.starts_with("iops average")).last().unwrap_or("");
+    let line = text
+        .lines()
+        .rfind(|l| l.starts_with("iops average"))
+        .unwrap_or("");
     let nums: Vec<f64> = line
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
@@ -151,7 +240,11 @@ impl Session {
         let mut s = Session {
             stream,
             rx: Vec::new(),
-            decoder: FrameDecoder { header_digest: false, data_digest: false, data_segment_len_max: 1 << 24 },
+            decoder: FrameDecoder {
+                header_digest: false,
+                data_digest: false,
+                data_segment_len_max: 1 << 24,
+            },
             cmd_sn: 1,
             exp_stat_sn: 0,
             target_mrdsl: 8192,
@@ -181,7 +274,11 @@ impl Session {
         };
         s.send(&req(0, 1, text, 0).to_pdu());
         let r = s.recv();
-        assert_eq!(r.bhs[36], 0, "login failed: class {} detail {}", r.bhs[36], r.bhs[37]);
+        assert_eq!(
+            r.bhs[36], 0,
+            "login failed: class {} detail {}",
+            r.bhs[36], r.bhs[37]
+        );
         s.exp_stat_sn = be32(&r.bhs, 24).wrapping_add(1);
         let mut op = Vec::new();
         for (k, v) in [
@@ -246,7 +343,9 @@ impl Session {
     }
 
     fn send(&mut self, pdu: &Pdu) {
-        self.stream.write_all(&pdu.encode(false, false)).expect("send");
+        self.stream
+            .write_all(&pdu.encode(false, false))
+            .expect("send");
     }
 
     fn recv(&mut self) -> Pdu {
@@ -270,7 +369,11 @@ impl Session {
         cdb[2..6].copy_from_slice(&lba.to_be_bytes());
         cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
         let burst = self.first_burst.min(data.len());
-        let immediate = if self.immediate_data { burst.min(self.target_mrdsl) } else { 0 };
+        let immediate = if self.immediate_data {
+            burst.min(self.target_mrdsl)
+        } else {
+            0
+        };
         let unsolicited_end = if self.initial_r2t { immediate } else { burst };
         let cmd = InitiatorPdu::ScsiCommand(ScsiCommand {
             immediate: false,
@@ -352,7 +455,11 @@ fn write_load(port: u16, iqn: &str, lun: u64, seconds: u64) -> f64 {
                 }
             }
             0x31 => {
-                let (ttt, offset, length) = (be32(&p.bhs, 20), be32(&p.bhs, 40) as usize, be32(&p.bhs, 44) as usize);
+                let (ttt, offset, length) = (
+                    be32(&p.bhs, 20),
+                    be32(&p.bhs, 40) as usize,
+                    be32(&p.bhs, 44) as usize,
+                );
                 out.clear();
                 s.data_out(p.itt(), ttt, &data, offset, offset + length, &mut out);
                 s.stream.write_all(&out).expect("send");
@@ -367,7 +474,11 @@ fn write_load(port: u16, iqn: &str, lun: u64, seconds: u64) -> f64 {
 fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -397,12 +508,20 @@ fn main() {
     }
     for tool in ["tgtd", "tgtadm", "iscsi-perf"] {
         if !have(tool) {
-            println!("iscsi_vs_tgt skipped: {tool} not found (apt-get install -y tgt libiscsi-bin)");
+            println!(
+                "iscsi_vs_tgt skipped: {tool} not found (apt-get install -y tgt libiscsi-bin)"
+            );
             return;
         }
     }
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("bench.img");
     {
@@ -433,7 +552,9 @@ fn main() {
     // Memory per session: resident set growth with 16 idle sessions.
     let pid = cairn.0.id();
     let before = rss_kib(pid, "VmRSS:");
-    let idle: Vec<Session> = (0..16).map(|i| Session::login(cairn_port, cairn_iqn, i as u8)).collect();
+    let idle: Vec<Session> = (0..16)
+        .map(|i| Session::login(cairn_port, cairn_iqn, i as u8))
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
     let with = rss_kib(pid, "VmRSS:");
     let per_idle_session_kib = with.saturating_sub(before) as f64 / idle.len() as f64;
@@ -448,17 +569,36 @@ fn main() {
     let tgt_pid = _tgt.child.id();
     for round in 0..rounds {
         // Alternate which target goes first each round.
-        let order: [bool; 2] = if round % 2 == 0 { [true, false] } else { [false, true] };
+        let order: [bool; 2] = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for cairn_first in order {
-            let (url, port, iqn) = if cairn_first { (&cairn_url, cairn_port, cairn_iqn) } else { (&tgt_url, tgt_port, tgt_iqn) };
+            let (url, port, iqn) = if cairn_first {
+                (&cairn_url, cairn_port, cairn_iqn)
+            } else {
+                (&tgt_url, tgt_port, tgt_iqn)
+            };
             let pid = if cairn_first { cairn.0.id() } else { tgt_pid };
             let cpu_before = cpu_seconds(pid);
             let (seq_iops, mbps) = iscsi_perf(url, 128, false, seconds);
-            let cpu_us = (cpu_seconds(pid) - cpu_before) * 1e6 / (seq_iops * seconds as f64).max(1.0);
-            if cairn_first { cpu_per_read.0.push(cpu_us) } else { cpu_per_read.1.push(cpu_us) }
+            let cpu_us =
+                (cpu_seconds(pid) - cpu_before) * 1e6 / (seq_iops * seconds as f64).max(1.0);
+            if cairn_first {
+                cpu_per_read.0.push(cpu_us)
+            } else {
+                cpu_per_read.1.push(cpu_us)
+            }
             let (iops, _) = iscsi_perf(url, 8, true, seconds);
             let wmbps = write_load(port, iqn, if cairn_first { 0 } else { 1 }, seconds);
-            let slot = |pair: &mut (Vec<f64>, Vec<f64>), v: f64| if cairn_first { pair.0.push(v) } else { pair.1.push(v) };
+            let slot = |pair: &mut (Vec<f64>, Vec<f64>), v: f64| {
+                if cairn_first {
+                    pair.0.push(v)
+                } else {
+                    pair.1.push(v)
+                }
+            };
             slot(&mut seq, mbps);
             slot(&mut rnd, iops);
             slot(&mut wr, wmbps);

@@ -20,7 +20,10 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn start_server(args: &[String]) -> Server {
@@ -32,13 +35,20 @@ fn start_server(args: &[String]) -> Server {
         .expect("start cairn-iscsi-file");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read ready line");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read ready line");
     assert_eq!(line.trim(), "ready", "server did not start");
     Server(child)
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// One test's verdict from iscsi-test-cu's verbose output.
@@ -56,7 +66,8 @@ fn parse(log: &str) -> Vec<(String, Verdict)> {
     let mut out = Vec::new();
     let mut suite = String::new();
     let mut current: Option<(String, Option<bool>, Option<String>)> = None;
-    let flush = |cur: &mut Option<(String, Option<bool>, Option<String>)>, out: &mut Vec<(String, Verdict)>| {
+    let flush = |cur: &mut Option<(String, Option<bool>, Option<String>)>,
+                 out: &mut Vec<(String, Verdict)>| {
         if let Some((name, verdict, skip)) = cur.take() {
             let v = match (verdict, skip) {
                 (Some(false), _) => Verdict::Failed,
@@ -112,7 +123,10 @@ fn parser_attributes_last_test_of_a_suite_correctly() {
     assert_eq!(
         r,
         vec![
-            ("A.One".to_string(), Verdict::Skipped("no feature".to_string())),
+            (
+                "A.One".to_string(),
+                Verdict::Skipped("no feature".to_string())
+            ),
             ("B.Two".to_string(), Verdict::Passed),
             ("B.Three".to_string(), Verdict::Failed),
         ]
@@ -144,17 +158,40 @@ fn libiscsi_conformance_all() {
     let url1 = format!("iscsi://127.0.0.1:{p1}/{iqn}/0");
     let url2 = format!("iscsi://127.0.0.1:{p2}/{iqn}/0");
     let output = Command::new("timeout")
-        .args(["900", "iscsi-test-cu", "--dataloss", "-V", "--test", "ALL", &url1, &url2])
+        .args([
+            "900",
+            "iscsi-test-cu",
+            "--dataloss",
+            "-V",
+            "--test",
+            "ALL",
+            &url1,
+            &url2,
+        ])
         .output()
         .expect("run iscsi-test-cu");
-    let log = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+    let log = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
     std::fs::write(dir.path().join("full.log"), &log).ok();
     let results = parse(&log);
-    let passed = results.iter().filter(|(_, v)| *v == Verdict::Passed).count();
-    let failed: Vec<&String> = results.iter().filter(|(_, v)| *v == Verdict::Failed).map(|(n, _)| n).collect();
+    let passed = results
+        .iter()
+        .filter(|(_, v)| *v == Verdict::Passed)
+        .count();
+    let failed: Vec<&String> = results
+        .iter()
+        .filter(|(_, v)| *v == Verdict::Failed)
+        .map(|(n, _)| n)
+        .collect();
     let skipped: Vec<(&String, &String)> = results
         .iter()
-        .filter_map(|(n, v)| if let Verdict::Skipped(r) = v { Some((n, r)) } else { None })
+        .filter_map(|(n, v)| {
+            if let Verdict::Skipped(r) = v {
+                Some((n, r))
+            } else {
+                None
+            }
+        })
         .collect();
     for (name, reason) in &skipped {
         println!("skipped {name}: {reason}");
@@ -162,8 +199,17 @@ fn libiscsi_conformance_all() {
     for name in &failed {
         println!("failed {name}");
     }
-    println!("{passed} passed, {} failed, {} skipped", failed.len(), skipped.len());
-    assert!(results.len() >= 200, "iscsi-test-cu ran only {} tests; log tail: {}", results.len(), &log[log.len().saturating_sub(2000)..]);
+    println!(
+        "{passed} passed, {} failed, {} skipped",
+        failed.len(),
+        skipped.len()
+    );
+    assert!(
+        results.len() >= 200,
+        "iscsi-test-cu ran only {} tests; log tail: {}",
+        results.len(),
+        &log[log.len().saturating_sub(2000)..]
+    );
     assert!(failed.is_empty(), "conformance failures: {failed:?}");
     // The MultipathIO suite must have run with the second path, not been skipped.
     for (name, v) in &results {

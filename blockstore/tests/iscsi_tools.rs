@@ -10,7 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cairn_blockstore::iscsi::wire::{FrameDecoder, InitiatorPdu, LoginRequest, Pdu, Decoded};
+use cairn_blockstore::iscsi::wire::{Decoded, FrameDecoder, InitiatorPdu, LoginRequest, Pdu};
 
 const INITIATOR: &str = "iqn.2026-11.org.cairn:test-initiator";
 
@@ -29,7 +29,10 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn start(extra: &[&str], portals: usize) -> Server {
@@ -42,7 +45,14 @@ fn start(extra: &[&str], portals: usize) -> Server {
         args.push("--portal".into());
         args.push(format!("127.0.0.1:{p}"));
     }
-    args.extend(["--iqn".into(), iqn.clone(), "--file".into(), image.display().to_string(), "--size-mib".into(), "64".into()]);
+    args.extend([
+        "--iqn".into(),
+        iqn.clone(),
+        "--file".into(),
+        image.display().to_string(),
+        "--size-mib".into(),
+        "64".into(),
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
         .args(&args)
@@ -52,18 +62,36 @@ fn start(extra: &[&str], portals: usize) -> Server {
         .expect("start cairn-iscsi-file");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("ready line");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
     assert_eq!(line.trim(), "ready");
-    Server { child, ports, iqn, _dir: dir }
+    Server {
+        child,
+        ports,
+        iqn,
+        _dir: dir,
+    }
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 fn run(tool: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("timeout").arg("30").arg(tool).args(args).output().expect("run tool");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(tool)
+        .args(args)
+        .output()
+        .expect("run tool");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -74,20 +102,32 @@ fn discovery_inquiry_and_capacity_on_both_portals() {
         return;
     }
     let s = start(&[], 2);
-    let (ok, text) = run("iscsi-ls", &["-s", &format!("iscsi://127.0.0.1:{}", s.ports[0])]);
+    let (ok, text) = run(
+        "iscsi-ls",
+        &["-s", &format!("iscsi://127.0.0.1:{}", s.ports[0])],
+    );
     assert!(ok, "iscsi-ls failed: {text}");
     assert!(text.contains(&format!("Target:{}", s.iqn)), "{text}");
     for p in &s.ports {
-        assert!(text.contains(&format!("Portal:127.0.0.1:{p},1")), "portal {p} not advertised: {text}");
+        assert!(
+            text.contains(&format!("Portal:127.0.0.1:{p},1")),
+            "portal {p} not advertised: {text}"
+        );
     }
-    assert!(text.contains("Lun:0") && text.contains("DIRECT_ACCESS"), "{text}");
+    assert!(
+        text.contains("Lun:0") && text.contains("DIRECT_ACCESS"),
+        "{text}"
+    );
 
     let mut ids = Vec::new();
     for p in &s.ports {
         let url = format!("iscsi://127.0.0.1:{p}/{}/0", s.iqn);
         let (ok, text) = run("iscsi-inq", &[&url]);
         assert!(ok, "{text}");
-        assert!(text.contains("Vendor:CAIRN") && text.contains("Peripheral Device Type:DIRECT_ACCESS"), "{text}");
+        assert!(
+            text.contains("Vendor:CAIRN") && text.contains("Peripheral Device Type:DIRECT_ACCESS"),
+            "{text}"
+        );
         let (ok, text) = run("iscsi-inq", &["-e", "1", "-c", "0x83", &url]);
         assert!(ok, "{text}");
         ids.push(text);
@@ -107,38 +147,98 @@ fn chap_mutual_chap_and_initiator_acl() {
         return;
     }
     let s = start(
-        &["--chap", "alice:alicesecret12", "--mutual-chap", "tgtuser:targetsecret12", "--initiator", INITIATOR],
+        &[
+            "--chap",
+            "alice:alicesecret12",
+            "--mutual-chap",
+            "tgtuser:targetsecret12",
+            "--initiator",
+            INITIATOR,
+        ],
         1,
     );
     let host = format!("127.0.0.1:{}", s.ports[0]);
     let url = |creds: &str, query: &str| format!("iscsi://{creds}{host}/{}/0{query}", s.iqn);
 
-    let (ok, text) = run("iscsi-inq", &["-i", INITIATOR, &url("alice%alicesecret12@", "")]);
-    assert!(ok && text.contains("Vendor:CAIRN"), "chap login failed: {text}");
+    let (ok, text) = run(
+        "iscsi-inq",
+        &["-i", INITIATOR, &url("alice%alicesecret12@", "")],
+    );
+    assert!(
+        ok && text.contains("Vendor:CAIRN"),
+        "chap login failed: {text}"
+    );
 
     let (ok, text) = run(
         "iscsi-inq",
-        &["-i", INITIATOR, &url("alice%alicesecret12@", "?target_user=tgtuser&target_password=targetsecret12")],
+        &[
+            "-i",
+            INITIATOR,
+            &url(
+                "alice%alicesecret12@",
+                "?target_user=tgtuser&target_password=targetsecret12",
+            ),
+        ],
     );
-    assert!(ok && text.contains("Vendor:CAIRN"), "mutual chap login failed: {text}");
+    assert!(
+        ok && text.contains("Vendor:CAIRN"),
+        "mutual chap login failed: {text}"
+    );
 
     let (ok, text) = run(
         "iscsi-inq",
-        &["-i", INITIATOR, &url("alice%alicesecret12@", "?target_user=tgtuser&target_password=notthesecret1")],
+        &[
+            "-i",
+            INITIATOR,
+            &url(
+                "alice%alicesecret12@",
+                "?target_user=tgtuser&target_password=notthesecret1",
+            ),
+        ],
     );
-    assert!(!ok && text.contains("CHAP_R"), "initiator accepted a wrong mutual secret: {text}");
+    assert!(
+        !ok && text.contains("CHAP_R"),
+        "initiator accepted a wrong mutual secret: {text}"
+    );
 
-    let (ok, text) = run("iscsi-inq", &["-i", INITIATOR, &url("alice%wrongsecret99@", "")]);
-    assert!(!ok && text.contains("Authentication failure"), "wrong secret: {text}");
+    let (ok, text) = run(
+        "iscsi-inq",
+        &["-i", INITIATOR, &url("alice%wrongsecret99@", "")],
+    );
+    assert!(
+        !ok && text.contains("Authentication failure"),
+        "wrong secret: {text}"
+    );
 
     let (ok, text) = run("iscsi-inq", &["-i", INITIATOR, &url("", "")]);
-    assert!(!ok && text.contains("Authentication failure"), "no chap: {text}");
+    assert!(
+        !ok && text.contains("Authentication failure"),
+        "no chap: {text}"
+    );
 
-    let (ok, text) = run("iscsi-inq", &["-i", "iqn.2026-11.org.cairn:someone-else", &url("alice%alicesecret12@", "")]);
-    assert!(!ok && text.contains("Authorization failure"), "foreign initiator: {text}");
+    let (ok, text) = run(
+        "iscsi-inq",
+        &[
+            "-i",
+            "iqn.2026-11.org.cairn:someone-else",
+            &url("alice%alicesecret12@", ""),
+        ],
+    );
+    assert!(
+        !ok && text.contains("Authorization failure"),
+        "foreign initiator: {text}"
+    );
 
-    let (ok, text) = run("iscsi-inq", &[&format!("iscsi://{host}/iqn.2026-11.org.cairn:client.000000000000/0")]);
-    assert!(!ok && text.contains("Target not found"), "unknown target: {text}");
+    let (ok, text) = run(
+        "iscsi-inq",
+        &[&format!(
+            "iscsi://{host}/iqn.2026-11.org.cairn:client.000000000000/0"
+        )],
+    );
+    assert!(
+        !ok && text.contains("Target not found"),
+        "unknown target: {text}"
+    );
 }
 
 fn login_pdu(iqn: &str) -> Vec<u8> {
@@ -173,7 +273,11 @@ fn login_pdu(iqn: &str) -> Vec<u8> {
 }
 
 fn read_pdu(stream: &mut TcpStream) -> Option<Pdu> {
-    let decoder = FrameDecoder { header_digest: false, data_digest: false, data_segment_len_max: 1 << 24 };
+    let decoder = FrameDecoder {
+        header_digest: false,
+        data_digest: false,
+        data_segment_len_max: 1 << 24,
+    };
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -211,7 +315,10 @@ fn malformed_pdus_get_protocol_answers_and_do_not_hurt_the_target() {
     header[7] = 0xff;
     c.write_all(&header).ok();
     let mut b = [0u8; 1];
-    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)), "oversized login pdu was not refused");
+    assert!(
+        matches!(c.read(&mut b), Ok(0) | Err(_)),
+        "oversized login pdu was not refused"
+    );
 
     // Log in properly, then send an unknown opcode: a Reject comes back and the session lives.
     let mut c = connect();
@@ -222,10 +329,15 @@ fn malformed_pdus_get_protocol_answers_and_do_not_hurt_the_target() {
     let mut bogus = Pdu::new(0x1c);
     bogus.bhs[1] = 0x80;
     bogus.set_itt(7);
-    c.write_all(&bogus.encode(false, false)).expect("send bogus");
+    c.write_all(&bogus.encode(false, false))
+        .expect("send bogus");
     let reject = read_pdu(&mut c).expect("reject");
     assert_eq!(reject.opcode(), 0x3f, "expected a Reject, got {reject:?}");
-    assert_eq!(&reject.data[..48], &bogus.bhs[..], "the Reject carries the rejected header");
+    assert_eq!(
+        &reject.data[..48],
+        &bogus.bhs[..],
+        "the Reject carries the rejected header"
+    );
 
     // Data-Out for a task that does not exist: Reject, session still answers a NOP.
     let data_out = InitiatorPdu::DataOut(cairn_blockstore::iscsi::wire::DataOut {
@@ -238,7 +350,8 @@ fn malformed_pdus_get_protocol_answers_and_do_not_hurt_the_target() {
         buffer_offset: 0,
         data: vec![1; 512],
     });
-    c.write_all(&data_out.to_pdu().encode(false, false)).expect("send data-out");
+    c.write_all(&data_out.to_pdu().encode(false, false))
+        .expect("send data-out");
     let reject = read_pdu(&mut c).expect("reject");
     assert_eq!(reject.opcode(), 0x3f);
     let nop = InitiatorPdu::NopOut(cairn_blockstore::iscsi::wire::NopOut {
@@ -250,7 +363,8 @@ fn malformed_pdus_get_protocol_answers_and_do_not_hurt_the_target() {
         exp_stat_sn: 0,
         data: b"ping".to_vec(),
     });
-    c.write_all(&nop.to_pdu().encode(false, false)).expect("send nop");
+    c.write_all(&nop.to_pdu().encode(false, false))
+        .expect("send nop");
     let nop_in = read_pdu(&mut c).expect("nop-in");
     assert_eq!(nop_in.opcode(), 0x20);
     assert_eq!(nop_in.itt(), 8);

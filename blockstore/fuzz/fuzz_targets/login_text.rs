@@ -23,7 +23,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(p.error_recovery_level, 0);
     }
     let registry = Arc::new(Registry::default());
-    let mut conn = Connection::new(registry, PortalInfo { addresses: vec![], portal_group_tag: 1 }, [3; 16]);
+    let mut conn = Connection::new(
+        registry,
+        PortalInfo {
+            addresses: vec![],
+            portal_group_tag: 1,
+        },
+        [3; 16],
+    );
     let stage = data.first().copied().unwrap_or(0);
     let req = LoginRequest {
         transit: stage & 0x80 != 0,

@@ -37,7 +37,9 @@ impl BlockDevice for Zeros {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
     let decoder = FrameDecoder {
         header_digest: flags & 1 != 0,
         data_digest: flags & 2 != 0,
@@ -58,8 +60,19 @@ fuzz_target!(|data: &[u8]| {
     }
     // The whole connection core on the same bytes.
     let registry = Arc::new(Registry::default());
-    let _ = registry.add_target("iqn.2026-11.org.cairn:client.000000000001", Arc::new(Zeros), TargetConfig::default());
-    let mut conn = Connection::new(registry, PortalInfo { addresses: vec!["127.0.0.1:3260,1".into()], portal_group_tag: 1 }, [1; 16]);
+    let _ = registry.add_target(
+        "iqn.2026-11.org.cairn:client.000000000001",
+        Arc::new(Zeros),
+        TargetConfig::default(),
+    );
+    let mut conn = Connection::new(
+        registry,
+        PortalInfo {
+            addresses: vec!["127.0.0.1:3260,1".into()],
+            portal_group_tag: 1,
+        },
+        [1; 16],
+    );
     conn.handle_bytes(rest);
     while let Some(event) = conn.poll_event() {
         if let Event::Execute(c) = event {

@@ -16,8 +16,13 @@ use cairn_blockstore::iscsi::{Chap, Target, TargetConfig};
 use cairn_blockstore::scsi::FileDevice;
 
 fn parse_chap(value: &str) -> anyhow::Result<Chap> {
-    let (user, secret) = value.split_once(':').context("chap credentials are USER:SECRET")?;
-    Ok(Chap { user: user.to_string(), secret: secret.to_string() })
+    let (user, secret) = value
+        .split_once(':')
+        .context("chap credentials are USER:SECRET")?;
+    Ok(Chap {
+        user: user.to_string(),
+        secret: secret.to_string(),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,11 +62,16 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", file.display()))?;
     let target = Target::new().with_inline_io(inline_io);
     target.add_target(&iqn, Arc::new(device), config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let mut tasks = Vec::new();
         for p in &portals {
-            let listener = tokio::net::TcpListener::bind(p).await.with_context(|| format!("binding {p}"))?;
+            let listener = tokio::net::TcpListener::bind(p)
+                .await
+                .with_context(|| format!("binding {p}"))?;
             let t = target.clone();
             tasks.push(tokio::spawn(async move { t.serve(listener).await }));
         }

@@ -32,7 +32,10 @@ pub fn encode_hex(bytes: &[u8]) -> String {
 
 /// Decodes a `0x` hex or `0b` base64 binary value; `None` on malformed input.
 pub fn decode_binary(value: &str) -> Option<Vec<u8>> {
-    if let Some(hex) = value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+    if let Some(hex) = value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
         let hex = hex.as_bytes();
         // An odd number of digits has an implied leading zero.
         let mut out = Vec::with_capacity(hex.len() / 2 + 1);
@@ -50,7 +53,10 @@ pub fn decode_binary(value: &str) -> Option<Vec<u8>> {
             return None;
         }
         Some(out)
-    } else if let Some(b64) = value.strip_prefix("0b").or_else(|| value.strip_prefix("0B")) {
+    } else if let Some(b64) = value
+        .strip_prefix("0b")
+        .or_else(|| value.strip_prefix("0B"))
+    {
         decode_base64(b64)
     } else {
         None

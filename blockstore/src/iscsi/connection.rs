@@ -22,8 +22,8 @@ use super::chap;
 use super::target::{Registry, TargetEntry};
 use super::text::{self, Negotiation, SessionParams};
 use super::wire::{
-    self, opcode, reject_reason, stage, DataOut, Decoded, FrameDecoder, InitiatorPdu, LoginRequest, Pdu, Residual,
-    ScsiCommand, Sequence, BHS_LEN, TAG_NONE,
+    self, opcode, reject_reason, stage, DataOut, Decoded, FrameDecoder, InitiatorPdu, LoginRequest,
+    Pdu, Residual, ScsiCommand, Sequence, BHS_LEN, TAG_NONE,
 };
 use crate::scsi::sense::{self, Sense};
 use crate::scsi::{Nexus, ScsiResult};
@@ -54,7 +54,11 @@ pub enum Event {
     /// Run this command and call [`Connection::handle_command_complete`].
     Execute(Command),
     /// A target reset asked for every other session of this target to close.
-    ResetTarget { target: Arc<TargetEntry>, cold: bool, session_id: u64 },
+    ResetTarget {
+        target: Arc<TargetEntry>,
+        cold: bool,
+        session_id: u64,
+    },
     /// Close the connection once what `poll_transmit` gave is sent.
     Close,
 }
@@ -72,7 +76,9 @@ enum Auth {
     /// No AuthMethod chosen yet.
     Start,
     /// We sent CHAP_A, CHAP_I, CHAP_C and wait for CHAP_N/CHAP_R.
-    ChapChallenged { id: u8 },
+    ChapChallenged {
+        id: u8,
+    },
     /// Waiting for the initiator to pick CHAP_A.
     ChapMethod,
     Done,
@@ -144,7 +150,12 @@ pub struct Connection {
 /// reservations registered by a nexus stay its own (FNV-1a).
 pub fn nexus_id(initiator_name: &str, isid: &[u8; 6]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in initiator_name.to_ascii_lowercase().bytes().chain([0u8]).chain(isid.iter().copied()) {
+    for b in initiator_name
+        .to_ascii_lowercase()
+        .bytes()
+        .chain([0u8])
+        .chain(isid.iter().copied())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -185,10 +196,18 @@ fn set_transfer_blocks(cdb: &mut [u8], blocks: u64) -> bool {
 
 fn scsi_data_out_len(cdb: &[u8], block: u64) -> Option<u64> {
     let be = |from: usize, n: usize| -> u64 {
-        cdb.get(from..from + n).map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64)).unwrap_or(0)
+        cdb.get(from..from + n)
+            .map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64))
+            .unwrap_or(0)
     };
     Some(match *cdb.first()? {
-        0x0a => (if cdb.get(4) == Some(&0) { 256 } else { be(4, 1) }) * block,
+        0x0a => {
+            (if cdb.get(4) == Some(&0) {
+                256
+            } else {
+                be(4, 1)
+            }) * block
+        }
         0x2a | 0x2e => be(7, 2) * block,
         0xaa | 0xae => be(6, 4) * block,
         0x8a | 0x8e => be(10, 4) * block,
@@ -196,7 +215,13 @@ fn scsi_data_out_len(cdb: &[u8], block: u64) -> Option<u64> {
         0x8b => be(10, 4) * block,
         0x41 => block,
         // WRITE SAME(16) with NDOB carries no data.
-        0x93 => if cdb.get(1).is_some_and(|b| b & 0x01 != 0) { 0 } else { block },
+        0x93 => {
+            if cdb.get(1).is_some_and(|b| b & 0x01 != 0) {
+                0
+            } else {
+                block
+            }
+        }
         _ => return None,
     })
 }
@@ -273,7 +298,12 @@ impl Connection {
 
     /// Bytes buffered and not yet framed (for the memory figure).
     pub fn buffered_bytes(&self) -> usize {
-        self.rx.capacity() + self.writes.values().map(|w| w.data.capacity()).sum::<usize>()
+        self.rx.capacity()
+            + self
+                .writes
+                .values()
+                .map(|w| w.data.capacity())
+                .sum::<usize>()
     }
 
     pub fn is_closing(&self) -> bool {
@@ -292,7 +322,10 @@ impl Connection {
         Sequence {
             stat_sn: self.stat_sn,
             exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.exp_cmd_sn.wrapping_add(COMMANDS_MAX - 1).wrapping_sub(self.running.len() as u32),
+            max_cmd_sn: self
+                .exp_cmd_sn
+                .wrapping_add(COMMANDS_MAX - 1)
+                .wrapping_sub(self.running.len() as u32),
         }
     }
 
@@ -304,8 +337,13 @@ impl Connection {
     }
 
     fn send(&mut self, pdu: Pdu) {
-        let full = self.phase == Phase::FullFeature || (self.phase == Phase::Closing && self.session.is_some());
-        let (h, d) = if full { (self.params.header_digest, self.params.data_digest) } else { (false, false) };
+        let full = self.phase == Phase::FullFeature
+            || (self.phase == Phase::Closing && self.session.is_some());
+        let (h, d) = if full {
+            (self.params.header_digest, self.params.data_digest)
+        } else {
+            (false, false)
+        };
         self.outbox.push_back((pdu, h, d));
     }
 
@@ -416,7 +454,11 @@ impl Connection {
                 self.waiting.insert(cmd_sn, pdu);
             }
         } else {
-            tracing::debug!(cmd_sn, exp_cmd_sn = self.exp_cmd_sn, "cmdsn outside the window, ignored");
+            tracing::debug!(
+                cmd_sn,
+                exp_cmd_sn = self.exp_cmd_sn,
+                "cmdsn outside the window, ignored"
+            );
         }
     }
 
@@ -454,7 +496,10 @@ impl Connection {
                 // needs ErrorRecoveryLevel 2.
                 let response = if l.reason == 2 { 2 } else { 0 };
                 let seq = self.next_status();
-                let (wait, retain) = (self.params.default_time2wait as u16, self.params.default_time2retain as u16);
+                let (wait, retain) = (
+                    self.params.default_time2wait as u16,
+                    self.params.default_time2retain as u16,
+                );
                 self.send(Pdu::logout_response(l.itt, seq, response, wait, retain));
                 if response == 0 {
                     self.close();
@@ -489,7 +534,14 @@ impl Connection {
         if edtl > TRANSFER_BYTES_MAX {
             let seq = self.next_status();
             let s = Sense::new(sense::key::ILLEGAL_REQUEST, 0x24, 0x00).to_bytes();
-            self.send(Pdu::scsi_response(c.itt, seq, sense::CHECK_CONDITION, &s, 0, Residual::None));
+            self.send(Pdu::scsi_response(
+                c.itt,
+                seq,
+                sense::CHECK_CONDITION,
+                &s,
+                0,
+                Residual::None,
+            ));
             return;
         }
         if c.write && edtl > c.data.len() as u32 {
@@ -503,7 +555,10 @@ impl Connection {
             let received = c.data.len() as u32;
             let itt = c.itt;
             let mut task = WriteTask {
-                command: ScsiCommand { data: Vec::new(), ..c },
+                command: ScsiCommand {
+                    data: Vec::new(),
+                    ..c
+                },
                 data,
                 received,
                 unsolicited_open,
@@ -523,10 +578,18 @@ impl Connection {
         self.start_command(c, data, nexus, target);
     }
 
-    fn start_command(&mut self, c: ScsiCommand, data: Vec<u8>, nexus: Nexus, target: Arc<TargetEntry>) {
+    fn start_command(
+        &mut self,
+        c: ScsiCommand,
+        data: Vec<u8>,
+        nexus: Nexus,
+        target: Arc<TargetEntry>,
+    ) {
         let block = target.lun.block_size_bytes() as u64;
         let edtl = c.expected_data_transfer_length;
-        let mut residual_base = None;
+        // For writes whose data length the CDB does not give (UNMAP, MODE SELECT, ...), the
+        // data sent is what the command uses: no residual.
+        let mut residual_base = if c.write { Some(edtl as u64) } else { None };
         let mut data = data;
         let mut c = c;
         if c.write {
@@ -537,7 +600,14 @@ impl Connection {
                     let seq = self.next_status();
                     let s = sense::INVALID_FIELD_IN_CDB.to_bytes();
                     let residual = Residual::between(edtl, spdtl);
-                    self.send(Pdu::scsi_response(c.itt, seq, sense::CHECK_CONDITION, &s, 0, residual));
+                    self.send(Pdu::scsi_response(
+                        c.itt,
+                        seq,
+                        sense::CHECK_CONDITION,
+                        &s,
+                        0,
+                        residual,
+                    ));
                     return;
                 }
                 if spdtl > edtl as u64 {
@@ -548,13 +618,27 @@ impl Connection {
                         let seq = self.next_status();
                         let s = Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03).to_bytes();
                         let residual = Residual::between(edtl, spdtl);
-                        self.send(Pdu::scsi_response(c.itt, seq, sense::CHECK_CONDITION, &s, 0, residual));
+                        self.send(Pdu::scsi_response(
+                            c.itt,
+                            seq,
+                            sense::CHECK_CONDITION,
+                            &s,
+                            0,
+                            residual,
+                        ));
                         return;
                     }
                     if blocks == 0 {
                         let seq = self.next_status();
                         let residual = Residual::between(edtl, spdtl);
-                        self.send(Pdu::scsi_response(c.itt, seq, sense::GOOD, &[], 0, residual));
+                        self.send(Pdu::scsi_response(
+                            c.itt,
+                            seq,
+                            sense::GOOD,
+                            &[],
+                            0,
+                            residual,
+                        ));
                         return;
                     }
                     data.truncate((blocks * block) as usize);
@@ -564,7 +648,8 @@ impl Connection {
                 residual_base = Some(spdtl);
             }
         }
-        self.running.insert(c.itt, (c.lun, edtl, c.read, residual_base));
+        self.running
+            .insert(c.itt, (c.lun, edtl, c.read, residual_base));
         self.events.push_back(Event::Execute(Command {
             itt: c.itt,
             lun: c.lun,
@@ -591,7 +676,15 @@ impl Connection {
         task.r2t = Some((ttt, task.received, length));
         task.next_data_sn = 0;
         let seq = self.seq();
-        let pdu = Pdu::r2t(task.command.lun, task.command.itt, ttt, seq, task.r2t_sn, task.received, length);
+        let pdu = Pdu::r2t(
+            task.command.lun,
+            task.command.itt,
+            ttt,
+            seq,
+            task.r2t_sn,
+            task.received,
+            length,
+        );
         task.r2t_sn += 1;
         self.send(pdu);
     }
@@ -609,27 +702,35 @@ impl Connection {
             let problem: Option<Sense> = if solicited {
                 match task.r2t {
                     Some((ttt, offset, length)) if ttt == d.ttt => {
-                        if d.data_sn != task.next_data_sn {
-                            Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
-                        } else if d.buffer_offset != task.received
-                            || d.buffer_offset.checked_add(len).is_none_or(|end| end > offset + length)
-                        {
-                            Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
-                        } else {
+                        let in_order =
+                            d.data_sn == task.next_data_sn && d.buffer_offset == task.received;
+                        let within = d
+                            .buffer_offset
+                            .checked_add(len)
+                            .is_some_and(|end| end <= offset + length);
+                        if in_order && within {
                             None
+                        } else {
+                            Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
                         }
                     }
                     _ => Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00)),
                 }
-            } else if !task.unsolicited_open {
-                Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
-            } else if d.data_sn != task.next_data_sn
-                || d.buffer_offset != task.received
-                || d.buffer_offset.checked_add(len).is_none_or(|end| end > self.params.first_burst_length.min(edtl))
-            {
-                Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
             } else {
-                None
+                // Unsolicited Data-Out: only while the unsolicited burst is open, in order,
+                // within FirstBurstLength.
+                let burst_end = self.params.first_burst_length.min(edtl);
+                let ok = task.unsolicited_open
+                    && d.data_sn == task.next_data_sn
+                    && d.buffer_offset == task.received
+                    && d.buffer_offset
+                        .checked_add(len)
+                        .is_some_and(|end| end <= burst_end);
+                if ok {
+                    None
+                } else {
+                    Some(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00))
+                }
             };
             match problem {
                 Some(s) => task.failed = Some(s),
@@ -658,7 +759,14 @@ impl Connection {
             // Wait for the rest of an unsolicited burst before answering is not needed: the
             // sequence ended with F. Answer now and forget the task.
             let seq = self.next_status();
-            self.send(Pdu::scsi_response(task.command.itt, seq, sense::CHECK_CONDITION, &s.to_bytes(), 0, Residual::None));
+            self.send(Pdu::scsi_response(
+                task.command.itt,
+                seq,
+                sense::CHECK_CONDITION,
+                &s.to_bytes(),
+                0,
+                Residual::None,
+            ));
             return;
         }
         if task.received < edtl {
@@ -666,27 +774,32 @@ impl Connection {
             self.writes.insert(d.itt, task);
             return;
         }
-        let Some((nexus, target)) = self.nexus_and_target() else { return };
+        let Some((nexus, target)) = self.nexus_and_target() else {
+            return;
+        };
         let data = std::mem::take(&mut task.data);
         self.start_command(task.command, data, nexus, target);
     }
 
     /// The shell ran a command: queue its Data-In and response.
     pub fn handle_command_complete(&mut self, itt: u32, result: ScsiResult) {
-        let Some((lun, edtl, read, write_spdtl)) = self.running.remove(&itt) else { return };
+        let Some((lun, edtl, read, write_spdtl)) = self.running.remove(&itt) else {
+            return;
+        };
         if self.phase == Phase::Closing {
             return;
         }
-        let ScsiResult { status, sense: sense_data, mut data_in } = result;
+        let ScsiResult {
+            status,
+            sense: sense_data,
+            mut data_in,
+        } = result;
         let produced = data_in.len() as u64;
-        let residual = if read && !data_in.is_empty() || (read && write_spdtl.is_none()) {
-            Residual::between(edtl, produced)
-        } else if let Some(spdtl) = write_spdtl {
-            Residual::between(edtl, spdtl)
-        } else if !data_in.is_empty() {
-            Residual::between(edtl, produced)
-        } else {
-            Residual::between(edtl, 0).clamp_underflow_to_zero()
+        let residual = match write_spdtl {
+            // Writes: what the CDB wanted against what the initiator said it would send.
+            Some(spdtl) => Residual::between(edtl, spdtl),
+            // Reads and commands without data: what we produced against what was expected.
+            None => Residual::between(edtl, if read { produced } else { 0 }),
         };
         if !read {
             data_in.clear();
@@ -698,8 +811,16 @@ impl Connection {
         if !data_in.is_empty() {
             let total = data_in.len();
             if total <= segment {
-                let last_status = if collapse { Some((status, residual)) } else { None };
-                let seq = if collapse { self.next_status() } else { self.seq() };
+                let last_status = if collapse {
+                    Some((status, residual))
+                } else {
+                    None
+                };
+                let seq = if collapse {
+                    self.next_status()
+                } else {
+                    self.seq()
+                };
                 let mut p = Pdu::data_in_header(lun, itt, seq, 0, 0, true, last_status);
                 p.data = data_in;
                 self.send(p);
@@ -709,9 +830,25 @@ impl Connection {
                 while offset < total {
                     let end = (offset + segment).min(total);
                     let last = end == total;
-                    let last_status = if collapse && last { Some((status, residual)) } else { None };
-                    let seq = if last_status.is_some() { self.next_status() } else { self.seq() };
-                    let mut p = Pdu::data_in_header(lun, itt, seq, data_sn, offset as u32, last, last_status);
+                    let last_status = if collapse && last {
+                        Some((status, residual))
+                    } else {
+                        None
+                    };
+                    let seq = if last_status.is_some() {
+                        self.next_status()
+                    } else {
+                        self.seq()
+                    };
+                    let mut p = Pdu::data_in_header(
+                        lun,
+                        itt,
+                        seq,
+                        data_sn,
+                        offset as u32,
+                        last,
+                        last_status,
+                    );
                     p.data = data_in[offset..end].to_vec();
                     self.send(p);
                     data_sn += 1;
@@ -721,7 +858,14 @@ impl Connection {
         }
         if !collapse {
             let seq = self.next_status();
-            self.send(Pdu::scsi_response(itt, seq, status, &sense_data, data_sn, residual));
+            self.send(Pdu::scsi_response(
+                itt,
+                seq,
+                status,
+                &sense_data,
+                data_sn,
+                residual,
+            ));
         }
     }
 
@@ -730,7 +874,9 @@ impl Connection {
         const NO_TASK: u8 = 1;
         const NO_LUN: u8 = 2;
         const NOT_SUPPORTED: u8 = 5;
-        let Some((nexus, target)) = self.nexus_and_target() else { return };
+        let Some((nexus, target)) = self.nexus_and_target() else {
+            return;
+        };
         let response = match t.function {
             1 => {
                 // ABORT TASK: a command still gathering data is dropped; one handed to the
@@ -751,7 +897,11 @@ impl Connection {
                 // ABORT TASK SET, CLEAR TASK SET.
                 self.writes.clear();
                 self.cancel_queued(None);
-                if t.lun != 0 { NO_LUN } else { COMPLETE }
+                if t.lun != 0 {
+                    NO_LUN
+                } else {
+                    COMPLETE
+                }
             }
             3 => NOT_SUPPORTED, // CLEAR ACA: we never establish ACA
             5 => {
@@ -772,7 +922,11 @@ impl Connection {
                 let mut ids = self.registry.nexus_ids(&target.name);
                 ids.push(nexus.id);
                 target.lun.reset(&ids);
-                self.events.push_back(Event::ResetTarget { target: target.clone(), cold: t.function == 7, session_id: self.session_id });
+                self.events.push_back(Event::ResetTarget {
+                    target: target.clone(),
+                    cold: t.function == 7,
+                    session_id: self.session_id,
+                });
                 COMPLETE
             }
             _ => NOT_SUPPORTED,
@@ -867,8 +1021,22 @@ impl Connection {
     // ---------------------------------------------------------------- login
 
     fn login_fail(&mut self, req: &LoginRequest, class: u8, detail: u8) {
-        let seq = Sequence { stat_sn: self.stat_sn, exp_cmd_sn: req.cmd_sn, max_cmd_sn: req.cmd_sn };
-        self.send(Pdu::login_response(req, false, req.current_stage, 0, 0, seq, class, detail, Vec::new()));
+        let seq = Sequence {
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: req.cmd_sn,
+            max_cmd_sn: req.cmd_sn,
+        };
+        self.send(Pdu::login_response(
+            req,
+            false,
+            req.current_stage,
+            0,
+            0,
+            seq,
+            class,
+            detail,
+            Vec::new(),
+        ));
         self.close();
     }
 
@@ -880,7 +1048,9 @@ impl Connection {
         const UNSUPPORTED_VERSION: (u8, u8) = (2, 5);
         const MISSING_PARAMETER: (u8, u8) = (2, 7);
         const SESSION_DOES_NOT_EXIST: (u8, u8) = (2, 0x0a);
-        let fail = |c: &mut Connection, req: &LoginRequest, (class, detail): (u8, u8)| c.login_fail(req, class, detail);
+        let fail = |c: &mut Connection, req: &LoginRequest, (class, detail): (u8, u8)| {
+            c.login_fail(req, class, detail)
+        };
 
         if self.login.first {
             self.login.first = false;
@@ -898,7 +1068,9 @@ impl Connection {
         } else if req.isid != self.login.isid || req.itt != self.login.itt {
             return fail(self, &req, INITIATOR_ERROR);
         }
-        if req.current_stage == 2 || (req.transit && (req.next_stage == 2 || req.next_stage <= req.current_stage)) {
+        if req.current_stage == 2
+            || (req.transit && (req.next_stage == 2 || req.next_stage <= req.current_stage))
+        {
             return fail(self, &req, INITIATOR_ERROR);
         }
         if req.current_stage < self.login.current_stage {
@@ -911,8 +1083,22 @@ impl Connection {
         self.login.pending_text.extend_from_slice(&req.data);
         if req.continue_ {
             // More text follows: acknowledge with an empty response (RFC 7143 6.3).
-            let seq = Sequence { stat_sn: self.stat_sn, exp_cmd_sn: self.exp_cmd_sn, max_cmd_sn: self.exp_cmd_sn };
-            self.send(Pdu::login_response(&req, false, req.current_stage, 0, 0, seq, 0, 0, Vec::new()));
+            let seq = Sequence {
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: self.exp_cmd_sn,
+                max_cmd_sn: self.exp_cmd_sn,
+            };
+            self.send(Pdu::login_response(
+                &req,
+                false,
+                req.current_stage,
+                0,
+                0,
+                seq,
+                0,
+                0,
+                Vec::new(),
+            ));
             return;
         }
         let text = std::mem::take(&mut self.login.pending_text);
@@ -923,19 +1109,30 @@ impl Connection {
                 return fail(self, &req, INITIATOR_ERROR);
             }
         };
-        let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
 
         // Declarations, on the first PDU that carries them.
         if self.login.initiator_name.is_none() {
-            let Some(name) = get("InitiatorName") else { return fail(self, &req, MISSING_PARAMETER) };
+            let Some(name) = get("InitiatorName") else {
+                return fail(self, &req, MISSING_PARAMETER);
+            };
             if name.is_empty() || name.len() > 223 {
                 return fail(self, &req, INITIATOR_ERROR);
             }
             self.login.initiator_name = Some(name);
             match get("SessionType").as_deref() {
                 None | Some("Normal") => {
-                    let Some(target_name) = get("TargetName") else { return fail(self, &req, MISSING_PARAMETER) };
-                    let Some(target) = self.registry.target(&target_name) else { return fail(self, &req, NOT_FOUND) };
+                    let Some(target_name) = get("TargetName") else {
+                        return fail(self, &req, MISSING_PARAMETER);
+                    };
+                    let Some(target) = self.registry.target(&target_name) else {
+                        return fail(self, &req, NOT_FOUND);
+                    };
                     if !target.allows(self.login.initiator_name.as_deref().unwrap_or_default()) {
                         return fail(self, &req, FORBIDDEN);
                     }
@@ -945,7 +1142,11 @@ impl Connection {
                 Some(_) => return fail(self, &req, (2, 9)),
             }
         }
-        let chap_required = self.login.target.as_ref().and_then(|t| t.config.chap.clone());
+        let chap_required = self
+            .login
+            .target
+            .as_ref()
+            .and_then(|t| t.config.chap.clone());
         let mut out = Vec::new();
 
         // Security stage.
@@ -986,8 +1187,12 @@ impl Connection {
                 self.login.auth = Auth::ChapChallenged { id };
             }
             if let Some(user) = get("CHAP_N") {
-                let Auth::ChapChallenged { id } = self.login.auth else { return fail(self, &req, INITIATOR_ERROR) };
-                let Some(chap_cfg) = chap_required.clone() else { return fail(self, &req, AUTH_FAILURE) };
+                let Auth::ChapChallenged { id } = self.login.auth else {
+                    return fail(self, &req, INITIATOR_ERROR);
+                };
+                let Some(chap_cfg) = chap_required.clone() else {
+                    return fail(self, &req, AUTH_FAILURE);
+                };
                 let Some(resp) = get("CHAP_R").and_then(|r| chap::decode_binary(&r)) else {
                     return fail(self, &req, AUTH_FAILURE);
                 };
@@ -998,10 +1203,16 @@ impl Connection {
                 }
                 // Mutual CHAP: the initiator challenges us.
                 if let Some(ci) = get("CHAP_I") {
-                    let mutual = self.login.target.as_ref().and_then(|t| t.config.mutual_chap.clone());
-                    let (Some(mutual), Ok(ident), Some(challenge)) =
-                        (mutual, ci.parse::<u8>(), get("CHAP_C").and_then(|c| chap::decode_binary(&c)))
-                    else {
+                    let mutual = self
+                        .login
+                        .target
+                        .as_ref()
+                        .and_then(|t| t.config.mutual_chap.clone());
+                    let (Some(mutual), Ok(ident), Some(challenge)) = (
+                        mutual,
+                        ci.parse::<u8>(),
+                        get("CHAP_C").and_then(|c| chap::decode_binary(&c)),
+                    ) else {
                         return fail(self, &req, AUTH_FAILURE);
                     };
                     if challenge == self.challenge || challenge.len() > 1024 {
@@ -1022,10 +1233,17 @@ impl Connection {
             if text::is_login_key(key) {
                 continue;
             }
-            if req.current_stage == stage::SECURITY && self.login.auth != Auth::Done && !key.starts_with("X") {
+            if req.current_stage == stage::SECURITY
+                && self.login.auth != Auth::Done
+                && !key.starts_with("X")
+            {
                 // Operational keys before authentication completes are not negotiated yet.
             }
-            if let Some((k, v)) = self.login.negotiation.answer(key, value, self.login.discovery) {
+            if let Some((k, v)) = self
+                .login
+                .negotiation
+                .answer(key, value, self.login.discovery)
+            {
                 text::push_pair(&mut out, &k, &v);
             }
         }
@@ -1033,7 +1251,10 @@ impl Connection {
         let mut transit = req.transit;
         let mut next = req.next_stage;
         if transit && req.current_stage == stage::SECURITY && self.login.auth != Auth::Done {
-            if self.login.auth == Auth::Start && chap_required.is_none() && get("AuthMethod").is_none() {
+            if self.login.auth == Auth::Start
+                && chap_required.is_none()
+                && get("AuthMethod").is_none()
+            {
                 // The initiator skipped AuthMethod: fine when none is required.
                 self.login.auth = Auth::Done;
             } else if self.login.auth == Auth::Start && chap_required.is_some() {
@@ -1044,26 +1265,53 @@ impl Connection {
                 next = 0;
             }
         }
-        if chap_required.is_some() && req.current_stage != stage::SECURITY && self.login.auth != Auth::Done {
+        if chap_required.is_some()
+            && req.current_stage != stage::SECURITY
+            && self.login.auth != Auth::Done
+        {
             return fail(self, &req, AUTH_FAILURE);
         }
         if !self.login.sent_tpgt && !self.login.discovery {
-            text::push_pair(&mut out, "TargetPortalGroupTag", &self.portal.portal_group_tag.to_string());
+            text::push_pair(
+                &mut out,
+                "TargetPortalGroupTag",
+                &self.portal.portal_group_tag.to_string(),
+            );
             self.login.sent_tpgt = true;
         }
         let final_login = transit && next == stage::FULL_FEATURE;
         if final_login && !self.login.negotiation.offered("MaxRecvDataSegmentLength") {
             // Declare ours even if the initiator kept the default for its own.
-            text::push_pair(&mut out, "MaxRecvDataSegmentLength", &self.params.target_max_recv_data_segment_length.to_string());
-            self.login.negotiation.answer("MaxRecvDataSegmentLength", "8192", self.login.discovery);
+            text::push_pair(
+                &mut out,
+                "MaxRecvDataSegmentLength",
+                &self.params.target_max_recv_data_segment_length.to_string(),
+            );
+            self.login
+                .negotiation
+                .answer("MaxRecvDataSegmentLength", "8192", self.login.discovery);
         }
         if final_login {
             self.tsih = self.registry.new_tsih();
         }
-        let seq = Sequence { stat_sn: self.stat_sn, exp_cmd_sn: self.exp_cmd_sn, max_cmd_sn: self.exp_cmd_sn.wrapping_add(COMMANDS_MAX - 1) };
+        let seq = Sequence {
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.exp_cmd_sn.wrapping_add(COMMANDS_MAX - 1),
+        };
         self.stat_sn = self.stat_sn.wrapping_add(1);
         let current = req.current_stage;
-        let response = Pdu::login_response(&req, transit, current, if transit { next } else { 0 }, self.tsih, seq, 0, 0, out);
+        let response = Pdu::login_response(
+            &req,
+            transit,
+            current,
+            if transit { next } else { 0 },
+            self.tsih,
+            seq,
+            0,
+            0,
+            out,
+        );
         self.send(response);
         if transit {
             self.login.current_stage = next;
@@ -1072,7 +1320,10 @@ impl Connection {
             self.params = self.login.negotiation.params.clone();
             self.session_id = self.registry.new_session_id();
             let nexus = Nexus {
-                id: nexus_id(self.login.initiator_name.as_deref().unwrap_or_default(), &self.login.isid),
+                id: nexus_id(
+                    self.login.initiator_name.as_deref().unwrap_or_default(),
+                    &self.login.isid,
+                ),
                 initiator_name: self.login.initiator_name.clone().unwrap_or_default(),
                 isid: self.login.isid,
             };
@@ -1102,23 +1353,12 @@ impl Connection {
     }
 }
 
-trait ClampUnderflow {
-    fn clamp_underflow_to_zero(self) -> Residual;
-}
-
-impl ClampUnderflow for Residual {
-    /// For commands without data, an expected length is all underflow.
-    fn clamp_underflow_to_zero(self) -> Residual {
-        self
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::device::{BlockDevice, DeviceError};
     use crate::iscsi::target::TargetConfig;
-    use crate::iscsi::wire::{NopOut, DataOut as WireDataOut};
+    use crate::iscsi::wire::{DataOut as WireDataOut, NopOut};
     use proptest::prelude::*;
     use std::sync::Mutex;
 
@@ -1161,15 +1401,31 @@ mod tests {
 
     fn connection() -> Connection {
         let registry = Arc::new(Registry::default());
-        registry.add_target(IQN, Arc::new(Memory(Mutex::new(vec![0; 512 * 1024]))), TargetConfig::default()).unwrap();
-        Connection::new(registry, PortalInfo { addresses: vec!["127.0.0.1:3260,1".into()], portal_group_tag: 1 }, [5; 16])
+        registry
+            .add_target(
+                IQN,
+                Arc::new(Memory(Mutex::new(vec![0; 512 * 1024]))),
+                TargetConfig::default(),
+            )
+            .unwrap();
+        Connection::new(
+            registry,
+            PortalInfo {
+                addresses: vec!["127.0.0.1:3260,1".into()],
+                portal_group_tag: 1,
+            },
+            [5; 16],
+        )
     }
 
     /// Runs every pending command and returns what the connection sends.
     fn drain(c: &mut Connection) -> Vec<Pdu> {
         while let Some(e) = c.poll_event() {
             if let Event::Execute(cmd) = e {
-                let r = cmd.target.lun.execute(&cmd.nexus, cmd.lun, &cmd.cdb, &cmd.data_out);
+                let r = cmd
+                    .target
+                    .lun
+                    .execute(&cmd.nexus, cmd.lun, &cmd.cdb, &cmd.data_out);
                 c.handle_command_complete(cmd.itt, r);
             }
         }
@@ -1178,9 +1434,13 @@ mod tests {
 
     fn login(c: &mut Connection, extra: &[(&str, &str)]) -> Vec<Pdu> {
         let mut text = Vec::new();
-        for (k, v) in [("InitiatorName", "iqn.2026-11.org.cairn:test"), ("TargetName", IQN), ("AuthMethod", "None")]
-            .iter()
-            .chain(extra.iter())
+        for (k, v) in [
+            ("InitiatorName", "iqn.2026-11.org.cairn:test"),
+            ("TargetName", IQN),
+            ("AuthMethod", "None"),
+        ]
+        .iter()
+        .chain(extra.iter())
         {
             text::push_pair(&mut text, k, v);
         }
@@ -1203,7 +1463,17 @@ mod tests {
         drain(c)
     }
 
-    fn command(cmd_sn: u32, itt: u32, cdb: &[u8], read: bool, write: bool, edtl: u32, data: Vec<u8>, final_: bool) -> Vec<u8> {
+    #[allow(clippy::too_many_arguments)]
+    fn command(
+        cmd_sn: u32,
+        itt: u32,
+        cdb: &[u8],
+        read: bool,
+        write: bool,
+        edtl: u32,
+        data: Vec<u8>,
+        final_: bool,
+    ) -> Vec<u8> {
         let mut full = cdb.to_vec();
         full.resize(16, 0);
         InitiatorPdu::ScsiCommand(ScsiCommand {
@@ -1227,14 +1497,30 @@ mod tests {
     #[test]
     fn login_then_write_with_r2t_then_read_back() {
         let mut c = connection();
-        let out = login(&mut c, &[("InitialR2T", "Yes"), ("ImmediateData", "Yes"), ("MaxBurstLength", "4096")]);
+        let out = login(
+            &mut c,
+            &[
+                ("InitialR2T", "Yes"),
+                ("ImmediateData", "Yes"),
+                ("MaxBurstLength", "4096"),
+            ],
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].opcode(), opcode::LOGIN_RESPONSE);
         assert_eq!(out[0].bhs[36], 0);
         // WRITE(10) of 16 blocks at LBA 8: 512 bytes immediate, the rest by two R2Ts of 4096.
         let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
         let cdb = [0x2a, 0, 0, 0, 0, 8, 0, 0, 16, 0];
-        c.handle_bytes(&command(10, 0x100, &cdb, false, true, 8192, payload[..512].to_vec(), true));
+        c.handle_bytes(&command(
+            10,
+            0x100,
+            &cdb,
+            false,
+            true,
+            8192,
+            payload[..512].to_vec(),
+            true,
+        ));
         let out = drain(&mut c);
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out[0].opcode(), opcode::R2T);
@@ -1267,9 +1553,22 @@ mod tests {
         }
         // READ(10) back: one Data-In with status (phase collapse).
         let cdb = [0x28, 0, 0, 0, 0, 8, 0, 0, 16, 0];
-        c.handle_bytes(&command(11, 0x101, &cdb, true, false, 8192, Vec::new(), true));
+        c.handle_bytes(&command(
+            11,
+            0x101,
+            &cdb,
+            true,
+            false,
+            8192,
+            Vec::new(),
+            true,
+        ));
         let out = drain(&mut c);
-        let data: Vec<u8> = out.iter().filter(|p| p.opcode() == opcode::DATA_IN).flat_map(|p| p.data.clone()).collect();
+        let data: Vec<u8> = out
+            .iter()
+            .filter(|p| p.opcode() == opcode::DATA_IN)
+            .flat_map(|p| p.data.clone())
+            .collect();
         assert_eq!(data, payload);
         let last = out.last().unwrap();
         assert_eq!(last.bhs[1] & 0x81, 0x81, "final Data-In carries status");
@@ -1290,7 +1589,15 @@ mod tests {
         c.handle_bytes(&command(5000, 3, &tur, false, false, 0, Vec::new(), true));
         assert!(drain(&mut c).is_empty());
         // Still alive.
-        let nop = InitiatorPdu::NopOut(NopOut { immediate: true, lun: 0, itt: 9, ttt: TAG_NONE, cmd_sn: 12, exp_stat_sn: 0, data: vec![] });
+        let nop = InitiatorPdu::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt: 9,
+            ttt: TAG_NONE,
+            cmd_sn: 12,
+            exp_stat_sn: 0,
+            data: vec![],
+        });
         c.handle_bytes(&nop.to_pdu().encode(false, false));
         assert_eq!(drain(&mut c)[0].opcode(), opcode::NOP_IN);
     }
@@ -1301,16 +1608,87 @@ mod tests {
         login(&mut c, &[]);
         // 1024 blocks on the device; write 2 blocks at 1023.
         let cdb = [0x2a, 0, 0, 0, 0x03, 0xff, 0, 0, 2, 0];
-        c.handle_bytes(&command(10, 1, &cdb, false, true, 1024, vec![0xaa; 1024], true));
+        c.handle_bytes(&command(
+            10,
+            1,
+            &cdb,
+            false,
+            true,
+            1024,
+            vec![0xaa; 1024],
+            true,
+        ));
         let out = drain(&mut c);
         assert_eq!(out[0].opcode(), opcode::SCSI_RESPONSE);
         assert_eq!(out[0].bhs[3], sense::CHECK_CONDITION);
         let s = &out[0].data[2..];
-        assert_eq!((s[2] & 0x0f, s[12], s[13]), (sense::key::ILLEGAL_REQUEST, 0x21, 0x00));
+        assert_eq!(
+            (s[2] & 0x0f, s[12], s[13]),
+            (sense::key::ILLEGAL_REQUEST, 0x21, 0x00)
+        );
         let cdb = [0x28, 0, 0, 0, 0x03, 0xff, 0, 0, 1, 0];
         c.handle_bytes(&command(11, 2, &cdb, true, false, 512, Vec::new(), true));
         let out = drain(&mut c);
-        assert!(out[0].data.iter().all(|b| *b == 0), "the failed write changed the last block");
+        assert!(
+            out[0].data.iter().all(|b| *b == 0),
+            "the failed write changed the last block"
+        );
+    }
+
+    #[test]
+    fn digests_are_negotiated_checked_and_sent() {
+        let mut c = connection();
+        let out = login(
+            &mut c,
+            &[("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C")],
+        );
+        let text = String::from_utf8_lossy(&out[0].data).to_string();
+        assert!(
+            text.contains("HeaderDigest=CRC32C") && text.contains("DataDigest=CRC32C"),
+            "{text}"
+        );
+        let nop = |itt: u32| {
+            InitiatorPdu::NopOut(NopOut {
+                immediate: true,
+                lun: 0,
+                itt,
+                ttt: TAG_NONE,
+                cmd_sn: 10,
+                exp_stat_sn: 0,
+                data: b"abc".to_vec(),
+            })
+            .to_pdu()
+        };
+        // A good PDU with both digests is answered, and the answer carries digests too.
+        c.handle_bytes(&nop(1).encode(true, true));
+        let mut sent = Vec::new();
+        while let Some((p, h, d)) = c.poll_transmit() {
+            assert!(h && d);
+            p.encode_into(&mut sent, h, d);
+        }
+        let decoder = FrameDecoder {
+            header_digest: true,
+            data_digest: true,
+            data_segment_len_max: 1 << 20,
+        };
+        assert!(
+            matches!(decoder.decode(&sent), Ok(Decoded::Pdu(p, _)) if p.opcode() == opcode::NOP_IN && p.data == b"abc")
+        );
+        // A corrupted data digest: Reject with reason "data digest error", connection stays up.
+        let mut bad = nop(2).encode(true, true);
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        c.handle_bytes(&bad);
+        let out = drain(&mut c);
+        assert_eq!(out[0].opcode(), opcode::REJECT);
+        assert_eq!(out[0].bhs[2], reject_reason::DATA_DIGEST_ERROR);
+        c.handle_bytes(&nop(3).encode(true, true));
+        assert_eq!(drain(&mut c)[0].itt(), 3);
+        // A corrupted header digest: the stream cannot be trusted, the connection closes.
+        let mut bad = nop(4).encode(true, true);
+        bad[50] ^= 1;
+        c.handle_bytes(&bad);
+        assert!(c.is_closing());
     }
 
     proptest! {

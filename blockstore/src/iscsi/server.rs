@@ -35,13 +35,19 @@ const POOL_BUFFER_BYTES_MAX: usize = 1 << 20;
 
 impl BufferPool {
     fn take(&self) -> Vec<u8> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
     }
     fn give(&self, buffers: &mut Vec<Vec<u8>>) {
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
         for b in buffers.drain(..) {
             // Kept at its length: the next read overwrites it without zeroing it first.
-            if pool.len() < POOL_BUFFERS_MAX && (4096..=POOL_BUFFER_BYTES_MAX).contains(&b.capacity()) {
+            if pool.len() < POOL_BUFFERS_MAX
+                && (4096..=POOL_BUFFER_BYTES_MAX).contains(&b.capacity())
+            {
                 pool.push(b);
             }
         }
@@ -62,7 +68,14 @@ struct Batch {
 fn drain_into(conn: &mut Connection, batch: &mut Batch) -> usize {
     while let Some((pdu, h, d)) = conn.poll_transmit() {
         batch.bytes += pdu.wire_len(h, d);
-        encode_split(pdu, h, d, &mut batch.out, &mut batch.datas, &mut batch.pieces);
+        encode_split(
+            pdu,
+            h,
+            d,
+            &mut batch.out,
+            &mut batch.datas,
+            &mut batch.pieces,
+        );
     }
     batch.bytes
 }
@@ -90,7 +103,12 @@ impl Target {
     }
 
     /// Serves `device` as LUN 0 of target `iqn`.
-    pub fn add_target(&self, iqn: &str, device: Arc<dyn BlockDevice>, config: TargetConfig) -> Result<(), RegistryError> {
+    pub fn add_target(
+        &self,
+        iqn: &str,
+        device: Arc<dyn BlockDevice>,
+        config: TargetConfig,
+    ) -> Result<(), RegistryError> {
         self.registry.add_target(iqn, device, config)
     }
 
@@ -106,7 +124,10 @@ impl Target {
     /// Accepts connections on `listener` until it fails. Call once per portal.
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
         let local = listener.local_addr()?;
-        self.portals.lock().unwrap_or_else(|p| p.into_inner()).push(local);
+        self.portals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(local);
         loop {
             let (stream, peer) = listener.accept().await?;
             let this = self.clone();
@@ -119,10 +140,18 @@ impl Target {
     }
 
     fn portal_info(&self, local: SocketAddr) -> PortalInfo {
-        let portals = self.portals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let portals = self
+            .portals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut addresses = Vec::new();
         let mut add = |a: SocketAddr| {
-            let a = if a.ip().is_unspecified() { SocketAddr::new(local.ip(), a.port()) } else { a };
+            let a = if a.ip().is_unspecified() {
+                SocketAddr::new(local.ip(), a.port())
+            } else {
+                a
+            };
             let s = match a {
                 SocketAddr::V4(v4) => format!("{}:{},1", v4.ip(), v4.port()),
                 SocketAddr::V6(v6) => format!("[{}]:{},1", v6.ip(), v6.port()),
@@ -135,7 +164,10 @@ impl Target {
         for p in portals {
             add(p);
         }
-        PortalInfo { addresses, portal_group_tag: 1 }
+        PortalInfo {
+            addresses,
+            portal_group_tag: 1,
+        }
     }
 
     async fn run_connection(&self, stream: TcpStream) -> std::io::Result<()> {
@@ -198,16 +230,23 @@ impl Target {
                             }
                         }
                     }
-                    Event::ResetTarget { target, cold, session_id } => {
+                    Event::ResetTarget {
+                        target,
+                        cold,
+                        session_id,
+                    } => {
                         if cold {
-                            self.registry.close_sessions_of(&target.name, Some(session_id));
+                            self.registry
+                                .close_sessions_of(&target.name, Some(session_id));
                         }
                     }
                     Event::Close => close = true,
                 }
             }
             if registered.is_none() {
-                if let (Some(id), Some(target), Some(nexus)) = (conn.session_id(), conn.target(), conn.nexus()) {
+                if let (Some(id), Some(target), Some(nexus)) =
+                    (conn.session_id(), conn.target(), conn.nexus())
+                {
                     let c = closer.clone();
                     self.registry.register_session(SessionRecord {
                         id,
@@ -254,7 +293,6 @@ impl Target {
     }
 }
 
-
 /// Appends a PDU's header part (BHS, AHS, header digest) to `out` and keeps its data segment
 /// (with padding and digest) aside as its own buffer.
 fn encode_split(
@@ -294,7 +332,10 @@ fn encode_split(
     pieces.push((start, out.len(), Some(datas.len() - 1)));
 }
 
-async fn write_pieces(writer: &mut tokio::net::tcp::OwnedWriteHalf, batch: &Batch) -> std::io::Result<()> {
+async fn write_pieces(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    batch: &Batch,
+) -> std::io::Result<()> {
     let (out, datas, pieces) = (&batch.out, &batch.datas, &batch.pieces);
     let mut slices: Vec<&[u8]> = Vec::with_capacity(pieces.len() * 2);
     for (s, e, d) in pieces {
@@ -311,7 +352,10 @@ async fn write_pieces(writer: &mut tokio::net::tcp::OwnedWriteHalf, batch: &Batc
             .collect();
         let mut n = writer.write_vectored(&io).await?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "socket closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "socket closed",
+            ));
         }
         while n > 0 && index < slices.len() {
             let left = slices[index].len() - offset;
@@ -332,15 +376,26 @@ async fn write_pieces(writer: &mut tokio::net::tcp::OwnedWriteHalf, batch: &Batc
 /// the blocking pool); everything else runs on the blocking pool so a slow flush does not stall
 /// the runtime.
 async fn execute(command: Command, pool: &BufferPool, inline_io: bool) -> ScsiResult {
-    let Command { lun, cdb, data_out, target, nexus, .. } = command;
+    let Command {
+        lun,
+        cdb,
+        data_out,
+        target,
+        nexus,
+        ..
+    } = command;
     let mut buffer = pool.take();
     if let Some(result) = target.lun.try_fast_read(&nexus, lun, &cdb, &mut buffer) {
-        return if result.status == crate::scsi::sense::GOOD { ScsiResult::good(buffer) } else { result };
+        return if result.status == crate::scsi::sense::GOOD {
+            ScsiResult::good(buffer)
+        } else {
+            result
+        };
     }
     if inline_io {
         return target.lun.execute(&nexus, lun, &cdb, &data_out);
     }
     tokio::task::spawn_blocking(move || target.lun.execute(&nexus, lun, &cdb, &data_out))
-    .await
-    .unwrap_or_else(|_| ScsiResult::check(crate::scsi::sense::INTERNAL_TARGET_FAILURE))
+        .await
+        .unwrap_or_else(|_| ScsiResult::check(crate::scsi::sense::INTERNAL_TARGET_FAILURE))
 }

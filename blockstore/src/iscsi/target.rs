@@ -33,14 +33,20 @@ pub struct TargetEntry {
 
 impl std::fmt::Debug for TargetEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TargetEntry").field("name", &self.name).finish()
+        f.debug_struct("TargetEntry")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
 impl TargetEntry {
     pub fn allows(&self, initiator_name: &str) -> bool {
         self.config.allowed_initiators.is_empty()
-            || self.config.allowed_initiators.iter().any(|a| a.eq_ignore_ascii_case(initiator_name))
+            || self
+                .config
+                .allowed_initiators
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(initiator_name))
     }
 }
 
@@ -78,7 +84,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn add_target(&self, name: &str, device: Arc<dyn BlockDevice>, config: TargetConfig) -> Result<(), RegistryError> {
+    pub fn add_target(
+        &self,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        config: TargetConfig,
+    ) -> Result<(), RegistryError> {
         if !(name.starts_with("iqn.") || name.starts_with("eui.") || name.starts_with("naa."))
             || name.len() > 223
             || name.chars().any(|c| c.is_whitespace() || c == '\0')
@@ -89,14 +100,22 @@ impl Registry {
         if targets.contains_key(name) {
             return Err(RegistryError::Exists(name.to_string()));
         }
-        let entry = TargetEntry { name: name.to_string(), config, lun: Arc::new(Lun::new(device)) };
+        let entry = TargetEntry {
+            name: name.to_string(),
+            config,
+            lun: Arc::new(Lun::new(device)),
+        };
         targets.insert(name.to_string(), Arc::new(entry));
         Ok(())
     }
 
     /// Removes a target and closes its sessions.
     pub fn remove_target(&self, name: &str) -> Result<(), RegistryError> {
-        let removed = self.targets.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let removed = self
+            .targets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         if removed.is_none() {
             return Err(RegistryError::NotFound(name.to_string()));
         }
@@ -107,11 +126,20 @@ impl Registry {
     }
 
     pub fn target(&self, name: &str) -> Option<Arc<TargetEntry>> {
-        self.targets.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn targets(&self) -> Vec<Arc<TargetEntry>> {
-        self.targets.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn new_session_id(&self) -> u64 {
@@ -120,7 +148,10 @@ impl Registry {
 
     pub fn new_tsih(&self) -> u16 {
         loop {
-            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let t = self
+                .next_tsih
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
             if t != 0 {
                 return t;
             }
@@ -133,7 +164,11 @@ impl Registry {
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let old: Vec<u64> = sessions
             .values()
-            .filter(|s| s.target == record.target && s.isid == record.isid && s.initiator_name == record.initiator_name)
+            .filter(|s| {
+                s.target == record.target
+                    && s.isid == record.isid
+                    && s.initiator_name == record.initiator_name
+            })
             .map(|s| s.id)
             .collect();
         let mut closers = Vec::new();
@@ -150,16 +185,28 @@ impl Registry {
     }
 
     pub fn unregister_session(&self, id: u64) {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 
     /// Nexus ids of the sessions logged in to `target`.
     pub fn nexus_ids(&self, target: &str) -> Vec<u64> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|s| s.target == target).map(|s| s.nexus_id).collect()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.target == target)
+            .map(|s| s.nexus_id)
+            .collect()
     }
 
     pub fn session_count(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Closes every session of `target` except `keep` (TARGET COLD RESET).
@@ -170,6 +217,12 @@ impl Registry {
     }
 
     fn closers(&self, pick: impl Fn(&SessionRecord) -> bool) -> Vec<Arc<dyn Fn() + Send + Sync>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|s| pick(s)).map(|s| s.close.clone()).collect()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| pick(s))
+            .map(|s| s.close.clone())
+            .collect()
     }
 }

@@ -76,10 +76,14 @@ pub fn parse_pairs(data: &[u8]) -> Result<Vec<(String, String)>, TextError> {
             continue;
         }
         let text = std::str::from_utf8(item).map_err(|_| TextError::NotUtf8)?;
-        let (key, value) = text.split_once('=').ok_or_else(|| TextError::NoEquals(text.chars().take(64).collect()))?;
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| TextError::NoEquals(text.chars().take(64).collect()))?;
         if key.is_empty()
             || key.len() > KEY_LEN_MAX
-            || !key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '@' | '_'))
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '@' | '_'))
         {
             return Err(TextError::BadKey(key.chars().take(64).collect()));
         }
@@ -106,7 +110,10 @@ pub fn push_pair(out: &mut Vec<u8>, key: &str, value: &str) {
 }
 
 fn parse_number(value: &str) -> Option<u64> {
-    if let Some(hex) = value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+    if let Some(hex) = value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
         u64::from_str_radix(hex, 16).ok()
     } else {
         value.parse().ok()
@@ -186,7 +193,10 @@ impl Negotiation {
                         None
                     } else {
                         self.declared_mrdsl = true;
-                        Some((key.to_string(), p.target_max_recv_data_segment_length.to_string()))
+                        Some((
+                            key.to_string(),
+                            p.target_max_recv_data_segment_length.to_string(),
+                        ))
                     }
                 }
                 None => reply("Reject"),
@@ -222,7 +232,9 @@ impl Negotiation {
             },
             "FirstBurstLength" => match number(512, (1 << 24) - 1) {
                 Some(n) if !discovery => {
-                    p.first_burst_length = (n as u32).min(TARGET_FIRST_BURST_LENGTH).min(p.max_burst_length.max(512));
+                    p.first_burst_length = (n as u32)
+                        .min(TARGET_FIRST_BURST_LENGTH)
+                        .min(p.max_burst_length.max(512));
                     Some((key.to_string(), p.first_burst_length.to_string()))
                 }
                 Some(_) => reply("Irrelevant"),
@@ -287,11 +299,19 @@ mod tests {
 
     #[test]
     fn parses_and_answers() {
-        let pairs = parse_pairs(b"HeaderDigest=CRC32C,None\0MaxRecvDataSegmentLength=65536\0X-foo=bar\0").unwrap();
+        let pairs =
+            parse_pairs(b"HeaderDigest=CRC32C,None\0MaxRecvDataSegmentLength=65536\0X-foo=bar\0")
+                .unwrap();
         let mut n = Negotiation::default();
-        let answers: Vec<_> = pairs.iter().filter_map(|(k, v)| n.answer(k, v, false)).collect();
+        let answers: Vec<_> = pairs
+            .iter()
+            .filter_map(|(k, v)| n.answer(k, v, false))
+            .collect();
         assert_eq!(answers[0], ("HeaderDigest".into(), "CRC32C".into()));
-        assert_eq!(answers[1], ("MaxRecvDataSegmentLength".into(), "262144".into()));
+        assert_eq!(
+            answers[1],
+            ("MaxRecvDataSegmentLength".into(), "262144".into())
+        );
         assert_eq!(answers[2], ("X-foo".into(), "NotUnderstood".into()));
         assert!(n.params.header_digest);
         assert_eq!(n.params.initiator_max_recv_data_segment_length, 65536);
@@ -303,8 +323,14 @@ mod tests {
         assert!(parse_pairs(b"a=1\0a=2\0").is_err());
         assert!(parse_pairs(b"=1\0").is_err());
         let mut n = Negotiation::default();
-        assert_eq!(n.answer("MaxBurstLength", "abc", false).unwrap().1, "Reject");
-        assert_eq!(n.answer("MaxRecvDataSegmentLength", "1", false).unwrap().1, "Reject");
+        assert_eq!(
+            n.answer("MaxBurstLength", "abc", false).unwrap().1,
+            "Reject"
+        );
+        assert_eq!(
+            n.answer("MaxRecvDataSegmentLength", "1", false).unwrap().1,
+            "Reject"
+        );
     }
 
     proptest! {

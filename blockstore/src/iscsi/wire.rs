@@ -71,7 +71,10 @@ pub enum WireError {
 impl WireError {
     /// Errors after which the byte stream can no longer be framed: the connection must close.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, WireError::HeaderDigest { .. } | WireError::DataSegmentTooLong { .. })
+        matches!(
+            self,
+            WireError::HeaderDigest { .. } | WireError::DataSegmentTooLong { .. }
+        )
     }
 }
 
@@ -135,7 +138,11 @@ impl Pdu {
     pub fn new(opcode: u8) -> Pdu {
         let mut bhs = [0u8; BHS_LEN];
         bhs[0] = opcode & 0x3f;
-        Pdu { bhs, ahs: Vec::new(), data: Vec::new() }
+        Pdu {
+            bhs,
+            ahs: Vec::new(),
+            data: Vec::new(),
+        }
     }
     pub fn opcode(&self) -> u8 {
         self.bhs[0] & 0x3f
@@ -169,7 +176,7 @@ impl Pdu {
     pub fn encode_into(&self, out: &mut Vec<u8>, header_digest: bool, data_digest: bool) {
         let start = out.len();
         let mut bhs = self.bhs;
-        bhs[4] = ((self.ahs.len() + 3) / 4).min(255) as u8;
+        bhs[4] = self.ahs.len().div_ceil(4).min(255) as u8;
         put24(&mut bhs, 5, self.data.len() as u32);
         out.extend_from_slice(&bhs);
         out.extend_from_slice(&self.ahs);
@@ -229,7 +236,10 @@ impl FrameDecoder {
     fn lengths(&self, header: &[u8]) -> (usize, usize) {
         let ahs_len = header[4] as usize * 4;
         let data_len = be24(header, 5) as usize;
-        (BHS_LEN + ahs_len + if self.header_digest { 4 } else { 0 }, data_len)
+        (
+            BHS_LEN + ahs_len + if self.header_digest { 4 } else { 0 },
+            data_len,
+        )
     }
 
     /// Decodes one PDU from the front of `buf`.
@@ -243,7 +253,10 @@ impl FrameDecoder {
         let (header_len, data_len) = self.lengths(buf);
         if data_len > self.data_segment_len_max {
             return Err((
-                WireError::DataSegmentTooLong { len: data_len, max: self.data_segment_len_max },
+                WireError::DataSegmentTooLong {
+                    len: data_len,
+                    max: self.data_segment_len_max,
+                },
                 0,
                 None,
             ));
@@ -269,7 +282,11 @@ impl FrameDecoder {
             ]);
             let computed = digest(&buf[..ahs_end]);
             if received != computed {
-                return Err((WireError::HeaderDigest { received, computed }, total, Some(bhs)));
+                return Err((
+                    WireError::HeaderDigest { received, computed },
+                    total,
+                    Some(bhs),
+                ));
             }
         }
         let data = &buf[header_len..header_len + data_len];
@@ -278,10 +295,18 @@ impl FrameDecoder {
             let received = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
             let computed = digest(&buf[header_len..at]);
             if received != computed {
-                return Err((WireError::DataDigest { received, computed }, total, Some(bhs)));
+                return Err((
+                    WireError::DataDigest { received, computed },
+                    total,
+                    Some(bhs),
+                ));
             }
         }
-        let pdu = Pdu { bhs, ahs: buf[BHS_LEN..ahs_end].to_vec(), data: data.to_vec() };
+        let pdu = Pdu {
+            bhs,
+            ahs: buf[BHS_LEN..ahs_end].to_vec(),
+            data: data.to_vec(),
+        };
         Ok(Decoded::Pdu(pdu, total))
     }
 }
@@ -610,8 +635,7 @@ impl InitiatorPdu {
             }
             InitiatorPdu::Text(x) => {
                 p = Pdu::new(opcode::TEXT_REQUEST);
-                p.bhs[1] =
-                    (if x.final_ { 0x80 } else { 0 }) | (if x.continue_ { 0x40 } else { 0 });
+                p.bhs[1] = (if x.final_ { 0x80 } else { 0 }) | (if x.continue_ { 0x40 } else { 0 });
                 put64(&mut p.bhs, 8, x.lun);
                 put32(&mut p.bhs, 16, x.itt);
                 put32(&mut p.bhs, 20, x.ttt);
@@ -703,7 +727,8 @@ impl Pdu {
         put32(&mut p.bhs, 44, residual.count());
         if !sense.is_empty() {
             p.data.reserve(2 + sense.len());
-            p.data.extend_from_slice(&(sense.len() as u16).to_be_bytes());
+            p.data
+                .extend_from_slice(&(sense.len() as u16).to_be_bytes());
             p.data.extend_from_slice(sense);
         }
         p
@@ -777,7 +802,13 @@ impl Pdu {
         p
     }
 
-    pub fn logout_response(itt: u32, seq: Sequence, response: u8, time2wait: u16, time2retain: u16) -> Pdu {
+    pub fn logout_response(
+        itt: u32,
+        seq: Sequence,
+        response: u8,
+        time2wait: u16,
+        time2retain: u16,
+    ) -> Pdu {
         let mut p = Pdu::target(opcode::LOGOUT_RESPONSE, itt, seq);
         p.bhs[2] = response;
         put16(&mut p.bhs, 40, time2wait);
@@ -862,7 +893,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn decoder(h: bool, d: bool) -> FrameDecoder {
-        FrameDecoder { header_digest: h, data_digest: d, data_segment_len_max: 1 << 20 }
+        FrameDecoder {
+            header_digest: h,
+            data_digest: d,
+            data_segment_len_max: 1 << 20,
+        }
     }
 
     #[test]
@@ -889,7 +924,11 @@ mod tests {
         let mut p = Pdu::new(opcode::NOP_OUT);
         p.data = vec![0; 100];
         let bytes = p.encode(false, false);
-        let d = FrameDecoder { header_digest: false, data_digest: false, data_segment_len_max: 50 };
+        let d = FrameDecoder {
+            header_digest: false,
+            data_digest: false,
+            data_segment_len_max: 50,
+        };
         let err = d.decode(&bytes).unwrap_err().0;
         assert!(err.is_fatal());
     }
@@ -897,70 +936,237 @@ mod tests {
     fn arb_initiator_pdu() -> impl Strategy<Value = InitiatorPdu> {
         let data = proptest::collection::vec(any::<u8>(), 0..300);
         prop_oneof![
-            (any::<bool>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), data.clone())
-                .prop_map(|(immediate, lun, itt, ttt, cmd_sn, exp_stat_sn, data)| InitiatorPdu::NopOut(
-                    NopOut { immediate, lun, itt, ttt, cmd_sn, exp_stat_sn, data }
-                )),
             (
-                (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), 0u8..8),
-                (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                data.clone()
+            )
+                .prop_map(|(immediate, lun, itt, ttt, cmd_sn, exp_stat_sn, data)| {
+                    InitiatorPdu::NopOut(NopOut {
+                        immediate,
+                        lun,
+                        itt,
+                        ttt,
+                        cmd_sn,
+                        exp_stat_sn,
+                        data,
+                    })
+                }),
+            (
+                (
+                    any::<bool>(),
+                    any::<bool>(),
+                    any::<bool>(),
+                    any::<bool>(),
+                    0u8..8
+                ),
+                (
+                    any::<u64>(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<u32>(),
+                    any::<u32>()
+                ),
                 prop_oneof![
                     proptest::collection::vec(any::<u8>(), 16..=16),
                     proptest::collection::vec(any::<u8>(), 17..40)
                 ],
                 data.clone()
             )
-                .prop_map(|((immediate, final_, read, write, attributes), (lun, itt, edtl, cmd_sn, exp_stat_sn), cdb, data)| {
-                    InitiatorPdu::ScsiCommand(ScsiCommand {
-                        immediate,
-                        final_,
-                        read,
-                        write,
-                        attributes,
-                        lun,
-                        itt,
-                        expected_data_transfer_length: edtl,
-                        cmd_sn,
-                        exp_stat_sn,
+                .prop_map(
+                    |(
+                        (immediate, final_, read, write, attributes),
+                        (lun, itt, edtl, cmd_sn, exp_stat_sn),
                         cdb,
                         data,
-                    })
-                }),
-            (any::<bool>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), data.clone())
-                .prop_map(|(final_, lun, itt, ttt, exp_stat_sn, data_sn, buffer_offset, data)| InitiatorPdu::DataOut(
-                    DataOut { final_, lun, itt, ttt, exp_stat_sn, data_sn, buffer_offset, data }
-                )),
+                    )| {
+                        InitiatorPdu::ScsiCommand(ScsiCommand {
+                            immediate,
+                            final_,
+                            read,
+                            write,
+                            attributes,
+                            lun,
+                            itt,
+                            expected_data_transfer_length: edtl,
+                            cmd_sn,
+                            exp_stat_sn,
+                            cdb,
+                            data,
+                        })
+                    }
+                ),
             (
-                (any::<bool>(), any::<bool>(), 0u8..4, 0u8..4, any::<u8>(), any::<u8>()),
-                (any::<[u8; 6]>(), any::<u16>(), any::<u32>(), any::<u16>(), any::<u32>(), any::<u32>()),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
                 data.clone()
             )
-                .prop_map(|((transit, continue_, current_stage, next_stage, version_max, version_min), (isid, tsih, itt, cid, cmd_sn, exp_stat_sn), data)| {
-                    InitiatorPdu::Login(LoginRequest {
-                        transit, continue_, current_stage, next_stage, version_max, version_min,
-                        isid, tsih, itt, cid, cmd_sn, exp_stat_sn, data,
+                .prop_map(
+                    |(final_, lun, itt, ttt, exp_stat_sn, data_sn, buffer_offset, data)| {
+                        InitiatorPdu::DataOut(DataOut {
+                            final_,
+                            lun,
+                            itt,
+                            ttt,
+                            exp_stat_sn,
+                            data_sn,
+                            buffer_offset,
+                            data,
+                        })
+                    }
+                ),
+            (
+                (
+                    any::<bool>(),
+                    any::<bool>(),
+                    0u8..4,
+                    0u8..4,
+                    any::<u8>(),
+                    any::<u8>()
+                ),
+                (
+                    any::<[u8; 6]>(),
+                    any::<u16>(),
+                    any::<u32>(),
+                    any::<u16>(),
+                    any::<u32>(),
+                    any::<u32>()
+                ),
+                data.clone()
+            )
+                .prop_map(
+                    |(
+                        (transit, continue_, current_stage, next_stage, version_max, version_min),
+                        (isid, tsih, itt, cid, cmd_sn, exp_stat_sn),
+                        data,
+                    )| {
+                        InitiatorPdu::Login(LoginRequest {
+                            transit,
+                            continue_,
+                            current_stage,
+                            next_stage,
+                            version_max,
+                            version_min,
+                            isid,
+                            tsih,
+                            itt,
+                            cid,
+                            cmd_sn,
+                            exp_stat_sn,
+                            data,
+                        })
+                    }
+                ),
+            (
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_flat_map(
+                    move |(immediate, final_, continue_, lun, itt, ttt, cmd_sn, exp_stat_sn)| {
+                        proptest::collection::vec(any::<u8>(), 0..100).prop_map(move |data| {
+                            InitiatorPdu::Text(TextRequest {
+                                immediate,
+                                final_,
+                                continue_,
+                                lun,
+                                itt,
+                                ttt,
+                                cmd_sn,
+                                exp_stat_sn,
+                                data,
+                            })
+                        })
+                    }
+                ),
+            (
+                any::<bool>(),
+                0u8..0x80,
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                (any::<u32>(), any::<u32>())
+            )
+                .prop_map(
+                    |(
+                        immediate,
+                        function,
+                        lun,
+                        itt,
+                        referenced_task_tag,
+                        cmd_sn,
+                        exp_stat_sn,
+                        (ref_cmd_sn, exp_data_sn),
+                    )| {
+                        InitiatorPdu::TaskManagement(TaskManagementRequest {
+                            immediate,
+                            function,
+                            lun,
+                            itt,
+                            referenced_task_tag,
+                            cmd_sn,
+                            exp_stat_sn,
+                            ref_cmd_sn,
+                            exp_data_sn,
+                        })
+                    }
+                ),
+            (
+                any::<bool>(),
+                0u8..0x80,
+                any::<u32>(),
+                any::<u16>(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(|(immediate, reason, itt, cid, cmd_sn, exp_stat_sn)| {
+                    InitiatorPdu::Logout(LogoutRequest {
+                        immediate,
+                        reason,
+                        itt,
+                        cid,
+                        cmd_sn,
+                        exp_stat_sn,
                     })
                 }),
-            (any::<bool>(), any::<bool>(), any::<bool>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>())
-                .prop_flat_map(move |(immediate, final_, continue_, lun, itt, ttt, cmd_sn, exp_stat_sn)| {
-                    proptest::collection::vec(any::<u8>(), 0..100).prop_map(move |data| InitiatorPdu::Text(TextRequest {
-                        immediate, final_, continue_, lun, itt, ttt, cmd_sn, exp_stat_sn, data,
-                    }))
-                }),
-            (any::<bool>(), 0u8..0x80, any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), (any::<u32>(), any::<u32>()))
-                .prop_map(|(immediate, function, lun, itt, referenced_task_tag, cmd_sn, exp_stat_sn, (ref_cmd_sn, exp_data_sn))| {
-                    InitiatorPdu::TaskManagement(TaskManagementRequest {
-                        immediate, function, lun, itt, referenced_task_tag, cmd_sn, exp_stat_sn, ref_cmd_sn, exp_data_sn,
-                    })
-                }),
-            (any::<bool>(), 0u8..0x80, any::<u32>(), any::<u16>(), any::<u32>(), any::<u32>())
-                .prop_map(|(immediate, reason, itt, cid, cmd_sn, exp_stat_sn)| InitiatorPdu::Logout(LogoutRequest {
-                    immediate, reason, itt, cid, cmd_sn, exp_stat_sn,
-                })),
-            (0u8..16, any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>())
-                .prop_map(|(snack_type, lun, itt, ttt, exp_stat_sn, beg_run, run_length)| InitiatorPdu::Snack(SnackRequest {
-                    snack_type, lun, itt, ttt, exp_stat_sn, beg_run, run_length,
-                })),
+            (
+                0u8..16,
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(
+                    |(snack_type, lun, itt, ttt, exp_stat_sn, beg_run, run_length)| {
+                        InitiatorPdu::Snack(SnackRequest {
+                            snack_type,
+                            lun,
+                            itt,
+                            ttt,
+                            exp_stat_sn,
+                            beg_run,
+                            run_length,
+                        })
+                    }
+                ),
         ]
     }
 

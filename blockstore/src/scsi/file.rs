@@ -19,19 +19,39 @@ pub struct FileDevice {
 impl FileDevice {
     /// Opens (creating if needed) `path`; `size_bytes` sets its length when given, otherwise
     /// the file's length is used (rounded down to whole blocks).
-    pub fn open(path: &Path, size_bytes: Option<u64>, unique_id: [u8; 16]) -> std::io::Result<FileDevice> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    pub fn open(
+        path: &Path,
+        size_bytes: Option<u64>,
+        unique_id: [u8; 16],
+    ) -> std::io::Result<FileDevice> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         if let Some(size) = size_bytes {
             file.set_len(size)?;
         }
         let len = file.metadata()?.len();
-        Ok(FileDevice { file, block_count: len / BLOCK, unique_id })
+        Ok(FileDevice {
+            file,
+            block_count: len / BLOCK,
+            unique_id,
+        })
     }
 
     fn check(&self, lba: u64, bytes: usize) -> Result<u64, DeviceError> {
         let blocks = bytes as u64 / BLOCK;
-        if bytes as u64 % BLOCK != 0 || lba > self.block_count || blocks > self.block_count - lba {
-            return Err(DeviceError::OutOfRange { lba, blocks, block_count: self.block_count });
+        if !(bytes as u64).is_multiple_of(BLOCK)
+            || lba > self.block_count
+            || blocks > self.block_count - lba
+        {
+            return Err(DeviceError::OutOfRange {
+                lba,
+                blocks,
+                block_count: self.block_count,
+            });
         }
         Ok(lba * BLOCK)
     }
@@ -63,7 +83,11 @@ impl BlockDevice for FileDevice {
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
         let offset = self.check(lba, 0)?;
         if blocks > self.block_count - lba {
-            return Err(DeviceError::OutOfRange { lba, blocks, block_count: self.block_count });
+            return Err(DeviceError::OutOfRange {
+                lba,
+                blocks,
+                block_count: self.block_count,
+            });
         }
         let len = blocks * BLOCK;
         let punched = rustix::fs::fallocate(
@@ -90,15 +114,19 @@ impl BlockDevice for FileDevice {
     }
     fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
         if lba >= self.block_count {
-            return Err(DeviceError::OutOfRange { lba, blocks: 1, block_count: self.block_count });
+            return Err(DeviceError::OutOfRange {
+                lba,
+                blocks: 1,
+                block_count: self.block_count,
+            });
         }
         let offset = lba * BLOCK;
         let end = self.block_count * BLOCK;
         let data = rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset));
         let (mapped, until) = match data {
             Ok(d) if d == offset => {
-                let hole = rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(offset))
-                    .unwrap_or(end);
+                let hole =
+                    rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(offset)).unwrap_or(end);
                 (true, hole.min(end))
             }
             Ok(d) => (false, d.min(end)),

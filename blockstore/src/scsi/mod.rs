@@ -57,13 +57,25 @@ pub struct ScsiResult {
 
 impl ScsiResult {
     pub fn good(data_in: Vec<u8>) -> ScsiResult {
-        ScsiResult { status: sense::GOOD, sense: Vec::new(), data_in }
+        ScsiResult {
+            status: sense::GOOD,
+            sense: Vec::new(),
+            data_in,
+        }
     }
     pub fn check(s: Sense) -> ScsiResult {
-        ScsiResult { status: sense::CHECK_CONDITION, sense: s.to_bytes(), data_in: Vec::new() }
+        ScsiResult {
+            status: sense::CHECK_CONDITION,
+            sense: s.to_bytes(),
+            data_in: Vec::new(),
+        }
     }
     pub fn status(status: u8) -> ScsiResult {
-        ScsiResult { status, sense: Vec::new(), data_in: Vec::new() }
+        ScsiResult {
+            status,
+            sense: Vec::new(),
+            data_in: Vec::new(),
+        }
     }
 }
 
@@ -88,7 +100,11 @@ fn device_failure(e: DeviceError, write: bool) -> Failure {
         DeviceError::Fenced { .. } => Failure::Check(sense::FENCED),
         DeviceError::Medium { lba, .. } => Failure::Check(Sense {
             information: Some(lba.min(u32::MAX as u64) as u32),
-            ..if write { sense::WRITE_ERROR } else { sense::UNRECOVERED_READ_ERROR }
+            ..if write {
+                sense::WRITE_ERROR
+            } else {
+                sense::UNRECOVERED_READ_ERROR
+            }
         }),
         DeviceError::Io(_) => Failure::Check(if write {
             sense::WRITE_ERROR
@@ -225,7 +241,9 @@ struct Rw {
 
 fn parse_rw(cdb: &[u8]) -> Result<Rw, Failure> {
     let be = |from: usize, n: usize| -> u64 {
-        cdb[from..from + n].iter().fold(0u64, |a, &b| (a << 8) | b as u64)
+        cdb[from..from + n]
+            .iter()
+            .fold(0u64, |a, &b| (a << 8) | b as u64)
     };
     let need = cdb_len_for(cdb[0]);
     if cdb.len() < need {
@@ -235,18 +253,38 @@ fn parse_rw(cdb: &[u8]) -> Result<Rw, Failure> {
         0 => {
             let lba = be(1, 3) & 0x1f_ffff;
             let blocks = if cdb[4] == 0 { 256 } else { cdb[4] as u64 };
-            Rw { lba, blocks, fua: false, protect: 0 }
+            Rw {
+                lba,
+                blocks,
+                fua: false,
+                protect: 0,
+            }
         }
-        1 | 2 => {
-            Rw { lba: be(2, 4), blocks: be(7, 2), fua: cdb[1] & 0x08 != 0, protect: cdb[1] >> 5 }
-        }
-        5 => Rw { lba: be(2, 4), blocks: be(6, 4), fua: cdb[1] & 0x08 != 0, protect: cdb[1] >> 5 },
-        _ => Rw { lba: be(2, 8), blocks: be(10, 4), fua: cdb[1] & 0x08 != 0, protect: cdb[1] >> 5 },
+        1 | 2 => Rw {
+            lba: be(2, 4),
+            blocks: be(7, 2),
+            fua: cdb[1] & 0x08 != 0,
+            protect: cdb[1] >> 5,
+        },
+        5 => Rw {
+            lba: be(2, 4),
+            blocks: be(6, 4),
+            fua: cdb[1] & 0x08 != 0,
+            protect: cdb[1] >> 5,
+        },
+        _ => Rw {
+            lba: be(2, 8),
+            blocks: be(10, 4),
+            fua: cdb[1] & 0x08 != 0,
+            protect: cdb[1] >> 5,
+        },
     })
 }
 
 fn be_u(cdb: &[u8], from: usize, n: usize) -> u64 {
-    cdb.get(from..from + n).map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64)).unwrap_or(0)
+    cdb.get(from..from + n)
+        .map(|s| s.iter().fold(0u64, |a, &b| (a << 8) | b as u64))
+        .unwrap_or(0)
 }
 
 /// Whether an opcode accesses the medium (for reservation conflicts and NOT READY).
@@ -260,8 +298,8 @@ enum Access {
 fn access_of(opcode: u8) -> Access {
     match opcode {
         0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 | 0x9e => Access::Read,
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b | 0x35
-        | 0x91 | 0x15 | 0x55 | 0x1b => Access::Write,
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b
+        | 0x35 | 0x91 | 0x15 | 0x55 | 0x1b => Access::Write,
         _ => Access::None,
     }
 }
@@ -274,7 +312,10 @@ impl Lun {
             state: Mutex::new(LunState {
                 reservations: Reservations::default(),
                 unit_attentions: HashMap::new(),
-                mode: ModeState { write_cache_enabled: true, descriptor_sense: false },
+                mode: ModeState {
+                    write_cache_enabled: true,
+                    descriptor_sense: false,
+                },
                 prevent_removal: HashMap::new(),
                 stopped: false,
             }),
@@ -288,7 +329,9 @@ impl Lun {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LunState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A nexus ended (logout or connection loss): drop what belongs to it (SPC-2 reservation,
@@ -357,7 +400,10 @@ impl Lun {
         // Reservation conflicts.
         {
             let st = self.lock();
-            if st.reservations.conflicts(nexus.id, opcode, cdb, access_of(opcode)) {
+            if st
+                .reservations
+                .conflicts(nexus.id, opcode, cdb, access_of(opcode))
+            {
                 return ScsiResult::status(sense::RESERVATION_CONFLICT);
             }
         }
@@ -417,8 +463,16 @@ impl Lun {
             0x2e | 0xae | 0x8e => self.write(cdb, data_out, true),
             0x2f | 0xaf | 0x8f => self.verify(cdb, data_out),
             0x34 | 0x90 => {
-                let lba = if opcode == 0x34 { be_u(cdb, 2, 4) } else { be_u(cdb, 2, 8) };
-                let blocks = if opcode == 0x34 { be_u(cdb, 7, 2) } else { be_u(cdb, 10, 4) };
+                let lba = if opcode == 0x34 {
+                    be_u(cdb, 2, 4)
+                } else {
+                    be_u(cdb, 2, 8)
+                };
+                let blocks = if opcode == 0x34 {
+                    be_u(cdb, 7, 2)
+                } else {
+                    be_u(cdb, 10, 4)
+                };
                 self.check_range(lba, blocks)?;
                 // Everything a file holds is already "in cache" as far as SBC is concerned.
                 Err(Failure::Status(sense::CONDITION_MET))
@@ -533,7 +587,11 @@ impl Lun {
             .unit_attentions
             .get_mut(&nexus.id)
             .and_then(|q| q.pop_front())
-            .unwrap_or(if st.stopped { sense::NOT_READY_STOPPED } else { sense::NO_SENSE });
+            .unwrap_or(if st.stopped {
+                sense::NOT_READY_STOPPED
+            } else {
+                sense::NO_SENSE
+            });
         let mut d = s.to_bytes();
         d.truncate(alloc);
         Ok(d)
@@ -666,7 +724,10 @@ impl Lun {
         // Up to 64 descriptors or what fits the allocation length.
         let max_descriptors = (alloc.saturating_sub(8) / 16).clamp(1, 64);
         while at < count && (d.len() - 8) / 16 < max_descriptors {
-            let (mapped, run) = self.device.mapping_status(at).map_err(|e| device_failure(e, false))?;
+            let (mapped, run) = self
+                .device
+                .mapping_status(at)
+                .map_err(|e| device_failure(e, false))?;
             let run = run.clamp(1, count - at).min(u32::MAX as u64);
             let mut desc = [0u8; 16];
             desc[0..8].copy_from_slice(&at.to_be_bytes());
@@ -696,7 +757,9 @@ impl Lun {
         let block = self.device.block_size_bytes() as usize;
         let mut buf = vec![0u8; rw.blocks as usize * block];
         if !buf.is_empty() {
-            self.device.read(rw.lba, &mut buf).map_err(|e| device_failure(e, false))?;
+            self.device
+                .read(rw.lba, &mut buf)
+                .map_err(|e| device_failure(e, false))?;
         }
         Ok(buf)
     }
@@ -704,21 +767,33 @@ impl Lun {
     /// Reads straight into `buffer` (the caller's Data-In buffer, whose old contents are
     /// overwritten: a reused buffer is not zeroed first) when the command is a plain READ with
     /// no unit attention or reservation in the way; `None` means "use `execute`".
-    pub fn try_fast_read(&self, nexus: &Nexus, lun_id: u64, cdb: &[u8], buffer: &mut Vec<u8>) -> Option<ScsiResult> {
+    pub fn try_fast_read(
+        &self,
+        nexus: &Nexus,
+        lun_id: u64,
+        cdb: &[u8],
+        buffer: &mut Vec<u8>,
+    ) -> Option<ScsiResult> {
         if lun_id != 0 || !matches!(cdb.first(), Some(0x28 | 0x88 | 0xa8)) {
             return None;
         }
         {
             let st = self.lock();
             if st.stopped
-                || st.unit_attentions.get(&nexus.id).is_some_and(|q| !q.is_empty())
+                || st
+                    .unit_attentions
+                    .get(&nexus.id)
+                    .is_some_and(|q| !q.is_empty())
                 || st.reservations.any()
             {
                 return None;
             }
         }
         let rw = parse_rw(cdb).ok()?;
-        if rw.protect != 0 || rw.blocks > TRANSFER_BLOCKS_MAX as u64 || self.check_range(rw.lba, rw.blocks).is_err() {
+        if rw.protect != 0
+            || rw.blocks > TRANSFER_BLOCKS_MAX as u64
+            || self.check_range(rw.lba, rw.blocks).is_err()
+        {
             return None;
         }
         let len = rw.blocks as usize * self.device.block_size_bytes() as usize;
@@ -760,7 +835,9 @@ impl Lun {
         }
         let _guard = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
         let fua = rw.fua || verify || !self.lock().mode.write_cache_enabled;
-        self.device.write(rw.lba, &data_out[..len], fua).map_err(|e| device_failure(e, true))?;
+        self.device
+            .write(rw.lba, &data_out[..len], fua)
+            .map_err(|e| device_failure(e, true))?;
         Ok(Vec::new())
     }
 
@@ -778,7 +855,11 @@ impl Lun {
             return Ok(Vec::new());
         }
         let block = self.device.block_size_bytes() as usize;
-        let expected_len = if bytchk == 3 { block } else { rw.blocks as usize * block };
+        let expected_len = if bytchk == 3 {
+            block
+        } else {
+            rw.blocks as usize * block
+        };
         if bytchk == 2 {
             return Err(bad_field(1));
         }
@@ -786,11 +867,21 @@ impl Lun {
             return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
         }
         let mut buf = vec![0u8; rw.blocks as usize * block];
-        self.device.read(rw.lba, &mut buf).map_err(|e| device_failure(e, false))?;
+        self.device
+            .read(rw.lba, &mut buf)
+            .map_err(|e| device_failure(e, false))?;
         for (i, b) in buf.iter().enumerate() {
-            let want = if bytchk == 3 { data_out[i % block] } else { data_out[i] };
+            let want = if bytchk == 3 {
+                data_out[i % block]
+            } else {
+                data_out[i]
+            };
             if *b != want {
-                return Err(Sense { information: Some(i as u32), ..sense::MISCOMPARE_DURING_VERIFY }.into());
+                return Err(Sense {
+                    information: Some(i as u32),
+                    ..sense::MISCOMPARE_DURING_VERIFY
+                }
+                .into());
             }
         }
         Ok(Vec::new())
@@ -798,7 +889,11 @@ impl Lun {
 
     fn write_same(&self, cdb: &[u8], data_out: &[u8]) -> CmdResult {
         let ten = cdb[0] == 0x41;
-        let (lba, blocks) = if ten { (be_u(cdb, 2, 4), be_u(cdb, 7, 2)) } else { (be_u(cdb, 2, 8), be_u(cdb, 10, 4)) };
+        let (lba, blocks) = if ten {
+            (be_u(cdb, 2, 4), be_u(cdb, 7, 2))
+        } else {
+            (be_u(cdb, 2, 8), be_u(cdb, 10, 4))
+        };
         let unmap = cdb[1] & 0x08 != 0;
         let anchor = cdb[1] & 0x10 != 0;
         let ndob = !ten && cdb[1] & 0x01 != 0;
@@ -827,7 +922,9 @@ impl Lun {
         if unmap {
             // UNMAP set: deallocate; with LBPRZ the blocks read back as zeros whatever the
             // pattern was (what initiators using WRITE SAME to discard expect).
-            self.device.unmap(lba, blocks).map_err(|e| device_failure(e, true))?;
+            self.device
+                .unmap(lba, blocks)
+                .map_err(|e| device_failure(e, true))?;
             return Ok(Vec::new());
         }
         // Write in chunks of up to 1 MiB.
@@ -840,7 +937,9 @@ impl Lun {
         let end = lba + blocks;
         while at < end {
             let n = chunk_blocks.min(end - at);
-            self.device.write(at, &buf[..n as usize * block], false).map_err(|e| device_failure(e, true))?;
+            self.device
+                .write(at, &buf[..n as usize * block], false)
+                .map_err(|e| device_failure(e, true))?;
             at += n;
         }
         Ok(Vec::new())
@@ -877,7 +976,9 @@ impl Lun {
         let _guard = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
         for (lba, blocks) in ranges {
             if blocks > 0 {
-                self.device.unmap(lba, blocks).map_err(|e| device_failure(e, true))?;
+                self.device
+                    .unmap(lba, blocks)
+                    .map_err(|e| device_failure(e, true))?;
             }
         }
         Ok(Vec::new())
@@ -904,12 +1005,20 @@ impl Lun {
         let (compare, write) = (&data_out[..len], &data_out[len..2 * len]);
         let _guard = self.io_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut current = vec![0u8; len];
-        self.device.read(lba, &mut current).map_err(|e| device_failure(e, false))?;
+        self.device
+            .read(lba, &mut current)
+            .map_err(|e| device_failure(e, false))?;
         if let Some(offset) = current.iter().zip(compare).position(|(a, b)| a != b) {
-            return Err(Sense { information: Some(offset as u32), ..sense::MISCOMPARE_DURING_VERIFY }.into());
+            return Err(Sense {
+                information: Some(offset as u32),
+                ..sense::MISCOMPARE_DURING_VERIFY
+            }
+            .into());
         }
         let fua = cdb[1] & 0x08 != 0 || !self.lock().mode.write_cache_enabled;
-        self.device.write(lba, write, fua).map_err(|e| device_failure(e, true))?;
+        self.device
+            .write(lba, write, fua)
+            .map_err(|e| device_failure(e, true))?;
         Ok(Vec::new())
     }
 
@@ -934,12 +1043,16 @@ impl Lun {
         }
         let _guard = self.io_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut current = vec![0u8; len];
-        self.device.read(lba, &mut current).map_err(|e| device_failure(e, false))?;
+        self.device
+            .read(lba, &mut current)
+            .map_err(|e| device_failure(e, false))?;
         for (c, d) in current.iter_mut().zip(&data_out[..len]) {
             *c |= *d;
         }
         let fua = cdb[1] & 0x08 != 0 || !self.lock().mode.write_cache_enabled;
-        self.device.write(lba, &current, fua).map_err(|e| device_failure(e, true))?;
+        self.device
+            .write(lba, &current, fua)
+            .map_err(|e| device_failure(e, true))?;
         Ok(Vec::new())
     }
 
@@ -957,7 +1070,7 @@ impl Lun {
             let mut p = vec![0u8; 20];
             p[0] = 0x08;
             p[1] = 18;
-            let wce = if changeable { true } else if default { true } else { mode.write_cache_enabled };
+            let wce = changeable || default || mode.write_cache_enabled;
             if wce {
                 p[2] |= 0x04;
             }
@@ -1027,7 +1140,11 @@ impl Lun {
         let pc = cdb[2] >> 6;
         let page = cdb[2] & 0x3f;
         let subpage = cdb[3];
-        let alloc = if six { cdb[4] as usize } else { be_u(cdb, 7, 2) as usize };
+        let alloc = if six {
+            cdb[4] as usize
+        } else {
+            be_u(cdb, 7, 2) as usize
+        };
         if pc == 3 {
             return Err(sense::SAVING_PARAMETERS_NOT_SUPPORTED.into());
         }
@@ -1076,7 +1193,11 @@ impl Lun {
         let six = cdb[0] == 0x15;
         let pf = cdb[1] & 0x10 != 0;
         let sp = cdb[1] & 0x01 != 0;
-        let len = if six { cdb[4] as usize } else { be_u(cdb, 7, 2) as usize };
+        let len = if six {
+            cdb[4] as usize
+        } else {
+            be_u(cdb, 7, 2) as usize
+        };
         if sp {
             return Err(sense::SAVING_PARAMETERS_NOT_SUPPORTED.into());
         }
@@ -1094,7 +1215,11 @@ impl Lun {
         if data.len() < header {
             return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
         }
-        let bd_len = if six { data[3] as usize } else { be_u(data, 6, 2) as usize };
+        let bd_len = if six {
+            data[3] as usize
+        } else {
+            be_u(data, 6, 2) as usize
+        };
         let mut at = header + bd_len;
         let mut new_mode = self.lock().mode;
         while at < data.len() {
@@ -1111,8 +1236,12 @@ impl Lun {
                 return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
             }
             let p = &data[at..at + plen];
-            let current = self.mode_pages(code, 0, 0).map_err(|_| Failure::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))?;
-            let changeable = self.mode_pages(code, 0, 1).map_err(|_| Failure::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))?;
+            let current = self
+                .mode_pages(code, 0, 0)
+                .map_err(|_| Failure::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))?;
+            let changeable = self
+                .mode_pages(code, 0, 1)
+                .map_err(|_| Failure::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))?;
             if current.len() != plen {
                 return Err(sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
             }
@@ -1173,7 +1302,11 @@ impl Lun {
                 d[0..4].copy_from_slice(&len.to_be_bytes());
             }
             1..=3 => {
-                let has_sa = |op: u8| SUPPORTED_OPCODES.iter().any(|(o, sa, _)| *o == op && sa.is_some());
+                let has_sa = |op: u8| {
+                    SUPPORTED_OPCODES
+                        .iter()
+                        .any(|(o, sa, _)| *o == op && sa.is_some())
+                };
                 let found = SUPPORTED_OPCODES.iter().find(|(o, sa, _)| {
                     *o == req_opcode
                         && match options {
@@ -1185,7 +1318,10 @@ impl Lun {
                 if options == 1 && has_sa(req_opcode) {
                     return Err(bad_field(2));
                 }
-                if options == 2 && !has_sa(req_opcode) && SUPPORTED_OPCODES.iter().any(|(o, _, _)| *o == req_opcode) {
+                if options == 2
+                    && !has_sa(req_opcode)
+                    && SUPPORTED_OPCODES.iter().any(|(o, _, _)| *o == req_opcode)
+                {
                     return Err(bad_field(2));
                 }
                 d.extend_from_slice(&[0u8; 4]);

@@ -5,7 +5,7 @@
 //! offered (REPORT CAPABILITIES says so): state lasts as long as the target process.
 
 use super::sense::{self, Sense};
-use super::{be_u, bad_field, Access, CmdResult, Failure, Nexus};
+use super::{bad_field, be_u, Access, CmdResult, Failure, Nexus};
 
 pub const WRITE_EXCLUSIVE: u8 = 1;
 pub const EXCLUSIVE_ACCESS: u8 = 3;
@@ -31,7 +31,10 @@ pub struct Reservations {
 }
 
 fn all_registrants(kind: u8) -> bool {
-    matches!(kind, WRITE_EXCLUSIVE_ALL_REGISTRANTS | EXCLUSIVE_ACCESS_ALL_REGISTRANTS)
+    matches!(
+        kind,
+        WRITE_EXCLUSIVE_ALL_REGISTRANTS | EXCLUSIVE_ACCESS_ALL_REGISTRANTS
+    )
 }
 
 fn registrants_only_or_all(kind: u8) -> bool {
@@ -69,7 +72,10 @@ impl Reservations {
     }
 
     fn key_of(&self, nexus: u64) -> Option<u64> {
-        self.registrations.iter().find(|(n, _)| *n == nexus).map(|(_, k)| *k)
+        self.registrations
+            .iter()
+            .find(|(n, _)| *n == nexus)
+            .map(|(_, k)| *k)
     }
 
     fn is_holder(&self, nexus: u64) -> bool {
@@ -123,7 +129,9 @@ impl Reservations {
             // RESERVE(6/10) while a persistent reservation exists.
             return self.reservation.is_some();
         }
-        let Some(r) = self.reservation else { return false };
+        let Some(r) = self.reservation else {
+            return false;
+        };
         if always || opcode == 0x5f || opcode == 0x00 {
             return false;
         }
@@ -158,7 +166,11 @@ pub fn persistent_reserve_in(r: &Reservations, _nexus: &Nexus, cdb: &[u8]) -> Cm
             match r.reservation {
                 Some(res) => {
                     d.extend_from_slice(&16u32.to_be_bytes());
-                    let key = if all_registrants(res.kind) { 0 } else { r.key_of(res.holder).unwrap_or(0) };
+                    let key = if all_registrants(res.kind) {
+                        0
+                    } else {
+                        r.key_of(res.holder).unwrap_or(0)
+                    };
                     d.extend_from_slice(&key.to_be_bytes());
                     d.extend_from_slice(&[0, 0, 0, 0, 0, res.kind & 0x0f, 0, 0]);
                 }
@@ -180,7 +192,11 @@ pub fn persistent_reserve_in(r: &Reservations, _nexus: &Nexus, cdb: &[u8]) -> Cm
                 let mut desc = vec![0u8; 24];
                 desc[0..8].copy_from_slice(&key.to_be_bytes());
                 if let Some(res) = r.reservation {
-                    let holds = if all_registrants(res.kind) { true } else { res.holder == *nexus };
+                    let holds = if all_registrants(res.kind) {
+                        true
+                    } else {
+                        res.holder == *nexus
+                    };
                     if holds {
                         desc[12] = 0x01; // R_HOLDER
                         desc[13] = res.kind & 0x0f;
@@ -278,7 +294,9 @@ pub fn persistent_reserve_out(
             if my_key != Some(key) {
                 return conflict;
             }
-            let Some(res) = r.reservation else { return Ok(Vec::new()) };
+            let Some(res) = r.reservation else {
+                return Ok(Vec::new());
+            };
             if !r.is_holder(me) {
                 return Ok(Vec::new());
             }
@@ -320,8 +338,12 @@ pub fn persistent_reserve_out(
                 Some(res) if all_registrants(res.kind) => {
                     if sa_key == 0 {
                         // Preempt every other registrant and take the reservation.
-                        let others: Vec<u64> =
-                            r.registrations.iter().map(|(n, _)| *n).filter(|n| *n != me).collect();
+                        let others: Vec<u64> = r
+                            .registrations
+                            .iter()
+                            .map(|(n, _)| *n)
+                            .filter(|n| *n != me)
+                            .collect();
                         for n in &others {
                             attentions.push((*n, sense::REGISTRATIONS_PREEMPTED));
                         }
@@ -375,8 +397,12 @@ pub fn persistent_reserve_out(
 
 /// Removes every other registration holding `key`, with a unit attention for each.
 fn remove_key(r: &mut Reservations, me: u64, key: u64, attentions: &mut Vec<(u64, Sense)>) {
-    let removed: Vec<u64> =
-        r.registrations.iter().filter(|(n, k)| *k == key && *n != me).map(|(n, _)| *n).collect();
+    let removed: Vec<u64> = r
+        .registrations
+        .iter()
+        .filter(|(n, k)| *k == key && *n != me)
+        .map(|(n, _)| *n)
+        .collect();
     for n in &removed {
         attentions.push((*n, sense::REGISTRATIONS_PREEMPTED));
     }

@@ -33,7 +33,13 @@ pub struct Sense {
 
 impl Sense {
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq, information: None, specific: None }
+        Sense {
+            key,
+            asc,
+            ascq,
+            information: None,
+            specific: None,
+        }
     }
 
     /// Fixed-format sense data, 18 bytes.
@@ -58,7 +64,10 @@ impl Sense {
     /// INVALID FIELD IN CDB with a field pointer to `byte` (SPC-4 4.5.2.4.2).
     pub fn invalid_field_in_cdb_at(byte: u16) -> Sense {
         let b = byte.to_be_bytes();
-        Sense { specific: Some([0x40, b[0], b[1]]), ..INVALID_FIELD_IN_CDB }
+        Sense {
+            specific: Some([0x40, b[0], b[1]]),
+            ..INVALID_FIELD_IN_CDB
+        }
     }
 }
 
