@@ -1,1 +1,234 @@
-//! Real-process tests: real `cairn` nodes and real peers. See tests/tests/.
+//! Helpers for the real-process tests in `tests/tests/`: build the `cairn` binary, start real
+//! `cairn node run` processes, and drive them through the real CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// Slow suites run when `CAIRN_SLOW_TESTS=1` (as `.ci/run` sets); otherwise they print why they
+/// were skipped and pass.
+pub fn slow_tests_enabled(test: &str) -> bool {
+    if std::env::var("CAIRN_SLOW_TESTS").as_deref() == Ok("1") {
+        return true;
+    }
+    eprintln!("skipping {test}: set CAIRN_SLOW_TESTS=1 to run it (.ci/run does)");
+    false
+}
+
+/// The `cairn` binary of this workspace, built once with the same profile as the tests.
+pub fn cairn_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let release = !cfg!(debug_assertions);
+        let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        command.args(["build", "-q", "-p", "cairn-node", "--bin", "cairn"]);
+        if release {
+            command.arg("--release");
+        }
+        command.current_dir(workspace_root());
+        let status = command.status().expect("cargo runs");
+        assert!(status.success(), "building the cairn binary failed");
+        target_dir().join(if release { "release" } else { "debug" }).join("cairn")
+    })
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// One `cairn node run` process.
+pub struct NodeProcess {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub address: String,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    pub fn api_url(&self) -> String {
+        format!("https://{}:7400", self.address)
+    }
+
+    pub fn start(&mut self, log_dir: &Path) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::File::create(log_dir.join(format!("node{}.log", self.id)))?;
+        let child = Command::new(cairn_binary())
+            .args(["node", "run", "--data-dir"])
+            .arg(&self.data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning cairn node run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no shutdown path runs, as in a power loss of the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cluster of real processes on loopback addresses `127.0.<subnet>.<id>`.
+pub struct ProcessCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProcess>,
+    pub cli_config: PathBuf,
+}
+
+impl ProcessCluster {
+    /// `cluster init` on node 1, then `cluster join` for the others, all started and voters.
+    pub fn start(subnet: u8, size: u64) -> anyhow::Result<ProcessCluster> {
+        let dir = tempfile::tempdir()?;
+        let cli_config = dir.path().join("cli.toml");
+        let mut cluster = ProcessCluster { nodes: Vec::new(), cli_config, dir };
+        for id in 1..=size {
+            cluster.nodes.push(NodeProcess {
+                id,
+                data_dir: cluster.dir.path().join(format!("node{id}")),
+                address: format!("127.0.{subnet}.{id}"),
+                child: None,
+            });
+        }
+        let first = &cluster.nodes[0];
+        cluster.cli_ok(&[
+            "cluster",
+            "init",
+            "--node-id",
+            "1",
+            "--address",
+            &first.address.clone(),
+            "--data-dir",
+            first.data_dir.to_str().expect("utf-8 path"),
+        ])?;
+        let log_dir = cluster.dir.path().to_owned();
+        cluster.nodes[0].start(&log_dir)?;
+        cluster.wait_for(Duration::from_secs(30), |status| status["leader"].is_u64())?;
+        for index in 1..cluster.nodes.len() {
+            let token = cluster.cli_json(&["cluster", "join-token"])?["token"].as_str().context("join token")?.to_string();
+            let node = &cluster.nodes[index];
+            let (id, address, data_dir) = (node.id.to_string(), node.address.clone(), node.data_dir.clone());
+            let server = cluster.nodes[0].api_url();
+            cluster.cli_ok(&[
+                "cluster",
+                "join",
+                "--server",
+                &server,
+                "--join-token",
+                &token,
+                "--node-id",
+                &id,
+                "--address",
+                &address,
+                "--data-dir",
+                data_dir.to_str().expect("utf-8 path"),
+            ])?;
+            cluster.nodes[index].start(&log_dir)?;
+        }
+        let voters = size as usize;
+        cluster.wait_for(Duration::from_secs(60), |status| {
+            status["nodes"].as_array().is_some_and(|nodes| nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters)
+        })?;
+        Ok(cluster)
+    }
+
+    /// Runs the CLI against the cluster (its config file), optionally against one node's API.
+    pub fn cli(&self, server: Option<&str>, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let mut command = Command::new(cairn_binary());
+        command.env("CAIRN_CLI_CONFIG", &self.cli_config).env_remove("CAIRN_SERVER").env_remove("CAIRN_TOKEN");
+        if let Some(server) = server {
+            command.args(["--server", server]);
+        }
+        let output = command.args(args).output().context("running the cairn cli")?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let (ok, stdout, stderr) = self.cli(None, args)?;
+        if !ok {
+            bail!("cairn {} failed: {stderr}", args.join(" "));
+        }
+        Ok(stdout)
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.cli_ok(&with_json)?)?)
+    }
+
+    pub fn cli_json_at(&self, server: &str, args: &[&str]) -> anyhow::Result<Value> {
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        let (ok, stdout, stderr) = self.cli(Some(server), &with_json)?;
+        if !ok {
+            bail!("cairn --server {server} {} failed: {stderr}", args.join(" "));
+        }
+        Ok(serde_json::from_str(&stdout)?)
+    }
+
+    /// Polls `cluster status` on any running node until `done` holds.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        loop {
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                if let Ok(status) = self.cli_json_at(&node.api_url(), &["cluster", "status"]) {
+                    if done(&status) {
+                        return Ok(status);
+                    }
+                    last = status;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?}; last status: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        for node in &self.nodes {
+            let path = self.dir.path().join(format!("node{}.log", node.id));
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            text.push_str(&format!("--- node {} (last 30 lines)\n", node.id));
+            for line in tail.into_iter().rev() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
+    }
+}

@@ -282,11 +282,16 @@ async fn join(AxumState(state): AxumState<Shared>, Body(request): Body<JoinReque
             },
         )
         .await?;
-    state
-        .cluster
-        .add_learner(request.node_id, NodeAddress::new(raft_address, request.api_address.clone()))
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    // openraft commits the membership change first and then waits for the learner to catch up,
+    // which it can only do once the new node runs: so do not hold the join call open for it.
+    let cluster = state.cluster.clone();
+    let (node_id, address) = (request.node_id, NodeAddress::new(raft_address, request.api_address.clone()));
+    tokio::spawn(async move {
+        match cluster.add_learner(node_id, address).await {
+            Ok(()) => tracing::info!(node_id, "learner caught up"),
+            Err(error) => tracing::warn!(node_id, %error, "adding the learner did not finish"),
+        }
+    });
     Ok(Json(JoinResponse {
         ca_cert_pem: state.ca.cert_pem().to_string(),
         ca_key_pem: state.ca.key_pem(),
@@ -328,11 +333,8 @@ async fn remove_node(
         tracing::warn!(node_id = id, "removing the current leader from the cluster");
     }
     state.cluster.remove_node(id).await.map_err(|e| match e {
-        cairn_consensus::MembershipError::NotLeader { leader, .. } => ApiError::unavailable(format!(
-            "this node is not the leader; send the request to {}",
-            leader.map(|(_, address)| address.api).unwrap_or_else(|| "the leader".into())
-        )),
-        other => ApiError::new(StatusCode::CONFLICT, "membership", other.to_string()),
+        cairn_consensus::MembershipError::Refused(reason) => ApiError::new(StatusCode::CONFLICT, "membership", reason),
+        other => ApiError::unavailable(other.to_string()),
     })?;
     write(&state, actor, Command::RemoveNode { node_id: id }).await
 }

@@ -1,0 +1,161 @@
+//! Three real `cairn node run` processes on loopback, driven through the real CLI: writes through
+//! a follower, SIGKILL of the leader, a new leader, more writes, the old leader restarted; then
+//! every node must reach the same state hash, `events replay` of each node's exported history
+//! must give exactly that hash, and no acknowledged write may be missing.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use cairn_tests::{slow_tests_enabled, ProcessCluster};
+use serde_json::Value;
+
+/// Adds a client through `server`; true if the cluster acknowledged it (or already had it: a write
+/// whose answer was lost in the failover may have committed).
+fn add_client(cluster: &ProcessCluster, server: &str, index: u32) -> bool {
+    let mac = format!("52:54:00:aa:{:02x}:{:02x}", index / 256, index % 256);
+    let name = format!("pc-{index}");
+    match cluster.cli(Some(server), &["client", "add", &mac, "--name", &name]) {
+        Ok((true, _, _)) => true,
+        Ok((false, _, stderr)) => stderr.contains("already exists"),
+        Err(_) => false,
+    }
+}
+
+fn mac_of(index: u32) -> String {
+    format!("52:54:00:aa:{:02x}:{:02x}", index / 256, index % 256)
+}
+
+#[test]
+fn leader_kill_loses_no_acknowledged_write() -> anyhow::Result<()> {
+    if !slow_tests_enabled("leader_kill_loses_no_acknowledged_write") {
+        return Ok(());
+    }
+    let mut cluster = ProcessCluster::start(41, 3)?;
+    let result = run(&mut cluster);
+    if result.is_err() {
+        eprintln!("{}", cluster.logs());
+    }
+    result
+}
+
+fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
+    let status = cluster.cli_json(&["cluster", "status"])?;
+    let leader = status["leader"].as_u64().expect("a leader");
+    let follower = cluster.nodes.iter().find(|n| n.id != leader).expect("a follower").api_url();
+
+    // Writes through a follower: it forwards them to the leader.
+    let mut acknowledged = BTreeSet::new();
+    for index in 0..20 {
+        assert!(add_client(cluster, &follower, index), "write {index} through a follower failed");
+        acknowledged.insert(index);
+    }
+
+    // Kill the leader; keep writing through a survivor until the new leader accepts writes.
+    let killed_at = Instant::now();
+    cluster.nodes.iter_mut().find(|n| n.id == leader).expect("leader process").kill();
+    let survivor = cluster.nodes.iter().find(|n| n.is_running()).expect("a survivor").api_url();
+    let mut index = 20;
+    let mut writable_again = None;
+    while index < 60 {
+        if add_client(cluster, &survivor, index) {
+            acknowledged.insert(index);
+            writable_again.get_or_insert(killed_at.elapsed());
+            index += 1;
+        } else {
+            assert!(killed_at.elapsed() < Duration::from_secs(30), "no new leader accepted writes within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let status = cluster.cli_json_at(&survivor, &["cluster", "status"])?;
+    let new_leader = status["leader"].as_u64().expect("a new leader");
+    assert_ne!(new_leader, leader, "the killed node cannot still lead");
+    eprintln!("writable again {:?} after the leader kill (not asserted: speed is measured in benchmarks)", writable_again);
+
+    // Restart the old leader from its data directory; write some more.
+    let log_dir = cluster.dir.path().to_owned();
+    cluster.nodes.iter_mut().find(|n| n.id == leader).expect("old leader").start(&log_dir)?;
+    for index in 60..70 {
+        assert!(add_client(cluster, &survivor, index), "write {index} after the restart failed");
+        acknowledged.insert(index);
+    }
+
+    // All three converge on one history.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hashes = loop {
+        let mut seen = Vec::new();
+        for node in &cluster.nodes {
+            if let Ok(status) = cluster.cli_json_at(&node.api_url(), &["cluster", "status"]) {
+                seen.push((node.id, status["last_seq"].as_u64().unwrap_or(0), status["state_hash"].as_str().unwrap_or("").to_string()));
+            }
+        }
+        let converged = seen.len() == 3 && seen.iter().all(|(_, seq, hash)| (*seq, hash) == (seen[0].1, &seen[0].2));
+        if converged {
+            break seen;
+        }
+        assert!(Instant::now() < deadline, "nodes did not converge: {seen:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+
+    // Each node's exported history replays to exactly its live hash and holds every write.
+    for (node_id, last_seq, hash) in &hashes {
+        let node = cluster.nodes.iter().find(|n| n.id == *node_id).expect("node");
+        let export = cluster.dir.path().join(format!("export-{node_id}.jsonl"));
+        let (ok, _, stderr) =
+            cluster.cli(Some(&node.api_url()), &["events", "export", "--output", export.to_str().expect("utf-8")])?;
+        assert!(ok, "export from node {node_id} failed: {stderr}");
+        let replay = cluster.cli_json(&["events", "replay", "--from", export.to_str().expect("utf-8")])?;
+        assert_eq!(replay["state_hash"].as_str(), Some(hash.as_str()), "node {node_id}: replay differs from live state");
+        assert_eq!(replay["state"]["last_seq"].as_u64(), Some(*last_seq));
+        let clients: BTreeSet<String> = replay["state"]["clients"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for index in &acknowledged {
+            assert!(clients.contains(&mac_of(*index)), "node {node_id} lost acknowledged client {}", mac_of(*index));
+        }
+        // Sequence numbers are dense and ordered.
+        let text = std::fs::read_to_string(&export)?;
+        let seqs: Vec<u64> =
+            text.lines().skip(1).map(|l| serde_json::from_str::<Value>(l).map(|e| e["seq"].as_u64().unwrap_or(0))).collect::<Result<_, _>>()?;
+        assert_eq!(seqs, (1..=*last_seq).collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() -> anyhow::Result<()> {
+    if !slow_tests_enabled("bad_requests_get_clear_errors_and_change_nothing") {
+        return Ok(());
+    }
+    let cluster = ProcessCluster::start(42, 1)?;
+    let before = cluster.cli_json(&["cluster", "status"])?;
+    let server = cluster.nodes[0].api_url();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["client", "add", "52:54:00:zz:00:01", "--name", "x"], "is not a MAC address"),
+        (vec!["client", "add", "52:54:00:00:00:01", "--name", "bad name"], "invalid name"),
+        (vec!["client", "add", "52:54:00:00:00:01", "--name", "pc1", "--group", "missing"], "group missing not found"),
+        (vec!["client", "remove", "52:54:00:00:00:09"], "client 52:54:00:00:00:09 not found"),
+        (vec!["assign", "nothing", "--client", "52:54:00:00:00:09"], "not found"),
+        (vec!["group", "remove", "nobody"], "group nobody not found"),
+    ];
+    for (args, expected) in cases {
+        let (ok, _, stderr) = cluster.cli(Some(&server), &args)?;
+        assert!(!ok, "cairn {} succeeded", args.join(" "));
+        assert!(stderr.contains(expected), "cairn {}: expected {expected:?} in {stderr:?}", args.join(" "));
+    }
+    // A wrong token, and no token at all.
+    let (ok, _, stderr) = cluster.cli(Some(&server), &["--token", "cairn_wrong", "client", "list"])?;
+    assert!(!ok && stderr.contains("(401)"), "{stderr}");
+    // A second init on an initialised data directory refuses and changes nothing.
+    let node_toml = cluster.nodes[0].data_dir.join("node.toml");
+    let config_before = std::fs::read(&node_toml)?;
+    let (ok, _, stderr) = cluster.cli(
+        None,
+        &["cluster", "init", "--data-dir", cluster.nodes[0].data_dir.to_str().expect("utf-8"), "--address", "127.0.42.1"],
+    )?;
+    assert!(!ok && stderr.contains("already initialised"), "{stderr}");
+    assert_eq!(std::fs::read(&node_toml)?, config_before);
+    let after = cluster.cli_json(&["cluster", "status"])?;
+    assert_eq!(before["state_hash"], after["state_hash"], "a refused request changed the state");
+    Ok(())
+}
