@@ -83,8 +83,9 @@ async fn main() {
     while Instant::now() < deadline {
         let n = counter.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        leader.propose(actor.clone(), create(n)).await.unwrap();
-        latencies.push(started.elapsed());
+        if leader.propose(actor.clone(), create(n)).await.is_ok() {
+            latencies.push(started.elapsed());
+        }
     }
     latencies.sort();
     println!(
@@ -104,13 +105,15 @@ async fn main() {
         let actor = actor.clone();
         let counter = counter.clone();
         tasks.push(tokio::spawn(async move {
-            let mut done = 0usize;
+            let (mut done, mut failed) = (0usize, 0usize);
             while Instant::now() < deadline {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
-                leader.propose(actor.clone(), create(n)).await.unwrap();
-                done += 1;
+                match leader.propose(actor.clone(), create(n)).await {
+                    Ok(_) => done += 1,
+                    Err(_) => failed += 1,
+                }
             }
-            done
+            (done, failed)
         }));
     }
     let mut total = 0;

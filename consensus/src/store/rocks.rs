@@ -72,11 +72,6 @@ impl Shared {
         Ok(())
     }
 
-    /// Writes `batch` synced; on failure poisons the store.
-    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.write_opt(batch, true)
-    }
-
     /// Writes `batch`, synced or not (see the module docs); on failure poisons the store.
     fn write_opt(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
         self.check()?;
@@ -129,12 +124,16 @@ pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), OpenError
         inject_write_failure: AtomicBool::new(false),
     });
     let core = load_core(&shared)?;
-    let log = RocksLogStore::open(shared.clone())?;
+    let writer = Writer::start(shared.clone())
+        .map_err(|e| OpenError::Corrupt(format!("cannot start the log writer: {e}")))?;
+    let log = RocksLogStore::open(shared.clone(), writer.clone())?;
     let state_machine = RocksStateMachine {
         shared,
         core: Arc::new(RwLock::new(core)),
         current: Arc::new(Mutex::new(None)),
         snapshot_counter: Arc::new(AtomicU64::new(0)),
+        writer,
+        write_gate: Arc::new(tokio::sync::Mutex::new(())),
     };
     Ok((log, state_machine))
 }
@@ -251,6 +250,53 @@ fn run_writer(shared: Arc<Shared>, jobs: std::sync::mpsc::Receiver<Job>) {
     }
 }
 
+/// The handle of the writer thread. Every write of the log and the state machine goes through it
+/// in order, so they never block an async task on an fsync.
+#[derive(Clone)]
+struct Writer {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts the writer thread; it ends when the last handle is dropped.
+    fn start(shared: Arc<Shared>) -> std::io::Result<Writer> {
+        let (jobs, receiver) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("cairn-raft-log".into())
+            .spawn(move || run_writer(shared, receiver))?;
+        Ok(Writer { jobs })
+    }
+
+    fn submit(
+        &self,
+        shared: &Shared,
+        ops: Vec<Op>,
+        sync: bool,
+        done: Done,
+    ) -> Result<(), StorageError> {
+        shared.check()?;
+        self.jobs
+            .send(Job { ops, sync, done })
+            .map_err(|_| write_error("the log writer has stopped"))
+    }
+
+    /// Queues `ops` and waits until they are written (and synced, with `sync`).
+    async fn write_and_wait(
+        &self,
+        shared: &Shared,
+        ops: Vec<Op>,
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.submit(shared, ops, sync, Done::Reply(reply))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(write_error(error)),
+            Err(_) => Err(write_error("the log writer has stopped")),
+        }
+    }
+}
+
 /// The log entries not yet purged, the vote and the purge point, kept in memory as well (the
 /// log between two snapshots is small), so entries are readable as soon as they are submitted,
 /// before the writer thread has flushed them.
@@ -267,11 +313,11 @@ struct LogCache {
 pub struct RocksLogStore {
     shared: Arc<Shared>,
     cache: Arc<Mutex<LogCache>>,
-    jobs: std::sync::mpsc::Sender<Job>,
+    writer: Writer,
 }
 
 impl RocksLogStore {
-    fn open(shared: Arc<Shared>) -> Result<RocksLogStore, OpenError> {
+    fn open(shared: Arc<Shared>, writer: Writer) -> Result<RocksLogStore, OpenError> {
         let corrupt = |what: String| OpenError::Corrupt(what);
         let mut cache = LogCache {
             last_purged: shared
@@ -296,16 +342,10 @@ impl RocksLogStore {
                 codec::decode(&value).map_err(|e| corrupt(format!("log entry {index}: {e}")))?;
             cache.entries.insert(index, entry);
         }
-        let (jobs, receiver) = std::sync::mpsc::channel();
-        let writer_shared = shared.clone();
-        std::thread::Builder::new()
-            .name("cairn-raft-log".into())
-            .spawn(move || run_writer(writer_shared, receiver))
-            .map_err(|e| corrupt(format!("cannot start the log writer: {e}")))?;
         Ok(RocksLogStore {
             shared,
             cache: Arc::new(Mutex::new(cache)),
-            jobs,
+            writer,
         })
     }
 
@@ -328,21 +368,11 @@ impl RocksLogStore {
     }
 
     fn submit(&self, ops: Vec<Op>, sync: bool, done: Done) -> Result<(), StorageError> {
-        self.shared.check()?;
-        self.jobs
-            .send(Job { ops, sync, done })
-            .map_err(|_| write_error("the log writer has stopped"))
+        self.writer.submit(&self.shared, ops, sync, done)
     }
 
-    /// Queues `ops` and waits until they are on disk.
     async fn write_and_wait(&self, ops: Vec<Op>) -> Result<(), StorageError> {
-        let (reply, done) = tokio::sync::oneshot::channel();
-        self.submit(ops, true, Done::Reply(reply))?;
-        match done.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(write_error(error)),
-            Err(_) => Err(write_error("the log writer has stopped")),
-        }
+        self.writer.write_and_wait(&self.shared, ops, true).await
     }
 }
 
@@ -488,6 +518,10 @@ pub struct RocksStateMachine {
     core: Arc<RwLock<StateMachineCore>>,
     current: Arc<Mutex<Option<CachedSnapshot>>>,
     snapshot_counter: Arc<AtomicU64>,
+    writer: Writer,
+    /// Held from changing `core` until its write is in RocksDB, and while a snapshot captures
+    /// its position and a RocksDB snapshot, so the two always agree.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A read handle on the state machine, kept by the node after the state machine moved into Raft.
@@ -538,8 +572,9 @@ impl RocksStateMachine {
         }
     }
 
-    fn build(&self) -> Result<Snapshot, StorageError> {
-        // Capture the position and a RocksDB snapshot under the lock so the events match it.
+    async fn build(&self) -> Result<Snapshot, StorageError> {
+        // Capture the position and a RocksDB snapshot under the gate so the events match it.
+        let gate = self.write_gate.lock().await;
         let core = self
             .core
             .read()
@@ -551,6 +586,7 @@ impl RocksStateMachine {
             event_count: core.state.last_seq,
         };
         drop(core);
+        drop(gate);
         let mut writer = snapshot::Writer::new(&header).map_err(read_error)?;
         for item in db_snapshot.iterator_cf(self.shared.cf(CF_EVENTS), IteratorMode::Start) {
             let (key, value) = item.map_err(read_error)?;
@@ -592,7 +628,7 @@ pub(crate) fn snapshot_meta(header: &Header, counter: u64) -> SnapshotMeta {
 
 impl RaftSnapshotBuilder<TypeConfig> for RocksStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        self.build()
+        self.build().await
     }
 }
 
@@ -614,33 +650,38 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         I::IntoIter: OptionalSend,
     {
         self.shared.check()?;
-        let mut core = self
-            .core
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut batch = WriteBatch::default();
-        let events_cf = self.shared.cf(CF_EVENTS);
+        let _gate = self.write_gate.lock().await;
+        let mut ops = Vec::new();
         let mut outcomes = Vec::new();
         let mut event_count = 0usize;
-        for entry in entries {
-            let (outcome, events) = core.apply_entry(&entry);
-            for event in &events {
-                batch.put_cf(
-                    events_cf,
-                    event.seq.to_be_bytes(),
-                    codec::encode(event).map_err(write_error)?,
-                );
+        {
+            let mut core = self
+                .core
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for entry in entries {
+                let (outcome, events) = core.apply_entry(&entry);
+                for event in &events {
+                    let value = codec::encode(event).map_err(write_error)?;
+                    ops.push(Op::Put {
+                        cf: CF_EVENTS,
+                        key: event.seq.to_be_bytes().to_vec(),
+                        value,
+                    });
+                }
+                event_count += events.len();
+                outcomes.push(outcome);
             }
-            event_count += events.len();
-            outcomes.push(outcome);
+            let position = (core.last_applied, core.membership.clone());
+            let value = codec::encode(&position).map_err(write_error)?;
+            ops.push(Op::Put {
+                cf: CF_META,
+                key: KEY_STATE_MACHINE.to_vec(),
+                value,
+            });
         }
-        let position = (core.last_applied, core.membership.clone());
-        batch.put_cf(
-            self.shared.cf(CF_META),
-            KEY_STATE_MACHINE,
-            codec::encode(&position).map_err(write_error)?,
-        );
-        self.shared.write_opt(batch, false)?;
+        // Not synced on its own: the next synced log write covers it (see the module docs).
+        self.writer.write_and_wait(&self.shared, ops, false).await?;
         crate::metrics::events_applied(event_count);
         Ok(outcomes)
     }
@@ -670,33 +711,36 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
             )));
         }
         // One atomic batch: the old history is replaced by the snapshot's, with the position.
-        let mut batch = WriteBatch::default();
-        let events_cf = self.shared.cf(CF_EVENTS);
-        batch.delete_range_cf(events_cf, &[0u8; 8][..], &[0xffu8; 9][..]);
+        let mut ops = vec![Op::DeleteRange {
+            cf: CF_EVENTS,
+            from: vec![0u8; 8],
+            to: vec![0xffu8; 9],
+        }];
         for event in &events {
-            batch.put_cf(
-                events_cf,
-                event.seq.to_be_bytes(),
-                codec::encode(event).map_err(write_error)?,
-            );
+            let value = codec::encode(event).map_err(write_error)?;
+            ops.push(Op::Put {
+                cf: CF_EVENTS,
+                key: event.seq.to_be_bytes().to_vec(),
+                value,
+            });
         }
         let position = (meta.last_log_id, meta.last_membership.clone());
-        batch.put_cf(
-            self.shared.cf(CF_META),
-            KEY_STATE_MACHINE,
-            codec::encode(&position).map_err(write_error)?,
-        );
-        let mut core = self
+        let value = codec::encode(&position).map_err(write_error)?;
+        ops.push(Op::Put {
+            cf: CF_META,
+            key: KEY_STATE_MACHINE.to_vec(),
+            value,
+        });
+        let _gate = self.write_gate.lock().await;
+        self.writer.write_and_wait(&self.shared, ops, true).await?;
+        *self
             .core
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.shared.write(batch)?;
-        *core = StateMachineCore {
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = StateMachineCore {
             state,
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        drop(core);
         *self
             .current
             .lock()
@@ -728,6 +772,6 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         {
             return Ok(None);
         }
-        self.build().map(Some)
+        self.build().await.map(Some)
     }
 }
