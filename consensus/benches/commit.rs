@@ -116,13 +116,15 @@ async fn main() {
             (done, failed)
         }));
     }
-    let mut total = 0;
+    let (mut total, mut failures) = (0, 0);
     for task in tasks {
-        total += task.await.unwrap();
+        let (done, failed) = task.await.unwrap();
+        total += done;
+        failures += failed;
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "64 writers: {total} events in {elapsed:.1} s = {:.0} events/s",
+        "64 writers: {total} events in {elapsed:.1} s = {:.0} events/s ({failures} failed proposals)",
         total as f64 / elapsed
     );
 
