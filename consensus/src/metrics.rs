@@ -3,7 +3,8 @@
 use crate::types::RaftMetrics;
 
 pub const TERM: &str = "cairn_raft_term";
-pub const COMMIT_INDEX: &str = "cairn_raft_commit_index";
+/// openraft 0.9's metrics carry no commit index; the last log index and the applied index bound it.
+pub const LAST_LOG_INDEX: &str = "cairn_raft_last_log_index";
 pub const LAST_APPLIED_INDEX: &str = "cairn_raft_last_applied_index";
 pub const APPLY_LAG: &str = "cairn_raft_apply_lag_entries";
 pub const IS_LEADER: &str = "cairn_raft_is_leader";
@@ -11,16 +12,18 @@ pub const EVENTS_APPLIED: &str = "cairn_raft_events_applied_total";
 pub const SNAPSHOT_BUILT_BYTES: &str = "cairn_raft_snapshot_built_bytes";
 pub const SNAPSHOTS_INSTALLED: &str = "cairn_raft_snapshots_installed_total";
 pub const STORAGE_FAILURES: &str = "cairn_raft_storage_failures_total";
+pub const LOG_WRITE_JOBS: &str = "cairn_raft_log_write_jobs";
+pub const LOG_WRITE_SECONDS: &str = "cairn_raft_log_write_seconds";
 pub const PROPOSE_SECONDS: &str = "cairn_raft_propose_seconds";
 pub const PROPOSALS_REJECTED: &str = "cairn_raft_proposals_rejected_total";
 
 pub(crate) fn observe(metrics: &RaftMetrics) {
     metrics::gauge!(TERM).set(metrics.current_term as f64);
     let applied = metrics.last_applied.map(|id| id.index).unwrap_or(0);
-    let committed = metrics.last_log_index.unwrap_or(0);
-    metrics::gauge!(COMMIT_INDEX).set(committed as f64);
+    let last_log = metrics.last_log_index.unwrap_or(0);
+    metrics::gauge!(LAST_LOG_INDEX).set(last_log as f64);
     metrics::gauge!(LAST_APPLIED_INDEX).set(applied as f64);
-    metrics::gauge!(APPLY_LAG).set(committed.saturating_sub(applied) as f64);
+    metrics::gauge!(APPLY_LAG).set(last_log.saturating_sub(applied) as f64);
     metrics::gauge!(IS_LEADER).set(if metrics.current_leader == Some(metrics.id) {
         1.0
     } else {
@@ -49,4 +52,10 @@ pub(crate) fn propose_finished(seconds: f64, rejected: bool) {
     if rejected {
         metrics::counter!(PROPOSALS_REJECTED).increment(1);
     }
+}
+
+/// One group commit of the writer thread: how many jobs it merged and how long the write took.
+pub(crate) fn log_written(jobs: usize, seconds: f64) {
+    metrics::histogram!(LOG_WRITE_JOBS).record(jobs as f64);
+    metrics::histogram!(LOG_WRITE_SECONDS).record(seconds);
 }

@@ -235,7 +235,9 @@ fn run_writer(shared: Arc<Shared>, jobs: std::sync::mpsc::Receiver<Job>) {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let result = shared.write_opt(batch, sync).map_err(|e| e.to_string());
+        crate::metrics::log_written(group.len(), started.elapsed().as_secs_f64());
         for job in group {
             match job.done {
                 Done::Flushed(callback) => {
