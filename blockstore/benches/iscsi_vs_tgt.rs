@@ -6,8 +6,8 @@
 //! per session (resident set growth per idle session, and peak during the load).
 //!
 //! `cargo bench -p cairn-blockstore --bench iscsi_vs_tgt`; `BENCH_SECONDS` (default 5) and
-//! `BENCH_ROUNDS` (default 3) tune it; `BENCH_CAIRN_ARGS` adds arguments to `cairn-iscsi-file`
-//! (for example `--inline-io`). Needs tgt and libiscsi-bin; prints why and exits 0 when
+//! `BENCH_ROUNDS` (default 3) tune it; `BENCH_CAIRN_ARGS` sets extra arguments of
+//! `cairn-iscsi-file` (default `--inline-io`). Needs tgt and libiscsi-bin; prints why and exits 0 when
 //! they are missing. Goals (not asserted): reads >= 1.5x tgt, writes >= 1.0x tgt.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -136,6 +136,14 @@ fn start_tgt(image: &str, port: u16, iqn: &str) -> Tgt {
     tgt
 }
 
+/// Extra `cairn-iscsi-file` arguments: `BENCH_CAIRN_ARGS`, by default `--inline-io` (the
+/// served file sits in the page cache, so its calls return in microseconds; see
+/// `Target::with_inline_io`). `BENCH_CAIRN_ARGS=""` measures the blocking-pool shell that
+/// volumes use.
+fn cairn_args() -> String {
+    std::env::var("BENCH_CAIRN_ARGS").unwrap_or_else(|_| "--inline-io".to_string())
+}
+
 struct Cairn(Child);
 
 impl Drop for Cairn {
@@ -155,11 +163,7 @@ fn start_cairn(image: &str, port: u16, iqn: &str) -> Cairn {
             "--file",
             image,
         ])
-        .args(
-            std::env::var("BENCH_CAIRN_ARGS")
-                .unwrap_or_default()
-                .split_whitespace(),
-        )
+        .args(cairn_args().split_whitespace())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -613,6 +617,7 @@ fn main() {
     let (cr, tr) = (median(rnd.0), median(rnd.1));
     let (cw, tw) = (median(wr.0), median(wr.1));
     println!();
+    println!("cairn-iscsi-file arguments: {:?}", cairn_args());
     println!("medians over {rounds} rounds of {seconds} s, 32 in flight, same image, same run:");
     println!("64 KiB sequential read : cairn {cs:8.1} MB/s   tgt {ts:8.1} MB/s   ratio {:.2}x (goal 1.5x)", cs / ts.max(1e-9));
     println!("4 KiB random read      : cairn {cr:8.0} IOPS   tgt {tr:8.0} IOPS   ratio {:.2}x (goal 1.5x)", cr / tr.max(1e-9));

@@ -30,8 +30,12 @@ use crate::scsi::{Nexus, ScsiResult};
 
 /// Commands allowed in the CmdSN window at once.
 pub const COMMANDS_MAX: u32 = 64;
-/// Largest expected data transfer length accepted for one command (bytes).
-pub const TRANSFER_BYTES_MAX: u32 = 16 << 20;
+/// Largest expected data transfer length accepted for one command (bytes): the largest
+/// transfer VPD page 0xB0 allows plus room for COMPARE AND WRITE's double length.
+pub const TRANSFER_BYTES_MAX: u32 = 2 * crate::scsi::TRANSFER_BLOCKS_MAX * 512;
+/// Write data one connection may hold while gathering it; more write commands wait with
+/// TASK SET FULL until earlier ones complete (bounds memory per session).
+pub const WRITE_BUFFER_BYTES_MAX: u64 = 32 << 20;
 /// Largest login or text request gathered over continued PDUs.
 const TEXT_BYTES_MAX: usize = 64 * 1024;
 
@@ -545,12 +549,30 @@ impl Connection {
             return;
         }
         if c.write && edtl > c.data.len() as u32 {
+            let gathering: u64 = self
+                .writes
+                .values()
+                .map(|w| w.command.expected_data_transfer_length as u64)
+                .sum();
+            if gathering + edtl as u64 > WRITE_BUFFER_BYTES_MAX {
+                let seq = self.next_status();
+                self.send(Pdu::scsi_response(
+                    c.itt,
+                    seq,
+                    sense::TASK_SET_FULL,
+                    &[],
+                    0,
+                    Residual::None,
+                ));
+                return;
+            }
             // Gather the rest: unsolicited Data-Out (if allowed and F is clear), then R2Ts.
             let unsolicited_open = !c.final_ && !self.params.initial_r2t;
             if !c.final_ && self.params.initial_r2t {
                 return self.reject(reject_reason::PROTOCOL_ERROR, header);
             }
-            let mut data = Vec::with_capacity(edtl as usize);
+            // Grown as data arrives, never reserved up front for what was only announced.
+            let mut data = Vec::new();
             data.extend_from_slice(&c.data);
             let received = c.data.len() as u32;
             let itt = c.itt;

@@ -14,6 +14,34 @@
 //! `iqn.2026-11.org.cairn:client.525400770010`), its disk at LUN 0. See
 //! [`target_name_for_client`].
 //!
+//! # Wiring (for the node)
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use cairn_blockstore::iscsi::{Chap, Target, TargetConfig, target_name_for_client};
+//! # async fn wire(volume: Arc<dyn cairn_blockstore::device::BlockDevice>) -> std::io::Result<()> {
+//! let target = Target::new(); // device calls on the blocking pool (right for volumes)
+//! target
+//!     .add_target(
+//!         &target_name_for_client([0x52, 0x54, 0x00, 0x77, 0x00, 0x10]),
+//!         volume,
+//!         TargetConfig {
+//!             allowed_initiators: vec!["iqn.2026-11.org.cairn:client.525400770010".into()],
+//!             chap: Some(Chap { user: "client".into(), secret: "a-secret-of-12+".into() }),
+//!             mutual_chap: None,
+//!         },
+//!     )
+//!     .expect("new target");
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:3260").await?;
+//! tokio::spawn({ let t = target.clone(); async move { t.serve(listener).await } });
+//! // later: target.remove_target(name) closes its sessions.
+//! # Ok(()) }
+//! ```
+//!
+//! Every portal of a node serves every target (call `serve` once per listener); persistent
+//! reservations, unit attentions and mode pages are per target, shared by all portals and
+//! sessions. A device error `Fenced` becomes NOT READY sense (04/0A) for the command.
+//!
 //! # Invariants
 //!
 //! - Peer input never panics the target: bad PDUs get a Reject, bad logins a login failure
