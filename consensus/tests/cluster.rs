@@ -234,9 +234,11 @@ async fn three_nodes_replicate_fail_over_restart_and_feed_a_late_learner() {
     )
     .await;
     // The leader's log no longer starts at 1: the learner can only have caught up by snapshot.
-    wait_for("the learner to report its snapshot", Duration::from_secs(5), || {
-        learner.metrics().borrow().snapshot.is_some()
-    })
+    wait_for(
+        "the learner to report its snapshot",
+        Duration::from_secs(5),
+        || learner.metrics().borrow().snapshot.is_some(),
+    )
     .await;
     assert_eq!(learner.state_hash(), hash);
     assert_eq!(all_events(&learner), history);
