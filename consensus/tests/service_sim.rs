@@ -19,12 +19,13 @@ use cairn_consensus::types::Raft;
 use cairn_consensus::{NodeAddress, RaftTuning};
 
 type Service = RaftService<MemStateMachine, Router>;
+type Handlers = Arc<Mutex<HashMap<NodeId, Arc<ServiceHandler<MemStateMachine, Router>>>>>;
 
 /// Routes calls to the handlers of nodes in the same process; a node can be cut off.
 #[derive(Clone)]
 struct Router {
     from: NodeId,
-    handlers: Arc<Mutex<HashMap<NodeId, Arc<ServiceHandler<MemStateMachine, Router>>>>>,
+    handlers: Handlers,
     cut: Arc<Mutex<BTreeSet<NodeId>>>,
 }
 
