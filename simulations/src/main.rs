@@ -1,0 +1,85 @@
+//! `cairn-simulations`: runs many seeds of the deterministic simulation, or reproduces one.
+//!
+//! `cargo run -p cairn-simulations --release -- --seeds 1000 [--start 5000]`
+//! `cargo run -p cairn-simulations --release -- --reproduce 42 [--verbose]`
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use cairn_simulations::{run_seed_catching, run_seeds, RunOptions};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "Cairn's deterministic simulation: many seeds, or one reproduced")]
+struct Args {
+    /// How many seeds to run.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Run this one seed (and print its report or failure).
+    #[arg(long)]
+    reproduce: Option<u64>,
+    /// Print the whole trace as it happens.
+    #[arg(long)]
+    verbose: bool,
+    /// Fail on two leaders in one term (openraft's default leader id allows it).
+    #[arg(long)]
+    strict_terms: bool,
+    /// Log openraft and consensus with tracing (RUST_LOG filter, e.g. `openraft=debug`).
+    #[arg(long)]
+    log: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(filter) = &args.log {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .init();
+    }
+    let options = RunOptions {
+        verbose: args.verbose,
+        strict_terms: args.strict_terms,
+    };
+    if let Some(seed) = args.reproduce {
+        return match run_seed_catching(seed, &options) {
+            Ok(report) => {
+                println!("{report}");
+                println!("trace hash {}", report.trace_hash);
+                ExitCode::SUCCESS
+            }
+            Err(failure) => {
+                eprintln!("{failure}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let started = Instant::now();
+    let mut simulated_ms = 0u64;
+    let mut passed = 0u64;
+    let failures = run_seeds(args.start..args.start + args.seeds, &options, |result| match result {
+        Ok(report) => {
+            passed += 1;
+            simulated_ms += report.simulated_ms;
+            println!("{report}");
+        }
+        Err(failure) => eprintln!("{failure}\n"),
+    });
+    println!(
+        "{} seeds: {passed} passed, {} failed; {:.1} s wall, {:.0} s simulated",
+        args.seeds,
+        failures.len(),
+        started.elapsed().as_secs_f64(),
+        simulated_ms as f64 / 1000.0
+    );
+    for failure in &failures {
+        println!("FAILED --reproduce {}: {}", failure.seed, failure.violation);
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
