@@ -72,6 +72,14 @@ pub enum RegistryError {
     NotFound(String),
     #[error("target name {0:?} is not a valid iqn")]
     BadName(String),
+    #[error("chap secret of {user:?} is {len} bytes; at least {min} are required")]
+    WeakSecret {
+        user: String,
+        len: usize,
+        min: usize,
+    },
+    #[error("the mutual chap secret must differ from the initiator's chap secret")]
+    SameSecrets,
 }
 
 /// All targets and sessions of one node.
@@ -95,6 +103,21 @@ impl Registry {
             || name.chars().any(|c| c.is_whitespace() || c == '\0')
         {
             return Err(RegistryError::BadName(name.to_string()));
+        }
+        // RFC 7143 12.1.3: secrets of at least 96 bits, and different in each direction.
+        for chap in [&config.chap, &config.mutual_chap].into_iter().flatten() {
+            if chap.secret.len() < super::chap::SECRET_LEN_MIN {
+                return Err(RegistryError::WeakSecret {
+                    user: chap.user.clone(),
+                    len: chap.secret.len(),
+                    min: super::chap::SECRET_LEN_MIN,
+                });
+            }
+        }
+        if let (Some(a), Some(b)) = (&config.chap, &config.mutual_chap) {
+            if a.secret == b.secret {
+                return Err(RegistryError::SameSecrets);
+            }
         }
         let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
         if targets.contains_key(name) {
