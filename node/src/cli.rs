@@ -154,12 +154,29 @@ pub enum ClientCommand {
     Remove {
         mac: String,
     },
+    /// Start a boot session now (what the boot service does when the client's iPXE asks for
+    /// its script): place the volume on a primary and a standby node, bump its generation.
+    Boot {
+        mac: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
     Create {
         name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Upload a disk image (raw, qcow2, VHD/VHDX, VMDK) as the image's next version; creates
+    /// the image if it does not exist.
+    Import {
+        name: String,
+        file: PathBuf,
         #[arg(long, default_value = "")]
         description: String,
     },

@@ -82,6 +82,45 @@ impl ApiClient {
         Ok(text)
     }
 
+    /// Streams `file` as the request body (PUT), showing progress on the terminal.
+    pub async fn upload<T: DeserializeOwned>(&self, path: &str, file: &std::path::Path) -> anyhow::Result<T> {
+        use cairn_blockstore::image::{ImportProgress, TerminalProgress};
+        use futures::StreamExt;
+        let size = tokio::fs::metadata(file).await.with_context(|| format!("cannot read {}", file.display()))?.len();
+        let handle = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
+        let progress = std::sync::Arc::new(TerminalProgress::new(format!("uploading {}", file.display())));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (progress_in_stream, sent_in_stream) = (progress.clone(), sent.clone());
+        let stream = tokio_util::io::ReaderStream::with_capacity(handle, 1 << 20).inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                let done = sent_in_stream.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed) + chunk.len() as u64;
+                progress_in_stream.update(done, size);
+            }
+        });
+        let url = format!("{}{}", self.server, path);
+        let mut request = self
+            .http
+            .put(&url)
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .timeout(std::time::Duration::from_secs(24 * 3600))
+            .body(reqwest::Body::wrap_stream(stream));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.with_context(|| format!("cannot upload to {url}"))?;
+        progress.finish(sent.load(std::sync::atomic::Ordering::Relaxed), size);
+        eprintln!("importing on the server...");
+        let status = response.status();
+        let bytes = response.bytes().await?;
+        if !status.is_success() {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(error) => bail!("{} ({})", error.message, status.as_u16()),
+                Err(_) => bail!("{} from {url}", status),
+            }
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {url}"))
+    }
+
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         self.request(Method::POST, path, Some(body)).await
     }

@@ -274,6 +274,25 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
             let mac: cairn_consensus::domain::Mac = mac.parse()?;
             write_and_report::<()>(global, Method::DELETE, &format!("/v1/clients/{mac}"), None).await
         }
+        Top::Client(ClientCommand::Boot { mac, image, user }) => {
+            let mac: cairn_consensus::domain::Mac = mac.parse()?;
+            let body = BootRequest { image: image.parse()?, user: user.as_deref().map(str::parse).transpose()? };
+            write_and_report(global, Method::POST, &format!("/v1/clients/{mac}/boot"), Some(&body)).await
+        }
+        Top::Image(ImageCommand::Import { name, file, description }) => {
+            let name: Name = name.parse()?;
+            let client = connect(global)?;
+            let created: anyhow::Result<Vec<Event>> =
+                client.post("/v1/images", &NewImage { name: name.clone(), description: description.clone() }).await;
+            if let Err(error) = created {
+                if !error.to_string().contains("already exists") {
+                    return Err(error);
+                }
+            }
+            let events: Vec<Event> = client.upload(&format!("/v1/images/{name}/import"), file).await?;
+            print_events(global, &events);
+            Ok(())
+        }
         Top::Image(ImageCommand::Create { name, description }) => {
             let body = NewImage { name: name.parse()?, description: description.clone() };
             write_and_report(global, Method::POST, "/v1/images", Some(&body)).await

@@ -34,6 +34,12 @@ pub struct NodeConfig {
     /// Most voters the cluster promotes learners to (3 or 5; more nodes stay learners).
     #[serde(default = "default_voters_max")]
     pub voters_max: usize,
+    /// Boot services (DHCP, TFTP, router advertisements, iPXE scripts): `[boot]`.
+    #[serde(default)]
+    pub boot: crate::boot::BootConfig,
+    /// Initiator names every volume admits besides its own client's (conformance suites, tools).
+    #[serde(default)]
+    pub iscsi_extra_initiators: Vec<String>,
 }
 
 fn default_capacity_sessions() -> u32 {
@@ -57,6 +63,8 @@ impl NodeConfig {
             listen_boot_http: None,
             capacity_sessions: default_capacity_sessions(),
             voters_max: default_voters_max(),
+            boot: crate::boot::BootConfig::default(),
+            iscsi_extra_initiators: Vec::new(),
         }
     }
 

@@ -25,6 +25,13 @@ pub fn admin_token() -> String {
     format!("cairn_{}", random_secret())
 }
 
+/// The token nodes use with each other's admin API (pulling image versions). Every node holds
+/// the cluster CA key, so every node derives the same token; nobody else can.
+pub fn node_token(ca_key_pem: &str) -> String {
+    let key = blake3::derive_key("cairn node api token v1", ca_key_pem.as_bytes());
+    format!("cairn_node_{}", hex::encode(key))
+}
+
 pub fn digest(token: &str) -> Hash32 {
     Hash32::of(token.as_bytes())
 }

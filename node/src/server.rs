@@ -108,7 +108,18 @@ pub async fn start(
     .with_context(|| format!("starting node {}", config.node_id))?;
 
     let http = https::client(&identity.ca_cert_pem)?;
-    let state = Arc::new(ApiState { cluster: cluster.clone(), config: config.clone(), ca, prometheus, http });
+    let node_token = crate::secrets::node_token(&ca.key_pem());
+    let storage = crate::storage::Storage::open(&config)?;
+    let storage_tasks = crate::storage::start(storage.clone(), cluster.clone(), &config, http.clone(), node_token.clone()).await?;
+    let state = Arc::new(ApiState {
+        cluster: cluster.clone(),
+        config: config.clone(),
+        ca,
+        prometheus,
+        http,
+        storage,
+        node_token,
+    });
     let listener = https::bind(config.api()).await?;
     let router = api::router(state.clone());
     let api_identity = identity.clone();
@@ -122,6 +133,8 @@ pub async fn start(
     if pending_path.exists() {
         finish_init(&cluster, &config, &advertise, &pending_path).await?;
     }
+    tasks.extend(storage_tasks);
+    tasks.extend(crate::boot::start(cluster.clone(), &config));
     tasks.push(tokio::spawn(promote_learners(cluster.clone(), config.voters_max)));
     tracing::info!(node_id = config.node_id, api = %config.api(), raft = %config.raft(), "node running");
     Ok(RunningNode { cluster, config, tasks })

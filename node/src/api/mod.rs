@@ -6,6 +6,7 @@
 //! token's name is the actor recorded with each event.
 
 pub mod error;
+mod store;
 pub mod types;
 
 use std::sync::Arc;
@@ -42,6 +43,9 @@ pub struct ApiState {
     pub ca: ClusterCa,
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub http: reqwest::Client,
+    pub storage: Arc<crate::storage::Storage>,
+    /// See `secrets::node_token`.
+    pub node_token: String,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -70,6 +74,13 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/events/export", get(export_events))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/leases", get(list_leases))
+        .route("/v1/clients/{mac}/boot", post(boot_client))
+        .route("/v1/store/manifests/{hash}", get(store::get_manifest))
+        .route("/v1/store/chunks/{hash}", get(store::get_chunk))
+        .route(
+            "/v1/images/{name}/import",
+            put(store::import_image).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
@@ -92,7 +103,12 @@ async fn authenticate(AxumState(state): AxumState<Shared>, mut request: Request,
     let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
         return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
     };
-    let digest = secrets::digest(token.trim());
+    let token = token.trim();
+    if token == state.node_token {
+        request.extensions_mut().insert(Actor(Name::new("cluster").expect("valid name")));
+        return next.run(request).await;
+    }
+    let digest = secrets::digest(token);
     // Tokens are checked against this node's projection: a token created a moment ago on another
     // node may need one replication round trip to be known here.
     let actor = state.cluster.local_state(|s| s.tokens.values().find(|t| t.digest == digest).map(|t| t.name.clone()));
@@ -150,7 +166,7 @@ fn parse<T: std::str::FromStr<Err = cairn_consensus::domain::Rejection>>(text: &
     text.parse().map_err(ApiError::from)
 }
 
-async fn write(state: &ApiState, actor: Name, command: Command) -> Result<Json<Vec<Event>>, ApiError> {
+pub(crate) async fn write(state: &ApiState, actor: Name, command: Command) -> Result<Json<Vec<Event>>, ApiError> {
     Ok(Json(state.cluster.propose(actor, command).await?))
 }
 
@@ -406,6 +422,16 @@ async fn remove_client(
 ) -> Result<Json<Vec<Event>>, ApiError> {
     let mac: Mac = parse(&mac)?;
     write(&state, actor, Command::RemoveClient { mac }).await
+}
+
+async fn boot_client(
+    AxumState(state): AxumState<Shared>,
+    Actor(actor): Actor,
+    Path(mac): Path<String>,
+    Body(request): Body<BootRequest>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    let mac: Mac = parse(&mac)?;
+    write(&state, actor, Command::BeginBoot { mac, image: request.image, user: request.user }).await
 }
 
 async fn list_discovered(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -200,3 +200,11 @@ pub struct ErrorBody {
     pub error: String,
     pub message: String,
 }
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootRequest {
+    pub image: Name,
+    #[serde(default)]
+    pub user: Option<Name>,
+}
