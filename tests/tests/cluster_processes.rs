@@ -155,6 +155,67 @@ fn bad_requests_get_clear_errors_and_change_nothing() -> anyhow::Result<()> {
     )?;
     assert!(!ok && stderr.contains("already initialised"), "{stderr}");
     assert_eq!(std::fs::read(&node_toml)?, config_before);
+
+    // Raw HTTP: missing token, malformed and oversized bodies, unknown routes. Each gets its
+    // status and a JSON error body.
+    let token = std::fs::read_to_string(&cluster.cli_config)?
+        .lines()
+        .find_map(|l| l.strip_prefix("token = ").map(|t| t.trim_matches('"').to_string()))
+        .expect("token in cli config");
+    let big = format!("{{\"name\":\"{}\"}}", "x".repeat(100 * 1024));
+    let bearer = format!("Authorization: Bearer {token}");
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (vec![format!("{server}/v1/clients")], "401", "unauthorized"),
+        (vec!["-H".into(), "Authorization: Bearer nope".into(), format!("{server}/v1/clients")], "401", "unauthorized"),
+        (
+            vec!["-H".into(), bearer.clone(), "-H".into(), "Content-Type: application/json".into(), "-d".into(), "{not json".into(), format!("{server}/v1/groups")],
+            "400",
+            "bad-request",
+        ),
+        (
+            vec!["-H".into(), bearer.clone(), "-H".into(), "Content-Type: application/json".into(), "-d".into(), "{\"name\":\"ok\",\"extra\":1}".into(), format!("{server}/v1/groups")],
+            "400",
+            "bad-request",
+        ),
+        (
+            // Expect: 100-continue lets the server refuse before the body is sent.
+            vec![
+                "-H".into(),
+                bearer.clone(),
+                "-H".into(),
+                "Expect: 100-continue".into(),
+                "-H".into(),
+                "Content-Type: application/json".into(),
+                "-d".into(),
+                big,
+                format!("{server}/v1/groups"),
+            ],
+            "413",
+            "too-large",
+        ),
+        (vec!["-H".into(), bearer.clone(), format!("{server}/v1/clients/not-a-mac")], "400", "invalid"),
+        (vec!["-H".into(), bearer.clone(), format!("{server}/v1/nothing")], "404", "not-found"),
+    ];
+    for (case, (args, status, code)) in cases.into_iter().enumerate() {
+        let output = std::process::Command::new("curl")
+            .args(["-sk", "-o", "-", "-w", "\n%{http_code}"])
+            .args(&args)
+            .output()?;
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        let (body, got) = text.rsplit_once('\n').unwrap_or(("", ""));
+        let short: String = text.chars().take(300).collect();
+        assert_eq!(got, status, "case {case}: {short}");
+        let body: Value = serde_json::from_str(body).map_err(|e| anyhow::anyhow!("case {case}: body {short:?}: {e}"))?;
+        assert_eq!(body["error"], code, "case {case}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // /health and /metrics answer without a token; metrics name the Raft figures.
+    let metrics = std::process::Command::new("curl").args(["-sk", &format!("{server}/metrics")]).output()?;
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    for name in ["cairn_raft_term", "cairn_raft_apply_lag", "cairn_api_request_duration_seconds"] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+
     let after = cluster.cli_json(&["cluster", "status"])?;
     assert_eq!(before["state_hash"], after["state_hash"], "a refused request changed the state");
     Ok(())
