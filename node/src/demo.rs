@@ -37,8 +37,10 @@ pub async fn run(args: &DemoArgs, prometheus: Option<metrics_exporter_prometheus
     nodes.push(server::start(commands::load_node_config(&base.join("node1"))?, prometheus.clone()).await?);
     let cli = CliConfig::load(&cli_config)?;
     let client = ApiClient::connect(Connection { server: cli.server.clone(), token: cli.token.clone(), ca_file: cli.ca_file.clone() })?;
-    wait_for(&client, |s| s.leader.is_some()).await?;
-
+    if fresh {
+        // A new one-node cluster elects node 1 alone; the others join it.
+        wait_for(&client, |s| s.leader.is_some()).await?;
+    }
     for id in [2u64, 3] {
         let dir = base.join(format!("node{id}"));
         if !dir.join("node.toml").exists() {
@@ -100,6 +102,17 @@ async fn add_samples(client: &ApiClient) -> anyhow::Result<()> {
     for (name, password) in [("alice", "alice-demo"), ("bob", "bob-demo")] {
         post("/v1/users", serde_json::json!({ "name": name, "password": password })).await?;
     }
+    // A small sample disk so that one image has a ready version (real images: `cairn image
+    // import NAME FILE` with a raw, qcow2, VHD(X) or VMDK file).
+    let sample = std::env::temp_dir().join(format!("cairn-demo-sample-{}.raw", std::process::id()));
+    let mut bytes = vec![0u8; 8 << 20];
+    for (index, block) in bytes.chunks_mut(4096).take(512).enumerate() {
+        block[..32].copy_from_slice(blake3::hash(&index.to_le_bytes()).as_bytes());
+    }
+    std::fs::write(&sample, &bytes)?;
+    let uploaded: anyhow::Result<Vec<cairn_consensus::domain::Event>> = client.upload("/v1/images/rescue/import", &sample).await;
+    let _ = std::fs::remove_file(&sample);
+    uploaded.context("sample data: importing the rescue image")?;
     let assignments = [
         (AssignmentTarget::Group("classroom".parse()?), "debian-12", DiskMode::NonPersistent, true),
         (AssignmentTarget::Group("classroom".parse()?), "win11-lab", DiskMode::NonPersistent, false),
@@ -122,11 +135,16 @@ fn print_welcome(base: &std::path::Path, cli_config: &PathBuf, status: &ClusterS
     }
     println!();
     println!("In another terminal:");
+    if let Ok(exe) = std::env::current_exe() {
+        println!("  alias cairn={}", exe.display());
+    }
     println!("  export CAIRN_CLI_CONFIG={}", cli_config.display());
     println!("  cairn cluster status");
     println!("  cairn client list");
     println!("  cairn client add 52:54:00:00:01:09 --name desk-9 --group classroom");
     println!("  cairn assign rescue --client 52:54:00:00:01:09 --mode persistent");
+    println!("  cairn client boot 52:54:00:00:01:09 --image rescue   # places its volume on a node");
+    println!("  cairn client list");
     println!("  cairn events log --client 52:54:00:00:01:09");
     println!("  cairn events replay --until 5");
     println!("  curl -sk https://127.0.0.2:7400/health");

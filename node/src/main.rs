@@ -5,8 +5,11 @@ use cairn_node::{commands, demo, server};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let serving = matches!(cli.command, Top::Node(_) | Top::Demo(_));
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if serving { "info".into() } else { "warn".into() });
+    // A node logs what it does; the demo and the CLI talk to a person and log only problems.
+    let serving = matches!(cli.command, Top::Node(_));
+    // (Peers that are still starting make openraft log replication errors; not the admin's worry.)
+    let quiet = "warn,openraft=error,cairn_consensus::quic=error";
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if serving { "info".into() } else { quiet.into() });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     cairn_node::https::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -16,12 +19,30 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
         Err(error) => {
             eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
+            1
         }
+    };
+    drop(runtime);
+    exit_now(code)
+}
+
+/// Ends the process without running C and C++ exit handlers. RocksDB's static destructors race
+/// its own background threads at exit ("terminate called without an active exception", or a
+/// segmentation fault) while a database handle is still alive in another thread. Nothing is
+/// lost by skipping them: every acknowledged write is already durable, and a node must survive
+/// SIGKILL at any point anyway (tests/tests/cluster_processes.rs).
+fn exit_now(code: i32) -> std::process::ExitCode {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    #[allow(unsafe_code)]
+    // SAFETY: `_exit` takes no pointers and never returns; skipping exit handlers is the point.
+    unsafe {
+        libc::_exit(code)
     }
 }
 
