@@ -3,6 +3,7 @@
 use crate::types::RaftMetrics;
 
 pub const TERM: &str = "cairn_raft_term";
+pub const COMMIT_INDEX: &str = "cairn_raft_commit_index";
 /// openraft 0.9's metrics carry no commit index; the last log index and the applied index bound it.
 pub const LAST_LOG_INDEX: &str = "cairn_raft_last_log_index";
 pub const LAST_APPLIED_INDEX: &str = "cairn_raft_last_applied_index";
@@ -58,4 +59,10 @@ pub(crate) fn propose_finished(seconds: f64, rejected: bool) {
 pub(crate) fn log_written(jobs: usize, seconds: f64) {
     metrics::histogram!(LOG_WRITE_JOBS).record(jobs as f64);
     metrics::histogram!(LOG_WRITE_SECONDS).record(seconds);
+}
+
+/// The highest log index known committed (openraft 0.9's metrics do not carry it; the log store
+/// is told through `save_committed`).
+pub fn committed(index: u64) {
+    metrics::gauge!(COMMIT_INDEX).set(index as f64);
 }

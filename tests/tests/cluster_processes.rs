@@ -212,7 +212,7 @@ fn bad_requests_get_clear_errors_and_change_nothing() -> anyhow::Result<()> {
     // /health and /metrics answer without a token; metrics name the Raft figures.
     let metrics = std::process::Command::new("curl").args(["-sk", &format!("{server}/metrics")]).output()?;
     let metrics = String::from_utf8_lossy(&metrics.stdout);
-    for name in ["cairn_raft_term", "cairn_raft_apply_lag", "cairn_api_request_duration_seconds"] {
+    for name in ["cairn_raft_term", "cairn_raft_commit_index", "cairn_raft_apply_lag", "cairn_api_request_duration_seconds"] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
 
