@@ -6,6 +6,7 @@
 //! event in the replicated history.
 
 pub mod api;
+pub mod boot;
 pub mod cli;
 pub mod client;
 pub mod commands;
@@ -15,3 +16,4 @@ pub mod https;
 pub mod output;
 pub mod secrets;
 pub mod server;
+pub mod storage;
