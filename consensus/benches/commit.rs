@@ -105,27 +105,32 @@ async fn main() {
         let actor = actor.clone();
         let counter = counter.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut done, mut failed) = (0usize, 0usize);
+            let (mut latencies, mut failed) = (Vec::new(), 0usize);
             while Instant::now() < deadline {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
                 match leader.propose(actor.clone(), create(n)).await {
-                    Ok(_) => done += 1,
+                    Ok(_) => latencies.push(started.elapsed()),
                     Err(_) => failed += 1,
                 }
             }
-            (done, failed)
+            (latencies, failed)
         }));
     }
-    let (mut total, mut failures) = (0, 0);
+    let (mut all, mut failures) = (Vec::new(), 0);
     for task in tasks {
-        let (done, failed) = task.await.unwrap();
-        total += done;
+        let (latencies, failed) = task.await.unwrap();
+        all.extend(latencies);
         failures += failed;
     }
+    all.sort();
+    let total = all.len();
     let elapsed = started.elapsed().as_secs_f64();
+    let cairn_rate = total as f64 / elapsed;
     println!(
-        "64 writers: {total} events in {elapsed:.1} s = {:.0} events/s ({failures} failed proposals)",
-        total as f64 / elapsed
+        "64 writers: {total} events in {elapsed:.1} s = {cairn_rate:.0} events/s, p50 {:?}, p99 {:?} ({failures} failed proposals)",
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
     );
 
     // Leader shutdown: time until a write through a survivor succeeds.
@@ -147,4 +152,86 @@ async fn main() {
     for node in &nodes[1..] {
         node.shutdown().await;
     }
+    drop(root);
+    match etcd_reference() {
+        Ok(etcd_rate) => println!(
+            "etcd (3 members on 127.0.0.1-3, same disk, etcdctl check perf --load=l): {etcd_rate:.0} writes/s; Cairn/etcd = {:.2}",
+            cairn_rate / etcd_rate
+        ),
+        Err(reason) => println!("etcd reference skipped: {reason}"),
+    }
+}
+
+/// The peer for durable Raft commits on this machine: a three-member etcd cluster (Debian's
+/// etcd-server) on 127.0.0.1-3 in a temporary directory, measured by `etcdctl check perf`.
+fn etcd_reference() -> Result<f64, String> {
+    use std::process::{Command, Stdio};
+    if Command::new("etcd").arg("--version").output().is_err() {
+        return Err("etcd not installed (apt-get install etcd-server etcd-client)".into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let cluster = "n1=http://127.0.0.1:23800,n2=http://127.0.0.2:23800,n3=http://127.0.0.3:23800";
+    let endpoints = "http://127.0.0.1:23790,http://127.0.0.2:23790,http://127.0.0.3:23790";
+    let mut members = Vec::new();
+    for i in 1..=3 {
+        let member = Command::new("etcd")
+            .args(["--name", &format!("n{i}"), "--data-dir"])
+            .arg(dir.path().join(format!("n{i}")))
+            .args(["--listen-client-urls", &format!("http://127.0.0.{i}:23790")])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.{i}:23790"),
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.{i}:23800")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.{i}:23800"),
+            ])
+            .args([
+                "--initial-cluster",
+                cluster,
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args(["--initial-cluster-token", "cairn-bench"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        members.push(member);
+    }
+    let result = (|| {
+        let healthy = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", endpoints, "endpoint", "health"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        if !healthy {
+            return Err("etcd cluster did not become healthy".to_string());
+        }
+        let output = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", endpoints, "check", "perf", "--load=l"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&output.stdout).replace('\r', "\n");
+        // "PASS: Throughput is 10015 writes/s" or "FAIL: Throughput too low: 2682 writes/s"
+        text.lines()
+            .find(|l| l.contains("Throughput"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .rev()
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+            })
+            .ok_or_else(|| format!("no throughput in etcdctl output: {text}"))
+    })();
+    for mut member in members {
+        let _ = member.kill();
+        let _ = member.wait();
+    }
+    result
 }
