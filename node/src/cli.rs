@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "cairn", version, about = "Network boot and diskless storage cluster")]
+#[command(
+    name = "cairn",
+    version,
+    about = "Network boot and diskless storage cluster"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,

@@ -35,11 +35,21 @@ impl ApiClient {
         let ca_file = flags.ca_file.or(file.ca_file).ok_or_else(|| {
             anyhow!("no cluster CA certificate: pass --ca FILE (a node's <data-dir>/tls/ca.pem) or set CAIRN_CA")
         })?;
-        let ca = std::fs::read_to_string(&ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
-        Ok(ApiClient { http: https::client(&ca)?, server: server.trim_end_matches('/').to_string(), token })
+        let ca = std::fs::read_to_string(&ca_file)
+            .with_context(|| format!("cannot read {}", ca_file.display()))?;
+        Ok(ApiClient {
+            http: https::client(&ca)?,
+            server: server.trim_end_matches('/').to_string(),
+            token,
+        })
     }
 
-    pub async fn request<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&B>) -> anyhow::Result<T> {
+    pub async fn request<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{}", self.server, path);
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -48,7 +58,10 @@ impl ApiClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.with_context(|| format!("cannot reach {url}"))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
         let status = response.status();
         let bytes = response.bytes().await?;
         if !status.is_success() {
@@ -70,7 +83,10 @@ impl ApiClient {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.with_context(|| format!("cannot reach {url}"))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
         let status = response.status();
         let text = response.text().await?;
         if !status.is_success() {
@@ -83,20 +99,35 @@ impl ApiClient {
     }
 
     /// Streams `file` as the request body (PUT), showing progress on the terminal.
-    pub async fn upload<T: DeserializeOwned>(&self, path: &str, file: &std::path::Path) -> anyhow::Result<T> {
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+    ) -> anyhow::Result<T> {
         use cairn_blockstore::image::{ImportProgress, TerminalProgress};
         use futures::StreamExt;
-        let size = tokio::fs::metadata(file).await.with_context(|| format!("cannot read {}", file.display()))?.len();
-        let handle = tokio::fs::File::open(file).await.with_context(|| format!("cannot open {}", file.display()))?;
-        let progress = std::sync::Arc::new(TerminalProgress::new(format!("uploading {}", file.display())));
+        let size = tokio::fs::metadata(file)
+            .await
+            .with_context(|| format!("cannot read {}", file.display()))?
+            .len();
+        let handle = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("cannot open {}", file.display()))?;
+        let progress = std::sync::Arc::new(TerminalProgress::new(format!(
+            "uploading {}",
+            file.display()
+        )));
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (progress_in_stream, sent_in_stream) = (progress.clone(), sent.clone());
-        let stream = tokio_util::io::ReaderStream::with_capacity(handle, 1 << 20).inspect(move |chunk| {
-            if let Ok(chunk) = chunk {
-                let done = sent_in_stream.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed) + chunk.len() as u64;
-                progress_in_stream.update(done, size);
-            }
-        });
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(handle, 1 << 20).inspect(move |chunk| {
+                if let Ok(chunk) = chunk {
+                    let done = sent_in_stream
+                        .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed)
+                        + chunk.len() as u64;
+                    progress_in_stream.update(done, size);
+                }
+            });
         let url = format!("{}{}", self.server, path);
         let mut request = self
             .http
@@ -107,7 +138,10 @@ impl ApiClient {
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.with_context(|| format!("cannot upload to {url}"))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot upload to {url}"))?;
         progress.finish(sent.load(std::sync::atomic::Ordering::Relaxed), size);
         eprintln!("importing on the server...");
         let status = response.status();
@@ -121,7 +155,11 @@ impl ApiClient {
         serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {url}"))
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         self.request(Method::POST, path, Some(body)).await
     }
 }

@@ -20,26 +20,50 @@ use crate::secrets;
 use crate::server::{DataFiles, InitPending};
 
 pub fn connect(global: &Global) -> anyhow::Result<ApiClient> {
-    ApiClient::connect(Connection { server: global.server.clone(), token: global.token.clone(), ca_file: global.ca_file.clone() })
+    ApiClient::connect(Connection {
+        server: global.server.clone(),
+        token: global.token.clone(),
+        ca_file: global.ca_file.clone(),
+    })
 }
 
 fn node_config(location: &NodeLocation) -> anyhow::Result<NodeConfig> {
-    let name = location.name.clone().unwrap_or_else(|| format!("node-{}", location.node_id));
+    let name = location
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", location.node_id));
     Name::new(name.clone())?;
-    std::fs::create_dir_all(&location.data_dir).with_context(|| format!("cannot create {}", location.data_dir.display()))?;
+    std::fs::create_dir_all(&location.data_dir)
+        .with_context(|| format!("cannot create {}", location.data_dir.display()))?;
     let data_dir = location.data_dir.canonicalize()?;
     let path = NodeConfig::path_in(&data_dir);
     if path.exists() {
-        bail!("{} is already initialised ({} exists); nothing changed", data_dir.display(), path.display());
+        bail!(
+            "{} is already initialised ({} exists); nothing changed",
+            data_dir.display(),
+            path.display()
+        );
     }
     if data_dir.join("raft").exists() {
-        bail!("{} already holds a raft store; nothing changed", data_dir.display());
+        bail!(
+            "{} already holds a raft store; nothing changed",
+            data_dir.display()
+        );
     }
-    Ok(NodeConfig::new(location.node_id, name, data_dir, location.address))
+    Ok(NodeConfig::new(
+        location.node_id,
+        name,
+        data_dir,
+        location.address,
+    ))
 }
 
 fn save_cli_config(location: &NodeLocation, config: &CliConfig) -> anyhow::Result<PathBuf> {
-    let path = location.cli_config.clone().or_else(CliConfig::default_path).ok_or_else(|| anyhow!("no place for the cli config"))?;
+    let path = location
+        .cli_config
+        .clone()
+        .or_else(CliConfig::default_path)
+        .ok_or_else(|| anyhow!("no place for the cli config"))?;
     config.save(&path)?;
     Ok(path)
 }
@@ -49,26 +73,53 @@ fn save_cli_config(location: &NodeLocation, config: &CliConfig) -> anyhow::Resul
 pub fn cluster_init(args: &InitArgs) -> anyhow::Result<()> {
     let config = node_config(&args.node)?;
     let ca = ClusterCa::generate().map_err(|e| anyhow!("{e}"))?;
-    let identity = ca.issue_node_certificate(config.node_id).map_err(|e| anyhow!("{e}"))?;
+    let identity = ca
+        .issue_node_certificate(config.node_id)
+        .map_err(|e| anyhow!("{e}"))?;
     let files = DataFiles::new(&config.data_dir);
-    files.write_tls(ca.cert_pem(), &ca.key_pem(), &identity.cert_pem, &identity.key_pem)?;
+    files.write_tls(
+        ca.cert_pem(),
+        &ca.key_pem(),
+        &identity.cert_pem,
+        &identity.key_pem,
+    )?;
     let token = secrets::admin_token();
-    let pending = InitPending { admin_token_name: Name::new("admin")?, admin_token_digest: secrets::digest(&token) };
+    let pending = InitPending {
+        admin_token_name: Name::new("admin")?,
+        admin_token_digest: secrets::digest(&token),
+    };
     crate::config::write_private(&files.init_pending(), &serde_json::to_vec_pretty(&pending)?)?;
     config.save(&NodeConfig::path_in(&config.data_dir))?;
-    let cli = CliConfig { server: Some(config.api_url()), token: Some(token.clone()), ca_file: Some(files.ca_cert()) };
+    let cli = CliConfig {
+        server: Some(config.api_url()),
+        token: Some(token.clone()),
+        ca_file: Some(files.ca_cert()),
+    };
     let cli_path = save_cli_config(&args.node, &cli)?;
-    println!("cluster created; node {} in {}", config.node_id, config.data_dir.display());
-    println!("admin token (shown once, also saved in {}):\n  {token}", cli_path.display());
-    println!("next: cairn node run --data-dir {}", config.data_dir.display());
+    println!(
+        "cluster created; node {} in {}",
+        config.node_id,
+        config.data_dir.display()
+    );
+    println!(
+        "admin token (shown once, also saved in {}):\n  {token}",
+        cli_path.display()
+    );
+    println!(
+        "next: cairn node run --data-dir {}",
+        config.data_dir.display()
+    );
     Ok(())
 }
 
 /// `cluster join`: check the cluster's CA against the join token, then ask it to admit this node.
 pub async fn cluster_join(global: &Global, args: &JoinArgs) -> anyhow::Result<()> {
-    let server = global.server.clone().ok_or_else(|| anyhow!("--server (any node's API URL) is required to join"))?;
-    let (_, fingerprint) =
-        secrets::parse_join_token(&args.join_token).ok_or_else(|| anyhow!("malformed join token (expected cairnjoin_...)"))?;
+    let server = global
+        .server
+        .clone()
+        .ok_or_else(|| anyhow!("--server (any node's API URL) is required to join"))?;
+    let (_, fingerprint) = secrets::parse_join_token(&args.join_token)
+        .ok_or_else(|| anyhow!("malformed join token (expected cairnjoin_...)"))?;
     let config = node_config(&args.node)?;
     let server = server.trim_end_matches('/').to_string();
     let ca_pem = crate::https::unverified_client()?
@@ -92,18 +143,37 @@ pub async fn cluster_join(global: &Global, args: &JoinArgs) -> anyhow::Result<()
         boot_address: format!("http://{}", config.boot_http()),
         capacity_sessions: config.capacity_sessions,
     };
-    let client = ApiClient::connect(Connection { server: Some(server.clone()), token: None, ca_file: None })
-        .or_else(|_| -> anyhow::Result<ApiClient> {
-            let path = std::env::temp_dir().join(format!("cairn-join-ca-{}.pem", std::process::id()));
-            std::fs::write(&path, &ca_pem)?;
-            ApiClient::connect(Connection { server: Some(server.clone()), token: None, ca_file: Some(path) })
-        })?;
+    let client = ApiClient::connect(Connection {
+        server: Some(server.clone()),
+        token: None,
+        ca_file: None,
+    })
+    .or_else(|_| -> anyhow::Result<ApiClient> {
+        let path = std::env::temp_dir().join(format!("cairn-join-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, &ca_pem)?;
+        ApiClient::connect(Connection {
+            server: Some(server.clone()),
+            token: None,
+            ca_file: Some(path),
+        })
+    })?;
     let response: JoinResponse = client.post("/v1/cluster/join", &request).await?;
     let files = DataFiles::new(&config.data_dir);
-    files.write_tls(&response.ca_cert_pem, &response.ca_key_pem, &response.node_cert_pem, &response.node_key_pem)?;
+    files.write_tls(
+        &response.ca_cert_pem,
+        &response.ca_key_pem,
+        &response.node_cert_pem,
+        &response.node_key_pem,
+    )?;
     config.save(&NodeConfig::path_in(&config.data_dir))?;
-    println!("node {} joined as a learner; it becomes a voter once it has caught up", config.node_id);
-    println!("next: cairn node run --data-dir {}", config.data_dir.display());
+    println!(
+        "node {} joined as a learner; it becomes a voter once it has caught up",
+        config.node_id
+    );
+    println!(
+        "next: cairn node run --data-dir {}",
+        config.data_dir.display()
+    );
     Ok(())
 }
 
@@ -115,7 +185,10 @@ pub async fn cluster_status(global: &Global) -> anyhow::Result<()> {
     }
     println!(
         "leader: {}  term: {}  last seq: {}  state hash: {}",
-        status.leader.map(|l| format!("node {l}")).unwrap_or_else(|| "none".into()),
+        status
+            .leader
+            .map(|l| format!("node {l}"))
+            .unwrap_or_else(|| "none".into()),
         status.term,
         status.last_seq,
         status.state_hash
@@ -128,16 +201,33 @@ pub async fn cluster_status(global: &Global) -> anyhow::Result<()> {
                 n.node.node_id.to_string(),
                 n.node.name.to_string(),
                 n.raft_role.clone(),
-                if status.leader == Some(n.node.node_id) { "leader".into() } else { String::new() },
-                if n.node.healthy { "healthy".into() } else { "unhealthy".into() },
-                if n.node.draining { "draining".into() } else { String::new() },
+                if status.leader == Some(n.node.node_id) {
+                    "leader".into()
+                } else {
+                    String::new()
+                },
+                if n.node.healthy {
+                    "healthy".into()
+                } else {
+                    "unhealthy".into()
+                },
+                if n.node.draining {
+                    "draining".into()
+                } else {
+                    String::new()
+                },
                 format!("{}/{}", n.sessions, n.node.capacity_sessions),
                 n.node.api_address.clone(),
                 n.node.portal_address.clone(),
             ]
         })
         .collect();
-    table(&["ID", "NAME", "RAFT", "ROLE", "HEALTH", "DRAIN", "SESSIONS", "API", "PORTAL"], &rows);
+    table(
+        &[
+            "ID", "NAME", "RAFT", "ROLE", "HEALTH", "DRAIN", "SESSIONS", "API", "PORTAL",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -151,17 +241,32 @@ fn print_events(global: &Global, events: &[Event]) {
         .map(|e| {
             let payload = serde_json::to_value(&e.payload).unwrap_or(Value::Null);
             let detail = match payload {
-                Value::Object(map) => map.values().next().map(|v| v.to_string()).unwrap_or_default(),
+                Value::Object(map) => map
+                    .values()
+                    .next()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
                 other => other.to_string(),
             };
-            vec![e.seq.to_string(), format_time(e.time_ms), e.actor.to_string(), e.payload.kind().into(), detail]
+            vec![
+                e.seq.to_string(),
+                format_time(e.time_ms),
+                e.actor.to_string(),
+                e.payload.kind().into(),
+                detail,
+            ]
         })
         .collect();
     table(&["SEQ", "TIME", "ACTOR", "EVENT", "DETAIL"], &rows);
 }
 
 /// Prints what a write produced (one line per event) or its JSON.
-async fn write_and_report<B: serde::Serialize>(global: &Global, method: Method, path: &str, body: Option<&B>) -> anyhow::Result<()> {
+async fn write_and_report<B: serde::Serialize>(
+    global: &Global,
+    method: Method,
+    path: &str,
+    body: Option<&B>,
+) -> anyhow::Result<()> {
     let events: Vec<Event> = connect(global)?.request(method, path, body).await?;
     print_events(global, &events);
     Ok(())
@@ -222,21 +327,40 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
     match command {
         Top::Cluster(ClusterCommand::Status) => cluster_status(global).await,
         Top::Cluster(ClusterCommand::JoinToken { ttl_seconds }) => {
-            let issued: IssuedJoinToken =
-                connect(global)?.post("/v1/cluster/join-tokens", &NewJoinToken { ttl_seconds: Some(*ttl_seconds) }).await?;
+            let issued: IssuedJoinToken = connect(global)?
+                .post(
+                    "/v1/cluster/join-tokens",
+                    &NewJoinToken {
+                        ttl_seconds: Some(*ttl_seconds),
+                    },
+                )
+                .await?;
             if global.json {
                 json(&issued);
             } else {
-                println!("join token (one use, expires {}):\n  {}", issued.expires, issued.token);
+                println!(
+                    "join token (one use, expires {}):\n  {}",
+                    issued.expires, issued.token
+                );
                 println!("on the new node: cairn cluster join --server <this API URL> --join-token <token> --node-id N --address IP --data-dir DIR");
             }
             Ok(())
         }
         Top::Cluster(ClusterCommand::RemoveNode { node_id }) => {
-            write_and_report::<()>(global, Method::DELETE, &format!("/v1/cluster/nodes/{node_id}"), None).await
+            write_and_report::<()>(
+                global,
+                Method::DELETE,
+                &format!("/v1/cluster/nodes/{node_id}"),
+                None,
+            )
+            .await
         }
         Top::Client(ClientCommand::Add { mac, name, group }) => {
-            let body = NewClient { mac: mac.parse()?, name: name.parse()?, group: group.as_deref().map(str::parse).transpose()? };
+            let body = NewClient {
+                mac: mac.parse()?,
+                name: name.parse()?,
+                group: group.as_deref().map(str::parse).transpose()?,
+            };
             write_and_report(global, Method::POST, "/v1/clients", Some(&body)).await
         }
         Top::Client(ClientCommand::List) => {
@@ -257,7 +381,16 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
             .await
         }
         Top::Client(ClientCommand::Discovered) => {
-            list(global, "/v1/discovered", &[("MAC", "/mac"), ("SEEN BY NODE", "/node_id"), ("FIRST SEEN (ms)", "/first_seen_ms")]).await
+            list(
+                global,
+                "/v1/discovered",
+                &[
+                    ("MAC", "/mac"),
+                    ("SEEN BY NODE", "/node_id"),
+                    ("FIRST SEEN (ms)", "/first_seen_ms"),
+                ],
+            )
+            .await
         }
         Top::Client(ClientCommand::Show { mac }) => {
             let mac: cairn_consensus::domain::Mac = mac.parse()?;
@@ -267,34 +400,69 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
         }
         Top::Client(ClientCommand::Update { mac, name, group }) => {
             let mac: cairn_consensus::domain::Mac = mac.parse()?;
-            let body = ClientChange { name: name.as_deref().map(str::parse).transpose()?, group: group.clone() };
-            write_and_report(global, Method::PATCH, &format!("/v1/clients/{mac}"), Some(&body)).await
+            let body = ClientChange {
+                name: name.as_deref().map(str::parse).transpose()?,
+                group: group.clone(),
+            };
+            write_and_report(
+                global,
+                Method::PATCH,
+                &format!("/v1/clients/{mac}"),
+                Some(&body),
+            )
+            .await
         }
         Top::Client(ClientCommand::Remove { mac }) => {
             let mac: cairn_consensus::domain::Mac = mac.parse()?;
-            write_and_report::<()>(global, Method::DELETE, &format!("/v1/clients/{mac}"), None).await
+            write_and_report::<()>(global, Method::DELETE, &format!("/v1/clients/{mac}"), None)
+                .await
         }
         Top::Client(ClientCommand::Boot { mac, image, user }) => {
             let mac: cairn_consensus::domain::Mac = mac.parse()?;
-            let body = BootRequest { image: image.parse()?, user: user.as_deref().map(str::parse).transpose()? };
-            write_and_report(global, Method::POST, &format!("/v1/clients/{mac}/boot"), Some(&body)).await
+            let body = BootRequest {
+                image: image.parse()?,
+                user: user.as_deref().map(str::parse).transpose()?,
+            };
+            write_and_report(
+                global,
+                Method::POST,
+                &format!("/v1/clients/{mac}/boot"),
+                Some(&body),
+            )
+            .await
         }
-        Top::Image(ImageCommand::Import { name, file, description }) => {
+        Top::Image(ImageCommand::Import {
+            name,
+            file,
+            description,
+        }) => {
             let name: Name = name.parse()?;
             let client = connect(global)?;
-            let created: anyhow::Result<Vec<Event>> =
-                client.post("/v1/images", &NewImage { name: name.clone(), description: description.clone() }).await;
+            let created: anyhow::Result<Vec<Event>> = client
+                .post(
+                    "/v1/images",
+                    &NewImage {
+                        name: name.clone(),
+                        description: description.clone(),
+                    },
+                )
+                .await;
             if let Err(error) = created {
                 if !error.to_string().contains("already exists") {
                     return Err(error);
                 }
             }
-            let events: Vec<Event> = client.upload(&format!("/v1/images/{name}/import"), file).await?;
+            let events: Vec<Event> = client
+                .upload(&format!("/v1/images/{name}/import"), file)
+                .await?;
             print_events(global, &events);
             Ok(())
         }
         Top::Image(ImageCommand::Create { name, description }) => {
-            let body = NewImage { name: name.parse()?, description: description.clone() };
+            let body = NewImage {
+                name: name.parse()?,
+                description: description.clone(),
+            };
             write_and_report(global, Method::POST, "/v1/images", Some(&body)).await
         }
         Top::Image(ImageCommand::List) => {
@@ -318,7 +486,10 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
                         image["name"].as_str().unwrap_or_default().to_string(),
                         versions.to_string(),
                         ready,
-                        image["description"].as_str().unwrap_or_default().to_string(),
+                        image["description"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
                     ]
                 })
                 .collect();
@@ -333,36 +504,82 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
         }
         Top::Image(ImageCommand::Remove { name }) => {
             let name: Name = name.parse()?;
-            write_and_report::<()>(global, Method::DELETE, &format!("/v1/images/{name}"), None).await
+            write_and_report::<()>(global, Method::DELETE, &format!("/v1/images/{name}"), None)
+                .await
         }
-        Top::User(UserCommand::Add { name, password_stdin }) => {
-            let password = if *password_stdin { Some(read_password()?) } else { None };
-            let body = NewUser { name: name.parse()?, password };
+        Top::User(UserCommand::Add {
+            name,
+            password_stdin,
+        }) => {
+            let password = if *password_stdin {
+                Some(read_password()?)
+            } else {
+                None
+            };
+            let body = NewUser {
+                name: name.parse()?,
+                password,
+            };
             write_and_report(global, Method::POST, "/v1/users", Some(&body)).await
         }
-        Top::User(UserCommand::List) => list(global, "/v1/users", &[("NAME", "/name"), ("PASSWORD", "/has_password")]).await,
+        Top::User(UserCommand::List) => {
+            list(
+                global,
+                "/v1/users",
+                &[("NAME", "/name"), ("PASSWORD", "/has_password")],
+            )
+            .await
+        }
         Top::User(UserCommand::Passwd { name }) => {
             let name: Name = name.parse()?;
-            let body = NewPassword { password: Some(read_password()?) };
-            write_and_report(global, Method::PUT, &format!("/v1/users/{name}/password"), Some(&body)).await
+            let body = NewPassword {
+                password: Some(read_password()?),
+            };
+            write_and_report(
+                global,
+                Method::PUT,
+                &format!("/v1/users/{name}/password"),
+                Some(&body),
+            )
+            .await
         }
         Top::User(UserCommand::Remove { name }) => {
             let name: Name = name.parse()?;
             write_and_report::<()>(global, Method::DELETE, &format!("/v1/users/{name}"), None).await
         }
         Top::Group(GroupCommand::Add { name, description }) => {
-            let body = NewGroup { name: name.parse()?, description: description.clone() };
+            let body = NewGroup {
+                name: name.parse()?,
+                description: description.clone(),
+            };
             write_and_report(global, Method::POST, "/v1/groups", Some(&body)).await
         }
         Top::Group(GroupCommand::List) => {
-            list(global, "/v1/groups", &[("NAME", "/name"), ("CLIENTS", "/clients"), ("DESCRIPTION", "/description")]).await
+            list(
+                global,
+                "/v1/groups",
+                &[
+                    ("NAME", "/name"),
+                    ("CLIENTS", "/clients"),
+                    ("DESCRIPTION", "/description"),
+                ],
+            )
+            .await
         }
         Top::Group(GroupCommand::Remove { name }) => {
             let name: Name = name.parse()?;
-            write_and_report::<()>(global, Method::DELETE, &format!("/v1/groups/{name}"), None).await
+            write_and_report::<()>(global, Method::DELETE, &format!("/v1/groups/{name}"), None)
+                .await
         }
         Top::Token(TokenCommand::Create { name }) => {
-            let issued: IssuedToken = connect(global)?.post("/v1/tokens", &NewToken { name: name.parse()? }).await?;
+            let issued: IssuedToken = connect(global)?
+                .post(
+                    "/v1/tokens",
+                    &NewToken {
+                        name: name.parse()?,
+                    },
+                )
+                .await?;
             if global.json {
                 json(&issued);
             } else {
@@ -370,10 +587,18 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
             }
             Ok(())
         }
-        Top::Token(TokenCommand::List) => list(global, "/v1/tokens", &[("NAME", "/name"), ("CREATED", "/created")]).await,
+        Top::Token(TokenCommand::List) => {
+            list(
+                global,
+                "/v1/tokens",
+                &[("NAME", "/name"), ("CREATED", "/created")],
+            )
+            .await
+        }
         Top::Token(TokenCommand::Revoke { name }) => {
             let name: Name = name.parse()?;
-            write_and_report::<()>(global, Method::DELETE, &format!("/v1/tokens/{name}"), None).await
+            write_and_report::<()>(global, Method::DELETE, &format!("/v1/tokens/{name}"), None)
+                .await
         }
         Top::Assign(args) => {
             let body = NewAssignment {
@@ -389,17 +614,41 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
             write_and_report(global, Method::POST, "/v1/assignments", Some(&body)).await
         }
         Top::Unassign(args) => {
-            let body = RemovedAssignment { target: target_of(&args.target)?, image: args.image.parse()? };
+            let body = RemovedAssignment {
+                target: target_of(&args.target)?,
+                image: args.image.parse()?,
+            };
             write_and_report(global, Method::DELETE, "/v1/assignments", Some(&body)).await
         }
-        Top::Events(EventsCommand::Log { client, image, actor, since, until, from_seq, limit }) => {
-            let mut query: Vec<(&str, String)> = vec![("from_seq", from_seq.to_string()), ("limit", limit.to_string())];
-            for (key, value) in [("client", client), ("image", image), ("actor", actor), ("since", since), ("until", until)] {
+        Top::Events(EventsCommand::Log {
+            client,
+            image,
+            actor,
+            since,
+            until,
+            from_seq,
+            limit,
+        }) => {
+            let mut query: Vec<(&str, String)> = vec![
+                ("from_seq", from_seq.to_string()),
+                ("limit", limit.to_string()),
+            ];
+            for (key, value) in [
+                ("client", client),
+                ("image", image),
+                ("actor", actor),
+                ("since", since),
+                ("until", until),
+            ] {
                 if let Some(value) = value {
                     query.push((key, value.clone()));
                 }
             }
-            let query = query.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect::<Vec<_>>().join("&");
+            let query = query
+                .iter()
+                .map(|(k, v)| format!("{k}={}", urlencode(v)))
+                .collect::<Vec<_>>()
+                .join("&");
             let page: EventPage = connect(global)?.get(&format!("/v1/events?{query}")).await?;
             print_events(global, &page.events);
             if let (Some(next), false) = (page.next_seq, global.json) {
@@ -411,9 +660,16 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
             let text = connect(global)?.get_text("/v1/events/export").await?;
             match output {
                 Some(path) => {
-                    std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
-                    let header: ExportHeader = serde_json::from_str(text.lines().next().unwrap_or_default())?;
-                    eprintln!("{} events written to {} (state hash {})", header.last_seq, path.display(), header.state_hash);
+                    std::fs::write(path, &text)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    let header: ExportHeader =
+                        serde_json::from_str(text.lines().next().unwrap_or_default())?;
+                    eprintln!(
+                        "{} events written to {} (state hash {})",
+                        header.last_seq,
+                        path.display(),
+                        header.state_hash
+                    );
                 }
                 None => print!("{text}"),
             }
@@ -421,7 +677,8 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
         }
         Top::Events(EventsCommand::Replay { until, from }) => {
             let text = match from {
-                Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
                 None => connect(global)?.get_text("/v1/events/export").await?,
             };
             let (header, events) = parse_export(&text)?;
@@ -434,12 +691,18 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
             };
             let state = cairn_consensus::domain::replay(&events, bound)?;
             if bound == ReplayBound::Everything && state.hash().to_hex() != header.state_hash {
-                bail!("replayed hash {} differs from the export's {}: the file is damaged", state.hash(), header.state_hash);
+                bail!(
+                    "replayed hash {} differs from the export's {}: the file is damaged",
+                    state.hash(),
+                    header.state_hash
+                );
             }
             print_replay(global, &state);
             Ok(())
         }
-        Top::Cluster(ClusterCommand::Init(_) | ClusterCommand::Join(_)) | Top::Node(_) | Top::Demo(_) => {
+        Top::Cluster(ClusterCommand::Init(_) | ClusterCommand::Join(_))
+        | Top::Node(_)
+        | Top::Demo(_) => {
             unreachable!("handled in main")
         }
     }
@@ -447,14 +710,24 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
 
 /// Reads an events export: a header line, then one event per line.
 pub fn parse_export(text: &str) -> anyhow::Result<(ExportHeader, Vec<Event>)> {
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let (_, first) = lines.next().ok_or_else(|| anyhow!("empty export"))?;
-    let header: ExportHeader = serde_json::from_str(first).context("line 1: not an export header")?;
+    let header: ExportHeader =
+        serde_json::from_str(first).context("line 1: not an export header")?;
     if header.format != EXPORT_FORMAT || header.version != EXPORT_VERSION {
-        bail!("unsupported export format {} version {}", header.format, header.version);
+        bail!(
+            "unsupported export format {} version {}",
+            header.format,
+            header.version
+        );
     }
     let events = lines
-        .map(|(number, line)| serde_json::from_str(line).with_context(|| format!("line {}: not an event", number + 1)))
+        .map(|(number, line)| {
+            serde_json::from_str(line).with_context(|| format!("line {}: not an event", number + 1))
+        })
         .collect::<anyhow::Result<Vec<Event>>>()?;
     Ok((header, events))
 }
@@ -464,7 +737,11 @@ fn print_replay(global: &Global, state: &State) {
         json(&serde_json::json!({ "state_hash": state.hash().to_hex(), "state": state }));
         return;
     }
-    println!("state after event {} ({})", state.last_seq, format_time(state.last_time_ms));
+    println!(
+        "state after event {} ({})",
+        state.last_seq,
+        format_time(state.last_time_ms)
+    );
     println!(
         "nodes {}  images {}  clients {}  discovered {}  users {}  groups {}  assignments {}  boot sessions {}  leases {}",
         state.nodes.len(),
@@ -483,7 +760,9 @@ fn print_replay(global: &Global, state: &State) {
 fn urlencode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -492,7 +771,10 @@ fn urlencode(text: &str) -> String {
 pub fn load_node_config(data_dir: &Path) -> anyhow::Result<NodeConfig> {
     let path = NodeConfig::path_in(data_dir);
     if !path.exists() {
-        bail!("{} does not exist: run `cairn cluster init` or `cairn cluster join` first", path.display());
+        bail!(
+            "{} does not exist: run `cairn cluster init` or `cairn cluster join` first",
+            path.display()
+        );
     }
     Ok(NodeConfig::load(&path)?)
 }

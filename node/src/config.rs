@@ -69,16 +69,20 @@ impl NodeConfig {
     }
 
     pub fn api(&self) -> SocketAddr {
-        self.listen_api.unwrap_or(SocketAddr::new(self.address, PORT_API))
+        self.listen_api
+            .unwrap_or(SocketAddr::new(self.address, PORT_API))
     }
     pub fn raft(&self) -> SocketAddr {
-        self.listen_raft.unwrap_or(SocketAddr::new(self.address, PORT_RAFT))
+        self.listen_raft
+            .unwrap_or(SocketAddr::new(self.address, PORT_RAFT))
     }
     pub fn iscsi(&self) -> SocketAddr {
-        self.listen_iscsi.unwrap_or(SocketAddr::new(self.address, PORT_ISCSI))
+        self.listen_iscsi
+            .unwrap_or(SocketAddr::new(self.address, PORT_ISCSI))
     }
     pub fn boot_http(&self) -> SocketAddr {
-        self.listen_boot_http.unwrap_or(SocketAddr::new(self.address, PORT_BOOT_HTTP))
+        self.listen_boot_http
+            .unwrap_or(SocketAddr::new(self.address, PORT_BOOT_HTTP))
     }
     pub fn api_url(&self) -> String {
         format!("https://{}", self.api())
@@ -89,8 +93,14 @@ impl NodeConfig {
     }
 
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-        toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.to_owned(), reason: error.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: error.to_string(),
+        })
     }
 
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
@@ -124,15 +134,24 @@ impl CliConfig {
 
     pub fn load(path: &Path) -> Result<CliConfig, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.to_owned(), reason: error.to_string() }),
+            Ok(text) => toml::from_str(&text).map_err(|error| ConfigError::Parse {
+                path: path.to_owned(),
+                reason: error.to_string(),
+            }),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
-            Err(error) => Err(ConfigError::Read { path: path.to_owned(), error }),
+            Err(error) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                error,
+            }),
         }
     }
 
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|error| ConfigError::Write { path: parent.to_owned(), error })?;
+            std::fs::create_dir_all(parent).map_err(|error| ConfigError::Write {
+                path: parent.to_owned(),
+                error,
+            })?;
         }
         let text = toml::to_string_pretty(self).expect("a cli config always serializes");
         write_private(path, text.as_bytes())
@@ -142,11 +161,17 @@ impl CliConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {error}")]
-    Read { path: PathBuf, error: std::io::Error },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("cannot parse {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("cannot write {path}: {error}")]
-    Write { path: PathBuf, error: std::io::Error },
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// Writes a file readable only by its owner (it may hold a token or a key), atomically: a crash
@@ -156,7 +181,12 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ConfigError> {
     use std::os::unix::fs::OpenOptionsExt;
     let temporary = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)?;
@@ -165,7 +195,10 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ConfigError> {
         }
         Ok(())
     };
-    write().map_err(|error| ConfigError::Write { path: path.to_owned(), error })
+    write().map_err(|error| ConfigError::Write {
+        path: path.to_owned(),
+        error,
+    })
 }
 
 #[cfg(test)]
@@ -175,7 +208,12 @@ mod tests {
     #[test]
     fn node_config_round_trips_and_refuses_unknown_fields() {
         let dir = tempfile::tempdir().unwrap();
-        let config = NodeConfig::new(2, "node-2".into(), dir.path().to_owned(), "127.0.0.2".parse().unwrap());
+        let config = NodeConfig::new(
+            2,
+            "node-2".into(),
+            dir.path().to_owned(),
+            "127.0.0.2".parse().unwrap(),
+        );
         let path = NodeConfig::path_in(dir.path());
         config.save(&path).unwrap();
         assert_eq!(NodeConfig::load(&path).unwrap(), config);

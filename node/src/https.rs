@@ -19,8 +19,14 @@ pub fn install_crypto_provider() {
 }
 
 /// Serves `router` over TLS on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, identity: &NodeIdentity, router: axum::Router) -> anyhow::Result<()> {
-    let config = identity.server_config(false, &[b"http/1.1"]).map_err(|e| anyhow::anyhow!("tls: {e}"))?;
+pub async fn serve(
+    listener: TcpListener,
+    identity: &NodeIdentity,
+    router: axum::Router,
+) -> anyhow::Result<()> {
+    let config = identity
+        .server_config(false, &[b"http/1.1"])
+        .map_err(|e| anyhow::anyhow!("tls: {e}"))?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -35,7 +41,12 @@ pub async fn serve(listener: TcpListener, identity: &NodeIdentity, router: axum:
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "api tls handshake failed");
@@ -44,7 +55,10 @@ pub async fn serve(listener: TcpListener, identity: &NodeIdentity, router: axum:
                 Err(_) => return,
             };
             let service = hyper_util::service::TowerToHyperService::new(router);
-            if let Err(error) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tls), service).await {
+            if let Err(error) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
                 tracing::debug!(%peer, %error, "api connection ended with an error");
             }
         });
@@ -75,5 +89,7 @@ pub fn unverified_client() -> anyhow::Result<reqwest::Client> {
 }
 
 pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(address).await.map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))
 }

@@ -9,10 +9,22 @@ fn main() -> std::process::ExitCode {
     let serving = matches!(cli.command, Top::Node(_));
     // (Peers that are still starting make openraft log replication errors; not the admin's worry.)
     let quiet = "warn,openraft=error,cairn_consensus::quic=error";
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| if serving { "info".into() } else { quiet.into() });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        if serving {
+            "info".into()
+        } else {
+            quiet.into()
+        }
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     cairn_node::https::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");

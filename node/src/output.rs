@@ -14,7 +14,11 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     }
     let mut out = String::new();
     let mut line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
         out.push_str(padded.join("  ").trim_end());
         out.push('\n');
     };
@@ -26,14 +30,20 @@ pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 pub fn json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).expect("api values serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("api values serialize")
+    );
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn columns_align() {
-        let text = super::render_table(&["MAC", "NAME"], &[vec!["52:54:00:00:00:01".into(), "pc1".into()]]);
+        let text = super::render_table(
+            &["MAC", "NAME"],
+            &[vec!["52:54:00:00:00:01".into(), "pc1".into()]],
+        );
         assert_eq!(text, "MAC                NAME\n52:54:00:00:00:01  pc1\n");
     }
 }

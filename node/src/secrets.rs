@@ -45,12 +45,15 @@ pub fn parse_join_token(token: &str) -> Option<(String, String)> {
     let rest = token.trim().strip_prefix("cairnjoin_")?;
     let (secret, fingerprint) = rest.split_once('_')?;
     let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex64(secret) && hex64(fingerprint)).then(|| (secret.to_string(), fingerprint.to_ascii_lowercase()))
+    (hex64(secret) && hex64(fingerprint))
+        .then(|| (secret.to_string(), fingerprint.to_ascii_lowercase()))
 }
 
 pub fn hash_password(password: &str) -> Result<String, ApiError> {
     if password.is_empty() || password.len() > PASSWORD_BYTES_MAX {
-        return Err(ApiError::bad_request(format!("a password has 1 to {PASSWORD_BYTES_MAX} bytes")));
+        return Err(ApiError::bad_request(format!(
+            "a password has 1 to {PASSWORD_BYTES_MAX} bytes"
+        )));
     }
     let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
     Argon2::default()
@@ -60,7 +63,11 @@ pub fn hash_password(password: &str) -> Result<String, ApiError> {
 }
 
 pub fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|hash| Argon2::default().verify_password(password.as_bytes(), &hash).is_ok())
+    PasswordHash::new(phc).is_ok_and(|hash| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &hash)
+            .is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -72,7 +79,10 @@ mod tests {
         let secret = random_secret();
         let fingerprint = "ab".repeat(32);
         let token = join_token(&secret, &fingerprint);
-        assert_eq!(parse_join_token(&token), Some((secret.clone(), fingerprint)));
+        assert_eq!(
+            parse_join_token(&token),
+            Some((secret.clone(), fingerprint))
+        );
         assert_eq!(parse_join_token(&format!("cairnjoin_{secret}")), None);
         assert_eq!(parse_join_token("cairnjoin_zz_zz"), None);
         assert_eq!(parse_join_token(&admin_token()), None);

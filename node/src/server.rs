@@ -10,7 +10,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use cairn_consensus::domain::{Command, Hash32, Name, Rejection};
-use cairn_consensus::{ClusterCa, ClusterNode, NodeAddress, NodeIdentity, ProposeError, RaftTuning};
+use cairn_consensus::{
+    ClusterCa, ClusterNode, NodeAddress, NodeIdentity, ProposeError, RaftTuning,
+};
 
 use crate::api::{self, ApiState};
 use crate::config::{write_private, NodeConfig};
@@ -23,7 +25,9 @@ pub struct DataFiles {
 
 impl DataFiles {
     pub fn new(data_dir: &Path) -> DataFiles {
-        DataFiles { dir: data_dir.to_owned() }
+        DataFiles {
+            dir: data_dir.to_owned(),
+        }
     }
     pub fn tls_dir(&self) -> PathBuf {
         self.dir.join("tls")
@@ -45,22 +49,40 @@ impl DataFiles {
         self.dir.join("init-pending.json")
     }
 
-    pub fn write_tls(&self, ca_cert: &str, ca_key: &str, node_cert: &str, node_key: &str) -> anyhow::Result<()> {
-        std::fs::create_dir_all(self.tls_dir()).with_context(|| format!("cannot create {}", self.tls_dir().display()))?;
-        for (path, text) in
-            [(self.ca_cert(), ca_cert), (self.ca_key(), ca_key), (self.node_cert(), node_cert), (self.node_key(), node_key)]
-        {
+    pub fn write_tls(
+        &self,
+        ca_cert: &str,
+        ca_key: &str,
+        node_cert: &str,
+        node_key: &str,
+    ) -> anyhow::Result<()> {
+        std::fs::create_dir_all(self.tls_dir())
+            .with_context(|| format!("cannot create {}", self.tls_dir().display()))?;
+        for (path, text) in [
+            (self.ca_cert(), ca_cert),
+            (self.ca_key(), ca_key),
+            (self.node_cert(), node_cert),
+            (self.node_key(), node_key),
+        ] {
             write_private(&path, text.as_bytes())?;
         }
         Ok(())
     }
 
     pub fn load_tls(&self, node_id: u64) -> anyhow::Result<(ClusterCa, NodeIdentity)> {
-        let read = |path: PathBuf| std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()));
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))
+        };
         let ca_cert = read(self.ca_cert())?;
-        let ca = ClusterCa::from_pem(&ca_cert, &read(self.ca_key())?).map_err(|e| anyhow::anyhow!("cluster ca: {e}"))?;
-        let identity =
-            NodeIdentity { node_id, cert_pem: read(self.node_cert())?, key_pem: read(self.node_key())?, ca_cert_pem: ca_cert };
+        let ca = ClusterCa::from_pem(&ca_cert, &read(self.ca_key())?)
+            .map_err(|e| anyhow::anyhow!("cluster ca: {e}"))?;
+        let identity = NodeIdentity {
+            node_id,
+            cert_pem: read(self.node_cert())?,
+            key_pem: read(self.node_key())?,
+            ca_cert_pem: ca_cert,
+        };
         Ok((ca, identity))
     }
 }
@@ -110,7 +132,14 @@ pub async fn start(
     let http = https::client(&identity.ca_cert_pem)?;
     let node_token = crate::secrets::node_token(&ca.key_pem());
     let storage = crate::storage::Storage::open(&config)?;
-    let storage_tasks = crate::storage::start(storage.clone(), cluster.clone(), &config, http.clone(), node_token.clone()).await?;
+    let storage_tasks = crate::storage::start(
+        storage.clone(),
+        cluster.clone(),
+        &config,
+        http.clone(),
+        node_token.clone(),
+    )
+    .await?;
     let state = Arc::new(ApiState {
         cluster: cluster.clone(),
         config: config.clone(),
@@ -135,19 +164,34 @@ pub async fn start(
     }
     tasks.extend(storage_tasks);
     tasks.extend(crate::boot::start(cluster.clone(), &config));
-    tasks.push(tokio::spawn(promote_learners(cluster.clone(), config.voters_max)));
+    tasks.push(tokio::spawn(promote_learners(
+        cluster.clone(),
+        config.voters_max,
+    )));
     tracing::info!(node_id = config.node_id, api = %config.api(), raft = %config.raft(), "node running");
-    Ok(RunningNode { cluster, config, tasks })
+    Ok(RunningNode {
+        cluster,
+        config,
+        tasks,
+    })
 }
 
 /// Second half of `cluster init`, on the first start: make this node a one-member cluster,
 /// record it and the first admin token. Every step tolerates having been done already, so a
 /// crash in between is repaired by the next start.
-async fn finish_init(cluster: &ClusterNode, config: &NodeConfig, advertise: &NodeAddress, pending_path: &Path) -> anyhow::Result<()> {
+async fn finish_init(
+    cluster: &ClusterNode,
+    config: &NodeConfig,
+    advertise: &NodeAddress,
+    pending_path: &Path,
+) -> anyhow::Result<()> {
     let pending: InitPending = serde_json::from_slice(&std::fs::read(pending_path)?)
         .with_context(|| format!("cannot parse {}", pending_path.display()))?;
     if !cluster.is_initialized().await {
-        cluster.initialize(advertise.clone()).await.map_err(|e| anyhow::anyhow!("initialising raft: {e}"))?;
+        cluster
+            .initialize(advertise.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("initialising raft: {e}"))?;
     }
     let actor = node_actor(config.node_id);
     let commands = [
@@ -160,13 +204,18 @@ async fn finish_init(cluster: &ClusterNode, config: &NodeConfig, advertise: &Nod
             boot_address: format!("http://{}", config.boot_http()),
             capacity_sessions: config.capacity_sessions,
         },
-        Command::CreateToken { name: pending.admin_token_name.clone(), digest: pending.admin_token_digest },
+        Command::CreateToken {
+            name: pending.admin_token_name.clone(),
+            digest: pending.admin_token_digest,
+        },
     ];
     for command in commands {
         loop {
             match cluster.propose(actor.clone(), command.clone()).await {
                 Ok(_) | Err(ProposeError::Rejected(Rejection::AlreadyExists { .. })) => break,
-                Err(ProposeError::Rejected(rejection)) => anyhow::bail!("initialising the cluster: {rejection}"),
+                Err(ProposeError::Rejected(rejection)) => {
+                    anyhow::bail!("initialising the cluster: {rejection}")
+                }
                 Err(error) => {
                     tracing::info!(%error, "waiting for the new cluster to elect this node");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -199,10 +248,16 @@ async fn promote_learners(cluster: ClusterNode, voters_max: usize) {
             continue;
         }
         let last_index = metrics.last_log_index.unwrap_or(0);
-        let Some(replication) = metrics.replication.as_ref() else { continue };
+        let Some(replication) = metrics.replication.as_ref() else {
+            continue;
+        };
         let caught_up = membership.learner_ids().find(|id| {
             let registered = cluster.local_state(|s| s.nodes.contains_key(id));
-            let matched = replication.get(id).and_then(|m| m.as_ref()).map(|log_id| log_id.index).unwrap_or(0);
+            let matched = replication
+                .get(id)
+                .and_then(|m| m.as_ref())
+                .map(|log_id| log_id.index)
+                .unwrap_or(0);
             registered && matched + 16 >= last_index
         });
         if let Some(id) = caught_up {

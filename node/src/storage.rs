@@ -56,7 +56,9 @@ pub struct Storage {
 impl Storage {
     pub fn open(config: &NodeConfig) -> anyhow::Result<Arc<Storage>> {
         let store = ChunkStore::open(&config.data_dir.join("store"), ChunkStoreConfig::default())
-            .with_context(|| format!("opening the chunk store in {}", config.data_dir.display()))?;
+            .with_context(|| {
+            format!("opening the chunk store in {}", config.data_dir.display())
+        })?;
         Ok(Arc::new(Storage {
             store: Arc::new(store),
             target: Target::new(),
@@ -79,19 +81,32 @@ impl Storage {
             .values()
             .filter(|s| s.primary == self.node_id)
             .filter_map(|session| {
-                let version = state.images.get(&session.image)?.versions.get(&session.version)?;
-                let manifest = version.manifest.filter(|_| version.state != VersionState::Importing)?;
+                let version = state
+                    .images
+                    .get(&session.image)?
+                    .versions
+                    .get(&session.version)?;
+                let manifest = version
+                    .manifest
+                    .filter(|_| version.state != VersionState::Importing)?;
                 Some((session.mac, (session.clone(), manifest)))
             })
             .collect();
-        let gone: Vec<Mac> = served.keys().filter(|mac| !wanted.contains_key(mac)).copied().collect();
+        let gone: Vec<Mac> = served
+            .keys()
+            .filter(|mac| !wanted.contains_key(mac))
+            .copied()
+            .collect();
         for mac in gone {
             if let Some(old) = served.remove(&mac) {
                 self.stop_serving(old);
             }
         }
         for (mac, (session, manifest)) in wanted {
-            if served.get(&mac).is_some_and(|s| s.generation == session.generation && s.image == session.image) {
+            if served
+                .get(&mac)
+                .is_some_and(|s| s.generation == session.generation && s.image == session.image)
+            {
                 continue;
             }
             if !self.has_manifest(&manifest) {
@@ -101,7 +116,13 @@ impl Storage {
             if let Some(old) = served.remove(&mac) {
                 self.stop_serving(old);
             }
-            match self.serve(&mac, &session.image, manifest, session.mode, session.generation) {
+            match self.serve(
+                &mac,
+                &session.image,
+                manifest,
+                session.mode,
+                session.generation,
+            ) {
                 Ok(entry) => {
                     tracing::info!(client_mac = %mac, image = %session.image, generation = session.generation, iqn = %entry.iqn, "serving volume");
                     served.insert(mac, entry);
@@ -112,31 +133,76 @@ impl Storage {
         metrics::gauge!("cairn_storage_volumes_served").set(served.len() as f64);
     }
 
-    fn serve(&self, mac: &Mac, image: &Name, manifest: Hash32, mode: DiskMode, generation: u64) -> anyhow::Result<Served> {
-        let dir = self.data_dir.join("volumes").join(mac.to_compact()).join(image.as_str());
+    fn serve(
+        &self,
+        mac: &Mac,
+        image: &Name,
+        manifest: Hash32,
+        mode: DiskMode,
+        generation: u64,
+    ) -> anyhow::Result<Served> {
+        let dir = self
+            .data_dir
+            .join("volumes")
+            .join(mac.to_compact())
+            .join(image.as_str());
         let base = manifest_hash(&manifest);
         let persistent = mode == DiskMode::Persistent;
-        let unique_id: [u8; 16] = blake3::hash(format!("{mac}/{image}").as_bytes()).as_bytes()[..16].try_into().expect("16 bytes");
+        let unique_id: [u8; 16] = blake3::hash(format!("{mac}/{image}").as_bytes()).as_bytes()
+            [..16]
+            .try_into()
+            .expect("16 bytes");
         if !dir.join("volume.meta").exists() {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            Volume::create(&self.store, &dir, &VolumeSpec { base, persistent, unique_id })
-                .map_err(|e| anyhow!("creating volume {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            Volume::create(
+                &self.store,
+                &dir,
+                &VolumeSpec {
+                    base,
+                    persistent,
+                    unique_id,
+                },
+            )
+            .map_err(|e| anyhow!("creating volume {}: {e}", dir.display()))?;
         }
-        let volume = Volume::open(self.store.clone(), &dir, VolumeOptions { generation, ..VolumeOptions::default() })
-            .map_err(|e| anyhow!("opening volume {}: {e}", dir.display()))?;
+        let volume = Volume::open(
+            self.store.clone(),
+            &dir,
+            VolumeOptions {
+                generation,
+                ..VolumeOptions::default()
+            },
+        )
+        .map_err(|e| anyhow!("opening volume {}: {e}", dir.display()))?;
         // A non-persistent disk starts every boot from its base; a persistent one keeps its
         // layer (and its base) until the admin resets it.
         if !persistent {
-            volume.reset(Some(base)).map_err(|e| anyhow!("resetting volume {}: {e}", dir.display()))?;
+            volume
+                .reset(Some(base))
+                .map_err(|e| anyhow!("resetting volume {}: {e}", dir.display()))?;
         }
         let iqn = target_name_for_client(mac.0);
         let mut allowed_initiators = vec![initiator_name_for_client(mac)];
         allowed_initiators.extend(self.extra_initiators.iter().cloned());
         let volume = Arc::new(volume);
         self.target
-            .add_target(&iqn, volume.clone(), TargetConfig { allowed_initiators, chap: None, mutual_chap: None })
+            .add_target(
+                &iqn,
+                volume.clone(),
+                TargetConfig {
+                    allowed_initiators,
+                    chap: None,
+                    mutual_chap: None,
+                },
+            )
             .map_err(|e| anyhow!("adding target {iqn}: {e}"))?;
-        Ok(Served { iqn, image: image.clone(), generation, volume })
+        Ok(Served {
+            iqn,
+            image: image.clone(),
+            generation,
+            volume,
+        })
     }
 
     fn stop_serving(&self, old: Served) {
@@ -149,7 +215,13 @@ impl Storage {
     }
 
     /// Fetches a manifest and its missing chunks from `peer_api`, verifying every chunk.
-    async fn pull(self: &Arc<Self>, http: &reqwest::Client, peer_api: &str, token: &str, hash: Hash32) -> anyhow::Result<()> {
+    async fn pull(
+        self: &Arc<Self>,
+        http: &reqwest::Client,
+        peer_api: &str,
+        token: &str,
+        hash: Hash32,
+    ) -> anyhow::Result<()> {
         let bytes = http
             .get(format!("{peer_api}/v1/store/manifests/{hash}"))
             .bearer_auth(token)
@@ -158,7 +230,8 @@ impl Storage {
             .error_for_status()?
             .bytes()
             .await?;
-        let manifest = Manifest::decode(&bytes).map_err(|e| anyhow!("manifest {hash} from {peer_api}: {e}"))?;
+        let manifest = Manifest::decode(&bytes)
+            .map_err(|e| anyhow!("manifest {hash} from {peer_api}: {e}"))?;
         if manifest.hash() != manifest_hash(&hash) {
             anyhow::bail!("manifest from {peer_api} does not hash to {hash}");
         }
@@ -177,7 +250,9 @@ impl Storage {
                 .map_err(|e| anyhow!("chunk {chunk} from {peer_api}: {e}"))?;
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.commit_manifest(&manifest)).await?.map_err(|e| anyhow!("{e}"))?;
+        tokio::task::spawn_blocking(move || store.commit_manifest(&manifest))
+            .await?
+            .map_err(|e| anyhow!("{e}"))?;
         Ok(())
     }
 }
@@ -218,7 +293,12 @@ pub async fn start(
                     .filter(|v| v.state == VersionState::Ready)
                     .filter_map(|v| v.manifest)
                     .collect();
-                let peers = s.nodes.values().filter(|n| n.node_id != node_id).map(|n| n.api_address.clone()).collect();
+                let peers = s
+                    .nodes
+                    .values()
+                    .filter(|n| n.node_id != node_id)
+                    .map(|n| n.api_address.clone())
+                    .collect();
                 (needed, peers)
             });
             for hash in needed.into_iter().filter(|h| !storage.has_manifest(h)) {
@@ -229,7 +309,9 @@ pub async fn start(
                             pulled = true;
                             break;
                         }
-                        Err(error) => tracing::debug!(manifest = %hash, from = %peer, %error, "pull failed"),
+                        Err(error) => {
+                            tracing::debug!(manifest = %hash, from = %peer, %error, "pull failed")
+                        }
                     }
                 }
             }

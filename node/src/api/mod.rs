@@ -56,18 +56,27 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/cluster/join-tokens", post(create_join_token))
         .route("/v1/cluster/nodes/{id}", delete(remove_node))
         .route("/v1/clients", get(list_clients).post(add_client))
-        .route("/v1/clients/{mac}", get(show_client).patch(update_client).delete(remove_client))
+        .route(
+            "/v1/clients/{mac}",
+            get(show_client).patch(update_client).delete(remove_client),
+        )
         .route("/v1/discovered", get(list_discovered))
         .route("/v1/images", get(list_images).post(create_image))
         .route("/v1/images/{name}", get(show_image).delete(remove_image))
         .route("/v1/images/{name}/versions", post(begin_version))
-        .route("/v1/images/{name}/versions/{version}", put(complete_version).delete(retire_version))
+        .route(
+            "/v1/images/{name}/versions/{version}",
+            put(complete_version).delete(retire_version),
+        )
         .route("/v1/users", get(list_users).post(add_user))
         .route("/v1/users/{name}", delete(remove_user))
         .route("/v1/users/{name}/password", put(set_password))
         .route("/v1/groups", get(list_groups).post(add_group))
         .route("/v1/groups/{name}", delete(remove_group))
-        .route("/v1/assignments", get(list_assignments).post(assign).delete(unassign))
+        .route(
+            "/v1/assignments",
+            get(list_assignments).post(assign).delete(unassign),
+        )
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", delete(revoke_token))
         .route("/v1/events", get(list_events))
@@ -98,20 +107,35 @@ pub fn router(state: Shared) -> Router {
 #[derive(Clone)]
 pub struct Actor(pub Name);
 
-async fn authenticate(AxumState(state): AxumState<Shared>, mut request: Request, next: Next) -> Response {
-    let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+async fn authenticate(
+    AxumState(state): AxumState<Shared>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
-        return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)").into_response();
+        return ApiError::unauthorized("missing bearer token (Authorization: Bearer <token>)")
+            .into_response();
     };
     let token = token.trim();
     if token == state.node_token {
-        request.extensions_mut().insert(Actor(Name::new("cluster").expect("valid name")));
+        request
+            .extensions_mut()
+            .insert(Actor(Name::new("cluster").expect("valid name")));
         return next.run(request).await;
     }
     let digest = secrets::digest(token);
     // Tokens are checked against this node's projection: a token created a moment ago on another
     // node may need one replication round trip to be known here.
-    let actor = state.cluster.local_state(|s| s.tokens.values().find(|t| t.digest == digest).map(|t| t.name.clone()));
+    let actor = state.cluster.local_state(|s| {
+        s.tokens
+            .values()
+            .find(|t| t.digest == digest)
+            .map(|t| t.name.clone())
+    });
     match actor {
         Some(name) => {
             request.extensions_mut().insert(Actor(name));
@@ -139,7 +163,11 @@ async fn record_latency(request: Request, next: Next) -> Response {
 impl<S: Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Actor, ApiError> {
-        parts.extensions.get::<Actor>().cloned().ok_or_else(|| ApiError::unauthorized("not authenticated"))
+        parts
+            .extensions
+            .get::<Actor>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("not authenticated"))
     }
 }
 
@@ -154,19 +182,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
             Ok(Json(value)) => Ok(Body(value)),
             Err(rejection) => {
                 let status = rejection.status();
-                let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "too-large" } else { "bad-request" };
-                let status = if status == StatusCode::PAYLOAD_TOO_LARGE { status } else { StatusCode::BAD_REQUEST };
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too-large"
+                } else {
+                    "bad-request"
+                };
+                let status = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    status
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
                 Err(ApiError::new(status, code, rejection.body_text()))
             }
         }
     }
 }
 
-fn parse<T: std::str::FromStr<Err = cairn_consensus::domain::Rejection>>(text: &str) -> Result<T, ApiError> {
+fn parse<T: std::str::FromStr<Err = cairn_consensus::domain::Rejection>>(
+    text: &str,
+) -> Result<T, ApiError> {
     text.parse().map_err(ApiError::from)
 }
 
-pub(crate) async fn write(state: &ApiState, actor: Name, command: Command) -> Result<Json<Vec<Event>>, ApiError> {
+pub(crate) async fn write(
+    state: &ApiState,
+    actor: Name,
+    command: Command,
+) -> Result<Json<Vec<Event>>, ApiError> {
     Ok(Json(state.cluster.propose(actor, command).await?))
 }
 
@@ -181,7 +223,14 @@ async fn health(AxumState(state): AxumState<Shared>) -> Response {
     let running = metrics.running_state.is_ok();
     let (last_seq, hash) = state.cluster.local_state(|s| (s.last_seq, s.hash()));
     let body = Health {
-        status: if !running { "stopped" } else if metrics.current_leader.is_some() { "ok" } else { "no-leader" }.into(),
+        status: if !running {
+            "stopped"
+        } else if metrics.current_leader.is_some() {
+            "ok"
+        } else {
+            "no-leader"
+        }
+        .into(),
         node_id: state.config.node_id,
         leader: metrics.current_leader,
         term: metrics.current_term,
@@ -189,24 +238,40 @@ async fn health(AxumState(state): AxumState<Shared>) -> Response {
         last_seq,
         state_hash: hash.to_hex(),
     };
-    let status = if body.status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if body.status == "ok" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
 async fn render_metrics(AxumState(state): AxumState<Shared>) -> Response {
     match &state.prometheus {
-        Some(handle) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
-        None => ApiError::unavailable("metrics recorder not installed in this process").into_response(),
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => {
+            ApiError::unavailable("metrics recorder not installed in this process").into_response()
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------- cluster
 
 async fn ca_certificate(AxumState(state): AxumState<Shared>) -> Response {
-    ([(header::CONTENT_TYPE, "application/x-pem-file")], state.ca.cert_pem().to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        state.ca.cert_pem().to_string(),
+    )
+        .into_response()
 }
 
-async fn cluster_status(AxumState(state): AxumState<Shared>) -> Result<Json<ClusterStatus>, ApiError> {
+async fn cluster_status(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<ClusterStatus>, ApiError> {
     let metrics = state.cluster.metrics().borrow().clone();
     let membership = metrics.membership_config.membership().clone();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
@@ -252,37 +317,68 @@ async fn create_join_token(
     let ttl_seconds = request.ttl_seconds.unwrap_or(3600).clamp(60, 7 * 24 * 3600);
     let secret = secrets::random_secret();
     let expires_ms = now_ms() + (ttl_seconds * 1000) as TimeMs;
-    state.cluster.propose(actor, Command::CreateJoinToken { digest: secrets::digest(&secret), expires_ms }).await?;
-    let fingerprint = state.ca.fingerprint().map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(IssuedJoinToken { token: secrets::join_token(&secret, &fingerprint), expires: format_time(expires_ms) }))
+    state
+        .cluster
+        .propose(
+            actor,
+            Command::CreateJoinToken {
+                digest: secrets::digest(&secret),
+                expires_ms,
+            },
+        )
+        .await?;
+    let fingerprint = state
+        .ca
+        .fingerprint()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(IssuedJoinToken {
+        token: secrets::join_token(&secret, &fingerprint),
+        expires: format_time(expires_ms),
+    }))
 }
 
 /// A new node presents its one-time join token; the leader records the node, adds it as a Raft
 /// learner and hands it a certificate (and the CA, so that it can admit nodes when it leads).
 /// A follower passes the call on to the leader's API.
-async fn join(AxumState(state): AxumState<Shared>, Body(request): Body<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
+async fn join(
+    AxumState(state): AxumState<Shared>,
+    Body(request): Body<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
     let Some((secret, _fingerprint)) = secrets::parse_join_token(&request.join_token) else {
         return Err(ApiError::unauthorized("malformed join token"));
     };
     if !state.cluster.is_leader() {
         return forward_join(&state, &request).await;
     }
-    let raft_address: std::net::SocketAddr = request
-        .raft_address
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("raft_address {:?} is not ip:port", request.raft_address)))?;
+    let raft_address: std::net::SocketAddr = request.raft_address.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "raft_address {:?} is not ip:port",
+            request.raft_address
+        ))
+    })?;
     let actor = Name::new(format!("node-{}", state.config.node_id)).expect("node names are valid");
     state
         .cluster
-        .propose(actor.clone(), Command::ConsumeJoinToken { digest: secrets::digest(&secret), node_id: request.node_id })
+        .propose(
+            actor.clone(),
+            Command::ConsumeJoinToken {
+                digest: secrets::digest(&secret),
+                node_id: request.node_id,
+            },
+        )
         .await
         .map_err(|error| match error {
-            cairn_consensus::ProposeError::Rejected(rejection) => {
-                ApiError::new(StatusCode::FORBIDDEN, "join-refused", format!("join refused: {rejection}"))
-            }
+            cairn_consensus::ProposeError::Rejected(rejection) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "join-refused",
+                format!("join refused: {rejection}"),
+            ),
             other => other.into(),
         })?;
-    let identity = state.ca.issue_node_certificate(request.node_id).map_err(|e| ApiError::internal(e.to_string()))?;
+    let identity = state
+        .ca
+        .issue_node_certificate(request.node_id)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     state
         .cluster
         .propose(
@@ -301,7 +397,10 @@ async fn join(AxumState(state): AxumState<Shared>, Body(request): Body<JoinReque
     // openraft commits the membership change first and then waits for the learner to catch up,
     // which it can only do once the new node runs: so do not hold the join call open for it.
     let cluster = state.cluster.clone();
-    let (node_id, address) = (request.node_id, NodeAddress::new(raft_address, request.api_address.clone()));
+    let (node_id, address) = (
+        request.node_id,
+        NodeAddress::new(raft_address, request.api_address.clone()),
+    );
     tokio::spawn(async move {
         match cluster.add_learner(node_id, address).await {
             Ok(()) => tracing::info!(node_id, "learner caught up"),
@@ -316,11 +415,18 @@ async fn join(AxumState(state): AxumState<Shared>, Body(request): Body<JoinReque
     }))
 }
 
-async fn forward_join(state: &ApiState, request: &JoinRequest) -> Result<Json<JoinResponse>, ApiError> {
+async fn forward_join(
+    state: &ApiState,
+    request: &JoinRequest,
+) -> Result<Json<JoinResponse>, ApiError> {
     let leader_api = state
         .cluster
         .leader()
-        .and_then(|leader| state.cluster.local_state(|s| s.nodes.get(&leader).map(|n| n.api_address.clone())))
+        .and_then(|leader| {
+            state
+                .cluster
+                .local_state(|s| s.nodes.get(&leader).map(|n| n.api_address.clone()))
+        })
         .ok_or_else(|| ApiError::unavailable("no leader known; try again"))?;
     let response = state
         .http
@@ -328,13 +434,23 @@ async fn forward_join(state: &ApiState, request: &JoinRequest) -> Result<Json<Jo
         .json(request)
         .send()
         .await
-        .map_err(|e| ApiError::unavailable(format!("forwarding to the leader at {leader_api} failed: {e}")))?;
+        .map_err(|e| {
+            ApiError::unavailable(format!(
+                "forwarding to the leader at {leader_api} failed: {e}"
+            ))
+        })?;
     let status = response.status();
     if status.is_success() {
-        let body = response.json().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+        let body = response
+            .json()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
         Ok(Json(body))
     } else {
-        let body: ErrorBody = response.json().await.unwrap_or(ErrorBody { error: "unavailable".into(), message: status.to_string() });
+        let body: ErrorBody = response.json().await.unwrap_or(ErrorBody {
+            error: "unavailable".into(),
+            message: status.to_string(),
+        });
         Err(ApiError::new(status, "join-refused", body.message))
     }
 }
@@ -349,7 +465,9 @@ async fn remove_node(
         tracing::warn!(node_id = id, "removing the current leader from the cluster");
     }
     state.cluster.remove_node(id).await.map_err(|e| match e {
-        cairn_consensus::MembershipError::Refused(reason) => ApiError::new(StatusCode::CONFLICT, "membership", reason),
+        cairn_consensus::MembershipError::Refused(reason) => {
+            ApiError::new(StatusCode::CONFLICT, "membership", reason)
+        }
         other => ApiError::unavailable(other.to_string()),
     })?;
     write(&state, actor, Command::RemoveNode { node_id: id }).await
@@ -357,7 +475,9 @@ async fn remove_node(
 
 // ---------------------------------------------------------------------------------- clients
 
-async fn list_clients(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_clients(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = read(&state, |s| {
         s.clients
             .values()
@@ -381,10 +501,22 @@ async fn add_client(
     Actor(actor): Actor,
     Body(new): Body<NewClient>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::AddClient { mac: new.mac, name: new.name, group: new.group }).await
+    write(
+        &state,
+        actor,
+        Command::AddClient {
+            mac: new.mac,
+            name: new.name,
+            group: new.group,
+        },
+    )
+    .await
 }
 
-async fn show_client(AxumState(state): AxumState<Shared>, Path(mac): Path<String>) -> Result<Json<ClientDetail>, ApiError> {
+async fn show_client(
+    AxumState(state): AxumState<Shared>,
+    Path(mac): Path<String>,
+) -> Result<Json<ClientDetail>, ApiError> {
     let mac: Mac = parse(&mac)?;
     read(&state, |s| {
         let client = s.clients.get(&mac)?.clone();
@@ -412,7 +544,16 @@ async fn update_client(
         Some("") => Some(None),
         Some(name) => Some(Some(parse(name)?)),
     };
-    write(&state, actor, Command::UpdateClient { mac, name: change.name, group }).await
+    write(
+        &state,
+        actor,
+        Command::UpdateClient {
+            mac,
+            name: change.name,
+            group,
+        },
+    )
+    .await
 }
 
 async fn remove_client(
@@ -431,19 +572,40 @@ async fn boot_client(
     Body(request): Body<BootRequest>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
     let mac: Mac = parse(&mac)?;
-    write(&state, actor, Command::BeginBoot { mac, image: request.image, user: request.user }).await
+    write(
+        &state,
+        actor,
+        Command::BeginBoot {
+            mac,
+            image: request.image,
+            user: request.user,
+        },
+    )
+    .await
 }
 
-async fn list_discovered(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| serde_json::to_value(s.discovered.values().collect::<Vec<_>>())).await?;
-    rows.map(Json).map_err(|e| ApiError::internal(e.to_string()))
+async fn list_discovered(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = read(&state, |s| {
+        serde_json::to_value(s.discovered.values().collect::<Vec<_>>())
+    })
+    .await?;
+    rows.map(Json)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------- images
 
-async fn list_images(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| serde_json::to_value(s.images.values().collect::<Vec<_>>())).await?;
-    rows.map(Json).map_err(|e| ApiError::internal(e.to_string()))
+async fn list_images(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = read(&state, |s| {
+        serde_json::to_value(s.images.values().collect::<Vec<_>>())
+    })
+    .await?;
+    rows.map(Json)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 async fn create_image(
@@ -451,14 +613,27 @@ async fn create_image(
     Actor(actor): Actor,
     Body(new): Body<NewImage>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::CreateImage { name: new.name, description: new.description }).await
+    write(
+        &state,
+        actor,
+        Command::CreateImage {
+            name: new.name,
+            description: new.description,
+        },
+    )
+    .await
 }
 
-async fn show_image(AxumState(state): AxumState<Shared>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn show_image(
+    AxumState(state): AxumState<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let name: Name = parse(&name)?;
     let image = read(&state, |s| s.images.get(&name).map(serde_json::to_value)).await?;
     match image {
-        Some(value) => value.map(Json).map_err(|e| ApiError::internal(e.to_string())),
+        Some(value) => value
+            .map(Json)
+            .map_err(|e| ApiError::internal(e.to_string())),
         None => Err(ApiError::not_found(format!("image {name} not found"))),
     }
 }
@@ -468,7 +643,14 @@ async fn remove_image(
     Actor(actor): Actor,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::RemoveImage { name: parse(&name)? }).await
+    write(
+        &state,
+        actor,
+        Command::RemoveImage {
+            name: parse(&name)?,
+        },
+    )
+    .await
 }
 
 async fn begin_version(
@@ -476,7 +658,14 @@ async fn begin_version(
     Actor(actor): Actor,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::BeginImageVersion { image: parse(&name)? }).await
+    write(
+        &state,
+        actor,
+        Command::BeginImageVersion {
+            image: parse(&name)?,
+        },
+    )
+    .await
 }
 
 async fn complete_version(
@@ -485,8 +674,12 @@ async fn complete_version(
     Path((name, version)): Path<(String, u32)>,
     Body(body): Body<CompleteVersion>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    let command =
-        Command::CompleteImageVersion { image: parse(&name)?, version, manifest: body.manifest, size_bytes: body.size_bytes };
+    let command = Command::CompleteImageVersion {
+        image: parse(&name)?,
+        version,
+        manifest: body.manifest,
+        size_bytes: body.size_bytes,
+    };
     write(&state, actor, command).await
 }
 
@@ -495,12 +688,22 @@ async fn retire_version(
     Actor(actor): Actor,
     Path((name, version)): Path<(String, u32)>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::RetireImageVersion { image: parse(&name)?, version }).await
+    write(
+        &state,
+        actor,
+        Command::RetireImageVersion {
+            image: parse(&name)?,
+            version,
+        },
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------------- users, groups, tokens
 
-async fn list_users(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_users(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = read(&state, |s| {
         s.users
             .values()
@@ -516,8 +719,20 @@ async fn add_user(
     Actor(actor): Actor,
     Body(new): Body<NewUser>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    let password_hash = new.password.as_deref().map(secrets::hash_password).transpose()?;
-    write(&state, actor, Command::AddUser { name: new.name, password_hash }).await
+    let password_hash = new
+        .password
+        .as_deref()
+        .map(secrets::hash_password)
+        .transpose()?;
+    write(
+        &state,
+        actor,
+        Command::AddUser {
+            name: new.name,
+            password_hash,
+        },
+    )
+    .await
 }
 
 async fn set_password(
@@ -526,8 +741,20 @@ async fn set_password(
     Path(name): Path<String>,
     Body(body): Body<NewPassword>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    let password_hash = body.password.as_deref().map(secrets::hash_password).transpose()?;
-    write(&state, actor, Command::SetUserPassword { name: parse(&name)?, password_hash }).await
+    let password_hash = body
+        .password
+        .as_deref()
+        .map(secrets::hash_password)
+        .transpose()?;
+    write(
+        &state,
+        actor,
+        Command::SetUserPassword {
+            name: parse(&name)?,
+            password_hash,
+        },
+    )
+    .await
 }
 
 async fn remove_user(
@@ -535,10 +762,19 @@ async fn remove_user(
     Actor(actor): Actor,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::RemoveUser { name: parse(&name)? }).await
+    write(
+        &state,
+        actor,
+        Command::RemoveUser {
+            name: parse(&name)?,
+        },
+    )
+    .await
 }
 
-async fn list_groups(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_groups(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = read(&state, |s| {
         s.groups
             .values()
@@ -557,7 +793,15 @@ async fn add_group(
     Actor(actor): Actor,
     Body(new): Body<NewGroup>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::AddGroup { name: new.name, description: new.description }).await
+    write(
+        &state,
+        actor,
+        Command::AddGroup {
+            name: new.name,
+            description: new.description,
+        },
+    )
+    .await
 }
 
 async fn remove_group(
@@ -565,12 +809,24 @@ async fn remove_group(
     Actor(actor): Actor,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::RemoveGroup { name: parse(&name)? }).await
+    write(
+        &state,
+        actor,
+        Command::RemoveGroup {
+            name: parse(&name)?,
+        },
+    )
+    .await
 }
 
-async fn list_tokens(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_tokens(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = read(&state, |s| {
-        s.tokens.values().map(|t| serde_json::json!({ "name": t.name, "created": format_time(t.created_ms) })).collect::<Vec<_>>()
+        s.tokens
+            .values()
+            .map(|t| serde_json::json!({ "name": t.name, "created": format_time(t.created_ms) }))
+            .collect::<Vec<_>>()
     })
     .await?;
     Ok(Json(serde_json::Value::Array(rows)))
@@ -582,8 +838,20 @@ async fn create_token(
     Body(new): Body<NewToken>,
 ) -> Result<Json<IssuedToken>, ApiError> {
     let token = secrets::admin_token();
-    state.cluster.propose(actor, Command::CreateToken { name: new.name.clone(), digest: secrets::digest(&token) }).await?;
-    Ok(Json(IssuedToken { name: new.name.to_string(), token }))
+    state
+        .cluster
+        .propose(
+            actor,
+            Command::CreateToken {
+                name: new.name.clone(),
+                digest: secrets::digest(&token),
+            },
+        )
+        .await?;
+    Ok(Json(IssuedToken {
+        name: new.name.to_string(),
+        token,
+    }))
 }
 
 async fn revoke_token(
@@ -591,14 +859,29 @@ async fn revoke_token(
     Actor(actor): Actor,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::RevokeToken { name: parse(&name)? }).await
+    write(
+        &state,
+        actor,
+        Command::RevokeToken {
+            name: parse(&name)?,
+        },
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------------- assignments
 
-async fn list_assignments(AxumState(state): AxumState<Shared>) -> Result<Json<Vec<AssignmentRow>>, ApiError> {
+async fn list_assignments(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<Vec<AssignmentRow>>, ApiError> {
     let rows = read(&state, |s| {
-        s.assignments.iter().map(|(target, list)| AssignmentRow { target: target.clone(), list: list.clone() }).collect()
+        s.assignments
+            .iter()
+            .map(|(target, list)| AssignmentRow {
+                target: target.clone(),
+                list: list.clone(),
+            })
+            .collect()
     })
     .await?;
     Ok(Json(rows))
@@ -609,8 +892,13 @@ async fn assign(
     Actor(actor): Actor,
     Body(new): Body<NewAssignment>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    let command =
-        Command::Assign { target: new.target, image: new.image, mode: new.mode, default: new.default, position: new.position };
+    let command = Command::Assign {
+        target: new.target,
+        image: new.image,
+        mode: new.mode,
+        default: new.default,
+        position: new.position,
+    };
     write(&state, actor, command).await
 }
 
@@ -619,17 +907,37 @@ async fn unassign(
     Actor(actor): Actor,
     Body(removed): Body<RemovedAssignment>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    write(&state, actor, Command::Unassign { target: removed.target, image: removed.image }).await
+    write(
+        &state,
+        actor,
+        Command::Unassign {
+            target: removed.target,
+            image: removed.image,
+        },
+    )
+    .await
 }
 
-async fn list_sessions(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| serde_json::to_value(s.boot_sessions.values().collect::<Vec<_>>())).await?;
-    rows.map(Json).map_err(|e| ApiError::internal(e.to_string()))
+async fn list_sessions(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = read(&state, |s| {
+        serde_json::to_value(s.boot_sessions.values().collect::<Vec<_>>())
+    })
+    .await?;
+    rows.map(Json)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
-async fn list_leases(AxumState(state): AxumState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| serde_json::to_value(s.leases.values().collect::<Vec<_>>())).await?;
-    rows.map(Json).map_err(|e| ApiError::internal(e.to_string()))
+async fn list_leases(
+    AxumState(state): AxumState<Shared>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = read(&state, |s| {
+        serde_json::to_value(s.leases.values().collect::<Vec<_>>())
+    })
+    .await?;
+    rows.map(Json)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------- events
@@ -666,7 +974,10 @@ async fn list_events(
     let mut seq = query.from_seq.unwrap_or(1).max(1);
     const SCAN_BATCH: usize = 4096;
     while seq <= last_seq && events.len() < limit {
-        let batch = state.cluster.events(seq, SCAN_BATCH).map_err(|e| ApiError::internal(e.to_string()))?;
+        let batch = state
+            .cluster
+            .events(seq, SCAN_BATCH)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         if batch.is_empty() {
             break;
         }
@@ -676,7 +987,9 @@ async fn list_events(
                 break;
             }
             let keep = client.is_none_or(|mac| event.payload.client() == Some(mac))
-                && image.as_ref().is_none_or(|name| event.payload.image() == Some(name))
+                && image
+                    .as_ref()
+                    .is_none_or(|name| event.payload.image() == Some(name))
                 && actor.as_ref().is_none_or(|name| &event.actor == name)
                 && since.is_none_or(|t| event.time_ms >= t)
                 && until.is_none_or(|t| event.time_ms <= t);
@@ -699,7 +1012,10 @@ async fn export_events(AxumState(state): AxumState<Shared>) -> Result<Response, 
     let mut events = Vec::with_capacity(last_seq as usize);
     let mut seq = 1;
     while seq <= last_seq {
-        let batch = state.cluster.events(seq, 4096).map_err(|e| ApiError::internal(e.to_string()))?;
+        let batch = state
+            .cluster
+            .events(seq, 4096)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         if batch.is_empty() {
             break;
         }
@@ -731,13 +1047,19 @@ async fn export_events(AxumState(state): AxumState<Shared>) -> Result<Response, 
 // ---------------------------------------------------------------------------------- helpers
 
 pub fn now_ms() -> TimeMs {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as TimeMs).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as TimeMs)
+        .unwrap_or(0)
 }
 
 pub fn format_time(ms: TimeMs) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -753,7 +1075,8 @@ pub fn parse_target(text: &str) -> Result<AssignmentTarget, ApiError> {
         Some(("client", mac)) => Ok(AssignmentTarget::Client(parse(mac)?)),
         Some(("group", name)) => Ok(AssignmentTarget::Group(parse(name)?)),
         Some(("user", name)) => Ok(AssignmentTarget::User(parse(name)?)),
-        _ => Err(ApiError::bad_request(format!("{text:?}: expected client:<mac>, group:<name> or user:<name>"))),
+        _ => Err(ApiError::bad_request(format!(
+            "{text:?}: expected client:<mac>, group:<name> or user:<name>"
+        ))),
     }
 }
-

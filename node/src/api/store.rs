@@ -17,25 +17,40 @@ use super::error::ApiError;
 use super::{parse, write, Actor, Shared};
 use crate::storage::manifest_hash;
 
-pub async fn get_manifest(AxumState(state): AxumState<Shared>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_manifest(
+    AxumState(state): AxumState<Shared>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
     let hash: Hash32 = parse(&hash)?;
     let manifest = state
         .storage
         .store
         .load_manifest(&manifest_hash(&hash))
         .map_err(|e| ApiError::not_found(format!("manifest {hash}: {e}")))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], manifest.encode()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        manifest.encode(),
+    )
+        .into_response())
 }
 
-pub async fn get_chunk(AxumState(state): AxumState<Shared>, Path(hash): Path<String>) -> Result<Response, ApiError> {
-    let chunk = ChunkHash::from_hex(&hash).ok_or_else(|| ApiError::bad_request(format!("{hash:?} is not a chunk hash")))?;
+pub async fn get_chunk(
+    AxumState(state): AxumState<Shared>,
+    Path(hash): Path<String>,
+) -> Result<Response, ApiError> {
+    let chunk = ChunkHash::from_hex(&hash)
+        .ok_or_else(|| ApiError::bad_request(format!("{hash:?} is not a chunk hash")))?;
     let store = state.storage.store.clone();
     // Verified against its hash on the way out too: a corrupt chunk is reported, never sent.
     let data = tokio::task::spawn_blocking(move || store.read_chunk_uncached(&chunk))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::not_found(format!("chunk {hash}: {e}")))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data.to_vec()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        data.to_vec(),
+    )
+        .into_response())
 }
 
 /// The body is a disk image (raw, qcow2, VHD/VHDX or VMDK). It is spooled to the node's disk,
@@ -47,7 +62,15 @@ pub async fn import_image(
     body: RawBody,
 ) -> Result<Json<Vec<Event>>, ApiError> {
     let image: Name = parse(&name)?;
-    let begun = state.cluster.propose(actor.clone(), Command::BeginImageVersion { image: image.clone() }).await?;
+    let begun = state
+        .cluster
+        .propose(
+            actor.clone(),
+            Command::BeginImageVersion {
+                image: image.clone(),
+            },
+        )
+        .await?;
     let version = begun
         .iter()
         .find_map(|e| match &e.payload {
@@ -59,23 +82,45 @@ pub async fn import_image(
     match result {
         Ok((manifest, size_bytes)) => {
             let mut events = begun;
-            let Json(done) =
-                write(&state, actor, Command::CompleteImageVersion { image, version, manifest, size_bytes }).await?;
+            let Json(done) = write(
+                &state,
+                actor,
+                Command::CompleteImageVersion {
+                    image,
+                    version,
+                    manifest,
+                    size_bytes,
+                },
+            )
+            .await?;
             events.extend(done);
             Ok(Json(events))
         }
         Err(error) => {
             // Leave no version behind in `importing`.
-            let _ = state.cluster.propose(actor, Command::RetireImageVersion { image, version }).await;
+            let _ = state
+                .cluster
+                .propose(actor, Command::RetireImageVersion { image, version })
+                .await;
             Err(error)
         }
     }
 }
 
-async fn spool_and_import(state: &Shared, image: &Name, version: u32, body: RawBody) -> Result<(Hash32, u64), ApiError> {
+async fn spool_and_import(
+    state: &Shared,
+    image: &Name,
+    version: u32,
+    body: RawBody,
+) -> Result<(Hash32, u64), ApiError> {
     let uploads = state.config.data_dir.join("uploads");
-    tokio::fs::create_dir_all(&uploads).await.map_err(|e| ApiError::internal(format!("{}: {e}", uploads.display())))?;
-    let path = uploads.join(format!("{image}-{version}-{}.img", crate::secrets::random_secret()));
+    tokio::fs::create_dir_all(&uploads)
+        .await
+        .map_err(|e| ApiError::internal(format!("{}: {e}", uploads.display())))?;
+    let path = uploads.join(format!(
+        "{image}-{version}-{}.img",
+        crate::secrets::random_secret()
+    ));
     let spooled = async {
         let mut file = tokio::fs::File::create(&path).await?;
         let mut stream = body.into_data_stream();
@@ -93,7 +138,9 @@ async fn spool_and_import(state: &Shared, image: &Name, version: u32, body: RawB
         Ok(bytes) => bytes,
         Err(error) => {
             let _ = tokio::fs::remove_file(&path).await;
-            return Err(ApiError::bad_request(format!("upload interrupted: {error}")));
+            return Err(ApiError::bad_request(format!(
+                "upload interrupted: {error}"
+            )));
         }
     };
     if bytes == 0 {
@@ -102,11 +149,21 @@ async fn spool_and_import(state: &Shared, image: &Name, version: u32, body: RawB
     }
     let store = state.storage.store.clone();
     let (name, path_for_import) = (image.to_string(), path.clone());
-    let outcome =
-        tokio::task::spawn_blocking(move || store.import_file(&path_for_import, &name, u64::from(version), None, &NoProgress))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()));
+    let outcome = tokio::task::spawn_blocking(move || {
+        store.import_file(
+            &path_for_import,
+            &name,
+            u64::from(version),
+            None,
+            &NoProgress,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()));
     let _ = tokio::fs::remove_file(&path).await;
     let outcome = outcome?.map_err(|e| ApiError::bad_request(format!("import failed: {e}")))?;
-    Ok((Hash32(outcome.manifest_hash.0 .0), outcome.manifest.size_bytes))
+    Ok((
+        Hash32(outcome.manifest_hash.0 .0),
+        outcome.manifest.size_bytes,
+    ))
 }

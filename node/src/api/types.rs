@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use cairn_consensus::domain::{
-    AssignmentList, AssignmentTarget, BootSession, Client, DiskMode, Event, Lease, Mac, Name, NodeId, StorageNode,
+    AssignmentList, AssignmentTarget, BootSession, Client, DiskMode, Event, Lease, Mac, Name,
+    NodeId, StorageNode,
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
