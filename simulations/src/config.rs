@@ -55,14 +55,32 @@ impl SimConfig {
         let election_timeout_max_ms = election_timeout_min_ms * 2;
         let delay_min_ms = rng.gen_range(0..=3);
         let delay_max_ms = delay_min_ms + rng.gen_range(1..=heartbeat_interval_ms / 2);
-        let mut weight = |on: f64, max: u32| if rng.gen_bool(on) { rng.gen_range(1..=max) } else { 0 };
+        let mut weight = |on: f64, max: u32| {
+            if rng.gen_bool(on) {
+                rng.gen_range(1..=max)
+            } else {
+                0
+            }
+        };
         let weight_crash = weight(0.8, 4);
-        let weight_restart = if weight_crash > 0 { weight_crash + 1 } else { 0 };
+        let weight_restart = if weight_crash > 0 {
+            weight_crash + 1
+        } else {
+            0
+        };
         let weight_partition = weight(0.7, 4);
         let weight_one_way = weight(0.5, 3);
-        let weight_heal = if weight_partition + weight_one_way > 0 { 3 } else { 0 };
+        let weight_heal = if weight_partition + weight_one_way > 0 {
+            3
+        } else {
+            0
+        };
         let weight_loss_burst = weight(0.4, 2);
-        let loss_ppm = if rng.gen_bool(0.5) { rng.gen_range(0..=50_000) } else { 0 };
+        let loss_ppm = if rng.gen_bool(0.5) {
+            rng.gen_range(0..=50_000)
+        } else {
+            0
+        };
         SimConfig {
             seed,
             node_count,
@@ -81,9 +99,9 @@ impl SimConfig {
             weight_one_way,
             weight_heal,
             weight_loss_burst,
-            client_count: rng.gen_range(1..=3),
-            command_interval_ms: rng.gen_range(10..=150),
-            snapshot_after_entries: rng.gen_range(10..=60),
+            client_count: rng.gen_range(1..=4),
+            command_interval_ms: rng.gen_range(5..=100),
+            snapshot_after_entries: rng.gen_range(5..=40),
             logs_kept_after_snapshot: rng.gen_range(0..=10),
             snapshot_chunk_bytes: rng.gen_range(256..=8_192),
         }
@@ -130,8 +148,9 @@ mod tests {
     #[test]
     fn config_depends_on_seed_only() {
         assert_eq!(SimConfig::from_seed(7), SimConfig::from_seed(7));
-        let sizes: std::collections::BTreeSet<u64> =
-            (0..64).map(|seed| SimConfig::from_seed(seed).node_count).collect();
+        let sizes: std::collections::BTreeSet<u64> = (0..64)
+            .map(|seed| SimConfig::from_seed(seed).node_count)
+            .collect();
         assert_eq!(sizes, [3, 5].into());
     }
 }

@@ -19,10 +19,16 @@ pub enum Fault {
     /// Cuts every link between `side` and the other nodes, both ways.
     Partition(Vec<NodeId>),
     /// Drops what `from` sends to `to` (not the other way).
-    OneWay { from: NodeId, to: NodeId },
+    OneWay {
+        from: NodeId,
+        to: NodeId,
+    },
     Heal,
     /// Loss probability (ppm) for a duration (ms).
-    LossBurst { loss_ppm: u32, duration_ms: u64 },
+    LossBurst {
+        loss_ppm: u32,
+        duration_ms: u64,
+    },
 }
 
 /// Draws the next fault, or `None` when the drawn kind does not apply now (nothing to restart).
@@ -51,8 +57,16 @@ pub fn draw(world: &mut World) -> Option<Fault> {
     }
     let ids: Vec<NodeId> = world.nodes.keys().copied().collect();
     match kind {
-        0 => world.running_ids().choose(&mut world.rng).copied().map(Fault::Crash),
-        1 => world.down_ids().choose(&mut world.rng).copied().map(Fault::Restart),
+        0 => world
+            .running_ids()
+            .choose(&mut world.rng)
+            .copied()
+            .map(Fault::Crash),
+        1 => world
+            .down_ids()
+            .choose(&mut world.rng)
+            .copied()
+            .map(Fault::Restart),
         2 => {
             let size = world.rng.gen_range(1..ids.len());
             let side: Vec<NodeId> = ids.choose_multiple(&mut world.rng, size).copied().collect();

@@ -25,10 +25,17 @@
 //! clients (`workload`: random admin commands to random nodes, with a record of what was
 //! acknowledged).
 //!
-//! Determinism needs two things consensus's code would otherwise take from the process: openraft
-//! draws election timeouts from the thread RNG, so every node (re)start gets a one-value range
-//! drawn from the run's RNG (`world::start_node`); and nothing in the harness reads the system
-//! clock or iterates a hash map.
+//! Determinism needs care where tokio or openraft take randomness from the process:
+//! - openraft draws election timeouts from the thread RNG, so every node (re)start gets a
+//!   one-value range drawn from the run's RNG (`world::start_node`);
+//! - tokio's `select!` (unless `biased;`) and `watch` (which spreads waiters over 8 `Notify`s)
+//!   draw from a per-runtime RNG that only `--cfg tokio_unstable` could seed. So: every `select!`
+//!   the simulation runs must be `biased;` (openraft's core loop is; consensus's
+//!   `RaftService::on_leader` is not yet, see /work/notes/sim-needs.md), at most one task waits
+//!   on one node's metrics `watch` (clients take turns per node, leadership is polled, not
+//!   watched), and a crashed node's pending calls, which openraft wakes through its metrics
+//!   `watch`, end silently (`network`) or are cut off first by a crash signal (`sim`);
+//! - nothing in the harness reads the system clock or iterates a hash map.
 //!
 //! # Invariants (`invariants`, one file each)
 //!

@@ -59,14 +59,18 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut simulated_ms = 0u64;
     let mut passed = 0u64;
-    let failures = run_seeds(args.start..args.start + args.seeds, &options, |result| match result {
-        Ok(report) => {
-            passed += 1;
-            simulated_ms += report.simulated_ms;
-            println!("{report}");
-        }
-        Err(failure) => eprintln!("{failure}\n"),
-    });
+    let failures = run_seeds(
+        args.start..args.start + args.seeds,
+        &options,
+        |result| match result {
+            Ok(report) => {
+                passed += 1;
+                simulated_ms += report.simulated_ms;
+                println!("{report}");
+            }
+            Err(failure) => eprintln!("{failure}\n"),
+        },
+    );
     println!(
         "{} seeds: {passed} passed, {} failed; {:.1} s wall, {:.0} s simulated",
         args.seeds,

@@ -11,17 +11,17 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::SimConfig;
 use crate::faults;
-use crate::invariants::{
-    acknowledged, convergence, history, replay, single_leader, Violation,
-};
+use crate::invariants::{acknowledged, convergence, history, replay, single_leader, Violation};
 use crate::trace::Trace;
+use crate::workload;
 use crate::world::{
     crash_node, lock, new_world, node_address, sleep_ms, start_node, Shared, FORWARD_TIMEOUT_MS,
 };
-use crate::workload;
 
 /// Simulated time between two periodic invariant checks.
 pub const CHECK_INTERVAL_MS: u64 = 100;
+/// Simulated time between two looks at every node's leadership.
+pub const LEADER_POLL_MS: u64 = 1;
 
 /// How a run is observed; none of this changes what happens in it.
 #[derive(Clone, Debug, Default)]
@@ -182,7 +182,9 @@ async fn drive(shared: &Shared) -> Result<(), Violation> {
         start_node(shared, *node_id).await.map_err(harness)?;
     }
     let members: BTreeMap<NodeId, _> = ids.iter().map(|id| (*id, node_address(*id))).collect();
-    let first = lock(shared).running(1).ok_or_else(|| harness("node 1 did not start"))?;
+    let first = lock(shared)
+        .running(1)
+        .ok_or_else(|| harness("node 1 did not start"))?;
     first.raft.initialize(members).await.map_err(harness)?;
     drop(first);
 
@@ -193,7 +195,11 @@ async fn drive(shared: &Shared) -> Result<(), Violation> {
 
     // Fault phase.
     let fault_phase_end = lock(shared).now_ms() + config.fault_phase_ms;
-    while lock(shared).now_ms() < fault_phase_end && !failed(shared) {
+    loop {
+        let now_ms = lock(shared).now_ms();
+        if now_ms >= fault_phase_end || failed(shared) {
+            break;
+        }
         let pause = lock(shared).rng.gen_range(0..=config.fault_interval_ms * 2);
         sleep_ms(pause).await;
         let fault = faults::draw(&mut lock(shared));
@@ -209,7 +215,8 @@ async fn drive(shared: &Shared) -> Result<(), Violation> {
         world.net.heal(true);
         world.record(format_args!("faults stop: network healed"));
     }
-    for node_id in lock(shared).down_ids() {
+    let down = lock(shared).down_ids();
+    for node_id in down {
         start_node(shared, node_id).await.map_err(harness)?;
     }
     for client in clients {
@@ -244,7 +251,9 @@ async fn converge(shared: &Shared, config: &crate::config::SimConfig) -> Result<
                     ),
                 ));
             }
-            let service = lock(shared).running(*node_id).ok_or_else(|| harness("node down"))?;
+            let service = lock(shared)
+                .running(*node_id)
+                .ok_or_else(|| harness("node down"))?;
             let command = Command::AddGroup {
                 name: group.clone(),
                 description: "probe".into(),
@@ -320,15 +329,23 @@ fn check_all(shared: &Shared) {
 }
 
 async fn check_loop(shared: Shared) {
+    let mut since_check_ms = 0;
     loop {
-        check_all(&shared);
+        {
+            let mut world = lock(&shared);
+            single_leader::poll(&mut world);
+        }
+        if since_check_ms == 0 {
+            check_all(&shared);
+        }
+        since_check_ms = (since_check_ms + LEADER_POLL_MS) % CHECK_INTERVAL_MS;
         {
             let world = lock(&shared);
             if world.checks_stop || world.failure.is_some() {
                 return;
             }
         }
-        sleep_ms(CHECK_INTERVAL_MS).await;
+        sleep_ms(LEADER_POLL_MS).await;
     }
 }
 
@@ -382,32 +399,60 @@ async fn client_loop(shared: Shared, client: u32) {
         };
         sleep_ms(pause).await;
         let kind = command.kind();
-        let service = {
+        // One client at a time per node: `RaftService::propose` waits on openraft's metrics
+        // channel, and tokio's `watch` wakes several waiters in a random order.
+        let turn = lock(&shared)
+            .nodes
+            .get(&node_id)
+            .map(|slot| slot.client_turn.clone());
+        let Some(turn) = turn else { continue };
+        let _turn = turn.lock().await;
+        let (service, crashed) = {
             let mut world = lock(&shared);
             if world.clients_stop {
                 return;
             }
             world.commands_submitted += 1;
             let service = world.running(node_id);
-            let state = if service.is_some() { "" } else { " (node down)" };
-            world.record(format_args!("client {client} submits {kind} via n{node_id}{state}"));
-            service
+            let state = if service.is_some() {
+                ""
+            } else {
+                " (node down)"
+            };
+            world.record(format_args!(
+                "client {client} submits {kind} via n{node_id}{state}"
+            ));
+            (service, world.crash_signal(node_id))
         };
         let Some(service) = service else {
             continue;
         };
-        // Bounded: a proposal stuck on a crashed node must not hold the client forever.
-        let result = tokio::time::timeout(
+        // Bounded: a proposal stuck on a crashed node must not hold the client forever. The
+        // crash signal ends the call as soon as the node crashes (biased: checked first), before
+        // openraft's shutdown wakes its waiters in tokio's random order.
+        let call = tokio::time::timeout(
             std::time::Duration::from_millis(FORWARD_TIMEOUT_MS * 2),
             service.propose(actor.clone(), command),
-        )
-        .await;
+        );
+        let result = tokio::select! {
+            biased;
+            _ = crashed => None,
+            result = call => Some(result),
+        };
         drop(service);
         let mut world = lock(&shared);
+        let Some(result) = result else {
+            world.record(format_args!(
+                "client {client} {kind} lost its connection: n{node_id} crashed"
+            ));
+            continue;
+        };
         match result {
             Ok(Ok(events)) => {
                 let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
-                world.record(format_args!("client {client} {kind} acknowledged: seqs {seqs:?}"));
+                world.record(format_args!(
+                    "client {client} {kind} acknowledged: seqs {seqs:?}"
+                ));
                 let ack = acknowledged::Acknowledged {
                     client,
                     via: node_id,
@@ -465,4 +510,3 @@ pub fn run_seed_catching(seed: u64, options: &RunOptions) -> Result<Report, Fail
         }
     }
 }
-

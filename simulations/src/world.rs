@@ -43,6 +43,11 @@ pub struct NodeSlot {
     /// Bumped at every start; a reply computed by an earlier incarnation is never delivered.
     pub incarnation: u64,
     pub clock_skew_ms: i64,
+    /// Fired (dropped) when this node crashes: a client's call to it ends at once, as a reset
+    /// connection would end it.
+    pub crash_signals: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Clients of this node take turns (see `sim::client_loop`).
+    pub client_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub struct World {
@@ -63,7 +68,9 @@ pub struct World {
 pub type Shared = Arc<Mutex<World>>;
 
 pub fn lock(shared: &Mutex<World>) -> MutexGuard<'_, World> {
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Simulated milliseconds since the run started.
@@ -90,7 +97,19 @@ impl World {
     }
 
     pub fn running(&self, node_id: NodeId) -> Option<Arc<Service>> {
-        self.nodes.get(&node_id).and_then(|slot| slot.running.clone())
+        self.nodes
+            .get(&node_id)
+            .and_then(|slot| slot.running.clone())
+    }
+
+    /// A receiver that resolves when `node_id` crashes.
+    pub fn crash_signal(&mut self, node_id: NodeId) -> tokio::sync::oneshot::Receiver<()> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        if let Some(slot) = self.nodes.get_mut(&node_id) {
+            slot.crash_signals.retain(|sender| !sender.is_closed());
+            slot.crash_signals.push(sender);
+        }
+        receiver
     }
 
     pub fn running_ids(&self) -> Vec<NodeId> {
@@ -142,6 +161,8 @@ pub fn new_world(config: SimConfig, rng: ChaCha8Rng, trace: Trace) -> Shared {
                 running: None,
                 incarnation: 0,
                 clock_skew_ms,
+                client_turn: Arc::default(),
+                crash_signals: Vec::new(),
             },
         );
     }
@@ -169,14 +190,16 @@ pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeErro
             .rng
             .gen_range(config.election_timeout_min_ms..config.election_timeout_max_ms);
         let start = world.start;
-        let slot = world.nodes.get_mut(&node_id).ok_or(NodeError::Unknown(node_id))?;
+        let slot = world
+            .nodes
+            .get_mut(&node_id)
+            .ok_or(NodeError::Unknown(node_id))?;
         if slot.running.is_some() {
             return Ok(());
         }
         slot.incarnation += 1;
         let skew = slot.clock_skew_ms;
-        let clock: Clock =
-            Arc::new(move || SIM_EPOCH_MS + elapsed_ms(start) as TimeMs + skew);
+        let clock: Clock = Arc::new(move || SIM_EPOCH_MS + elapsed_ms(start) as TimeMs + skew);
         let raft_config = openraft::Config {
             cluster_name: "cairn-sim".into(),
             heartbeat_interval: config.heartbeat_interval_ms,
@@ -204,12 +227,18 @@ pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeErro
         (raft_config, log, machine, transport, clock)
     };
     let network = NetworkFactory::new(node_id, transport.clone());
-    let raft = Raft::new(node_id, Arc::new(raft_config), network, log, machine.clone())
-        .await
-        .map_err(|error| NodeError::Start {
-            node_id,
-            reason: error.to_string(),
-        })?;
+    let raft = Raft::new(
+        node_id,
+        Arc::new(raft_config),
+        network,
+        log,
+        machine.clone(),
+    )
+    .await
+    .map_err(|error| NodeError::Start {
+        node_id,
+        reason: error.to_string(),
+    })?;
     let service = Arc::new(RaftService {
         node_id,
         raft: raft.clone(),
@@ -223,16 +252,14 @@ pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeErro
     });
     let incarnation = {
         let mut world = lock(shared);
-        let slot = world.nodes.get_mut(&node_id).ok_or(NodeError::Unknown(node_id))?;
+        let slot = world
+            .nodes
+            .get_mut(&node_id)
+            .ok_or(NodeError::Unknown(node_id))?;
         slot.running = Some(service);
         slot.incarnation
     };
-    tokio::spawn(crate::invariants::single_leader::watch(
-        Arc::downgrade(shared),
-        node_id,
-        incarnation,
-        raft.metrics(),
-    ));
+    lock(shared).record(format_args!("n{node_id} incarnation={incarnation} running"));
     Ok(())
 }
 
@@ -240,7 +267,10 @@ pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeErro
 pub async fn crash_node(shared: &Shared, node_id: NodeId) {
     let running = {
         let mut world = lock(shared);
-        let running = world.nodes.get_mut(&node_id).and_then(|slot| slot.running.take());
+        let running = world.nodes.get_mut(&node_id).and_then(|slot| {
+            slot.crash_signals.clear();
+            slot.running.take()
+        });
         if running.is_some() {
             world.record(format_args!("crash n{node_id}"));
         }

@@ -15,7 +15,11 @@ fn same_seed_same_trace() {
             first.trace_lines, second.trace_lines
         );
         assert_eq!(first.final_state_hash, second.final_state_hash);
-        assert!(first.trace_lines > 100, "seed {seed} traced only {} lines", first.trace_lines);
+        assert!(
+            first.trace_lines > 100,
+            "seed {seed} traced only {} lines",
+            first.trace_lines
+        );
     }
 }
 

@@ -18,7 +18,11 @@ pub struct Acknowledged {
     pub events: Vec<Event>,
 }
 
-fn check_one(history: &[Event], ack: &Acknowledged, must_be_present: bool) -> Result<(), Violation> {
+fn check_one(
+    history: &[Event],
+    ack: &Acknowledged,
+    must_be_present: bool,
+) -> Result<(), Violation> {
     for event in &ack.events {
         match history.get(event.seq as usize - 1) {
             Some(committed) if committed == event => {}

@@ -49,7 +49,12 @@ pub fn check_node(
 }
 
 /// Compares event `seq` of `node_id` with the reference, or appends it there.
-fn compare(history: &mut Vec<Event>, node_id: NodeId, seq: u64, event: &Event) -> Result<(), Violation> {
+fn compare(
+    history: &mut Vec<Event>,
+    node_id: NodeId,
+    seq: u64,
+    event: &Event,
+) -> Result<(), Violation> {
     if event.seq != seq {
         return Err(Violation::new(
             NAME,
@@ -70,12 +75,23 @@ fn compare(history: &mut Vec<Event>, node_id: NodeId, seq: u64, event: &Event) -
 }
 
 /// The whole history of `node_id` against the reference (end of run).
-pub fn check_whole(checks: &mut Checks, node_id: NodeId, events: &[Event]) -> Result<(), Violation> {
-    let checked = checks.per_node.get(&node_id).map(|p| p.checked_len).unwrap_or(0);
+pub fn check_whole(
+    checks: &mut Checks,
+    node_id: NodeId,
+    events: &[Event],
+) -> Result<(), Violation> {
+    let checked = checks
+        .per_node
+        .get(&node_id)
+        .map(|p| p.checked_len)
+        .unwrap_or(0);
     if (events.len() as u64) < checked {
         return Err(Violation::new(
             NAME,
-            format!("n{node_id} history shrank from {checked} to {} events", events.len()),
+            format!(
+                "n{node_id} history shrank from {checked} to {} events",
+                events.len()
+            ),
         ));
     }
     for (offset, event) in events.iter().enumerate() {

@@ -38,14 +38,22 @@ pub fn check_node(
 }
 
 /// Replays the whole history from scratch (end of run).
-pub fn check_whole(node_id: NodeId, machine: &MemStateMachine, events: &[Event]) -> Result<(), Violation> {
-    let state = replay(events, ReplayBound::Everything)
-        .map_err(|error| Violation::new(NAME, format!("n{node_id} history does not replay: {error}")))?;
+pub fn check_whole(
+    node_id: NodeId,
+    machine: &MemStateMachine,
+    events: &[Event],
+) -> Result<(), Violation> {
+    let state = replay(events, ReplayBound::Everything).map_err(|error| {
+        Violation::new(NAME, format!("n{node_id} history does not replay: {error}"))
+    })?;
     let live = machine.with_state(|state| state.hash());
     if state.hash() != live {
         return Err(Violation::new(
             NAME,
-            format!("n{node_id} state hash {live} differs from a full replay ({})", state.hash()),
+            format!(
+                "n{node_id} state hash {live} differs from a full replay ({})",
+                state.hash()
+            ),
         ));
     }
     Ok(())

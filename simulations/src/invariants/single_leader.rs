@@ -1,21 +1,18 @@
 //! Election safety: at most one leader per term.
 //!
-//! Every node's openraft metrics are watched; each time a node reports itself leader, its term is
+//! Every node's openraft metrics are polled; each time a node reports itself leader, its term is
 //! recorded. openraft 0.9 (without the `single-term-leader` feature, as consensus builds it)
 //! identifies a leader by `(term, node id)`, so a higher node id may win the same term after a
 //! lower one: the strict Raft check is enabled with `Checks::strict_terms` (`--strict-terms`);
 //! by default, terms with several leaders are counted and the leaders of one term must still be
 //! distinct nodes that each won the vote at `(term, self)`.
 
-use std::sync::{Mutex, Weak};
-
 use cairn_consensus::domain::NodeId;
 use cairn_consensus::types::RaftMetrics;
 use openraft::ServerState;
-use tokio::sync::watch;
 
 use super::{Checks, Violation};
-use crate::world::{lock, World};
+use crate::world::World;
 
 /// Records that `node_id` leads with `vote_node` as the vote's leader in `term`.
 pub fn check_leader(
@@ -50,47 +47,35 @@ pub fn multi_leader_terms(checks: &Checks) -> usize {
         .count()
 }
 
-/// Watches one incarnation of a node until it stops.
-pub async fn watch(
-    world: Weak<Mutex<World>>,
-    node_id: NodeId,
-    incarnation: u64,
-    mut metrics: watch::Receiver<RaftMetrics>,
-) {
-    let mut last_seen: Option<(u64, ServerState, Option<NodeId>)> = None;
-    loop {
-        let (term, state, leader, vote_node) = {
-            let current = metrics.borrow_and_update();
-            (
-                current.current_term,
-                current.state,
-                current.current_leader,
-                current.vote.leader_id().voted_for(),
-            )
-        };
-        let Some(shared) = world.upgrade() else { return };
-        {
-            let mut world = lock(&shared);
-            let alive = world.nodes.get(&node_id).map(|slot| slot.incarnation) == Some(incarnation)
-                && world.running(node_id).is_some();
-            if !alive {
-                return;
-            }
-            if last_seen != Some((term, state, leader)) {
-                last_seen = Some((term, state, leader));
-                world.record(format_args!(
-                    "n{node_id} state={state:?} term={term} leader={leader:?}"
-                ));
-            }
-            if state == ServerState::Leader {
-                if let Err(violation) = check_leader(&mut world.checks, node_id, term, vote_node) {
-                    world.fail(violation);
-                }
-            }
+/// Polls every running node's openraft metrics (each `LEADER_POLL_MS` of simulated time) and
+/// records what changed. Polled, not watched: tokio's `watch` wakes its waiters in a random order,
+/// which would make the run depend on more than its seed.
+pub fn poll(world: &mut World) {
+    let running: Vec<(NodeId, RaftMetrics)> = world
+        .nodes
+        .iter()
+        .filter_map(|(id, slot)| {
+            slot.running
+                .as_ref()
+                .map(|service| (*id, service.raft.metrics().borrow().clone()))
+        })
+        .collect();
+    for (node_id, metrics) in running {
+        let seen = (metrics.current_term, metrics.state, metrics.current_leader);
+        if world.checks.last_seen.get(&node_id) != Some(&seen) {
+            world.checks.last_seen.insert(node_id, seen);
+            world.record(format_args!(
+                "n{node_id} state={:?} term={} leader={:?}",
+                metrics.state, metrics.current_term, metrics.current_leader
+            ));
         }
-        drop(shared);
-        if metrics.changed().await.is_err() {
-            return;
+        if metrics.state == ServerState::Leader {
+            let vote_node = metrics.vote.leader_id().voted_for();
+            if let Err(violation) =
+                check_leader(&mut world.checks, node_id, metrics.current_term, vote_node)
+            {
+                world.fail(violation);
+            }
         }
     }
 }
