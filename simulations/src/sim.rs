@@ -259,28 +259,31 @@ async fn converge(shared: &Shared, config: &crate::config::SimConfig) -> Result<
                 description: "probe".into(),
             };
             let result = service.propose(actor.clone(), command).await;
-            let mut world = lock(shared);
-            world.record(format_args!("probe via n{node_id}: {result:?}"));
-            match result {
-                Ok(events) => {
-                    let ack = acknowledged::Acknowledged {
-                        client: u32::MAX,
-                        via: *node_id,
-                        kind: "probe",
-                        events,
-                    };
-                    if let Err(violation) = acknowledged::record(&mut world.checks, ack) {
-                        world.fail(violation);
+            let done = {
+                let mut world = lock(shared);
+                world.record(format_args!("probe via n{node_id}: {result:?}"));
+                match result {
+                    Ok(events) => {
+                        let ack = acknowledged::Acknowledged {
+                            client: u32::MAX,
+                            via: *node_id,
+                            kind: "probe",
+                            events,
+                        };
+                        if let Err(violation) = acknowledged::record(&mut world.checks, ack) {
+                            world.fail(violation);
+                        }
+                        true
                     }
-                    break;
+                    // A retried probe whose first attempt committed: the group exists; done.
+                    Err(cairn_consensus::service::ProposeError::Rejected(_)) => true,
+                    Err(_) => false,
                 }
-                // A retried probe whose first attempt committed: the group exists; done.
-                Err(cairn_consensus::service::ProposeError::Rejected(_)) => break,
-                Err(_) => {
-                    drop(world);
-                    sleep_ms(CHECK_INTERVAL_MS).await;
-                }
+            };
+            if done {
+                break;
             }
+            sleep_ms(CHECK_INTERVAL_MS).await;
         }
     }
     loop {
