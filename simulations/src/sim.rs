@@ -222,6 +222,7 @@ async fn drive(shared: &Shared) -> Result<(), Violation> {
     for client in clients {
         client.await.map_err(harness)?;
     }
+    lock(shared).record(format_args!("clients stopped; waiting for convergence"));
     if !failed(shared) {
         converge(shared, &config).await?;
     }
@@ -258,7 +259,25 @@ async fn converge(shared: &Shared, config: &crate::config::SimConfig) -> Result<
                 name: group.clone(),
                 description: "probe".into(),
             };
-            let result = service.propose(actor.clone(), command).await;
+            let remaining_ms = {
+                let mut world = lock(shared);
+                world.record(format_args!("probe submitted via n{node_id}"));
+                deadline.saturating_sub(world.now_ms())
+            };
+            let call = tokio::time::timeout(
+                std::time::Duration::from_millis(remaining_ms),
+                service.propose(actor.clone(), command),
+            );
+            let Ok(result) = call.await else {
+                return Err(Violation::new(
+                    convergence::NAME,
+                    format!(
+                        "a write through n{node_id} never returned: `propose` was still waiting \
+                         {} ms after the faults stopped",
+                        config.converge_timeout_ms
+                    ),
+                ));
+            };
             let done = {
                 let mut world = lock(shared);
                 world.record(format_args!("probe via n{node_id}: {result:?}"));
