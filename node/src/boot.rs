@@ -91,7 +91,9 @@ pub struct BootConfig {
     /// Boot file for BIOS PXE clients (default `undionly.kpxe`).
     #[serde(default)]
     pub bios_boot_file: Option<String>,
-    /// Boot file for x86-64 UEFI clients (default `ipxe.efi`).
+    /// Boot file for x86-64 UEFI clients (default `snponly.efi`: a regular file in Debian's
+    /// `/usr/lib/ipxe`, where `ipxe.efi` is a symlink out of the directory that the confined
+    /// TFTP server refuses; it drives the NIC through the firmware's own driver).
     #[serde(default)]
     pub efi_x64_boot_file: Option<String>,
     /// Serve the iPXE binaries over TFTP on `server_ip:69`; default: on when DHCP is on.
@@ -129,6 +131,8 @@ impl Default for BootConfig {
         }
     }
 }
+
+const DEFAULT_EFI_X64_BOOT_FILE: &str = "snponly.efi";
 
 fn default_tftp_root() -> PathBuf {
     PathBuf::from("/usr/lib/ipxe")
@@ -180,9 +184,7 @@ impl BootConfig {
         if let Some(file) = &self.bios_boot_file {
             pxe.bios_boot_file = file.clone();
         }
-        if let Some(file) = &self.efi_x64_boot_file {
-            pxe.efi_x64_boot_file = file.clone();
-        }
+        pxe.efi_x64_boot_file = self.efi_x64_boot_file.clone().unwrap_or_else(|| DEFAULT_EFI_X64_BOOT_FILE.to_owned());
         let mut config = match mode {
             DhcpMode::Full => {
                 let mut config = DhcpConfig::proxy(server_ip, pxe.script_url.clone());
@@ -257,6 +259,7 @@ pub fn start(cluster: ClusterNode, config: &NodeConfig) -> Vec<JoinHandle<()>> {
         }));
     }
     if boot.tftp_enabled() {
+        warn_about_boot_files(&boot);
         match boot.server_ip(config) {
             Ok(ip) => {
                 let tftp = TftpConfig::new(SocketAddr::new(ip.into(), 69), boot.tftp_root.clone());
@@ -281,7 +284,10 @@ pub fn start(cluster: ClusterNode, config: &NodeConfig) -> Vec<JoinHandle<()>> {
     if boot.ra {
         match &boot.interface {
             Some(interface) => {
-                let ra = RaConfig { interface: interface.clone(), router_lifetime_secs: 0 };
+                let ra = RaConfig {
+                    interface: interface.clone(),
+                    router_lifetime_secs: 0,
+                };
                 match RaResponder::bind(&ra) {
                     Ok(responder) => {
                         tracing::info!(interface, "router advertisement responder running");
@@ -291,13 +297,34 @@ pub fn start(cluster: ClusterNode, config: &NodeConfig) -> Vec<JoinHandle<()>> {
                             }
                         }));
                     }
-                    Err(error) => tracing::error!(%error, "router advertisement responder not started"),
+                    Err(error) => {
+                        tracing::error!(%error, "router advertisement responder not started")
+                    }
                 }
             }
-            None => tracing::error!(error = %BootConfigError::RaWithoutInterface, "router advertisement responder not started"),
+            None => {
+                tracing::error!(error = %BootConfigError::RaWithoutInterface, "router advertisement responder not started")
+            }
         }
     }
     tasks
+}
+
+/// Logs boot files the confined TFTP server will refuse (missing, or resolving out of the root,
+/// as Debian's `ipxe.efi` symlink does), so an admin sees it at start, not at a client's boot.
+fn warn_about_boot_files(boot: &BootConfig) {
+    let files = [
+        boot.bios_boot_file.clone().unwrap_or_else(|| "undionly.kpxe".to_owned()),
+        boot.efi_x64_boot_file.clone().unwrap_or_else(|| DEFAULT_EFI_X64_BOOT_FILE.to_owned()),
+    ];
+    for file in files {
+        let path = boot.tftp_root.join(&file);
+        match std::fs::canonicalize(&path) {
+            Ok(resolved) if resolved.starts_with(&boot.tftp_root) => {}
+            Ok(resolved) => tracing::warn!(path = %path.display(), resolved = %resolved.display(), "boot file resolves outside the tftp root; tftp will refuse it"),
+            Err(error) => tracing::warn!(path = %path.display(), %error, "boot file not found in the tftp root"),
+        }
+    }
 }
 
 /// `cairn_boot_sessions{node_id}`: active boot sessions per primary node, from this node's copy
@@ -308,10 +335,15 @@ async fn session_gauges(cluster: ClusterNode) {
         interval.tick().await;
         let rows: Vec<(NodeId, usize)> = cluster.local_state(|state| {
             let sessions = state.sessions_per_node();
-            state.nodes.keys().map(|id| (*id, sessions.get(id).copied().unwrap_or(0))).collect()
+            state
+                .nodes
+                .keys()
+                .map(|id| (*id, sessions.get(id).copied().unwrap_or(0)))
+                .collect()
         });
         for (node_id, count) in rows {
-            metrics::gauge!("cairn_boot_sessions", "node_id" => node_id.to_string()).set(count as f64);
+            metrics::gauge!("cairn_boot_sessions", "node_id" => node_id.to_string())
+                .set(count as f64);
         }
     }
 }
@@ -333,13 +365,20 @@ const RECORDED_MAX: usize = 4096;
 
 impl ClusterDirectory {
     pub fn new(cluster: ClusterNode, node_id: NodeId) -> ClusterDirectory {
-        ClusterDirectory { cluster, node_id, recorded: Mutex::new(HashSet::new()) }
+        ClusterDirectory {
+            cluster,
+            node_id,
+            recorded: Mutex::new(HashSet::new()),
+        }
     }
 }
 
 impl ClientLookup for ClusterDirectory {
     fn client(&self, mac: MacAddr) -> ClientStatus {
-        if self.cluster.local_state(|state| state.clients.contains_key(&to_mac(mac))) {
+        if self
+            .cluster
+            .local_state(|state| state.clients.contains_key(&to_mac(mac)))
+        {
             ClientStatus::Registered
         } else {
             ClientStatus::Unknown
@@ -356,7 +395,10 @@ impl BootDirectory for ClusterDirectory {
         }
         // A new leader has applied every earlier committed entry once it applied one of its own
         // term (the blank entry it commits on election): only then are its leases complete.
-        let applied_term = metrics.last_applied.as_ref().map(|log_id| log_id.leader_id.term);
+        let applied_term = metrics
+            .last_applied
+            .as_ref()
+            .map(|log_id| log_id.leader_id.term);
         (applied_term == Some(metrics.current_term)).then_some(metrics.current_term)
     }
 
@@ -378,7 +420,9 @@ impl BootDirectory for ClusterDirectory {
     fn record_discovered(&self, client: DiscoveredClient) {
         let mac = to_mac(client.mac);
         {
-            let Ok(mut recorded) = self.recorded.lock() else { return };
+            let Ok(mut recorded) = self.recorded.lock() else {
+                return;
+            };
             if recorded.contains(&mac) {
                 return;
             }
@@ -387,10 +431,14 @@ impl BootDirectory for ClusterDirectory {
             }
             recorded.insert(mac);
         }
-        if self.cluster.local_state(|state| state.discovered.contains_key(&mac) || state.clients.contains_key(&mac)) {
+        if self.cluster.local_state(|state| {
+            state.discovered.contains_key(&mac) || state.clients.contains_key(&mac)
+        }) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let cluster = self.cluster.clone();
         let node_id = self.node_id;
         runtime.spawn(async move {
@@ -417,8 +465,9 @@ impl LeaseCommitter for RaftLeaseCommitter {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let (grants, releases): (Vec<Lease>, Vec<Lease>) =
-            leases.into_iter().partition(|lease| lease.expires_unix_secs as i64 * 1000 > now_ms);
+        let (grants, releases): (Vec<Lease>, Vec<Lease>) = leases
+            .into_iter()
+            .partition(|lease| lease.expires_unix_secs as i64 * 1000 > now_ms);
         let started = std::time::Instant::now();
         let count = grants.len();
         if !grants.is_empty() {
@@ -431,17 +480,33 @@ impl LeaseCommitter for RaftLeaseCommitter {
                 })
                 .collect();
             self.cluster
-                .propose(self.actor.clone(), Command::CommitLeases { leases: requests })
+                .propose(
+                    self.actor.clone(),
+                    Command::CommitLeases { leases: requests },
+                )
                 .await
                 .map_err(commit_error)?;
         }
         for release in releases {
-            match self.cluster.propose(self.actor.clone(), Command::ReleaseLease { mac: to_mac(release.mac) }).await {
+            match self
+                .cluster
+                .propose(
+                    self.actor.clone(),
+                    Command::ReleaseLease {
+                        mac: to_mac(release.mac),
+                    },
+                )
+                .await
+            {
                 Ok(_) | Err(ProposeError::Rejected(Rejection::NotFound { .. })) => {}
                 Err(error) => return Err(commit_error(error)),
             }
         }
-        tracing::debug!(leases = count, elapsed_ms = started.elapsed().as_millis() as u64, "leases committed");
+        tracing::debug!(
+            leases = count,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "leases committed"
+        );
         Ok(())
     }
 }
@@ -474,7 +539,12 @@ fn router(service: Arc<ScriptService>) -> Router {
         .route("/boot/ipxe", get(script_by_query))
         .route("/boot/login", get(script_by_query))
         .route("/boot/{file}", get(script_by_path))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "#!ipxe\necho Cairn: no such boot URL\n") })
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "#!ipxe\necho Cairn: no such boot URL\n",
+            )
+        })
         .with_state(service)
 }
 
@@ -491,10 +561,17 @@ fn parse_query(raw: Option<&str>) -> Result<ScriptQuery, String> {
         (Some(user), None) => Some((user, String::new())),
         _ => None,
     };
-    Ok(ScriptQuery { mac: parsed.mac.map(to_mac), image, login })
+    Ok(ScriptQuery {
+        mac: parsed.mac.map(to_mac),
+        image,
+        login,
+    })
 }
 
-async fn script_by_query(AxumState(service): AxumState<Arc<ScriptService>>, RawQuery(raw): RawQuery) -> Response {
+async fn script_by_query(
+    AxumState(service): AxumState<Arc<ScriptService>>,
+    RawQuery(raw): RawQuery,
+) -> Response {
     match parse_query(raw.as_deref()) {
         Ok(query) => match query.mac {
             Some(mac) => service.script(mac, query).await,
@@ -509,8 +586,14 @@ async fn script_by_path(
     Path(file): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    let Some(mac) = file.strip_suffix(".ipxe").and_then(|m| m.parse::<Mac>().ok()) else {
-        return bad_request(&format!("{:?} is not <mac address>.ipxe", file.chars().take(64).collect::<String>()));
+    let Some(mac) = file
+        .strip_suffix(".ipxe")
+        .and_then(|m| m.parse::<Mac>().ok())
+    else {
+        return bad_request(&format!(
+            "{:?} is not <mac address>.ipxe",
+            file.chars().take(64).collect::<String>()
+        ));
     };
     match parse_query(raw.as_deref()) {
         Ok(mut query) => {
@@ -522,18 +605,38 @@ async fn script_by_path(
 }
 
 fn ipxe_response(status: StatusCode, script: String) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::CACHE_CONTROL, "no-store")], script).into_response()
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        script,
+    )
+        .into_response()
 }
 
 fn bad_request(reason: &str) -> Response {
     metrics::counter!("cairn_boot_scripts_total", "outcome" => "bad_request").increment(1);
-    ipxe_response(StatusCode::BAD_REQUEST, format!("#!ipxe\necho Cairn: bad boot request: {}\n", safe_text(reason)))
+    ipxe_response(
+        StatusCode::BAD_REQUEST,
+        format!(
+            "#!ipxe\necho Cairn: bad boot request: {}\n",
+            safe_text(reason)
+        ),
+    )
 }
 
 /// Free text for an `echo` line: printable ASCII without iPXE's special characters.
 fn safe_text(raw: &str) -> String {
     raw.chars()
-        .map(|c| if c == ' ' || (c.is_ascii_graphic() && !"$#\\\"'|&;`{}".contains(c)) { c } else { '_' })
+        .map(|c| {
+            if c == ' ' || (c.is_ascii_graphic() && !"$#\\\"'|&;`{}".contains(c)) {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(200)
         .collect()
 }
@@ -542,44 +645,71 @@ fn safe_text(raw: &str) -> String {
 enum Decision {
     Plan(PlanContent),
     /// Several images: a menu whose entries come back with `&image=`.
-    Menu { images: Vec<Name>, default: usize, user: Option<Name> },
+    Menu {
+        images: Vec<Name>,
+        default: usize,
+        user: Option<Name>,
+    },
 }
 
 impl ScriptService {
     fn script_url(&self, mac: &Mac) -> String {
-        format!("{}/boot/ipxe?mac={}", self.http_base, MacAddr(mac.0).to_hyphenated())
+        format!(
+            "{}/boot/ipxe?mac={}",
+            self.http_base,
+            MacAddr(mac.0).to_hyphenated()
+        )
     }
 
     async fn script(&self, mac: Mac, query: ScriptQuery) -> Response {
         let started = std::time::Instant::now();
         let (decision, note) = self.decide(mac, &query).await;
-        let client_name = self.cluster.local_state(|s| s.clients.get(&mac).map(|c| c.name.to_string()));
+        let client_name = self
+            .cluster
+            .local_state(|s| s.clients.get(&mac).map(|c| c.name.to_string()));
         let outcome;
         let script = match decision {
             Decision::Plan(content) => {
                 outcome = match &content {
                     PlanContent::Boot { .. } => "boot",
                     PlanContent::Login { .. } => "login",
-                    PlanContent::Message { message: BootMessage::ClusterUnavailable, .. } => "unavailable",
+                    PlanContent::Message {
+                        message: BootMessage::ClusterUnavailable,
+                        ..
+                    } => "unavailable",
                     PlanContent::Message { .. } => "message",
                 };
                 let plan = BootPlan {
                     client_mac: MacAddr(mac.0),
                     client_name: client_name.clone(),
-                    initiator_iqn: initiator_name_for_client(&mac),
+                    initiator_iqn: crate::storage::initiator_name_for_client(&mac),
                     retry_url: self.script_url(&mac),
                     content,
                 };
                 let script = render_ipxe_script(&plan);
                 match note {
                     // The reason goes right after the `#!ipxe` line.
-                    Some(note) => script.replacen("#!ipxe\n", &format!("#!ipxe\necho Cairn: {}\n", safe_text(&note)), 1),
+                    Some(note) => script.replacen(
+                        "#!ipxe\n",
+                        &format!("#!ipxe\necho Cairn: {}\n", safe_text(&note)),
+                        1,
+                    ),
                     None => script,
                 }
             }
-            Decision::Menu { images, default, user } => {
+            Decision::Menu {
+                images,
+                default,
+                user,
+            } => {
                 outcome = "menu";
-                self.render_menu(&mac, client_name.as_deref(), &images, default, user.is_some())
+                self.render_menu(
+                    &mac,
+                    client_name.as_deref(),
+                    &images,
+                    default,
+                    user.is_some(),
+                )
             }
         };
         metrics::counter!("cairn_boot_scripts_total", "outcome" => outcome).increment(1);
@@ -588,12 +718,20 @@ impl ScriptService {
     }
 
     fn unavailable(retry_secs: u32) -> PlanContent {
-        PlanContent::Message { message: BootMessage::ClusterUnavailable, retry_secs }
+        PlanContent::Message {
+            message: BootMessage::ClusterUnavailable,
+            retry_secs,
+        }
     }
 
     /// The decision and, when useful, one line of explanation shown before it.
     async fn decide(&self, mac: Mac, query: &ScriptQuery) -> (Decision, Option<String>) {
-        let message = |message, retry_secs| Decision::Plan(PlanContent::Message { message, retry_secs });
+        let message = |message, retry_secs| {
+            Decision::Plan(PlanContent::Message {
+                message,
+                retry_secs,
+            })
+        };
         let login = query.login.clone();
         // Linearizable: a client added a moment ago (on any node) is seen.
         let snapshot = self
@@ -601,14 +739,24 @@ impl ScriptService {
             .read(|state| {
                 let registered = state.clients.contains_key(&mac);
                 let client = state.client_images(&mac);
-                let user_assignments = state.assignments.keys().any(|t| matches!(t, AssignmentTarget::User(_)));
-                let user = login.as_ref().map(|(name, password)| check_login(state, name, password));
+                let user_assignments = state
+                    .assignments
+                    .keys()
+                    .any(|t| matches!(t, AssignmentTarget::User(_)));
+                let user = login
+                    .as_ref()
+                    .map(|(name, password)| check_login(state, name, password));
                 (registered, client, user_assignments, user)
             })
             .await;
         let (registered, client_images, user_assignments, user) = match snapshot {
             Ok(snapshot) => snapshot,
-            Err(error) => return (Decision::Plan(Self::unavailable(10)), Some(error.to_string())),
+            Err(error) => {
+                return (
+                    Decision::Plan(Self::unavailable(10)),
+                    Some(error.to_string()),
+                )
+            }
         };
         if !registered {
             return (message(BootMessage::NotRegistered, 30), None);
@@ -631,50 +779,109 @@ impl ScriptService {
                 None => {
                     let note = format!("image {wanted} is not assigned here; choose again");
                     let names: Vec<Name> = images.images.iter().map(|a| a.image.clone()).collect();
-                    return (Decision::Menu { default: default_index(&names, &images.default), images: names, user }, Some(note));
+                    return (
+                        Decision::Menu {
+                            default: default_index(&names, &images.default),
+                            images: names,
+                            user,
+                        },
+                        Some(note),
+                    );
                 }
             },
             None if images.images.len() == 1 => images.images[0].image.clone(),
             None => {
                 let names: Vec<Name> = images.images.iter().map(|a| a.image.clone()).collect();
-                return (Decision::Menu { default: default_index(&names, &images.default), images: names, user }, None);
+                return (
+                    Decision::Menu {
+                        default: default_index(&names, &images.default),
+                        images: names,
+                        user,
+                    },
+                    None,
+                );
             }
         };
         match self.begin_boot(mac, chosen.clone(), user).await {
             Ok(entry) => (
-                Decision::Plan(PlanContent::Boot { entries: vec![entry], default_entry: 0, menu_timeout_ms: self.menu_timeout_ms }),
+                Decision::Plan(PlanContent::Boot {
+                    entries: vec![entry],
+                    default_entry: 0,
+                    menu_timeout_ms: self.menu_timeout_ms,
+                }),
                 None,
             ),
-            Err(BeginBootError::Rejected(rejection)) => {
-                (Decision::Plan(Self::unavailable(15)), Some(format!("cannot boot {chosen}: {rejection}")))
+            Err(BeginBootError::Rejected(rejection)) => (
+                Decision::Plan(Self::unavailable(15)),
+                Some(format!("cannot boot {chosen}: {rejection}")),
+            ),
+            Err(BeginBootError::Unavailable(reason)) => {
+                (Decision::Plan(Self::unavailable(10)), Some(reason))
             }
-            Err(BeginBootError::Unavailable(reason)) => (Decision::Plan(Self::unavailable(10)), Some(reason)),
         }
     }
 
     /// Commits the boot (placement, generation) and returns the entry for `sanboot`.
-    async fn begin_boot(&self, mac: Mac, image: Name, user: Option<Name>) -> Result<BootEntry, BeginBootError> {
-        let events = match self.cluster.propose(self.actor.clone(), Command::BeginBoot { mac, image: image.clone(), user }).await {
+    async fn begin_boot(
+        &self,
+        mac: Mac,
+        image: Name,
+        user: Option<Name>,
+    ) -> Result<BootEntry, BeginBootError> {
+        let events = match self
+            .cluster
+            .propose(
+                self.actor.clone(),
+                Command::BeginBoot {
+                    mac,
+                    image: image.clone(),
+                    user,
+                },
+            )
+            .await
+        {
             Ok(events) => events,
-            Err(ProposeError::Rejected(rejection)) => return Err(BeginBootError::Rejected(rejection)),
+            Err(ProposeError::Rejected(rejection)) => {
+                return Err(BeginBootError::Rejected(rejection))
+            }
             Err(error) => return Err(BeginBootError::Unavailable(error.to_string())),
         };
-        let Some((primary, standby, generation)) = events.iter().find_map(|event| match &event.payload {
-            EventPayload::BootStarted { primary, standby, generation, .. } => Some((*primary, *standby, *generation)),
-            _ => None,
-        }) else {
-            return Err(BeginBootError::Unavailable("the boot was committed without a session".into()));
+        let Some((primary, standby, generation)) =
+            events.iter().find_map(|event| match &event.payload {
+                EventPayload::BootStarted {
+                    primary,
+                    standby,
+                    generation,
+                    ..
+                } => Some((*primary, *standby, *generation)),
+                _ => None,
+            })
+        else {
+            return Err(BeginBootError::Unavailable(
+                "the boot was committed without a session".into(),
+            ));
         };
         // Node addresses change rarely; a linearizable read sees a node registered a moment ago.
         let portals = self
             .cluster
-            .read(|state| (portal(state, primary), standby.and_then(|id| portal(state, id))))
+            .read(|state| {
+                (
+                    portal(state, primary),
+                    standby.and_then(|id| portal(state, id)),
+                )
+            })
             .await
             .map_err(|e| BeginBootError::Unavailable(e.to_string()))?;
         let (Some(primary_portal), standby_portal) = portals else {
-            return Err(BeginBootError::Unavailable(format!("node {primary} has no usable portal address")));
+            return Err(BeginBootError::Unavailable(format!(
+                "node {primary} has no usable portal address"
+            )));
         };
         tracing::info!(client_mac = %mac, %image, primary, ?standby, generation, "boot begun");
+        // The primary exposes the new session's target from its reconciler (every 250 ms, after
+        // it applied the entry): give it that long before iPXE logs in, else the first login
+        // races it, fails, and the retry starts yet another session.
+        tokio::time::sleep(Duration::from_millis(SESSION_SETTLE_MS)).await;
         Ok(BootEntry {
             label: image.to_string(),
             target_iqn: cairn_blockstore::iscsi::target_name_for_client(mac.0),
@@ -684,13 +891,24 @@ impl ScriptService {
         })
     }
 
-    fn render_menu(&self, mac: &Mac, client_name: Option<&str>, images: &[Name], default: usize, with_login: bool) -> String {
+    fn render_menu(
+        &self,
+        mac: &Mac,
+        client_name: Option<&str>,
+        images: &[Name],
+        default: usize,
+        with_login: bool,
+    ) -> String {
         let hyphenated = MacAddr(mac.0).to_hyphenated();
         let who = match client_name {
             Some(name) => format!("{} ({mac})", safe_text(name)),
             None => mac.to_string(),
         };
-        let credentials = if with_login { "&user=${username:uristring}&password=${password:uristring}" } else { "" };
+        let credentials = if with_login {
+            "&user=${username:uristring}&password=${password:uristring}"
+        } else {
+            ""
+        };
         let mut s = String::from("#!ipxe\n:menu\n");
         s += &format!("menu Cairn: choose an image for {who}\n");
         for (i, image) in images.iter().enumerate() {
@@ -718,17 +936,27 @@ impl ScriptService {
     }
 }
 
+/// How long the script server waits after committing a boot before it answers (see `begin_boot`).
+const SESSION_SETTLE_MS: u64 = 600;
+
 enum BeginBootError {
     Rejected(Rejection),
     Unavailable(String),
 }
 
 fn default_index(images: &[Name], default: &Option<Name>) -> usize {
-    default.as_ref().and_then(|d| images.iter().position(|i| i == d)).unwrap_or(0)
+    default
+        .as_ref()
+        .and_then(|d| images.iter().position(|i| i == d))
+        .unwrap_or(0)
 }
 
 /// `Some((user, their images))` when the name and password are right.
-fn check_login(state: &State, name: &str, password: &str) -> Option<(Name, cairn_consensus::domain::AssignmentList)> {
+fn check_login(
+    state: &State,
+    name: &str,
+    password: &str,
+) -> Option<(Name, cairn_consensus::domain::AssignmentList)> {
     let name = Name::new(name).ok()?;
     let user = state.users.get(&name)?;
     let hash = user.password_hash.as_deref()?;
@@ -742,11 +970,6 @@ fn portal(state: &State, node_id: NodeId) -> Option<SocketAddr> {
     state.nodes.get(&node_id)?.portal_address.parse().ok()
 }
 
-/// The initiator name a client's iPXE uses; its target admits only this name.
-pub fn initiator_name_for_client(mac: &Mac) -> String {
-    format!("iqn.2026-11.org.cairn:initiator.{}", mac.to_compact())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,7 +980,12 @@ mod tests {
         assert_eq!(config, BootConfig::default());
         assert_eq!(config.dhcp_mode, BootDhcpMode::Off);
         assert!(!config.tftp_enabled());
-        let node = NodeConfig::new(1, "n1".into(), "/tmp/x".into(), "192.168.77.1".parse().unwrap());
+        let node = NodeConfig::new(
+            1,
+            "n1".into(),
+            "/tmp/x".into(),
+            "192.168.77.1".parse().unwrap(),
+        );
         assert_eq!(config.dhcp_config(&node).unwrap(), None);
 
         let text = r#"
@@ -777,6 +1005,7 @@ mod tests {
         assert_eq!(dhcp.server_ip, Ipv4Addr::new(192, 168, 77, 1));
         assert_eq!(dhcp.pxe.script_url, "http://192.168.77.1:8080/boot/ipxe");
         assert_eq!(dhcp.interface.as_deref(), Some("eth0"));
+        assert_eq!(dhcp.pxe.efi_x64_boot_file, "snponly.efi");
         dhcp.validate().unwrap();
         let back: BootConfig = toml::from_str(&toml::to_string(&config).unwrap()).unwrap();
         assert_eq!(back, config);
@@ -785,11 +1014,17 @@ mod tests {
 
     #[test]
     fn queries_are_parsed_and_text_is_made_safe() {
-        let q = parse_query(Some("mac=52-54-00-77-00-10&image=deb12&user=ann&password=a%20b")).unwrap();
+        let q = parse_query(Some(
+            "mac=52-54-00-77-00-10&image=deb12&user=ann&password=a%20b",
+        ))
+        .unwrap();
         assert_eq!(q.mac, Some("52:54:00:77:00:10".parse().unwrap()));
         assert_eq!(q.image.as_deref(), Some("deb12"));
         assert_eq!(q.login, Some(("ann".into(), "a b".into())));
         assert!(parse_query(Some("mac=zz")).is_err());
-        assert_eq!(safe_text("a${x}; chain http://evil"), "a__x___ chain http://evil");
+        assert_eq!(
+            safe_text("a${x}; chain http://evil"),
+            "a__x__ chain http://evil"
+        );
     }
 }

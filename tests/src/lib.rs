@@ -1,6 +1,8 @@
 //! Helpers for the real-process tests in `tests/tests/`: build the `cairn` binary, start real
 //! `cairn node run` processes, and drive them through the real CLI.
 
+pub mod pxe;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;

@@ -1,0 +1,559 @@
+//! Helpers for the PXE boot tests (`tests/tests/pxe_boot.rs`): the small bootable Linux disk,
+//! the network namespaces (one per Cairn node, plus a client LAN with a bridge), real
+//! `cairn node run` processes inside them, qemu, and serial-console watching.
+//!
+//! Topology (all private to the test, removed on drop):
+//!
+//! ```text
+//!   ns <p>-lan: br0 192.168.77.254/24 ── tap0 (qemu)
+//!                │   │   │
+//!   veth ────────┘   │   └──────── ns <p>-n3: eth0 192.168.77.3
+//!   ns <p>-n1: eth0 192.168.77.1   ns <p>-n2: eth0 192.168.77.2
+//! ```
+//!
+//! Each node has a namespace of its own, as it would have a machine of its own: every node binds
+//! DHCP's port 67 on its `eth0` and only the Raft leader answers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::cairn_binary;
+
+pub const SUBNET: &str = "192.168.77";
+pub const LAN_ADDRESS: &str = "192.168.77.254";
+
+/// Why this machine cannot run the PXE tests, if it cannot.
+pub fn missing_prerequisite() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        return Some("needs root (network namespaces, taps, DHCP port 67)".into());
+    }
+    for tool in ["qemu-system-x86_64", "ip", "mcopy", "mkfs.vfat", "sfdisk", "syslinux", "cpio", "objcopy", "busybox"] {
+        let found = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    for path in ["/usr/lib/ipxe/undionly.kpxe", "/usr/lib/ipxe/ipxe.efi", "/usr/lib/syslinux/mbr/mbr.bin"] {
+        if !Path::new(path).exists() {
+            return Some(format!("{path} is missing (packages ipxe, syslinux-common)"));
+        }
+    }
+    if kernel_image().is_none() {
+        return Some("no kernel in /boot (package linux-image-amd64)".into());
+    }
+    None
+}
+
+fn kernel_image() -> Option<PathBuf> {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .collect();
+    kernels.sort();
+    kernels.pop()
+}
+
+/// Builds a 64 MiB raw disk: MBR + one FAT16 partition holding a Debian kernel, a busybox
+/// initramfs that prints `marker` on ttyS0 and powers off, syslinux (BIOS) and a unified kernel
+/// image at `\EFI\BOOT\BOOTX64.EFI` (UEFI, when systemd's EFI stub is installed).
+pub fn build_boot_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<PathBuf> {
+    let kernel = kernel_image().context("no kernel in /boot")?;
+    let dir = work.join(format!("disk-{name}"));
+    std::fs::create_dir_all(&dir)?;
+    let disk = work.join(format!("{name}.img"));
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(DISK_SCRIPT)
+        .env("WORK", &dir)
+        .env("DISK", &disk)
+        .env("KERNEL", &kernel)
+        .env("MARKER", marker)
+        .env("LABEL", "CAIRNPXE")
+        .stdout(Stdio::null())
+        .status()
+        .context("running the disk build script")?;
+    if !status.success() {
+        bail!("building the boot disk failed ({status})");
+    }
+    Ok(disk)
+}
+
+/// The disk build, as shell: it strings together mkfs, mtools, syslinux and objcopy.
+const DISK_SCRIPT: &str = r#"
+set -euo pipefail
+R=$WORK/root
+rm -rf "$R"; mkdir -p $R/bin $R/sbin $R/proc $R/sys $R/dev
+cp "$(command -v busybox)" $R/bin/busybox
+for a in sh mount echo sleep poweroff cat; do ln -sf busybox $R/bin/$a; done
+cat > $R/init <<INIT
+#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
+exec > /dev/ttyS0 2>&1
+echo "$MARKER"
+sleep 1
+poweroff -f
+INIT
+chmod +x $R/init
+(cd $R && find . | cpio -o -H newc --quiet | gzip -1) > $WORK/initrd.gz
+P=$WORK/part.img
+rm -f $P "$DISK"
+truncate -s 63M $P
+mkfs.vfat -F 16 -n "$LABEL" -h 2048 $P >/dev/null
+printf 'SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL vmlinuz\n  INITRD initrd.gz\n  APPEND console=ttyS0,115200 quiet loglevel=3 panic=-1\n' > $WORK/syslinux.cfg
+mcopy -i $P "$KERNEL" ::vmlinuz
+mcopy -i $P $WORK/initrd.gz ::initrd.gz
+mcopy -i $P $WORK/syslinux.cfg ::syslinux.cfg
+syslinux --install $P
+STUB=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
+if [ -f $STUB ]; then
+  echo -n "console=ttyS0,115200 quiet loglevel=3 panic=-1" > $WORK/cmdline.txt
+  objcopy --add-section .osrel=/usr/lib/os-release --change-section-vma .osrel=0x20000 \
+    --add-section .cmdline=$WORK/cmdline.txt --change-section-vma .cmdline=0x30000 \
+    --add-section .linux="$KERNEL" --change-section-vma .linux=0x2000000 \
+    --add-section .initrd=$WORK/initrd.gz --change-section-vma .initrd=0x3000000 \
+    $STUB $WORK/bootx64.efi
+  mmd -i $P ::EFI ::EFI/BOOT
+  mcopy -i $P $WORK/bootx64.efi ::EFI/BOOT/BOOTX64.EFI
+fi
+truncate -s 64M "$DISK"
+printf 'label: dos\nstart=2048, type=6, bootable\n' | sfdisk -q "$DISK"
+dd if=/usr/lib/syslinux/mbr/mbr.bin of="$DISK" bs=440 count=1 conv=notrunc status=none
+dd if=$P of="$DISK" bs=1M seek=1 conv=notrunc status=none
+rm -rf $P $R $WORK/bootx64.efi
+"#;
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The namespaces and links of one test; deleted on drop.
+pub struct Lab {
+    pub prefix: String,
+    pub nodes: u8,
+}
+
+impl Lab {
+    /// Creates `<prefix>-lan` (bridge, tap0, an address for the CLI) and `<prefix>-n<i>` for
+    /// nodes 1..=nodes, each with `eth0` = 192.168.77.<i> on the bridge.
+    pub fn create(nodes: u8) -> anyhow::Result<Lab> {
+        let prefix = format!("cpxe{}", std::process::id() % 100_000);
+        let lab = Lab { prefix, nodes };
+        let lan = lab.lan();
+        run("ip", &["netns", "add", &lan])?;
+        let ip_lan = |args: &[&str]| {
+            let mut all = vec!["-n", lan.as_str()];
+            all.extend_from_slice(args);
+            run("ip", &all)
+        };
+        ip_lan(&["link", "set", "lo", "up"])?;
+        ip_lan(&["link", "add", "br0", "type", "bridge"])?;
+        // No STP listening delay: ports forward at once.
+        ip_lan(&["link", "set", "br0", "type", "bridge", "forward_delay", "0"])?;
+        ip_lan(&["link", "set", "br0", "up"])?;
+        ip_lan(&["addr", "add", &format!("{LAN_ADDRESS}/24"), "dev", "br0"])?;
+        ip_lan(&["tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+        ip_lan(&["link", "set", "tap0", "master", "br0"])?;
+        ip_lan(&["link", "set", "tap0", "up"])?;
+        for id in 1..=nodes {
+            let ns = lab.node_ns(id);
+            run("ip", &["netns", "add", &ns])?;
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+            // Created in the node's namespace, the peer end moved to the LAN.
+            let peer = format!("vn{id}");
+            run("ip", &["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer])?;
+            run("ip", &["-n", &ns, "link", "set", &peer, "netns", &lan])?;
+            ip_lan(&["link", "set", &peer, "master", "br0"])?;
+            ip_lan(&["link", "set", &peer, "up"])?;
+            run("ip", &["netns", "exec", &ns, "sysctl", "-q", "-w", "net.ipv6.conf.eth0.accept_dad=0"])?;
+            run("ip", &["-n", &ns, "addr", "add", &format!("{SUBNET}.{id}/24"), "dev", "eth0"])?;
+            run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(lab)
+    }
+
+    pub fn lan(&self) -> String {
+        format!("{}-lan", self.prefix)
+    }
+
+    pub fn node_ns(&self, id: u8) -> String {
+        format!("{}-n{id}", self.prefix)
+    }
+
+    pub fn node_address(&self, id: u8) -> String {
+        format!("{SUBNET}.{id}")
+    }
+
+    /// Cuts node `id` off the LAN (its link goes down) or puts it back.
+    pub fn set_node_link(&self, id: u8, up: bool) -> anyhow::Result<()> {
+        run("ip", &["-n", &self.lan(), "link", "set", &format!("vn{id}"), if up { "up" } else { "down" }])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for id in 1..=self.nodes {
+            let _ = Command::new("ip").args(["netns", "del", &self.node_ns(id)]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.lan()]).status();
+    }
+}
+
+/// One `cairn node run` in its namespace.
+pub struct LabNode {
+    pub id: u8,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl LabNode {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL (a power loss of the process).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LabNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three (or more) real nodes in a [`Lab`], with DHCP (full mode), TFTP and RA on every node.
+pub struct LabCluster {
+    pub lab: Lab,
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<LabNode>,
+    pub cli_config: PathBuf,
+}
+
+impl LabCluster {
+    pub fn start(size: u8) -> anyhow::Result<LabCluster> {
+        let lab = Lab::create(size)?;
+        let dir = tempfile::Builder::new().prefix("cairn-pxe").tempdir()?;
+        let cli_config = dir.path().join("cli.toml");
+        let nodes = (1..=size)
+            .map(|id| LabNode { id, data_dir: dir.path().join(format!("node{id}")), child: None })
+            .collect();
+        let mut cluster = LabCluster { lab, dir, nodes, cli_config };
+        let first = cluster.nodes[0].data_dir.clone();
+        let address = cluster.lab.node_address(1);
+        cluster.cli_ok_in(&cluster.lab.node_ns(1), &[
+            "cluster",
+            "init",
+            "--node-id",
+            "1",
+            "--address",
+            &address,
+            "--data-dir",
+            first.to_str().context("utf-8 path")?,
+        ])?;
+        cluster.configure_boot(1)?;
+        cluster.start_node(1)?;
+        cluster.wait_for(Duration::from_secs(30), |status| status["leader"].is_u64())?;
+        for id in 2..=size {
+            let token = cluster.cli_json(&["cluster", "join-token"])?["token"].as_str().context("join token")?.to_string();
+            let data_dir = cluster.nodes[usize::from(id) - 1].data_dir.clone();
+            let server = format!("https://{}:7400", cluster.lab.node_address(1));
+            let address = cluster.lab.node_address(id);
+            cluster.cli_ok_in(&cluster.lab.node_ns(id), &[
+                "cluster",
+                "join",
+                "--server",
+                &server,
+                "--join-token",
+                &token,
+                "--node-id",
+                &id.to_string(),
+                "--address",
+                &address,
+                "--data-dir",
+                data_dir.to_str().context("utf-8 path")?,
+            ])?;
+            cluster.configure_boot(id)?;
+            cluster.start_node(id)?;
+        }
+        let voters = usize::from(size);
+        cluster.wait_for(Duration::from_secs(60), |status| {
+            status["nodes"].as_array().is_some_and(|nodes| nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters)
+        })?;
+        Ok(cluster)
+    }
+
+    /// Replaces the `[boot]` part of the node's `node.toml` with full DHCP on `eth0`.
+    fn configure_boot(&self, id: u8) -> anyhow::Result<()> {
+        let path = self.nodes[usize::from(id) - 1].data_dir.join("node.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut kept = String::new();
+        let mut in_boot = false;
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('[') {
+                in_boot = trimmed.starts_with("[boot") || trimmed.starts_with("[[boot");
+                if !in_boot {
+                    bail!("{} has a table besides [boot]: {trimmed}", path.display());
+                }
+            }
+            if !in_boot {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        kept.push_str(&format!(
+            "\n[boot]\ndhcp_mode = \"full\"\ninterface = \"eth0\"\nra = true\n\n[[boot.pools]]\nsubnet = \"{SUBNET}.0\"\nprefix_len = 24\nrange_first = \"{SUBNET}.100\"\nrange_last = \"{SUBNET}.150\"\nlease_secs = 600\n"
+        ));
+        std::fs::write(&path, kept)?;
+        Ok(())
+    }
+
+    pub fn start_node(&mut self, id: u8) -> anyhow::Result<()> {
+        let ns = self.lab.node_ns(id);
+        let log_path = self.dir.path().join(format!("node{id}.log"));
+        let node = &mut self.nodes[usize::from(id) - 1];
+        assert!(node.child.is_none(), "node {id} already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+        // `ip netns exec` execs the command: the child's pid is the node's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(cairn_binary())
+            .args(["node", "run", "--data-dir"])
+            .arg(&node.data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning cairn node run")?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut LabNode {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// Runs the CLI in namespace `ns` (default: the LAN).
+    pub fn cli_in(&self, ns: &str, server: Option<&str>, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", ns]).arg(cairn_binary());
+        command.env("CAIRN_CLI_CONFIG", &self.cli_config).env_remove("CAIRN_SERVER").env_remove("CAIRN_TOKEN");
+        if let Some(server) = server {
+            command.args(["--server", server]);
+        }
+        let output = command.args(args).output().context("running the cairn cli")?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    fn cli_ok_in(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
+        let (ok, stdout, stderr) = self.cli_in(ns, None, args)?;
+        if !ok {
+            bail!("cairn {} failed: {stderr}", args.join(" "));
+        }
+        Ok(stdout)
+    }
+
+    /// Runs the CLI from the LAN against the first running node.
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut last = String::new();
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let server = format!("https://{}:7400", self.lab.node_address(node.id));
+            let (ok, stdout, stderr) = self.cli_in(&self.lab.lan(), Some(&server), args)?;
+            if ok {
+                return Ok(stdout);
+            }
+            last = stderr;
+            // A refusal is an answer; only an unreachable node is worth trying another for.
+            if !last.contains("connect") && !last.contains("unreachable") && !last.contains("timed out") {
+                break;
+            }
+        }
+        bail!("cairn {} failed: {last}", args.join(" "))
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        Ok(serde_json::from_str(&self.cli_ok(&with_json)?)?)
+    }
+
+    /// Polls `cluster status` until `done` holds.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        loop {
+            if let Ok(status) = self.cli_json(&["cluster", "status"]) {
+                if done(&status) {
+                    return Ok(status);
+                }
+                last = status;
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?}; last status: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    pub fn leader(&self) -> anyhow::Result<u64> {
+        let status = self.wait_for(Duration::from_secs(30), |s| s["leader"].is_u64())?;
+        status["leader"].as_u64().context("leader id")
+    }
+
+    /// The last lines of every node's log.
+    pub fn logs(&self, lines: usize) -> String {
+        let mut text = String::new();
+        for node in &self.nodes {
+            let path = self.dir.path().join(format!("node{}.log", node.id));
+            let log = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            text.push_str(&format!("--- node {} (last {lines} lines)\n", node.id));
+            for line in tail.into_iter().rev() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
+    }
+}
+
+/// Firmware of the virtual machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS with the e1000's iPXE option ROM: DHCP (user class iPXE) gives the script URL.
+    Bios,
+    /// OVMF's own PXE on a virtio NIC without option ROM: DHCP gives `ipxe.efi` over TFTP,
+    /// which asks DHCP again and fetches the script.
+    Uefi,
+}
+
+/// A qemu (TCG) on the LAN's tap0, serial console to a file.
+pub struct Qemu {
+    child: Option<Child>,
+    pub serial: PathBuf,
+    pub started: Instant,
+}
+
+impl Qemu {
+    pub fn start(lab: &Lab, work: &Path, firmware: Firmware, mac: &str, run: &str) -> anyhow::Result<Qemu> {
+        let serial = work.join(format!("serial-{run}.log"));
+        let qemu_log = std::fs::File::create(work.join(format!("qemu-{run}.log")))?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &lab.lan(), "qemu-system-x86_64", "-accel", "tcg", "-m", "512"]);
+        command.args(["-no-reboot", "-nographic", "-monitor", "none"]);
+        command.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
+        match firmware {
+            Firmware::Bios => {
+                command.args(["-boot", "n", "-device", &format!("e1000,netdev=n0,mac={mac}")]);
+            }
+            Firmware::Uefi => {
+                let vars = work.join(format!("vars-{run}.fd"));
+                std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).context("copying OVMF_VARS_4M.fd (package ovmf)")?;
+                command.args(["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"]);
+                command.arg("-drive").arg(format!("if=pflash,format=raw,file={}", vars.display()));
+                command.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1")]);
+            }
+        }
+        command.arg("-serial").arg(format!("file:{}", serial.display()));
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(qemu_log.try_clone()?)
+            .stderr(qemu_log)
+            .spawn()
+            .context("starting qemu")?;
+        Ok(Qemu { child: Some(child), serial, started: Instant::now() })
+    }
+
+    /// The serial console so far, without terminal escapes.
+    pub fn console(&self) -> String {
+        let bytes = std::fs::read(&self.serial).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\u{1b}' => {
+                    // CSI: ESC [ params final-byte
+                    if chars.peek() == Some(&'[') {
+                        chars.next();
+                        while let Some(&n) = chars.peek() {
+                            chars.next();
+                            if n.is_ascii_alphabetic() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                '\r' | '\u{8}' => {}
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// Waits for `marker` on the console; gives up when the machine stopped, a line in `fail`
+    /// appeared, or `timeout` passed. Returns the seconds from power-on to the marker.
+    pub fn wait_for_marker(&mut self, marker: &str, fail: &[&str], timeout: Duration) -> anyhow::Result<f64> {
+        loop {
+            let console = self.console();
+            if console.contains(marker) {
+                return Ok(self.started.elapsed().as_secs_f64());
+            }
+            if let Some(bad) = fail.iter().find(|f| console.contains(**f)) {
+                bail!("console shows {bad:?}:\n{}", tail(&console, 40));
+            }
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait()?.is_some(),
+                None => true,
+            };
+            if exited {
+                bail!("qemu exited before {marker:?}:\n{}", tail(&console, 40));
+            }
+            if self.started.elapsed() > timeout {
+                bail!("no {marker:?} after {timeout:?}:\n{}", tail(&console, 40));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
