@@ -34,10 +34,10 @@ fn fixed_seeds_pass() {
 
 /// Seeds that reproduce known bugs in consensus not fixed yet; run with `--ignored`. Move each to
 /// `REGRESSION_SEEDS` once its fix lands.
-/// - 1418: `RaftService::propose_as_leader` awaits `client_write` with no deadline; a restarted
+/// - 1418, 1747: `RaftService::propose_as_leader` awaits `client_write` with no deadline; a restarted
 ///   node that resumes leadership of its old term, accepts a write and is then deposed (its
 ///   uncommitted entry replaced through a snapshot install) never answers: `propose` hangs.
-const KNOWN_BUG_SEEDS: &[u64] = &[1418];
+const KNOWN_BUG_SEEDS: &[u64] = &[1418, 1747];
 
 #[test]
 #[ignore = "known consensus bugs, see KNOWN_BUG_SEEDS"]
