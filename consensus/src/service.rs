@@ -218,7 +218,10 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
                 Some((leader, Some(address))) => {
                     // A leader that died with our request in flight never answers: give up as
                     // soon as this member sees another leader (or an election) instead.
+                    // `biased`: the same order of polling every time, so a simulated run
+                    // replays exactly from its seed.
                     tokio::select! {
+                        biased;
                         result = remote(leader, address) => classify(result),
                         () = self.leader_changed_from(leader) => Attempt::Done(Err(ForwardError::Unavailable(
                             format!("leader {leader} changed while the request was in flight; outcome unknown"),
@@ -297,7 +300,18 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
         self.state
             .with_state(|state| state.check(&proposal))
             .map_err(ForwardError::Rejected)?;
-        match self.raft.client_write(proposal).await {
+        // Bounded: a leader deposed right after accepting an entry may never answer it (openraft
+        // answers pending writes only when it truncates them; found by the simulation, seeds
+        // 1418 and 1747). The outcome is then unknown, which the caller is told.
+        let deadline = Duration::from_millis(self.timeouts.forward_timeout_ms);
+        let Ok(written) = tokio::time::timeout(deadline, self.raft.client_write(proposal)).await
+        else {
+            return Err(ForwardError::Unavailable(format!(
+                "no answer from raft within {} ms; outcome unknown",
+                self.timeouts.forward_timeout_ms
+            )));
+        };
+        match written {
             Ok(response) => response.data.map_err(ForwardError::Rejected),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 Err(ForwardError::NotLeader {

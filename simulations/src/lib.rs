@@ -54,7 +54,7 @@
 //! `cargo run -p cairn-simulations --release -- --seeds 1000` runs many (`--start N` picks the
 //! first), `--reproduce SEED --verbose` replays one with its whole trace. A failure prints the
 //! violated invariant, the seed's configuration, the end of the trace and `--reproduce <seed>`;
-//! every failing seed found this way belongs in `tests/seeds.rs` (`REGRESSION_SEEDS` once fixed,
+//! every failing seed found this way belongs in `tests/seeds.rs` (`REGRESSION_SEEDS` once fixed;
 //! `KNOWN_BUG_SEEDS`, run with `--ignored`, while the bug is open).
 //!
 //! # Growing it
