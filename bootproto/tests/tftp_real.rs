@@ -233,18 +233,27 @@ async fn limits_are_enforced() {
         0,
         "file above the size limit"
     );
-    // Hold the only slot with a transfer we never acknowledge.
+    // Hold the only slot with a transfer we never acknowledge. The refused transfer above frees
+    // its slot just after its error is sent, so the first try may still be told "busy".
     let holder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    holder
-        .send_to(&rrq("exact.bin", &[]), server)
-        .await
-        .unwrap();
     let mut buffer = vec![0u8; 2048];
-    let (len, _) = holder.recv_from(&mut buffer).await.unwrap();
-    assert!(matches!(
-        wire::parse(&buffer[..len]).unwrap(),
-        Packet::Data { block: 1, .. }
-    ));
+    let mut holding = false;
+    for _ in 0..40 {
+        holder
+            .send_to(&rrq("exact.bin", &[]), server)
+            .await
+            .unwrap();
+        let (len, _) = holder.recv_from(&mut buffer).await.unwrap();
+        if matches!(
+            wire::parse(&buffer[..len]).unwrap(),
+            Packet::Data { block: 1, .. }
+        ) {
+            holding = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(holding, "the free slot was never given out");
     assert_eq!(
         error_code(ask(server, &rrq("exact.bin", &[])).await),
         0,
