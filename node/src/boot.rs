@@ -184,7 +184,10 @@ impl BootConfig {
         if let Some(file) = &self.bios_boot_file {
             pxe.bios_boot_file = file.clone();
         }
-        pxe.efi_x64_boot_file = self.efi_x64_boot_file.clone().unwrap_or_else(|| DEFAULT_EFI_X64_BOOT_FILE.to_owned());
+        pxe.efi_x64_boot_file = self
+            .efi_x64_boot_file
+            .clone()
+            .unwrap_or_else(|| DEFAULT_EFI_X64_BOOT_FILE.to_owned());
         let mut config = match mode {
             DhcpMode::Full => {
                 let mut config = DhcpConfig::proxy(server_ip, pxe.script_url.clone());
@@ -314,15 +317,23 @@ pub fn start(cluster: ClusterNode, config: &NodeConfig) -> Vec<JoinHandle<()>> {
 /// as Debian's `ipxe.efi` symlink does), so an admin sees it at start, not at a client's boot.
 fn warn_about_boot_files(boot: &BootConfig) {
     let files = [
-        boot.bios_boot_file.clone().unwrap_or_else(|| "undionly.kpxe".to_owned()),
-        boot.efi_x64_boot_file.clone().unwrap_or_else(|| DEFAULT_EFI_X64_BOOT_FILE.to_owned()),
+        boot.bios_boot_file
+            .clone()
+            .unwrap_or_else(|| "undionly.kpxe".to_owned()),
+        boot.efi_x64_boot_file
+            .clone()
+            .unwrap_or_else(|| DEFAULT_EFI_X64_BOOT_FILE.to_owned()),
     ];
     for file in files {
         let path = boot.tftp_root.join(&file);
         match std::fs::canonicalize(&path) {
             Ok(resolved) if resolved.starts_with(&boot.tftp_root) => {}
-            Ok(resolved) => tracing::warn!(path = %path.display(), resolved = %resolved.display(), "boot file resolves outside the tftp root; tftp will refuse it"),
-            Err(error) => tracing::warn!(path = %path.display(), %error, "boot file not found in the tftp root"),
+            Ok(resolved) => {
+                tracing::warn!(path = %path.display(), resolved = %resolved.display(), "boot file resolves outside the tftp root; tftp will refuse it")
+            }
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "boot file not found in the tftp root")
+            }
         }
     }
 }

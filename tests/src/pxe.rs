@@ -29,11 +29,23 @@ pub const LAN_ADDRESS: &str = "192.168.77.254";
 /// Why this machine cannot run the PXE tests, if it cannot.
 pub fn missing_prerequisite() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let root = status
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
     if !root {
         return Some("needs root (network namespaces, taps, DHCP port 67)".into());
     }
-    for tool in ["qemu-system-x86_64", "ip", "mcopy", "mkfs.vfat", "sfdisk", "syslinux", "cpio", "objcopy", "busybox"] {
+    for tool in [
+        "qemu-system-x86_64",
+        "ip",
+        "mcopy",
+        "mkfs.vfat",
+        "sfdisk",
+        "syslinux",
+        "cpio",
+        "objcopy",
+        "busybox",
+    ] {
         let found = std::env::var_os("PATH")
             .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).exists()))
             .unwrap_or(false);
@@ -41,9 +53,15 @@ pub fn missing_prerequisite() -> Option<String> {
             return Some(format!("{tool} is not installed"));
         }
     }
-    for path in ["/usr/lib/ipxe/undionly.kpxe", "/usr/lib/ipxe/ipxe.efi", "/usr/lib/syslinux/mbr/mbr.bin"] {
+    for path in [
+        "/usr/lib/ipxe/undionly.kpxe",
+        "/usr/lib/ipxe/ipxe.efi",
+        "/usr/lib/syslinux/mbr/mbr.bin",
+    ] {
         if !Path::new(path).exists() {
-            return Some(format!("{path} is missing (packages ipxe, syslinux-common)"));
+            return Some(format!(
+                "{path} is missing (packages ipxe, syslinux-common)"
+            ));
         }
     }
     if kernel_image().is_none() {
@@ -56,7 +74,11 @@ fn kernel_image() -> Option<PathBuf> {
     let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .collect();
     kernels.sort();
     kernels.pop()
@@ -133,9 +155,16 @@ rm -rf $P $R $WORK/bootx64.efi
 "#;
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
     if !output.status.success() {
-        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -174,12 +203,39 @@ impl Lab {
             run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
             // Created in the node's namespace, the peer end moved to the LAN.
             let peer = format!("vn{id}");
-            run("ip", &["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer])?;
+            run(
+                "ip",
+                &[
+                    "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer,
+                ],
+            )?;
             run("ip", &["-n", &ns, "link", "set", &peer, "netns", &lan])?;
             ip_lan(&["link", "set", &peer, "master", "br0"])?;
             ip_lan(&["link", "set", &peer, "up"])?;
-            run("ip", &["netns", "exec", &ns, "sysctl", "-q", "-w", "net.ipv6.conf.eth0.accept_dad=0"])?;
-            run("ip", &["-n", &ns, "addr", "add", &format!("{SUBNET}.{id}/24"), "dev", "eth0"])?;
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &ns,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv6.conf.eth0.accept_dad=0",
+                ],
+            )?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{SUBNET}.{id}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
             run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
         }
         Ok(lab)
@@ -199,16 +255,30 @@ impl Lab {
 
     /// Cuts node `id` off the LAN (its link goes down) or puts it back.
     pub fn set_node_link(&self, id: u8, up: bool) -> anyhow::Result<()> {
-        run("ip", &["-n", &self.lan(), "link", "set", &format!("vn{id}"), if up { "up" } else { "down" }])
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.lan(),
+                "link",
+                "set",
+                &format!("vn{id}"),
+                if up { "up" } else { "down" },
+            ],
+        )
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
         for id in 1..=self.nodes {
-            let _ = Command::new("ip").args(["netns", "del", &self.node_ns(id)]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.node_ns(id)])
+                .status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.lan()]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.lan()])
+            .status();
     }
 }
 
@@ -253,49 +323,69 @@ impl LabCluster {
         let dir = tempfile::Builder::new().prefix("cairn-pxe").tempdir()?;
         let cli_config = dir.path().join("cli.toml");
         let nodes = (1..=size)
-            .map(|id| LabNode { id, data_dir: dir.path().join(format!("node{id}")), child: None })
+            .map(|id| LabNode {
+                id,
+                data_dir: dir.path().join(format!("node{id}")),
+                child: None,
+            })
             .collect();
-        let mut cluster = LabCluster { lab, dir, nodes, cli_config };
+        let mut cluster = LabCluster {
+            lab,
+            dir,
+            nodes,
+            cli_config,
+        };
         let first = cluster.nodes[0].data_dir.clone();
         let address = cluster.lab.node_address(1);
-        cluster.cli_ok_in(&cluster.lab.node_ns(1), &[
-            "cluster",
-            "init",
-            "--node-id",
-            "1",
-            "--address",
-            &address,
-            "--data-dir",
-            first.to_str().context("utf-8 path")?,
-        ])?;
+        cluster.cli_ok_in(
+            &cluster.lab.node_ns(1),
+            &[
+                "cluster",
+                "init",
+                "--node-id",
+                "1",
+                "--address",
+                &address,
+                "--data-dir",
+                first.to_str().context("utf-8 path")?,
+            ],
+        )?;
         cluster.configure_boot(1)?;
         cluster.start_node(1)?;
         cluster.wait_for(Duration::from_secs(30), |status| status["leader"].is_u64())?;
         for id in 2..=size {
-            let token = cluster.cli_json(&["cluster", "join-token"])?["token"].as_str().context("join token")?.to_string();
+            let token = cluster.cli_json(&["cluster", "join-token"])?["token"]
+                .as_str()
+                .context("join token")?
+                .to_string();
             let data_dir = cluster.nodes[usize::from(id) - 1].data_dir.clone();
             let server = format!("https://{}:7400", cluster.lab.node_address(1));
             let address = cluster.lab.node_address(id);
-            cluster.cli_ok_in(&cluster.lab.node_ns(id), &[
-                "cluster",
-                "join",
-                "--server",
-                &server,
-                "--join-token",
-                &token,
-                "--node-id",
-                &id.to_string(),
-                "--address",
-                &address,
-                "--data-dir",
-                data_dir.to_str().context("utf-8 path")?,
-            ])?;
+            cluster.cli_ok_in(
+                &cluster.lab.node_ns(id),
+                &[
+                    "cluster",
+                    "join",
+                    "--server",
+                    &server,
+                    "--join-token",
+                    &token,
+                    "--node-id",
+                    &id.to_string(),
+                    "--address",
+                    &address,
+                    "--data-dir",
+                    data_dir.to_str().context("utf-8 path")?,
+                ],
+            )?;
             cluster.configure_boot(id)?;
             cluster.start_node(id)?;
         }
         let voters = usize::from(size);
         cluster.wait_for(Duration::from_secs(60), |status| {
-            status["nodes"].as_array().is_some_and(|nodes| nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters)
+            status["nodes"].as_array().is_some_and(|nodes| {
+                nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters
+            })
         })?;
         Ok(cluster)
     }
@@ -303,7 +393,8 @@ impl LabCluster {
     /// Replaces the `[boot]` part of the node's `node.toml` with full DHCP on `eth0`.
     fn configure_boot(&self, id: u8) -> anyhow::Result<()> {
         let path = self.nodes[usize::from(id) - 1].data_dir.join("node.toml");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let mut kept = String::new();
         let mut in_boot = false;
         for line in text.lines() {
@@ -331,7 +422,10 @@ impl LabCluster {
         let log_path = self.dir.path().join(format!("node{id}.log"));
         let node = &mut self.nodes[usize::from(id) - 1];
         assert!(node.child.is_none(), "node {id} already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)?;
         // `ip netns exec` execs the command: the child's pid is the node's.
         let child = Command::new("ip")
             .args(["netns", "exec", &ns])
@@ -353,14 +447,25 @@ impl LabCluster {
     }
 
     /// Runs the CLI in namespace `ns` (default: the LAN).
-    pub fn cli_in(&self, ns: &str, server: Option<&str>, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    pub fn cli_in(
+        &self,
+        ns: &str,
+        server: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<(bool, String, String)> {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", ns]).arg(cairn_binary());
-        command.env("CAIRN_CLI_CONFIG", &self.cli_config).env_remove("CAIRN_SERVER").env_remove("CAIRN_TOKEN");
+        command
+            .env("CAIRN_CLI_CONFIG", &self.cli_config)
+            .env_remove("CAIRN_SERVER")
+            .env_remove("CAIRN_TOKEN");
         if let Some(server) = server {
             command.args(["--server", server]);
         }
-        let output = command.args(args).output().context("running the cairn cli")?;
+        let output = command
+            .args(args)
+            .output()
+            .context("running the cairn cli")?;
         Ok((
             output.status.success(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -387,7 +492,10 @@ impl LabCluster {
             }
             last = stderr;
             // A refusal is an answer; only an unreachable node is worth trying another for.
-            if !last.contains("connect") && !last.contains("unreachable") && !last.contains("timed out") {
+            if !last.contains("connect")
+                && !last.contains("unreachable")
+                && !last.contains("timed out")
+            {
                 break;
             }
         }
@@ -401,7 +509,11 @@ impl LabCluster {
     }
 
     /// Polls `cluster status` until `done` holds.
-    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         let mut last = Value::Null;
         loop {
@@ -458,33 +570,68 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    pub fn start(lab: &Lab, work: &Path, firmware: Firmware, mac: &str, run: &str) -> anyhow::Result<Qemu> {
+    pub fn start(
+        lab: &Lab,
+        work: &Path,
+        firmware: Firmware,
+        mac: &str,
+        run: &str,
+    ) -> anyhow::Result<Qemu> {
         let serial = work.join(format!("serial-{run}.log"));
         let qemu_log = std::fs::File::create(work.join(format!("qemu-{run}.log")))?;
         let mut command = Command::new("ip");
-        command.args(["netns", "exec", &lab.lan(), "qemu-system-x86_64", "-accel", "tcg", "-m", "512"]);
+        command.args([
+            "netns",
+            "exec",
+            &lab.lan(),
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+        ]);
         command.args(["-no-reboot", "-nographic", "-monitor", "none"]);
         command.args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"]);
         match firmware {
             Firmware::Bios => {
-                command.args(["-boot", "n", "-device", &format!("e1000,netdev=n0,mac={mac}")]);
+                command.args([
+                    "-boot",
+                    "n",
+                    "-device",
+                    &format!("e1000,netdev=n0,mac={mac}"),
+                ]);
             }
             Firmware::Uefi => {
                 let vars = work.join(format!("vars-{run}.fd"));
-                std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).context("copying OVMF_VARS_4M.fd (package ovmf)")?;
-                command.args(["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"]);
-                command.arg("-drive").arg(format!("if=pflash,format=raw,file={}", vars.display()));
-                command.args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1")]);
+                std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars)
+                    .context("copying OVMF_VARS_4M.fd (package ovmf)")?;
+                command.args([
+                    "-drive",
+                    "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                ]);
+                command
+                    .arg("-drive")
+                    .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+                command.args([
+                    "-device",
+                    &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1"),
+                ]);
             }
         }
-        command.arg("-serial").arg(format!("file:{}", serial.display()));
+        command
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()));
         let child = command
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log)
             .spawn()
             .context("starting qemu")?;
-        Ok(Qemu { child: Some(child), serial, started: Instant::now() })
+        Ok(Qemu {
+            child: Some(child),
+            serial,
+            started: Instant::now(),
+        })
     }
 
     /// The serial console so far, without terminal escapes.
@@ -516,7 +663,12 @@ impl Qemu {
 
     /// Waits for `marker` on the console; gives up when the machine stopped, a line in `fail`
     /// appeared, or `timeout` passed. Returns the seconds from power-on to the marker.
-    pub fn wait_for_marker(&mut self, marker: &str, fail: &[&str], timeout: Duration) -> anyhow::Result<f64> {
+    pub fn wait_for_marker(
+        &mut self,
+        marker: &str,
+        fail: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<f64> {
         loop {
             let console = self.console();
             if console.contains(marker) {

@@ -60,13 +60,21 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
 
     // 1. BIOS: SeaBIOS + the e1000's iPXE ROM.
     let seconds = boot(cluster, Firmware::Bios, "bios", MARKER_A)?;
-    log(&format!("BIOS boot: marker after {seconds:.1}s of qemu time"));
+    log(&format!(
+        "BIOS boot: marker after {seconds:.1}s of qemu time"
+    ));
     let client = client_show(cluster)?;
     let session = &client["session"];
     assert_eq!(session["image"], "deb-a", "session: {client}");
-    assert!(session["primary"].is_u64() && session["standby"].is_u64(), "two paths: {client}");
+    assert!(
+        session["primary"].is_u64() && session["standby"].is_u64(),
+        "two paths: {client}"
+    );
     assert_ne!(session["primary"], session["standby"]);
-    assert!(client["lease"]["ip"].is_string(), "the DHCP lease is in the replicated state: {client}");
+    assert!(
+        client["lease"]["ip"].is_string(),
+        "the DHCP lease is in the replicated state: {client}"
+    );
     let generation = session["generation"].as_u64().unwrap_or(0);
 
     // 2. The Raft leader is killed; the next boot is answered by the new leader. The killed
@@ -75,32 +83,59 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
     let old_leader = cluster.leader()?;
     cluster.node_mut(old_leader).kill();
     let new_leader = wait_new_leader(cluster, old_leader)?;
-    log(&format!("leader {old_leader} killed; node {new_leader} leads"));
+    log(&format!(
+        "leader {old_leader} killed; node {new_leader} leads"
+    ));
     cluster.start_node(old_leader as u8)?;
-    let mut qemu = Qemu::start(&cluster.lab, &work, Firmware::Bios, MAC, "after-leader-kill")?;
+    let mut qemu = Qemu::start(
+        &cluster.lab,
+        &work,
+        Firmware::Bios,
+        MAC,
+        "after-leader-kill",
+    )?;
     let seconds = qemu.wait_for_marker(MARKER_A, &[], BOOT_TIMEOUT)?;
     let console = qemu.console();
-    let script_host = format!("http://{}:8080/boot/ipxe", cluster.lab.node_address(new_leader as u8));
-    assert!(console.contains(&script_host), "DHCP answered by the new leader {new_leader}:\n{}", tail(&console, 30));
-    log(&format!("boot after leader kill: marker after {seconds:.1}s"));
+    let script_host = format!(
+        "http://{}:8080/boot/ipxe",
+        cluster.lab.node_address(new_leader as u8)
+    );
+    assert!(
+        console.contains(&script_host),
+        "DHCP answered by the new leader {new_leader}:\n{}",
+        tail(&console, 30)
+    );
+    log(&format!(
+        "boot after leader kill: marker after {seconds:.1}s"
+    ));
     let client = client_show(cluster)?;
-    assert!(client["session"]["generation"].as_u64().unwrap_or(0) > generation, "a new session: {client}");
+    assert!(
+        client["session"]["generation"].as_u64().unwrap_or(0) > generation,
+        "a new session: {client}"
+    );
     drop(qemu);
 
     // 3. A menu: two images, the second one the default; the menu times out onto it.
     cluster.cli_ok(&["assign", "deb-b", "--client", MAC, "--default"])?;
     let seconds = boot(cluster, Firmware::Bios, "menu", MARKER_B)?;
-    log(&format!("menu boot (default deb-b): marker after {seconds:.1}s"));
+    log(&format!(
+        "menu boot (default deb-b): marker after {seconds:.1}s"
+    ));
     assert_eq!(client_show(cluster)?["session"]["image"], "deb-b");
 
     // 4. UEFI: OVMF's own PXE fetches snponly.efi from Cairn's TFTP, which asks DHCP again,
     // gets its script and sanboots. Known failure for now: iPXE registers the SAN device, then
     // "Boot from SAN device 0x80 failed: Error 0x7f22208e" (no bootable file system found),
     // while the same disk, snponly.efi and OVMF boot from tgt (pxe-boot-reference.sh with
-    // snponly.efi). So it runs only on request until Cairn's target is fixed for EFI.
+    // snponly.efi). The likely cause: OVMF's FAT driver reads the 9 MB BOOTX64.EFI in one
+    // BlockIo call, iPXE sends it as one READ of ~18,400 blocks (it never reads the Block
+    // Limits VPD page), and blockstore's target refuses reads above TRANSFER_BLOCKS_MAX (8192)
+    // with ILLEGAL REQUEST; tgt has no such limit. Runs only on request until that is fixed.
     let uefi_requested = std::env::var("CAIRN_PXE_UEFI").as_deref() == Ok("1");
     if !uefi_requested {
-        eprintln!("UEFI case not run: set CAIRN_PXE_UEFI=1 (known failure, see the comment in this test)");
+        eprintln!(
+            "UEFI case not run: set CAIRN_PXE_UEFI=1 (known failure, see the comment in this test)"
+        );
     } else if std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists()
         && std::path::Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").exists()
     {
@@ -132,7 +167,9 @@ fn wait_ready(cluster: &LabCluster, images: &[&str]) -> anyhow::Result<()> {
             listed.as_array().is_some_and(|rows| {
                 rows.iter().any(|row| {
                     row["name"] == name
-                        && row["versions"].as_object().is_some_and(|v| v.values().any(|v| v["state"] == "ready"))
+                        && row["versions"]
+                            .as_object()
+                            .is_some_and(|v| v.values().any(|v| v["state"] == "ready"))
                 })
             })
         };
@@ -145,6 +182,8 @@ fn wait_ready(cluster: &LabCluster, images: &[&str]) -> anyhow::Result<()> {
 }
 
 fn wait_new_leader(cluster: &LabCluster, old: u64) -> anyhow::Result<u64> {
-    let status = cluster.wait_for(Duration::from_secs(30), |s| s["leader"].as_u64().is_some_and(|l| l != old))?;
+    let status = cluster.wait_for(Duration::from_secs(30), |s| {
+        s["leader"].as_u64().is_some_and(|l| l != old)
+    })?;
     Ok(status["leader"].as_u64().expect("leader checked"))
 }
