@@ -27,7 +27,9 @@ pub fn cairn_binary() -> &'static Path {
     BINARY.get_or_init(|| {
         let release = !cfg!(debug_assertions);
         let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        command.args(["build", "-q", "-p", "cairn-node", "--bin", "cairn"]);
+        // `--workspace` so that features unify as in `cargo test --workspace`: building only
+        // cairn-node would pick other features and recompile half the dependencies.
+        command.args(["build", "-q", "--workspace", "--bins"]);
         if release {
             command.arg("--release");
         }
