@@ -4,7 +4,11 @@
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("lba range {lba}+{blocks} is past the end of the device ({block_count} blocks)")]
-    OutOfRange { lba: u64, blocks: u64, block_count: u64 },
+    OutOfRange {
+        lba: u64,
+        blocks: u64,
+        block_count: u64,
+    },
     #[error("medium error at lba {lba}: {reason}")]
     Medium { lba: u64, reason: String },
     #[error("device i/o error: {0}")]

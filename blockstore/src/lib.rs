@@ -12,6 +12,6 @@
 pub mod chunks;
 pub mod device;
 pub mod image;
-pub mod volume;
 pub mod iscsi;
 pub mod scsi;
+pub mod volume;

@@ -36,12 +36,17 @@ pub fn cairn_binary() -> &'static Path {
         command.current_dir(workspace_root());
         let status = command.status().expect("cargo runs");
         assert!(status.success(), "building the cairn binary failed");
-        target_dir().join(if release { "release" } else { "debug" }).join("cairn")
+        target_dir()
+            .join(if release { "release" } else { "debug" })
+            .join("cairn")
     })
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
 }
 
 fn target_dir() -> PathBuf {
@@ -111,7 +116,11 @@ impl ProcessCluster {
     pub fn start(subnet: u8, size: u64) -> anyhow::Result<ProcessCluster> {
         let dir = tempfile::tempdir()?;
         let cli_config = dir.path().join("cli.toml");
-        let mut cluster = ProcessCluster { nodes: Vec::new(), cli_config, dir };
+        let mut cluster = ProcessCluster {
+            nodes: Vec::new(),
+            cli_config,
+            dir,
+        };
         for id in 1..=size {
             cluster.nodes.push(NodeProcess {
                 id,
@@ -135,9 +144,16 @@ impl ProcessCluster {
         cluster.nodes[0].start(&log_dir)?;
         cluster.wait_for(Duration::from_secs(30), |status| status["leader"].is_u64())?;
         for index in 1..cluster.nodes.len() {
-            let token = cluster.cli_json(&["cluster", "join-token"])?["token"].as_str().context("join token")?.to_string();
+            let token = cluster.cli_json(&["cluster", "join-token"])?["token"]
+                .as_str()
+                .context("join token")?
+                .to_string();
             let node = &cluster.nodes[index];
-            let (id, address, data_dir) = (node.id.to_string(), node.address.clone(), node.data_dir.clone());
+            let (id, address, data_dir) = (
+                node.id.to_string(),
+                node.address.clone(),
+                node.data_dir.clone(),
+            );
             let server = cluster.nodes[0].api_url();
             cluster.cli_ok(&[
                 "cluster",
@@ -157,19 +173,31 @@ impl ProcessCluster {
         }
         let voters = size as usize;
         cluster.wait_for(Duration::from_secs(60), |status| {
-            status["nodes"].as_array().is_some_and(|nodes| nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters)
+            status["nodes"].as_array().is_some_and(|nodes| {
+                nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters
+            })
         })?;
         Ok(cluster)
     }
 
     /// Runs the CLI against the cluster (its config file), optionally against one node's API.
-    pub fn cli(&self, server: Option<&str>, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    pub fn cli(
+        &self,
+        server: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<(bool, String, String)> {
         let mut command = Command::new(cairn_binary());
-        command.env("CAIRN_CLI_CONFIG", &self.cli_config).env_remove("CAIRN_SERVER").env_remove("CAIRN_TOKEN");
+        command
+            .env("CAIRN_CLI_CONFIG", &self.cli_config)
+            .env_remove("CAIRN_SERVER")
+            .env_remove("CAIRN_TOKEN");
         if let Some(server) = server {
             command.args(["--server", server]);
         }
-        let output = command.args(args).output().context("running the cairn cli")?;
+        let output = command
+            .args(args)
+            .output()
+            .context("running the cairn cli")?;
         Ok((
             output.status.success(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -196,13 +224,20 @@ impl ProcessCluster {
         with_json.extend_from_slice(args);
         let (ok, stdout, stderr) = self.cli(Some(server), &with_json)?;
         if !ok {
-            bail!("cairn --server {server} {} failed: {stderr}", args.join(" "));
+            bail!(
+                "cairn --server {server} {} failed: {stderr}",
+                args.join(" ")
+            );
         }
         Ok(serde_json::from_str(&stdout)?)
     }
 
     /// Polls `cluster status` on any running node until `done` holds.
-    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         let mut last = Value::Null;
         loop {

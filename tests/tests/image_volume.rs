@@ -16,7 +16,9 @@ fn initiator_available() -> bool {
     let qemu = Command::new("qemu-io").arg("--version").output().is_ok();
     let driver = Path::new("/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so").exists();
     if !(qemu && driver) {
-        eprintln!("skipped: needs qemu-io and qemu's iscsi block driver (qemu-utils, qemu-block-extra)");
+        eprintln!(
+            "skipped: needs qemu-io and qemu's iscsi block driver (qemu-utils, qemu-block-extra)"
+        );
     }
     qemu && driver
 }
@@ -30,10 +32,20 @@ fn image_opts(portal: &str, mac_hex: &str, initiator: &str) -> String {
 fn read_disk(opts: &str, out: &Path) -> anyhow::Result<Vec<u8>> {
     let _ = std::fs::remove_file(out);
     let status = Command::new("qemu-img")
-        .args(["convert", "--image-opts", opts, "-O", "raw", out.to_str().expect("utf-8")])
+        .args([
+            "convert",
+            "--image-opts",
+            opts,
+            "-O",
+            "raw",
+            out.to_str().expect("utf-8"),
+        ])
         .output()?;
     if !status.status.success() {
-        anyhow::bail!("qemu-img convert failed: {}", String::from_utf8_lossy(&status.stderr));
+        anyhow::bail!(
+            "qemu-img convert failed: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
     }
     Ok(std::fs::read(out)?)
 }
@@ -46,8 +58,12 @@ fn qemu_io(opts: &str, commands: &[&str]) -> anyhow::Result<()> {
     }
     args.push(opts.to_string());
     let output = Command::new("qemu-io").args(&args).output()?;
-    let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() || text.contains("Pattern verification failed") || text.contains("failed") {
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success()
+        || text.contains("Pattern verification failed")
+        || text.contains("failed")
+    {
         anyhow::bail!("qemu-io {commands:?}: {text}");
     }
     Ok(())
@@ -68,14 +84,22 @@ fn wait_served(opts: &str, scratch: &Path) -> anyhow::Result<Vec<u8>> {
 fn boot(cluster: &ProcessCluster, mac: &str, image: &str) -> anyhow::Result<(u64, String)> {
     let events = cluster.cli_json(&["client", "boot", mac, "--image", image])?;
     let started = &events[0]["payload"]["boot_started"];
-    let primary = started["primary"].as_u64().ok_or_else(|| anyhow::anyhow!("no primary in {events}"))?;
-    let node = cluster.nodes.iter().find(|n| n.id == primary).expect("primary node");
+    let primary = started["primary"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no primary in {events}"))?;
+    let node = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == primary)
+        .expect("primary node");
     Ok((primary, format!("{}:3260", node.address)))
 }
 
 #[test]
 fn imported_image_is_served_persistent_and_non_persistent() -> anyhow::Result<()> {
-    if !slow_tests_enabled("imported_image_is_served_persistent_and_non_persistent") || !initiator_available() {
+    if !slow_tests_enabled("imported_image_is_served_persistent_and_non_persistent")
+        || !initiator_available()
+    {
         return Ok(());
     }
     let mut cluster = ProcessCluster::start(43, 3)?;
@@ -95,7 +119,12 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     }
     let image_file = scratch.join("base.raw");
     std::fs::write(&image_file, &base)?;
-    cluster.cli_ok(&["image", "import", "disk", image_file.to_str().expect("utf-8")])?;
+    cluster.cli_ok(&[
+        "image",
+        "import",
+        "disk",
+        image_file.to_str().expect("utf-8"),
+    ])?;
     let images = cluster.cli_json(&["image", "list"])?;
     assert_eq!(images[0]["versions"]["1"]["state"], "ready", "{images}");
 
@@ -108,17 +137,34 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     let initiator = format!("iqn.2026-11.org.cairn:initiator.{mac_hex}");
     let opts = image_opts(&portal, mac_hex, &initiator);
     let read = wait_served(&opts, &scratch.join("read1.raw"))?;
-    assert!(read == base, "volume on node {primary} does not read as the imported image");
+    assert!(
+        read == base,
+        "volume on node {primary} does not read as the imported image"
+    );
 
     // Only the client's own initiator gets in.
     let foreign = image_opts(&portal, mac_hex, "iqn.2026-11.org.example:intruder");
-    assert!(read_disk(&foreign, &scratch.join("foreign.raw")).is_err(), "a foreign initiator logged in");
+    assert!(
+        read_disk(&foreign, &scratch.join("foreign.raw")).is_err(),
+        "a foreign initiator logged in"
+    );
 
     // Write, flush (SYNCHRONIZE CACHE), SIGKILL the primary, restart it: the write is there.
-    qemu_io(&opts, &["write -P 0x5a 8192 12288", "write -P 0xc3 512 1024", "flush"])?;
+    qemu_io(
+        &opts,
+        &[
+            "write -P 0x5a 8192 12288",
+            "write -P 0xc3 512 1024",
+            "flush",
+        ],
+    )?;
     let log_dir = cluster.dir.path().to_owned();
     {
-        let node = cluster.nodes.iter_mut().find(|n| n.id == primary).expect("primary");
+        let node = cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == primary)
+            .expect("primary");
         node.kill();
         node.start(&log_dir)?;
     }
@@ -126,26 +172,50 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     expected[8192..8192 + 12288].fill(0x5a);
     expected[512..1536].fill(0xc3);
     let read = wait_served(&opts, &scratch.join("read2.raw"))?;
-    assert!(read == expected, "persistent write lost across a SIGKILL of node {primary}");
+    assert!(
+        read == expected,
+        "persistent write lost across a SIGKILL of node {primary}"
+    );
 
     // A non-persistent client: its write is gone after the next boot.
     let mac2 = "52:54:00:43:00:02";
     let mac2_hex = "525400430002";
     cluster.cli_ok(&["client", "add", mac2, "--name", "desk-2"])?;
-    cluster.cli_ok(&["assign", "disk", "--client", mac2, "--mode", "non-persistent"])?;
+    cluster.cli_ok(&[
+        "assign",
+        "disk",
+        "--client",
+        mac2,
+        "--mode",
+        "non-persistent",
+    ])?;
     let (_, portal2) = boot(cluster, mac2, "disk")?;
-    let opts2 = image_opts(&portal2, mac2_hex, &format!("iqn.2026-11.org.cairn:initiator.{mac2_hex}"));
+    let opts2 = image_opts(
+        &portal2,
+        mac2_hex,
+        &format!("iqn.2026-11.org.cairn:initiator.{mac2_hex}"),
+    );
     wait_served(&opts2, &scratch.join("read3.raw"))?;
-    qemu_io(&opts2, &["write -P 0x77 0 65536", "flush", "read -P 0x77 0 65536"])?;
+    qemu_io(
+        &opts2,
+        &["write -P 0x77 0 65536", "flush", "read -P 0x77 0 65536"],
+    )?;
     let (_, portal2) = boot(cluster, mac2, "disk")?;
-    let opts2 = image_opts(&portal2, mac2_hex, &format!("iqn.2026-11.org.cairn:initiator.{mac2_hex}"));
+    let opts2 = image_opts(
+        &portal2,
+        mac2_hex,
+        &format!("iqn.2026-11.org.cairn:initiator.{mac2_hex}"),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let read = wait_served(&opts2, &scratch.join("read4.raw"))?;
         if read == base {
             break;
         }
-        assert!(Instant::now() < deadline, "non-persistent disk does not read as its base after a new boot");
+        assert!(
+            Instant::now() < deadline,
+            "non-persistent disk does not read as its base after a new boot"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     Ok(())
