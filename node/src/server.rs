@@ -163,6 +163,7 @@ pub async fn start(
         finish_init(&cluster, &config, &advertise, &pending_path).await?;
     }
     tasks.extend(storage_tasks);
+    tasks.push(tokio::spawn(stop_on_fatal_storage_error(cluster.clone())));
     tasks.extend(crate::boot::start(cluster.clone(), &config));
     tasks.push(tokio::spawn(promote_learners(
         cluster.clone(),
@@ -226,6 +227,25 @@ async fn finish_init(
     std::fs::remove_file(pending_path)?;
     tracing::info!(node_id = config.node_id, "cluster initialised");
     Ok(())
+}
+
+/// A node whose Raft log cannot be written (a failed fsync) must not go on serving volumes and
+/// answering boots from a state it can no longer keep: it exits, and its clients fail over.
+async fn stop_on_fatal_storage_error(cluster: ClusterNode) {
+    let mut metrics = cluster.metrics();
+    loop {
+        let fatal = match &metrics.borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(fatal) => Some(fatal.to_string()),
+        };
+        if let Some(fatal) = fatal {
+            tracing::error!(error = %fatal, "raft stopped on a fatal error; the node exits");
+            crate::exit_now(70);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 pub fn node_actor(node_id: u64) -> Name {
