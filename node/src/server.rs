@@ -164,6 +164,10 @@ pub async fn start(
     }
     tasks.extend(storage_tasks);
     tasks.push(tokio::spawn(stop_on_fatal_storage_error(cluster.clone())));
+    tasks.push(tokio::spawn(check_peer_health(
+        cluster.clone(),
+        state.http.clone(),
+    )));
     tasks.extend(crate::boot::start(cluster.clone(), &config));
     tasks.push(tokio::spawn(promote_learners(
         cluster.clone(),
@@ -244,6 +248,62 @@ async fn stop_on_fatal_storage_error(cluster: ClusterNode) {
         }
         if metrics.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Consecutive failed probes after which the leader marks a node unhealthy (boot placement then
+/// skips it); one good probe marks it healthy again.
+const HEALTH_FAILURES_MAX: u32 = 3;
+const HEALTH_PROBE_INTERVAL_MS: u64 = 1000;
+
+/// While this node leads: probe every other registered node's `/health` and record changes of
+/// health in the replicated state (`SetNodeHealth`), so that boots are not placed on dead nodes.
+async fn check_peer_health(cluster: ClusterNode, http: reqwest::Client) {
+    let mut failures: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    let mut interval = tokio::time::interval(Duration::from_millis(HEALTH_PROBE_INTERVAL_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let actor = node_actor(cluster.node_id());
+    loop {
+        interval.tick().await;
+        if !cluster.is_leader() {
+            failures.clear();
+            continue;
+        }
+        let peers: Vec<(u64, String, bool)> = cluster.local_state(|s| {
+            s.nodes
+                .values()
+                .filter(|n| n.node_id != cluster.node_id())
+                .map(|n| (n.node_id, n.api_address.clone(), n.healthy))
+                .collect()
+        });
+        for (node_id, api, healthy) in peers {
+            // Any HTTP answer means the process is up (503 only says it sees no leader yet).
+            let up = http
+                .get(format!("{api}/health"))
+                .timeout(Duration::from_millis(800))
+                .send()
+                .await
+                .is_ok();
+            let count = failures.entry(node_id).or_default();
+            *count = if up { 0 } else { count.saturating_add(1) };
+            let verdict = if up {
+                Some(true)
+            } else if *count >= HEALTH_FAILURES_MAX {
+                Some(false)
+            } else {
+                None
+            };
+            if let Some(now_healthy) = verdict.filter(|v| *v != healthy) {
+                let command = Command::SetNodeHealth {
+                    node_id,
+                    healthy: now_healthy,
+                };
+                match cluster.propose(actor.clone(), command).await {
+                    Ok(_) => tracing::warn!(node_id, healthy = now_healthy, "node health changed"),
+                    Err(error) => tracing::debug!(node_id, %error, "recording node health failed"),
+                }
+            }
         }
     }
 }

@@ -95,6 +95,19 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         writable_again
     );
 
+    // The new leader's health probes mark the dead node unhealthy (boots avoid it).
+    let health_of = |status: &Value, id: u64| {
+        status["nodes"].as_array().and_then(|nodes| {
+            nodes
+                .iter()
+                .find(|n| n["node"]["node_id"] == id)
+                .map(|n| n["node"]["healthy"].clone())
+        })
+    };
+    cluster.wait_for(Duration::from_secs(30), |status| {
+        health_of(status, leader) == Some(Value::Bool(false))
+    })?;
+
     // Restart the old leader from its data directory; write some more.
     let log_dir = cluster.dir.path().to_owned();
     cluster
@@ -110,6 +123,10 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         );
         acknowledged.insert(index);
     }
+    // Back up, it is marked healthy again.
+    cluster.wait_for(Duration::from_secs(30), |status| {
+        health_of(status, leader) == Some(Value::Bool(true))
+    })?;
 
     // All three converge on one history.
     let deadline = Instant::now() + Duration::from_secs(60);
