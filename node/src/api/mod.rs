@@ -212,6 +212,17 @@ pub(crate) async fn write(
     Ok(Json(state.cluster.propose(actor, command).await?))
 }
 
+/// A read whose answer is built as JSON inside the read (it borrows the state).
+async fn read_json(
+    state: &ApiState,
+    f: impl FnOnce(&State) -> serde_json::Result<serde_json::Value>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    read(state, f)
+        .await?
+        .map(Json)
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 async fn read<T>(state: &ApiState, f: impl FnOnce(&State) -> T) -> Result<T, ApiError> {
     Ok(state.cluster.read(f).await?)
 }
@@ -587,12 +598,10 @@ async fn boot_client(
 async fn list_discovered(
     AxumState(state): AxumState<Shared>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| {
+    read_json(&state, |s| {
         serde_json::to_value(s.discovered.values().collect::<Vec<_>>())
     })
-    .await?;
-    rows.map(Json)
-        .map_err(|e| ApiError::internal(e.to_string()))
+    .await
 }
 
 // ---------------------------------------------------------------------------------- images
@@ -600,12 +609,10 @@ async fn list_discovered(
 async fn list_images(
     AxumState(state): AxumState<Shared>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| {
+    read_json(&state, |s| {
         serde_json::to_value(s.images.values().collect::<Vec<_>>())
     })
-    .await?;
-    rows.map(Json)
-        .map_err(|e| ApiError::internal(e.to_string()))
+    .await
 }
 
 async fn create_image(
@@ -921,23 +928,19 @@ async fn unassign(
 async fn list_sessions(
     AxumState(state): AxumState<Shared>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| {
+    read_json(&state, |s| {
         serde_json::to_value(s.boot_sessions.values().collect::<Vec<_>>())
     })
-    .await?;
-    rows.map(Json)
-        .map_err(|e| ApiError::internal(e.to_string()))
+    .await
 }
 
 async fn list_leases(
     AxumState(state): AxumState<Shared>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = read(&state, |s| {
+    read_json(&state, |s| {
         serde_json::to_value(s.leases.values().collect::<Vec<_>>())
     })
-    .await?;
-    rows.map(Json)
-        .map_err(|e| ApiError::internal(e.to_string()))
+    .await
 }
 
 // ---------------------------------------------------------------------------------- events
