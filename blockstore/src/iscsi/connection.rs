@@ -13,7 +13,12 @@
 //!   expected length, with valid DataSNs; anything else ends the command with CHECK CONDITION
 //!   and nothing is written;
 //! - the data kept per connection is bounded: at most [`COMMANDS_MAX`] commands in the CmdSN
-//!   window, each at most [`crate::scsi::TRANSFER_BLOCKS_MAX`] blocks of data plus slack.
+//!   window, write data at most [`WRITE_BUFFER_BYTES_MAX`] in all and
+//!   [`crate::scsi::TRANSFER_BLOCKS_MAX`] blocks (plus slack) per command;
+//! - a READ may be of any length: the shell streams it in pieces
+//!   ([`Connection::handle_read_start`], [`Connection::handle_read_data`], then
+//!   [`Connection::handle_command_complete`] with the last piece), and each piece leaves as
+//!   Data-In PDUs at once, so the core never holds a whole large read.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -30,8 +35,9 @@ use crate::scsi::{Nexus, ScsiResult};
 
 /// Commands allowed in the CmdSN window at once.
 pub const COMMANDS_MAX: u32 = 64;
-/// Largest expected data transfer length accepted for one command (bytes): the largest
-/// transfer VPD page 0xB0 allows plus room for COMPARE AND WRITE's double length.
+/// Largest expected data transfer length accepted for one command that sends data (bytes): the
+/// largest transfer VPD page 0xB0 allows plus room for COMPARE AND WRITE's double length. Reads
+/// have no such limit (their data is streamed, never gathered).
 pub const TRANSFER_BYTES_MAX: u32 = 2 * crate::scsi::TRANSFER_BLOCKS_MAX * 512;
 /// Write data one connection may hold while gathering it; more write commands wait with
 /// TASK SET FULL until earlier ones complete (bounds memory per session).
@@ -102,6 +108,27 @@ struct LoginState {
     sent_tpgt: bool,
 }
 
+/// A command handed to the shell and not completed yet.
+struct Running {
+    lun: u64,
+    expected_length: u32,
+    read: bool,
+    /// Writes: the data length the CDB asks for (for the residual).
+    write_spdtl: Option<u64>,
+    /// Set when the shell streams a READ's data before completing it.
+    stream: Option<ReadStream>,
+}
+
+/// Progress of a streamed READ.
+struct ReadStream {
+    /// Bytes the CDB asks for (what the residual is computed against).
+    transfer_bytes: u64,
+    /// Bytes of Data-In queued so far (the next buffer offset).
+    sent_bytes: u64,
+    /// DataSN of the next Data-In PDU.
+    data_sn: u32,
+}
+
 /// A write command collecting its data.
 struct WriteTask {
     command: ScsiCommand,
@@ -141,8 +168,8 @@ pub struct Connection {
     writes: HashMap<u32, WriteTask>,
     /// Non-immediate PDUs that arrived ahead of ExpCmdSN.
     waiting: BTreeMap<u32, InitiatorPdu>,
-    /// Commands handed to the shell and not completed yet: itt -> (lun, expected length, read).
-    running: HashMap<u32, (u64, u32, bool, Option<u64>)>,
+    /// Commands handed to the shell and not completed yet, by task tag.
+    running: HashMap<u32, Running>,
     outbox: VecDeque<(Pdu, bool, bool)>,
     events: VecDeque<Event>,
     next_ttt: u32,
@@ -535,7 +562,7 @@ impl Connection {
         {
             return self.reject(reject_reason::PROTOCOL_ERROR, header);
         }
-        if edtl > TRANSFER_BYTES_MAX {
+        if edtl > TRANSFER_BYTES_MAX && c.write {
             let seq = self.next_status();
             let s = Sense::new(sense::key::ILLEGAL_REQUEST, 0x24, 0x00).to_bytes();
             self.send(Pdu::scsi_response(
@@ -670,8 +697,16 @@ impl Connection {
                 residual_base = Some(spdtl);
             }
         }
-        self.running
-            .insert(c.itt, (c.lun, edtl, c.read, residual_base));
+        self.running.insert(
+            c.itt,
+            Running {
+                lun: c.lun,
+                expected_length: edtl,
+                read: c.read,
+                write_spdtl: residual_base,
+                stream: None,
+            },
+        );
         self.events.push_back(Event::Execute(Command {
             itt: c.itt,
             lun: c.lun,
@@ -803,20 +838,133 @@ impl Connection {
         self.start_command(task.command, data, nexus, target);
     }
 
-    /// The shell ran a command: queue its Data-In and response.
+    /// The shell streams the data of READ `itt` (already checked, see
+    /// `Lun::start_read`) in pieces instead of completing it with all its data at once:
+    /// `transfer_bytes` is the length its CDB asks for. Follow with [`Self::handle_read_data`]
+    /// for every piece but the last, and [`Self::handle_command_complete`] with the last piece
+    /// (or the failure).
+    pub fn handle_read_start(&mut self, itt: u32, transfer_bytes: u64) {
+        if let Some(running) = self.running.get_mut(&itt) {
+            running.stream = Some(ReadStream {
+                transfer_bytes,
+                sent_bytes: 0,
+                data_sn: 0,
+            });
+        }
+    }
+
+    /// The next piece of a streamed READ's data, in order: queued as Data-In PDUs now (bytes
+    /// beyond the initiator's expected length are dropped).
+    pub fn handle_read_data(&mut self, itt: u32, data: Vec<u8>) {
+        if self.phase == Phase::Closing {
+            return;
+        }
+        let Some(running) = self.running.get_mut(&itt) else {
+            return;
+        };
+        let (lun, edtl) = (running.lun, running.expected_length);
+        let Some(stream) = running.stream.as_mut() else {
+            return;
+        };
+        let (mut offset, mut data_sn) = (stream.sent_bytes, stream.data_sn);
+        let mut data = data;
+        data.truncate((edtl as u64).saturating_sub(offset) as usize);
+        self.send_data_in(lun, itt, data, &mut offset, &mut data_sn, None);
+        if let Some(stream) = self.running.get_mut(&itt).and_then(|r| r.stream.as_mut()) {
+            stream.sent_bytes = offset;
+            stream.data_sn = data_sn;
+        }
+    }
+
+    /// Largest Data-In payload a PDU of this session carries (the initiator's
+    /// MaxRecvDataSegmentLength, within MaxBurstLength): the shell sizes streamed pieces by it
+    /// so each piece becomes one PDU without a copy.
+    pub fn data_in_segment_bytes(&self) -> usize {
+        (self.params.initiator_max_recv_data_segment_length)
+            .min(self.params.max_burst_length)
+            .max(1) as usize
+    }
+
+    /// Queues `data` as Data-In PDUs of task `itt`, starting at byte `offset` of its transfer:
+    /// each PDU at most the initiator's MaxRecvDataSegmentLength and within one MaxBurstLength
+    /// sequence, F set on the last PDU of every sequence (RFC 7143 11.7.1), the status in the
+    /// last PDU when `status` is given. `data` is moved into the PDU when it fits whole.
+    fn send_data_in(
+        &mut self,
+        lun: u64,
+        itt: u32,
+        data: Vec<u8>,
+        offset: &mut u64,
+        data_sn: &mut u32,
+        status: Option<(u8, Residual)>,
+    ) {
+        let segment = self.params.initiator_max_recv_data_segment_length.max(1) as u64;
+        let burst = self.params.max_burst_length.max(1) as u64;
+        let total = data.len() as u64;
+        let mut data = Some(data);
+        let mut at = 0u64;
+        while at < total {
+            let piece = segment.min(burst - *offset % burst).min(total - at);
+            let last = at + piece == total;
+            let end_of_sequence = (*offset + piece) % burst == 0;
+            let last_status = if last { status } else { None };
+            let seq = if last_status.is_some() {
+                self.next_status()
+            } else {
+                self.seq()
+            };
+            let mut p = Pdu::data_in_header(
+                lun,
+                itt,
+                seq,
+                *data_sn,
+                *offset as u32,
+                end_of_sequence || last_status.is_some(),
+                last_status,
+            );
+            p.data = if at == 0 && last {
+                data.take().unwrap_or_default()
+            } else {
+                data.as_ref()
+                    .map(|d| d[at as usize..(at + piece) as usize].to_vec())
+                    .unwrap_or_default()
+            };
+            self.send(p);
+            *data_sn = data_sn.wrapping_add(1);
+            *offset += piece;
+            at += piece;
+        }
+    }
+
+    /// The shell ran a command: queue its Data-In and response. For a streamed READ, `result`
+    /// carries the last piece of data (or the failure).
     pub fn handle_command_complete(&mut self, itt: u32, result: ScsiResult) {
-        let Some((lun, edtl, read, write_spdtl)) = self.running.remove(&itt) else {
+        let Some(running) = self.running.remove(&itt) else {
             return;
         };
         if self.phase == Phase::Closing {
             return;
         }
+        let Running {
+            lun,
+            expected_length: edtl,
+            read,
+            write_spdtl,
+            stream,
+        } = running;
         let ScsiResult {
             status,
             sense: sense_data,
             mut data_in,
         } = result;
-        let produced = data_in.len() as u64;
+        let (mut offset, mut data_sn) = stream
+            .as_ref()
+            .map_or((0, 0), |s| (s.sent_bytes, s.data_sn));
+        let produced = match &stream {
+            Some(s) if status == sense::GOOD => s.transfer_bytes,
+            Some(s) => s.sent_bytes,
+            None => data_in.len() as u64,
+        };
         let residual = match write_spdtl {
             // Writes: what the CDB wanted against what the initiator said it would send.
             Some(spdtl) => Residual::between(edtl, spdtl),
@@ -826,57 +974,11 @@ impl Connection {
         if !read {
             data_in.clear();
         }
-        data_in.truncate(edtl as usize);
-        let segment = self.params.initiator_max_recv_data_segment_length as usize;
+        data_in.truncate((edtl as u64).saturating_sub(offset) as usize);
         let collapse = status == sense::GOOD && !data_in.is_empty();
-        let mut data_sn = 0u32;
         if !data_in.is_empty() {
-            let total = data_in.len();
-            if total <= segment {
-                let last_status = if collapse {
-                    Some((status, residual))
-                } else {
-                    None
-                };
-                let seq = if collapse {
-                    self.next_status()
-                } else {
-                    self.seq()
-                };
-                let mut p = Pdu::data_in_header(lun, itt, seq, 0, 0, true, last_status);
-                p.data = data_in;
-                self.send(p);
-                data_sn = 1;
-            } else {
-                let mut offset = 0usize;
-                while offset < total {
-                    let end = (offset + segment).min(total);
-                    let last = end == total;
-                    let last_status = if collapse && last {
-                        Some((status, residual))
-                    } else {
-                        None
-                    };
-                    let seq = if last_status.is_some() {
-                        self.next_status()
-                    } else {
-                        self.seq()
-                    };
-                    let mut p = Pdu::data_in_header(
-                        lun,
-                        itt,
-                        seq,
-                        data_sn,
-                        offset as u32,
-                        last,
-                        last_status,
-                    );
-                    p.data = data_in[offset..end].to_vec();
-                    self.send(p);
-                    data_sn += 1;
-                    offset = end;
-                }
-            }
+            let last_status = collapse.then_some((status, residual));
+            self.send_data_in(lun, itt, data_in, &mut offset, &mut data_sn, last_status);
         }
         if !collapse {
             let seq = self.next_status();
@@ -1711,6 +1813,140 @@ mod tests {
         bad[50] ^= 1;
         c.handle_bytes(&bad);
         assert!(c.is_closing());
+    }
+
+    /// Streams READ `itt` the way the tokio shell does: checked by `start_read`, then pieces of
+    /// `piece_bytes`, the last one through `handle_command_complete`.
+    fn stream(c: &mut Connection, piece_bytes: usize) -> Vec<Pdu> {
+        let mut out = Vec::new();
+        while let Some(e) = c.poll_event() {
+            let Event::Execute(cmd) = e else { continue };
+            let lun = cmd.target.lun.clone();
+            let extent = match lun.start_read(&cmd.nexus, cmd.lun, &cmd.cdb) {
+                Ok(extent) => extent,
+                Err(result) => {
+                    c.handle_command_complete(cmd.itt, result);
+                    continue;
+                }
+            };
+            c.handle_read_start(cmd.itt, extent.bytes());
+            let wanted = extent.bytes().min(cmd.expected_length as u64);
+            let mut at = 0u64;
+            loop {
+                let n = (piece_bytes as u64).min(wanted - at);
+                let mut buffer = vec![0u8; n as usize];
+                lun.read_blocks(extent.lba + at / 512, &mut buffer).unwrap();
+                at += n;
+                if at == wanted {
+                    c.handle_command_complete(cmd.itt, ScsiResult::good(buffer));
+                    break;
+                }
+                c.handle_read_data(cmd.itt, buffer);
+                out.extend(std::iter::from_fn(|| c.poll_transmit().map(|(p, _, _)| p)));
+            }
+        }
+        out.extend(std::iter::from_fn(|| c.poll_transmit().map(|(p, _, _)| p)));
+        out
+    }
+
+    #[test]
+    fn streamed_read_longer_than_the_transfer_limit_is_whole_and_in_sequences() {
+        let mut c = connection();
+        login(
+            &mut c,
+            &[
+                ("MaxRecvDataSegmentLength", "8192"),
+                ("MaxBurstLength", "65536"),
+            ],
+        );
+        // Fill the 1024-block device with a pattern, directly.
+        let pattern: Vec<u8> = (0..512 * 1024u32).map(|i| (i / 512 + i) as u8).collect();
+        c.registry
+            .target(IQN)
+            .unwrap()
+            .lun
+            .device()
+            .write(0, &pattern, false)
+            .unwrap();
+        // READ(16) of 1000 blocks at LBA 10: longer than one burst, many PDUs.
+        let mut cdb = vec![0x88, 0];
+        cdb.extend_from_slice(&10u64.to_be_bytes());
+        cdb.extend_from_slice(&1000u32.to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
+        let edtl = 1000 * 512;
+        c.handle_bytes(&command(10, 7, &cdb, true, false, edtl, Vec::new(), true));
+        let out = stream(&mut c, 3 * 8192);
+        let mut data = Vec::new();
+        for (sn, p) in out.iter().enumerate() {
+            assert_eq!(p.opcode(), opcode::DATA_IN);
+            assert!(p.data.len() <= 8192);
+            assert_eq!(wire::be32(&p.bhs, 36), sn as u32, "DataSN");
+            assert_eq!(wire::be32(&p.bhs, 40) as usize, data.len(), "buffer offset");
+            data.extend_from_slice(&p.data);
+            let end_of_burst = data.len() % 65536 == 0 || sn == out.len() - 1;
+            assert_eq!(p.bhs[1] & 0x80 != 0, end_of_burst, "F bit of PDU {sn}");
+            assert_eq!(
+                p.bhs[1] & 0x01 != 0,
+                sn == out.len() - 1,
+                "S bit of PDU {sn}"
+            );
+        }
+        assert_eq!(data, pattern[10 * 512..1010 * 512]);
+        let last = out.last().unwrap();
+        assert_eq!((last.bhs[3], last.bhs[1] & 0x06), (sense::GOOD, 0));
+        // The initiator expects less than the CDB asks: it gets what it expects, and the
+        // residual says how much more the command had (overflow).
+        c.handle_bytes(&command(11, 8, &cdb, true, false, 4096, Vec::new(), true));
+        let out = stream(&mut c, 8192);
+        let data: Vec<u8> = out.iter().flat_map(|p| p.data.clone()).collect();
+        assert_eq!(data, pattern[10 * 512..10 * 512 + 4096]);
+        let last = out.last().unwrap();
+        assert_eq!(
+            last.bhs[1] & 0x05,
+            0x05,
+            "status in the last Data-In, overflow"
+        );
+        assert_eq!(wire::be32(&last.bhs, 44), edtl - 4096);
+    }
+
+    #[test]
+    fn read_expecting_more_than_the_write_limit_is_accepted_and_past_the_end_refused() {
+        let mut c = connection();
+        login(&mut c, &[]);
+        // An expected length above TRANSFER_BYTES_MAX does not refuse a READ; its range does.
+        let mut cdb = vec![0x88, 0];
+        cdb.extend_from_slice(&0u64.to_be_bytes());
+        cdb.extend_from_slice(&20_000u32.to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
+        c.handle_bytes(&command(
+            10,
+            1,
+            &cdb,
+            true,
+            false,
+            20_000 * 512,
+            Vec::new(),
+            true,
+        ));
+        let out = stream(&mut c, 65536);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].opcode(), opcode::SCSI_RESPONSE);
+        let s = &out[0].data[2..];
+        assert_eq!((s[12], s[13]), (0x21, 0x00), "lba out of range");
+        // A write that long is still refused up front.
+        let cdb = [0x2a, 0, 0, 0, 0, 0, 0x4e, 0x20, 0, 0];
+        c.handle_bytes(&command(
+            11,
+            2,
+            &cdb,
+            false,
+            true,
+            20_000 * 512,
+            Vec::new(),
+            false,
+        ));
+        let out = drain(&mut c);
+        assert_eq!(out[0].bhs[3], sense::CHECK_CONDITION);
     }
 
     proptest! {

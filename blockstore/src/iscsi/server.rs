@@ -3,11 +3,17 @@
 //! Data-In buffer), answers written in batches with vectored writes (data segments are not
 //! copied into a send buffer).
 //!
+//! READs longer than [`STREAM_READ_BYTES_MIN`] (up to the whole LUN, in one command) are
+//! streamed: read from the device one PDU-sized piece at a time, each handed to the core as it
+//! is read, and output handed to the writer task in bounded batches, so a READ of any length
+//! holds at most a few batches in memory; the reads stop while the socket is full.
+//!
 //! Memory per session is bounded: the socket read buffer (256 KiB), the frame being assembled
 //! (one PDU, at most our MaxRecvDataSegmentLength of 256 KiB), write data being gathered
 //! (`WRITE_BUFFER_BYTES_MAX`, 32 MiB), the Data-In buffer pool (32 x 256 KiB), and queued output
-//! (`WRITE_BATCHES_MAX` batches of about `WRITE_BATCH_BYTES`): about 45 MiB in the worst case;
-//! an idle session holds a few KiB. The benchmark prints the measured figures.
+//! (`WRITE_BATCHES_MAX` batches of about `WRITE_BATCH_BYTES`, plus one being written and one
+//! being filled): about 45 MiB in the worst case; an idle session holds a few KiB. The benchmark
+//! prints the measured figures; `tests/large_reads.rs` checks a 100 MB READ stays bounded.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -32,6 +38,10 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 const WRITE_BATCH_BYTES: usize = 512 * 1024;
 /// ...and at most this many batches wait for the socket (bounds memory per session).
 const WRITE_BATCHES_MAX: usize = 4;
+
+/// READs whose CDB asks for more than this are streamed piece by piece (see the module doc);
+/// shorter ones are read whole into one pooled buffer.
+pub const STREAM_READ_BYTES_MIN: u64 = 1 << 20;
 
 /// Data-In buffers handed back after they were sent, so reads reuse warm memory instead of
 /// faulting in fresh pages for every command. Bounded.
@@ -227,6 +237,18 @@ impl Target {
             let mut events: VecDeque<Event> = std::iter::from_fn(|| conn.poll_event()).collect();
             while let Some(event) = events.pop_front() {
                 match event {
+                    Event::Execute(command) if is_streamed_read(&command) => {
+                        let sink = Sink {
+                            batches: &batches,
+                            pending: &pending,
+                        };
+                        if stream_read(&mut conn, command, &pool, &mut batch, sink)
+                            .await
+                            .is_err()
+                        {
+                            close = true;
+                        }
+                    }
                     Event::Execute(command) => {
                         // A run of commands for the blocking pool goes in one hand-off; plain
                         // READs run here. Order is kept either way.
@@ -313,6 +335,69 @@ impl Target {
             }
         }
         result.and(written)
+    }
+}
+
+/// Where full batches go: the writer task's queue, and its count of queued batches.
+struct Sink<'a> {
+    batches: &'a tokio::sync::mpsc::Sender<Batch>,
+    pending: &'a AtomicUsize,
+}
+
+/// Whether a command is a READ long enough to stream (see [`STREAM_READ_BYTES_MIN`]).
+fn is_streamed_read(command: &Command) -> bool {
+    crate::scsi::Lun::read_transfer_blocks(&command.cdb).is_some_and(|blocks| {
+        blocks.saturating_mul(command.target.lun.block_size_bytes() as u64) > STREAM_READ_BYTES_MIN
+    })
+}
+
+/// Runs a long READ: checks it, then reads it one Data-In-sized piece at a time, handing each
+/// piece to the core and full batches to the writer (waiting while the writer's queue is full,
+/// which bounds memory whatever the transfer length). Err: the writer is gone.
+async fn stream_read(
+    conn: &mut Connection,
+    command: Command,
+    pool: &BufferPool,
+    batch: &mut Batch,
+    sink: Sink<'_>,
+) -> Result<(), ()> {
+    let lun = command.target.lun.clone();
+    let itt = command.itt;
+    let extent = match lun.start_read(&command.nexus, command.lun, &command.cdb) {
+        Ok(extent) => extent,
+        Err(result) => {
+            conn.handle_command_complete(itt, result);
+            return Ok(());
+        }
+    };
+    let block = extent.block_size_bytes.max(1) as u64;
+    let transfer = extent.bytes();
+    conn.handle_read_start(itt, transfer);
+    // Only what the initiator takes (the core drops bytes past its expected length).
+    let wanted = transfer.min((command.expected_length as u64).div_ceil(block) * block);
+    let piece_max =
+        (conn.data_in_segment_bytes().min(POOL_BUFFER_BYTES_MAX) as u64 / block).max(1) * block;
+    let mut at = 0u64;
+    loop {
+        let length = piece_max.min(wanted - at);
+        let mut buffer = pool.take();
+        buffer.resize(length as usize, 0);
+        if let Err(result) = lun.read_blocks(extent.lba + at / block, &mut buffer) {
+            conn.handle_command_complete(itt, result);
+            return Ok(());
+        }
+        at += length;
+        if at == wanted {
+            conn.handle_command_complete(itt, ScsiResult::good(buffer));
+            return Ok(());
+        }
+        conn.handle_read_data(itt, buffer);
+        if drain_into(conn, batch) >= WRITE_BATCH_BYTES {
+            sink.pending.fetch_add(1, Ordering::AcqRel);
+            if sink.batches.send(std::mem::take(batch)).await.is_err() {
+                return Err(());
+            }
+        }
     }
 }
 

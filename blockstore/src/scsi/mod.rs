@@ -11,6 +11,9 @@
 //! - COMPARE AND WRITE holds the LUN's I/O lock across its read, compare and write, so it is
 //!   atomic against every other write through this LUN.
 //!
+//! Streaming: READs above [`TRANSFER_BLOCKS_MAX`] are not run by [`Lun::execute`]; a shell
+//! checks them with [`Lun::start_read`] and reads them piece by piece with [`Lun::read_blocks`].
+//!
 //! Not done: protection information (RDPROTECT/WRPROTECT other than 0 are rejected), EXTENDED COPY,
 //! SANITIZE, ORWRITE, WRITE ATOMIC, ALUA (REPORT TARGET PORT GROUPS), removable media.
 
@@ -26,8 +29,15 @@ pub use file::FileDevice;
 use reservation::Reservations;
 use sense::Sense;
 
-/// Largest transfer in blocks we accept in one command (also in VPD page 0xB0).
+/// Largest transfer in blocks of a command whose data is held whole (writes, VERIFY, ORWRITE,
+/// and READs run through [`Lun::execute`]), advertised as MAXIMUM TRANSFER LENGTH in VPD page
+/// 0xB0, which Linux sizes its requests by. READs of any length within the LUN are still
+/// served when the shell streams them ([`Lun::start_read`]): iPXE's UEFI SAN boot ignores the
+/// page and reads a whole 9 MB file in one command (tgt accepts that too). This deliberately
+/// departs from SBC's "shall reject" for reads.
 pub const TRANSFER_BLOCKS_MAX: u32 = 8192;
+/// OPTIMAL TRANSFER LENGTH in VPD page 0xB0 (128 KiB).
+pub const OPTIMAL_TRANSFER_BLOCKS: u32 = 256;
 /// Largest WRITE SAME in blocks (VPD page 0xB0).
 pub const WRITE_SAME_BLOCKS_MAX: u64 = 8192;
 /// UNMAP limits (VPD page 0xB0).
@@ -36,6 +46,20 @@ pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
 /// Unmap granularity in blocks (4 KiB, the file systems' block size).
 pub const UNMAP_GRANULARITY_BLOCKS: u32 = 8;
 pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 255;
+
+/// The blocks a READ started with [`Lun::start_read`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadExtent {
+    pub lba: u64,
+    pub blocks: u64,
+    pub block_size_bytes: u32,
+}
+
+impl ReadExtent {
+    pub fn bytes(&self) -> u64 {
+        self.blocks * self.block_size_bytes as u64
+    }
+}
 
 /// One I_T nexus: an initiator port (name + ISID) talking to this target.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -362,13 +386,28 @@ impl Lun {
     }
 
     /// Executes one command. `lun_id` is the LUN field of the command (only LUN 0 exists).
+    /// READs above [`TRANSFER_BLOCKS_MAX`] blocks are refused here (their data would be held
+    /// whole); a shell streams them with [`Lun::start_read`] and [`Lun::read_blocks`] instead.
     pub fn execute(&self, nexus: &Nexus, lun_id: u64, cdb: &[u8], data_out: &[u8]) -> ScsiResult {
+        if let Some(result) = self.preflight(nexus, lun_id, cdb) {
+            return result;
+        }
+        let result = self.dispatch(nexus, cdb, data_out);
+        match result {
+            Ok(data) => ScsiResult::good(data),
+            Err(f) => Self::failure(f),
+        }
+    }
+
+    /// Checks every command passes before its own handling: LUN, CDB length, unit attention,
+    /// reservation conflict. `Some` is the command's outcome.
+    fn preflight(&self, nexus: &Nexus, lun_id: u64, cdb: &[u8]) -> Option<ScsiResult> {
         if cdb.is_empty() {
-            return ScsiResult::check(sense::INVALID_OPCODE);
+            return Some(ScsiResult::check(sense::INVALID_OPCODE));
         }
         let opcode = cdb[0];
         if lun_id != 0 {
-            return match opcode {
+            return Some(match opcode {
                 0x12 => match self.inquiry(cdb, true) {
                     Ok(d) => ScsiResult::good(d),
                     Err(f) => Self::failure(f),
@@ -383,17 +422,17 @@ impl Lun {
                     ScsiResult::good(d)
                 }
                 _ => ScsiResult::check(sense::LUN_NOT_SUPPORTED),
-            };
+            });
         }
         if cdb.len() < cdb_len_for(opcode).min(16) {
-            return ScsiResult::check(sense::INVALID_OPCODE);
+            return Some(ScsiResult::check(sense::INVALID_OPCODE));
         }
         // Unit attention, except for the commands SPC-4 exempts.
         if !matches!(opcode, 0x12 | 0xa0 | 0x03) {
             let mut st = self.lock();
             if let Some(q) = st.unit_attentions.get_mut(&nexus.id) {
                 if let Some(ua) = q.pop_front() {
-                    return ScsiResult::check(ua);
+                    return Some(ScsiResult::check(ua));
                 }
             }
         }
@@ -404,14 +443,62 @@ impl Lun {
                 .reservations
                 .conflicts(nexus.id, opcode, cdb, access_of(opcode))
             {
-                return ScsiResult::status(sense::RESERVATION_CONFLICT);
+                return Some(ScsiResult::status(sense::RESERVATION_CONFLICT));
             }
         }
-        let result = self.dispatch(nexus, cdb, data_out);
-        match result {
-            Ok(data) => ScsiResult::good(data),
-            Err(f) => Self::failure(f),
+        None
+    }
+
+    /// Starts a READ (6/10/12/16) of any length whose data the caller streams: runs every
+    /// check `execute` would (LUN, unit attention, reservations, CDB fields, range, stopped)
+    /// and returns what to read, without reading anything. `Err` is the command's outcome.
+    /// The caller then reads the blocks piece by piece with [`Lun::read_blocks`], so its memory
+    /// is bounded by the piece size whatever the transfer length.
+    pub fn start_read(
+        &self,
+        nexus: &Nexus,
+        lun_id: u64,
+        cdb: &[u8],
+    ) -> Result<ReadExtent, ScsiResult> {
+        if !matches!(cdb.first(), Some(0x08 | 0x28 | 0xa8 | 0x88)) {
+            return Err(ScsiResult::check(sense::INVALID_OPCODE));
         }
+        if let Some(result) = self.preflight(nexus, lun_id, cdb) {
+            return Err(result);
+        }
+        let rw = parse_rw(cdb).map_err(Self::failure)?;
+        if rw.protect != 0 {
+            return Err(Self::failure(bad_field(1)));
+        }
+        self.check_range(rw.lba, rw.blocks).map_err(Self::failure)?;
+        if self.lock().stopped {
+            return Err(ScsiResult::check(sense::NOT_READY_STOPPED));
+        }
+        Ok(ReadExtent {
+            lba: rw.lba,
+            blocks: rw.blocks,
+            block_size_bytes: self.device.block_size_bytes(),
+        })
+    }
+
+    /// Reads `buffer.len()` bytes (whole blocks) at `lba` for a READ started with
+    /// [`Lun::start_read`]. `Err` is the command's outcome (sense data of the device error).
+    pub fn read_blocks(&self, lba: u64, buffer: &mut [u8]) -> Result<(), ScsiResult> {
+        if buffer.is_empty() {
+            return Ok(());
+        }
+        self.device
+            .read(lba, buffer)
+            .map_err(|e| Self::failure(device_failure(e, false)))
+    }
+
+    /// The transfer length in blocks of a READ (6/10/12/16) CDB; `None` for anything else or a
+    /// CDB too short to hold it.
+    pub fn read_transfer_blocks(cdb: &[u8]) -> Option<u64> {
+        if !matches!(cdb.first(), Some(0x08 | 0x28 | 0xa8 | 0x88)) {
+            return None;
+        }
+        parse_rw(cdb).ok().map(|rw| rw.blocks)
     }
 
     fn failure(f: Failure) -> ScsiResult {
@@ -675,7 +762,7 @@ impl Lun {
                 b[1] = COMPARE_AND_WRITE_BLOCKS_MAX;
                 b[2..4].copy_from_slice(&(UNMAP_GRANULARITY_BLOCKS as u16).to_be_bytes()); // optimal transfer granularity
                 b[4..8].copy_from_slice(&TRANSFER_BLOCKS_MAX.to_be_bytes());
-                b[8..12].copy_from_slice(&256u32.to_be_bytes()); // optimal transfer length
+                b[8..12].copy_from_slice(&OPTIMAL_TRANSFER_BLOCKS.to_be_bytes());
                 b[16..20].copy_from_slice(&UNMAP_BLOCKS_MAX.to_be_bytes());
                 b[20..24].copy_from_slice(&UNMAP_DESCRIPTORS_MAX.to_be_bytes());
                 b[24..28].copy_from_slice(&UNMAP_GRANULARITY_BLOCKS.to_be_bytes());
