@@ -139,6 +139,15 @@ pub enum EventPayload {
         standby: Option<NodeId>,
         generation: u64,
     },
+    /// The primary of a non-persistent session went down: its standby serves the volume from
+    /// here on, at the next generation (which fences the old primary).
+    BootFailedOver {
+        mac: Mac,
+        from: NodeId,
+        primary: NodeId,
+        standby: Option<NodeId>,
+        generation: u64,
+    },
     LeaseGranted {
         ip: Ipv4Addr,
         mac: Mac,
@@ -179,6 +188,7 @@ impl EventPayload {
             EventPayload::Assigned { .. } => "assigned",
             EventPayload::Unassigned { .. } => "unassigned",
             EventPayload::BootStarted { .. } => "boot_started",
+            EventPayload::BootFailedOver { .. } => "boot_failed_over",
             EventPayload::LeaseGranted { .. } => "lease_granted",
             EventPayload::LeaseReleased { .. } => "lease_released",
         }
@@ -192,6 +202,7 @@ impl EventPayload {
             | EventPayload::ClientRemoved { mac }
             | EventPayload::ClientDiscovered { mac, .. }
             | EventPayload::BootStarted { mac, .. }
+            | EventPayload::BootFailedOver { mac, .. }
             | EventPayload::LeaseGranted { mac, .. }
             | EventPayload::LeaseReleased { mac, .. } => Some(*mac),
             EventPayload::Assigned {

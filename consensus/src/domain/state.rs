@@ -66,6 +66,11 @@ pub struct Client {
     pub name: Name,
     pub group: Option<Name>,
     pub created_ms: TimeMs,
+    /// Where each persistent disk's writable layer lives (image -> node): the node that last
+    /// served it as primary. Until writes are mirrored to the standby, only that node has the
+    /// layer, so later boots of that disk go back to it.
+    #[serde(default)]
+    pub layer_homes: BTreeMap<Name, NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,6 +308,7 @@ impl State {
                         name: name.clone(),
                         group: group.clone(),
                         created_ms: now,
+                        layer_homes: BTreeMap::new(),
                     },
                 );
             }
@@ -437,6 +443,11 @@ impl State {
                 generation,
             } => {
                 self.generations.insert(*mac, *generation);
+                if *mode == DiskMode::Persistent {
+                    if let Some(client) = self.clients.get_mut(mac) {
+                        client.layer_homes.insert(image.clone(), *primary);
+                    }
+                }
                 self.boot_sessions.insert(
                     *mac,
                     BootSession {
@@ -451,6 +462,20 @@ impl State {
                         started_ms: now,
                     },
                 );
+            }
+            EventPayload::BootFailedOver {
+                mac,
+                primary,
+                standby,
+                generation,
+                ..
+            } => {
+                self.generations.insert(*mac, *generation);
+                if let Some(session) = self.boot_sessions.get_mut(mac) {
+                    session.primary = *primary;
+                    session.standby = *standby;
+                    session.generation = *generation;
+                }
             }
             EventPayload::LeaseGranted {
                 ip,
@@ -520,6 +545,14 @@ impl State {
     /// sessions for its capacity is primary; the next such node is standby. The client's own
     /// current session does not count against its node (it is being replaced).
     pub fn place(&self, mac: &Mac) -> Option<(NodeId, Option<NodeId>)> {
+        let candidates = self.placement_candidates(mac, &[]);
+        let primary = *candidates.first()?;
+        Some((primary, candidates.get(1).copied()))
+    }
+
+    /// Healthy, non-draining nodes other than `exclude`, least loaded first (active sessions as
+    /// primary for their capacity, sessions of `mac` not counted); ties go to the lower node id.
+    pub fn placement_candidates(&self, mac: &Mac, exclude: &[NodeId]) -> Vec<NodeId> {
         let mut load: BTreeMap<NodeId, u64> = BTreeMap::new();
         for session in self.boot_sessions.values().filter(|s| s.mac != *mac) {
             *load.entry(session.primary).or_default() += 1;
@@ -528,18 +561,82 @@ impl State {
             .nodes
             .values()
             .filter(|n| n.healthy && !n.draining && n.capacity_sessions > 0)
+            .filter(|n| !exclude.contains(&n.node_id))
             .collect();
-        // Compare load/capacity as fractions; ties go to the lower node id (candidates are sorted
-        // by id already and the sort is stable).
+        // Compare load/capacity as fractions; candidates are sorted by id already and the sort
+        // is stable.
         candidates.sort_by(|a, b| {
             let load_a = load.get(&a.node_id).copied().unwrap_or(0);
             let load_b = load.get(&b.node_id).copied().unwrap_or(0);
             (load_a * u64::from(b.capacity_sessions))
                 .cmp(&(load_b * u64::from(a.capacity_sessions)))
         });
-        let primary = candidates.first()?.node_id;
-        let standby = candidates.get(1).map(|n| n.node_id);
-        Some((primary, standby))
+        candidates.into_iter().map(|n| n.node_id).collect()
+    }
+
+    /// Where a boot of `mac` into `image` in `mode` goes. A persistent disk goes back to the
+    /// node holding its layer and has no standby path: until writes are mirrored no other node
+    /// has its data, and serving it elsewhere would hand the client a stale disk.
+    fn place_boot(
+        &self,
+        mac: &Mac,
+        image: &Name,
+        mode: DiskMode,
+    ) -> Result<(NodeId, Option<NodeId>), Rejection> {
+        let home = self
+            .clients
+            .get(mac)
+            .and_then(|c| c.layer_homes.get(image))
+            .and_then(|home| self.nodes.get(home));
+        if let (DiskMode::Persistent, Some(home)) = (mode, home) {
+            if !home.healthy {
+                return Err(Rejection::Conflict {
+                    reason: format!(
+                        "the persistent disk of client {mac} for image {image} is on node {}, \
+                         which is down",
+                        home.node_id
+                    ),
+                });
+            }
+            return Ok((home.node_id, None));
+        }
+        let (primary, standby) = self.place(mac).ok_or_else(|| Rejection::Conflict {
+            reason: "no healthy storage node can take a boot".into(),
+        })?;
+        match mode {
+            DiskMode::Persistent => Ok((primary, None)),
+            DiskMode::NonPersistent => Ok((primary, standby)),
+        }
+    }
+
+    /// The failovers marking `node_id` down implies: every non-persistent session it serves as
+    /// primary moves to its standby (if that one is healthy) at the next generation, and gets a
+    /// new standby if one is left. Persistent sessions stay: their layer is only on that node.
+    fn failovers_from(&self, node_id: NodeId) -> Vec<EventPayload> {
+        let mut events = Vec::new();
+        for session in self.boot_sessions.values() {
+            if session.primary != node_id || session.mode != DiskMode::NonPersistent {
+                continue;
+            }
+            let Some(standby) = session
+                .standby
+                .filter(|s| self.nodes.get(s).is_some_and(|n| n.healthy))
+            else {
+                continue;
+            };
+            let next_standby = self
+                .placement_candidates(&session.mac, &[node_id, standby])
+                .first()
+                .copied();
+            events.push(EventPayload::BootFailedOver {
+                mac: session.mac,
+                from: node_id,
+                primary: standby,
+                standby: next_standby,
+                generation: session.generation + 1,
+            });
+        }
+        events
     }
 
     /// Validates a command against this state and returns the events it would produce.
@@ -598,10 +695,14 @@ impl State {
                         what: format!("node {node_id} health is already {healthy}"),
                     });
                 }
-                vec![E::NodeHealthSet {
+                let mut events = vec![E::NodeHealthSet {
                     node_id: *node_id,
                     healthy: *healthy,
-                }]
+                }];
+                if !*healthy {
+                    events.extend(self.failovers_from(*node_id));
+                }
+                events
             }
             Command::RemoveNode { node_id } => {
                 self.node(*node_id)?;
@@ -992,9 +1093,7 @@ impl State {
                         .ok_or_else(|| Rejection::Conflict {
                             reason: format!("image {image} has no ready version"),
                         })?;
-                let (primary, standby) = self.place(mac).ok_or_else(|| Rejection::Conflict {
-                    reason: "no healthy storage node can take a boot".into(),
-                })?;
+                let (primary, standby) = self.place_boot(mac, image, assignment.mode)?;
                 let generation = self.generations.get(mac).copied().unwrap_or(0) + 1;
                 vec![E::BootStarted {
                     mac: *mac,

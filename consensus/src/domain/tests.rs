@@ -186,7 +186,7 @@ fn draining_and_unhealthy_nodes_get_no_boots() {
     commands.push(Command::Assign {
         target: AssignmentTarget::Client(mac(1)),
         image: name("img"),
-        mode: DiskMode::Persistent,
+        mode: DiskMode::NonPersistent,
         default: false,
         position: None,
     });
@@ -215,6 +215,95 @@ fn draining_and_unhealthy_nodes_get_no_boots() {
         outcomes.last().unwrap().as_ref().unwrap_err().to_string(),
         "conflict: no healthy storage node can take a boot"
     );
+}
+
+#[test]
+fn a_dead_primary_fails_over_to_its_standby_at_the_next_generation() {
+    let mut commands = vec![register(1, 10), register(2, 10), register(3, 10)];
+    commands.extend(ready_image("img"));
+    for i in 1..=2 {
+        commands.push(Command::AddClient {
+            mac: mac(i),
+            name: name(&format!("pc{i}")),
+            group: None,
+        });
+    }
+    commands.push(Command::Assign {
+        target: AssignmentTarget::Client(mac(1)),
+        image: name("img"),
+        mode: DiskMode::NonPersistent,
+        default: false,
+        position: None,
+    });
+    commands.push(Command::Assign {
+        target: AssignmentTarget::Client(mac(2)),
+        image: name("img"),
+        mode: DiskMode::Persistent,
+        default: false,
+        position: None,
+    });
+    // pc1 lands on node 1 (standby 2), pc2 on node 2 with no standby (persistent).
+    for i in 1..=2 {
+        commands.push(Command::BeginBoot {
+            mac: mac(i),
+            image: name("img"),
+            user: None,
+        });
+    }
+    let (before, outcomes) = run(commands.clone());
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    let pc1 = &before.boot_sessions[&mac(1)];
+    assert_eq!((pc1.primary, pc1.standby, pc1.generation), (1, Some(2), 1));
+    let pc2 = &before.boot_sessions[&mac(2)];
+    assert_eq!((pc2.primary, pc2.standby), (2, None));
+
+    commands.push(Command::SetNodeHealth {
+        node_id: 1,
+        healthy: false,
+    });
+    let (state, outcomes) = run(commands.clone());
+    let events = outcomes.last().unwrap().as_ref().unwrap();
+    assert_eq!(events.len(), 2, "{events:?}");
+    let pc1 = &state.boot_sessions[&mac(1)];
+    // The standby serves now, fenced by a new generation; node 3 is the new second path.
+    assert_eq!((pc1.primary, pc1.standby, pc1.generation), (2, Some(3), 2));
+    assert_eq!(state.generations[&mac(1)], 2);
+
+    // Node 2 dies too: pc1 moves on to node 3 (it has no standby left), pc2's persistent disk
+    // stays where its layer is, and a new boot of it is refused with the reason.
+    commands.push(Command::SetNodeHealth {
+        node_id: 2,
+        healthy: false,
+    });
+    commands.push(Command::BeginBoot {
+        mac: mac(2),
+        image: name("img"),
+        user: None,
+    });
+    let (state, outcomes) = run(commands.clone());
+    let pc1 = &state.boot_sessions[&mac(1)];
+    assert_eq!((pc1.primary, pc1.standby, pc1.generation), (3, None, 3));
+    assert_eq!(state.boot_sessions[&mac(2)].primary, 2);
+    assert_eq!(
+        outcomes.last().unwrap().as_ref().unwrap_err().to_string(),
+        "conflict: the persistent disk of client 52:54:00:00:00:02 for image img is on node 2, \
+         which is down"
+    );
+
+    // Back up: the persistent disk boots on its home again even though node 3 is less loaded.
+    commands.push(Command::SetNodeHealth {
+        node_id: 2,
+        healthy: true,
+    });
+    commands.push(Command::BeginBoot {
+        mac: mac(2),
+        image: name("img"),
+        user: None,
+    });
+    let (state, outcomes) = run(commands);
+    assert!(outcomes.last().unwrap().is_ok(), "{outcomes:?}");
+    let pc2 = &state.boot_sessions[&mac(2)];
+    assert_eq!((pc2.primary, pc2.standby, pc2.generation), (2, None, 2));
 }
 
 #[test]
