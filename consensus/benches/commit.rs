@@ -1,28 +1,234 @@
-//! Commit benchmark of the replicated state: a three-node cluster on 127.0.0.1 over QUIC with
-//! mutual TLS and synced RocksDB in temporary directories (on the filesystem of $TMPDIR).
-//! Prints throughput at 64 concurrent writers, latency percentiles at 1 writer, and the time
-//! from a leader shutdown until a write succeeds again. Goals (issue): >= 10,000 events/s at 64
-//! writers, p99 <= 5 ms at 1 writer, writable within 1.5 s. Figures only; nothing is asserted.
+//! Commit benchmark of the replicated state: three `ClusterNode`s, each in its own child process
+//! (this binary re-executed with `CAIRN_BENCH_NODE`), on 127.0.0.1 over QUIC with mutual TLS, with
+//! synced RocksDB in temporary directories on the filesystem of $TMPDIR.
 //!
-//! `cargo bench -p cairn-consensus --bench commit` (env BENCH_SECONDS, default 5).
+//! Prints, in one run:
+//! - commit latency p50/p99 at 1 writer and events/s at 64 concurrent writers, the writers running
+//!   inside the leader's process (`ClusterNode::propose`), and 64 writers through a follower
+//!   (every write forwarded to the leader);
+//! - failover: the leader's process is killed with SIGKILL (no shutdown, no goodbye to its
+//!   peers), then a survivor proposes until a write commits; the time from the kill to that commit,
+//!   over `BENCH_FAILOVERS` rounds (the killed node is restarted on its data and caught up before
+//!   the next round);
+//! - a three-member etcd on the same filesystem (`etcdctl check perf`) as the reference.
+//!
+//! Goals (issue 2): >= 10,000 events/s at 64 writers, p99 <= 5 ms at 1 writer, writable again
+//! within 1.5 s of a leader kill. Figures only; nothing is asserted.
+//!
+//! `cargo bench -p cairn-consensus --bench commit` (env BENCH_SECONDS, default 5;
+//! BENCH_FAILOVERS, default 5; TMPDIR=/dev/shm for tmpfs).
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_consensus::domain::{Command, Name};
 use cairn_consensus::{ClusterCa, ClusterNode, NodeAddress, NodeConfig, ProposeError, RaftTuning};
 
-fn free_port() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+const NODES: u64 = 3;
+
+fn main() {
+    match std::env::var("CAIRN_BENCH_NODE") {
+        Ok(id) => node_process(id.parse().expect("CAIRN_BENCH_NODE is a node id")),
+        Err(_) => orchestrate(),
+    }
 }
 
-fn create(n: usize) -> Command {
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The orchestrating process: starts, drives and kills the node processes.
+
+/// One node's child process and its command pipe.
+struct NodeProcess {
+    id: u64,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl NodeProcess {
+    fn spawn(id: u64, root: &Path, ports: &[u16]) -> NodeProcess {
+        let ports = ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("CAIRN_BENCH_NODE", id.to_string())
+            .env("CAIRN_BENCH_ROOT", root)
+            .env("CAIRN_BENCH_PORTS", ports)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn node process");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut node = NodeProcess {
+            id,
+            child,
+            stdin,
+            stdout,
+        };
+        node.expect_line("ready");
+        node
+    }
+
+    /// Sends one command line and returns the node's one-line answer.
+    fn ask(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").expect("write to node process");
+        self.stdin.flush().unwrap();
+        self.read_line()
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        let read = self.stdout.read_line(&mut line).expect("read node process");
+        assert!(read > 0, "node {} process ended", self.id);
+        line.trim().to_string()
+    }
+
+    fn expect_line(&mut self, expected: &str) {
+        let line = self.read_line();
+        assert_eq!(line, expected, "node {} answered {line:?}", self.id);
+    }
+
+    /// SIGKILL: the process dies at once, sending nothing to its peers.
+    fn kill(&mut self) {
+        self.child.kill().expect("kill node process");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// "done count=.. failed=.. seconds=.. p50_us=.. p99_us=.. max_us=.." as a map.
+fn fields(line: &str) -> std::collections::BTreeMap<String, f64> {
+    line.split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2} ms", us / 1000.0)
+}
+
+fn orchestrate() {
+    let seconds = env_number("BENCH_SECONDS", 5);
+    let failovers = env_number("BENCH_FAILOVERS", 5);
+    let root = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate().unwrap();
+    std::fs::write(root.path().join("ca.pem"), ca.cert_pem()).unwrap();
+    std::fs::write(root.path().join("ca.key"), ca.key_pem()).unwrap();
+    let ports: Vec<u16> = (0..NODES)
+        .map(|_| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    println!(
+        "three node processes, data under {} (set TMPDIR to move it)",
+        std::env::temp_dir().display()
+    );
+    let mut nodes: Vec<NodeProcess> = (1..=NODES)
+        .map(|id| NodeProcess::spawn(id, root.path(), &ports))
+        .collect();
+    assert_eq!(nodes[0].ask("init"), "ok");
+
+    let answer = nodes[0].ask(&format!("load 1 {seconds}"));
+    let result = fields(&answer);
+    println!(
+        "1 writer: {} commits in {seconds} s, p50 {}, p99 {}, max {} ({} failed)",
+        result["count"],
+        ms(result["p50_us"]),
+        ms(result["p99_us"]),
+        ms(result["max_us"]),
+        result["failed"],
+    );
+    let answer = nodes[0].ask(&format!("load 64 {seconds}"));
+    let result = fields(&answer);
+    let cairn_rate = result["count"] / result["seconds"];
+    println!(
+        "64 writers on the leader: {} events in {:.1} s = {cairn_rate:.0} events/s, p50 {}, p99 {} ({} failed)",
+        result["count"],
+        result["seconds"],
+        ms(result["p50_us"]),
+        ms(result["p99_us"]),
+        result["failed"],
+    );
+    let answer = nodes[1].ask(&format!("load 64 {seconds}"));
+    let result = fields(&answer);
+    println!(
+        "64 writers on a follower (forwarded): {:.0} events/s, p50 {}, p99 {} ({} failed)",
+        result["count"] / result["seconds"],
+        ms(result["p50_us"]),
+        ms(result["p99_us"]),
+        result["failed"],
+    );
+
+    let mut recoveries = Vec::new();
+    for _ in 0..failovers {
+        let leader = fields(&nodes[0].ask("leader"))["id"] as u64;
+        let index = nodes.iter().position(|n| n.id == leader).unwrap();
+        let survivor = (index + 1) % nodes.len();
+        // A little traffic first, so the kill lands on a leader that is replicating.
+        nodes[survivor].ask("write");
+        let killed = Instant::now();
+        nodes[index].kill();
+        let answer = nodes[survivor].ask("write");
+        let elapsed = killed.elapsed();
+        assert!(answer.starts_with("ok"), "write after kill: {answer}");
+        recoveries.push(elapsed);
+        // Restart the killed node on its data and wait until it serves a linearizable read, so
+        // the next round starts with three healthy members.
+        nodes[index] = NodeProcess::spawn(leader, root.path(), &ports);
+        assert_eq!(nodes[index].ask("sync"), "ok");
+    }
+    if !recoveries.is_empty() {
+        let mut sorted = recoveries.clone();
+        sorted.sort();
+        println!(
+            "writable again after SIGKILL of the leader ({} rounds): median {} ms, max {} ms (each: {:?} ms)",
+            sorted.len(),
+            sorted[sorted.len() / 2].as_millis(),
+            sorted[sorted.len() - 1].as_millis(),
+            recoveries.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
+        );
+    }
+    drop(nodes);
+    drop(root);
+    match etcd_reference() {
+        Ok(etcd_rate) => println!(
+            "etcd (3 members on 127.0.0.1-3, same filesystem, etcdctl check perf --load=l): {etcd_rate:.0} writes/s; Cairn/etcd = {:.2}",
+            cairn_rate / etcd_rate
+        ),
+        Err(reason) => println!("etcd reference skipped: {reason}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A node process: one ClusterNode, driven by command lines on stdin, one answer line each.
+
+fn create(n: u64) -> Command {
     Command::CreateImage {
         name: Name::new(format!("image-{n}")).unwrap(),
         description: String::new(),
@@ -30,78 +236,118 @@ fn create(n: usize) -> Command {
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main(flavor = "multi_thread")]
-async fn main() {
-    let seconds: u64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let root = tempfile::tempdir().unwrap();
-    let ca = ClusterCa::generate().unwrap();
-    let mut configs = Vec::new();
-    let mut nodes = Vec::new();
-    for id in 1..=3u64 {
-        let listen = free_port();
-        let config = NodeConfig {
+async fn node_process(id: u64) {
+    let root = PathBuf::from(std::env::var("CAIRN_BENCH_ROOT").unwrap());
+    let ports: Vec<u16> = std::env::var("CAIRN_BENCH_PORTS")
+        .unwrap()
+        .split(',')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let ca = ClusterCa::from_pem(
+        &std::fs::read_to_string(root.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(root.join("ca.key")).unwrap(),
+    )
+    .unwrap();
+    let config = |id: u64| {
+        let listen = SocketAddr::from(([127, 0, 0, 1], ports[id as usize - 1]));
+        NodeConfig {
             node_id: id,
-            data_dir: root.path().join(format!("node-{id}")),
+            data_dir: root.join(format!("node-{id}")),
             raft_listen: listen,
             advertise: NodeAddress::new(listen, ""),
             identity: ca.issue_node_certificate(id).unwrap(),
             tuning: RaftTuning::default(),
-        };
-        nodes.push(ClusterNode::start(config.clone()).await.unwrap());
-        configs.push(config);
-    }
-    nodes[0]
-        .initialize(configs[0].advertise.clone())
-        .await
-        .unwrap();
-    while !nodes[0].is_leader() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    for config in &configs[1..] {
-        nodes[0]
-            .add_learner(config.node_id, config.advertise.clone())
-            .await
-            .unwrap();
-    }
-    nodes[0]
-        .change_membership(BTreeSet::from([1, 2, 3]))
-        .await
-        .unwrap();
-    let leader = nodes[0].clone();
-    let actor = Name::new("bench").unwrap();
-    let counter = Arc::new(AtomicUsize::new(0));
-
-    // 1 writer: latency.
-    let mut latencies = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while Instant::now() < deadline {
-        let n = counter.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        if leader.propose(actor.clone(), create(n)).await.is_ok() {
-            latencies.push(started.elapsed());
         }
+    };
+    let node = ClusterNode::start(config(id)).await.unwrap();
+    let actor = Name::new("bench").unwrap();
+    // Image names must be unique across processes and restarts.
+    let counter = Arc::new(AtomicU64::new(id << 48 | (std::process::id() as u64) << 24));
+    println!("ready");
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(tokio::io::stdin()));
+    while let Ok(Some(line)) = lines.next_line().await {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["init"] => {
+                node.initialize(config(id).advertise).await.unwrap();
+                while !node.is_leader() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                for other in (1..=NODES).filter(|&other| other != id) {
+                    node.add_learner(other, config(other).advertise)
+                        .await
+                        .unwrap();
+                }
+                node.change_membership(BTreeSet::from_iter(1..=NODES))
+                    .await
+                    .unwrap();
+                "ok".to_string()
+            }
+            ["leader"] => {
+                let mut metrics = node.metrics();
+                let leader = metrics
+                    .wait_for(|m| m.current_leader.is_some())
+                    .await
+                    .unwrap()
+                    .current_leader
+                    .unwrap();
+                format!("id={leader}")
+            }
+            ["load", writers, seconds] => {
+                load(
+                    &node,
+                    &actor,
+                    &counter,
+                    writers.parse().unwrap(),
+                    seconds.parse().unwrap(),
+                )
+                .await
+            }
+            // Proposes until a write commits (retrying whatever fails but a rejection).
+            ["write"] => loop {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                match node.propose(actor.clone(), create(n)).await {
+                    Ok(_) => break "ok".to_string(),
+                    Err(ProposeError::Rejected(rejection)) => {
+                        break format!("rejected {rejection}")
+                    }
+                    Err(_) => continue,
+                }
+            },
+            // Waits until this node serves a linearizable read (it knows the leader and applied
+            // everything committed before).
+            ["sync"] => loop {
+                if node.read(|state| state.last_seq).await.is_ok() {
+                    break "ok".to_string();
+                }
+            },
+            _ => format!("unknown command {line:?}"),
+        };
+        println!("{answer}");
     }
-    latencies.sort();
-    println!(
-        "1 writer: {} commits in {seconds} s, p50 {:?}, p99 {:?}, max {:?}",
-        latencies.len(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies[latencies.len() - 1]
-    );
+}
 
-    // 64 writers: throughput.
+/// `writers` concurrent writers proposing through `node` for `seconds`.
+async fn load(
+    node: &ClusterNode,
+    actor: &Name,
+    counter: &Arc<AtomicU64>,
+    writers: usize,
+    seconds: u64,
+) -> String {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for _ in 0..64 {
-        let leader = leader.clone();
+    for _ in 0..writers {
+        let node = node.clone();
         let actor = actor.clone();
         let counter = counter.clone();
         tasks.push(tokio::spawn(async move {
@@ -109,7 +355,7 @@ async fn main() {
             while Instant::now() < deadline {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
-                match leader.propose(actor.clone(), create(n)).await {
+                match node.propose(actor.clone(), create(n)).await {
                     Ok(_) => latencies.push(started.elapsed()),
                     Err(_) => failed += 1,
                 }
@@ -117,55 +363,27 @@ async fn main() {
             (latencies, failed)
         }));
     }
-    let (mut all, mut failures) = (Vec::new(), 0);
+    let (mut all, mut failed) = (Vec::new(), 0);
     for task in tasks {
-        let (latencies, failed) = task.await.unwrap();
+        let (latencies, failures) = task.await.unwrap();
         all.extend(latencies);
-        failures += failed;
+        failed += failures;
     }
-    all.sort();
-    let total = all.len();
     let elapsed = started.elapsed().as_secs_f64();
-    let cairn_rate = total as f64 / elapsed;
-    println!(
-        "64 writers: {total} events in {elapsed:.1} s = {cairn_rate:.0} events/s, p50 {:?}, p99 {:?} ({failures} failed proposals)",
-        percentile(&all, 0.5),
-        percentile(&all, 0.99),
-    );
-
-    // Leader shutdown: time until a write through a survivor succeeds.
-    let killed = Instant::now();
-    leader.shutdown().await;
-    let survivor = nodes[1].clone();
-    loop {
-        let n = counter.fetch_add(1, Ordering::Relaxed);
-        match survivor.propose(actor.clone(), create(n)).await {
-            Ok(_) => break,
-            Err(ProposeError::Rejected(rejection)) => panic!("{rejection}"),
-            Err(_) => continue,
-        }
-    }
-    println!(
-        "writable again {} ms after the leader shutdown",
-        killed.elapsed().as_millis()
-    );
-    for node in &nodes[1..] {
-        node.shutdown().await;
-    }
-    drop(root);
-    match etcd_reference() {
-        Ok(etcd_rate) => println!(
-            "etcd (3 members on 127.0.0.1-3, same disk, etcdctl check perf --load=l): {etcd_rate:.0} writes/s; Cairn/etcd = {:.2}",
-            cairn_rate / etcd_rate
-        ),
-        Err(reason) => println!("etcd reference skipped: {reason}"),
-    }
+    all.sort();
+    format!(
+        "done count={} failed={failed} seconds={elapsed:.3} p50_us={} p99_us={} max_us={}",
+        all.len(),
+        percentile(&all, 0.5).as_micros(),
+        percentile(&all, 0.99).as_micros(),
+        all.last().copied().unwrap_or_default().as_micros(),
+    )
 }
 
 /// The peer for durable Raft commits on this machine: a three-member etcd cluster (Debian's
 /// etcd-server) on 127.0.0.1-3 in a temporary directory, measured by `etcdctl check perf`.
 fn etcd_reference() -> Result<f64, String> {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     if Command::new("etcd").arg("--version").output().is_err() {
         return Err("etcd not installed (apt-get install etcd-server etcd-client)".into());
     }

@@ -7,8 +7,11 @@
 //!
 //! Code map:
 //! - `domain`, `codec`: the pure model and the one binary encoding (integrator's).
-//! - `types`: the openraft type configuration (`TypeConfig`: entries carry a `Proposal`, responses
-//!   are `Outcome`s, nodes are `NodeAddress`es, snapshots are byte streams).
+//! - `types`: the openraft type configuration (`TypeConfig`: entries carry a `ProposalBatch`,
+//!   responses are one `Outcome` per proposal, nodes are `NodeAddress`es, snapshots are byte
+//!   streams) and `Raft`, openraft's handle with its proposal batcher.
+//! - `proposer`: the leader's batcher; proposals arriving while earlier entries are in flight
+//!   share one entry (and its fsyncs).
 //! - `store`: `StateMachineCore` (the apply step) and the snapshot format, shared by
 //!   `store::rocks` (RocksDB, one group-committing writer thread) and `store::mem` (simulation).
 //! - `rpc`: request/response messages, the `Transport` (client) and `RpcHandler` (server) traits.
@@ -36,6 +39,7 @@ pub mod codec;
 pub mod domain;
 pub mod metrics;
 pub mod network;
+pub mod proposer;
 pub mod quic;
 pub mod raft_node;
 pub mod rpc;

@@ -17,6 +17,8 @@ pub const LOG_WRITE_JOBS: &str = "cairn_raft_log_write_jobs";
 pub const LOG_WRITE_SECONDS: &str = "cairn_raft_log_write_seconds";
 pub const PROPOSE_SECONDS: &str = "cairn_raft_propose_seconds";
 pub const PROPOSALS_REJECTED: &str = "cairn_raft_proposals_rejected_total";
+/// Proposals per Raft entry the leader wrote (see `proposer`).
+pub const BATCH_PROPOSALS: &str = "cairn_raft_batch_proposals";
 
 pub(crate) fn observe(metrics: &RaftMetrics) {
     metrics::gauge!(TERM).set(metrics.current_term as f64);
@@ -65,4 +67,9 @@ pub(crate) fn log_written(jobs: usize, seconds: f64) {
 /// is told through `save_committed`).
 pub fn committed(index: u64) {
     metrics::gauge!(COMMIT_INDEX).set(index as f64);
+}
+
+/// The leader handed an entry of `proposals` proposals to Raft.
+pub(crate) fn batch_proposed(proposals: usize) {
+    metrics::histogram!(BATCH_PROPOSALS).record(proposals as f64);
 }

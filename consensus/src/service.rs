@@ -300,26 +300,31 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
         self.state
             .with_state(|state| state.check(&proposal))
             .map_err(ForwardError::Rejected)?;
-        // Bounded: a leader deposed right after accepting an entry may never answer it (openraft
-        // answers pending writes only when it truncates them; found by the simulation, seeds
-        // 1418 and 1747). The outcome is then unknown, which the caller is told.
-        let deadline = Duration::from_millis(self.timeouts.forward_timeout_ms);
-        let Ok(written) = tokio::time::timeout(deadline, self.raft.client_write(proposal)).await
-        else {
-            return Err(ForwardError::Unavailable(format!(
-                "no answer from raft within {} ms; outcome unknown",
-                self.timeouts.forward_timeout_ms
-            )));
-        };
-        match written {
-            Ok(response) => response.data.map_err(ForwardError::Rejected),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                Err(ForwardError::NotLeader {
-                    leader: forward.leader_id,
-                })
+        // Concurrent proposals share one Raft entry (see `proposer`). Bounded: a leader deposed
+        // right after accepting an entry may never answer it; the proposer then answers
+        // "outcome unknown" after the timeout.
+        let timeout = Duration::from_millis(self.timeouts.forward_timeout_ms);
+        let proposer = self.raft.proposer();
+        let mut ticket = proposer.submit(self.raft.openraft(), proposal, timeout);
+        // Leadership lost while the proposal still waits in the queue: it was never proposed, so
+        // it is taken back and the caller retries with the new leader. `biased`: the same order
+        // of polling every time, so a simulated run replays exactly from its seed.
+        let answer = tokio::select! {
+            biased;
+            answer = &mut ticket.answer => answer,
+            () = crate::proposer::leadership_lost(self.raft.openraft(), self.node_id) => {
+                if proposer.withdraw(ticket.ticket) {
+                    let leader = self.raft.metrics().borrow().current_leader;
+                    return Err(ForwardError::NotLeader { leader });
+                }
+                ticket.answer.await
             }
-            Err(error) => Err(ForwardError::Unavailable(error.to_string())),
-        }
+        };
+        answer.unwrap_or_else(|_| {
+            Err(ForwardError::Unavailable(
+                "the proposal's writer stopped; outcome unknown".into(),
+            ))
+        })
     }
 
     /// Runs `f` on a linearizable view of the state: it reflects every write committed before the

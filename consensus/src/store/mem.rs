@@ -12,9 +12,10 @@ use openraft::{OptionalSend, RaftLogReader, RaftSnapshotBuilder};
 
 use super::snapshot::{self, Header};
 use super::{read_error, StateMachineCore};
-use crate::domain::{Event, Outcome, Seq, State};
+use crate::domain::{Event, Seq, State};
 use crate::types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
+    BatchOutcome, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Vote,
 };
 
 #[derive(Default)]
@@ -206,7 +207,7 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
         Ok((machine.core.last_applied, machine.core.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchOutcome>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

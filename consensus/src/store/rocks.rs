@@ -28,9 +28,10 @@ use rocksdb::{
 use super::snapshot::{self, Header};
 use super::{read_error, write_error, StateMachineCore};
 use crate::codec;
-use crate::domain::{Event, Outcome, Seq, State};
+use crate::domain::{Event, Seq, State};
 use crate::types::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote,
+    BatchOutcome, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Vote,
 };
 
 const CF_LOGS: &str = "logs";
@@ -647,7 +648,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         Ok((core.last_applied, core.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchOutcome>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
