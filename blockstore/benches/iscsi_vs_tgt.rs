@@ -1,14 +1,21 @@
 //! Cairn's iSCSI target against tgt (Debian's user-space target) on the same image, same run:
 //! 64 KiB sequential reads (MB/s) and 4 KiB random reads (IOPS) with libiscsi's `iscsi-perf`,
 //! 32 commands in flight, plus 64 KiB sequential writes with a small pipelined initiator written
-//! here (this `iscsi-perf` only reads). Rounds alternate between the two targets and the median
-//! is kept, because the machine is shared. Prints each figure, the ratios, and Cairn's memory
-//! per session (resident set growth per idle session, and peak during the load).
+//! here (this `iscsi-perf` only reads). Cairn is measured twice: serving the plain file, and
+//! serving a volume (what clients use: the image imported into the BLAKE3 chunk store as the
+//! base, plus a 4 KiB writable layer; the default 256 MiB verified-chunk cache, smaller than the
+//! 1 GiB image, so sequential passes read and verify chunks from disk; reads and writes go to two
+//! volumes over the same base so the reads measure the base). Rounds rotate the order of the
+//! three targets and the median is kept, because the machine is shared. Prints each figure, the
+//! ratios, and each Cairn process's memory per session (resident set growth per idle session,
+//! and peak during the load).
 //!
 //! `cargo bench -p cairn-blockstore --bench iscsi_vs_tgt`; `BENCH_SECONDS` (default 5) and
 //! `BENCH_ROUNDS` (default 3) tune it; `BENCH_CAIRN_ARGS` sets extra arguments of
-//! `cairn-iscsi-file` (default `--inline-io`). Needs tgt and libiscsi-bin; prints why and exits 0 when
-//! they are missing. Goals (not asserted): reads >= 1.5x tgt, writes >= 1.0x tgt.
+//! `cairn-iscsi-file` serving the file (default `--inline-io`), `BENCH_VOLUME_ARGS` those of the
+//! volume server (default none: the node's configuration, device calls other than READs on the
+//! blocking pool). Needs tgt and libiscsi-bin; prints why and exits 0 when they are missing.
+//! Goals (not asserted): reads >= 1.5x tgt, writes >= 1.0x tgt, through the volume.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -153,17 +160,15 @@ impl Drop for Cairn {
     }
 }
 
-fn start_cairn(image: &str, port: u16, iqn: &str) -> Cairn {
+fn volume_args() -> String {
+    std::env::var("BENCH_VOLUME_ARGS").unwrap_or_default()
+}
+
+fn start_cairn(image: &str, port: u16, iqns: &[&str], extra: &[String]) -> Cairn {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
-        .args([
-            "--portal",
-            &format!("127.0.0.1:{port}"),
-            "--iqn",
-            iqn,
-            "--file",
-            image,
-        ])
-        .args(cairn_args().split_whitespace())
+        .args(["--portal", &format!("127.0.0.1:{port}"), "--file", image])
+        .args(iqns.iter().flat_map(|iqn| ["--iqn", iqn]))
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -506,6 +511,46 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// One target under test: where reads and writes go, and the process serving it.
+struct Subject {
+    label: &'static str,
+    port: u16,
+    read_iqn: String,
+    read_lun: u64,
+    write_iqn: String,
+    write_lun: u64,
+    pid: u32,
+}
+
+impl Subject {
+    fn read_url(&self) -> String {
+        format!(
+            "iscsi://127.0.0.1:{}/{}/{}",
+            self.port, self.read_iqn, self.read_lun
+        )
+    }
+}
+
+/// Figures of one target, one value per round.
+#[derive(Default)]
+struct Figures {
+    sequential_mbps: Vec<f64>,
+    random_iops: Vec<f64>,
+    write_mbps: Vec<f64>,
+    cpu_us_per_read: Vec<f64>,
+}
+
+/// Resident set growth per idle session (KiB), with 16 sessions logged in.
+fn idle_session_kib(pid: u32, port: u16, iqn: &str) -> f64 {
+    let before = rss_kib(pid, "VmRSS:");
+    let idle: Vec<Session> = (0..16)
+        .map(|i| Session::login(port, iqn, i as u8))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let with = rss_kib(pid, "VmRSS:");
+    with.saturating_sub(before) as f64 / idle.len() as f64
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -526,7 +571,9 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("tempdir");
     let image = dir.path().join("bench.img");
     {
         // Real data, not holes: reads must come from the page cache, not the zero page.
@@ -545,84 +592,147 @@ fn main() {
         f.sync_all().ok();
     }
     let image = image.display().to_string();
-    let (cairn_port, tgt_port) = (free_port(), free_port());
+    let (cairn_port, volume_port, tgt_port) = (free_port(), free_port(), free_port());
     let cairn_iqn = "iqn.2026-11.org.cairn:client.525400770042";
+    let volume_iqn = "iqn.2026-11.org.cairn:client.525400770043";
+    let volume_write_iqn = "iqn.2026-11.org.cairn:client.525400770044";
     let tgt_iqn = "iqn.2026-11.org.cairn.reference:tgt-bench";
-    let cairn = start_cairn(&image, cairn_port, cairn_iqn);
-    let _tgt = start_tgt(&image, tgt_port, tgt_iqn);
-    let cairn_url = format!("iscsi://127.0.0.1:{cairn_port}/{cairn_iqn}/0");
-    let tgt_url = format!("iscsi://127.0.0.1:{tgt_port}/{tgt_iqn}/1");
+    let split =
+        |args: String| -> Vec<String> { args.split_whitespace().map(str::to_string).collect() };
+    let cairn = start_cairn(&image, cairn_port, &[cairn_iqn], &split(cairn_args()));
+    let import_started = Instant::now();
+    let mut volume_extra = vec![
+        "--volume".to_string(),
+        dir.path().join("volume").display().to_string(),
+    ];
+    volume_extra.extend(split(volume_args()));
+    let volume = start_cairn(
+        &image,
+        volume_port,
+        &[volume_iqn, volume_write_iqn],
+        &volume_extra,
+    );
+    println!(
+        "volume server ready in {:.1} s (1 GiB image imported into the chunk store)",
+        import_started.elapsed().as_secs_f64()
+    );
+    let tgt = start_tgt(&image, tgt_port, tgt_iqn);
+    let subjects = [
+        Subject {
+            label: "cairn file",
+            port: cairn_port,
+            read_iqn: cairn_iqn.into(),
+            read_lun: 0,
+            write_iqn: cairn_iqn.into(),
+            write_lun: 0,
+            pid: cairn.0.id(),
+        },
+        Subject {
+            label: "cairn volume",
+            port: volume_port,
+            read_iqn: volume_iqn.into(),
+            read_lun: 0,
+            write_iqn: volume_write_iqn.into(),
+            write_lun: 0,
+            pid: volume.0.id(),
+        },
+        Subject {
+            label: "tgt",
+            port: tgt_port,
+            read_iqn: tgt_iqn.into(),
+            read_lun: 1,
+            write_iqn: tgt_iqn.into(),
+            write_lun: 1,
+            pid: tgt.child.id(),
+        },
+    ];
 
     // Memory per session: resident set growth with 16 idle sessions.
-    let pid = cairn.0.id();
-    let before = rss_kib(pid, "VmRSS:");
-    let idle: Vec<Session> = (0..16)
-        .map(|i| Session::login(cairn_port, cairn_iqn, i as u8))
-        .collect();
-    std::thread::sleep(Duration::from_millis(200));
-    let with = rss_kib(pid, "VmRSS:");
-    let per_idle_session_kib = with.saturating_sub(before) as f64 / idle.len() as f64;
-    drop(idle);
+    let idle_kib = [
+        idle_session_kib(subjects[0].pid, cairn_port, cairn_iqn),
+        idle_session_kib(subjects[1].pid, volume_port, volume_iqn),
+    ];
 
-    // Warm the page cache for both equally.
-    let _ = iscsi_perf(&cairn_url, 2048, false, 2);
+    // Warm the page cache (the image file, the chunk files) for every target equally.
+    let _ = iscsi_perf(&subjects[0].read_url(), 2048, false, 2);
+    let _ = iscsi_perf(&subjects[1].read_url(), 2048, false, 2);
 
-    let (mut seq, mut rnd, mut wr) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
-    // CPU microseconds per 64 KiB sequential read, per target.
-    let mut cpu_per_read = (vec![], vec![]);
-    let tgt_pid = _tgt.child.id();
+    let mut figures: Vec<Figures> = subjects.iter().map(|_| Figures::default()).collect();
     for round in 0..rounds {
-        // Alternate which target goes first each round.
-        let order: [bool; 2] = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for cairn_first in order {
-            let (url, port, iqn) = if cairn_first {
-                (&cairn_url, cairn_port, cairn_iqn)
-            } else {
-                (&tgt_url, tgt_port, tgt_iqn)
-            };
-            let pid = if cairn_first { cairn.0.id() } else { tgt_pid };
-            let cpu_before = cpu_seconds(pid);
-            let (seq_iops, mbps) = iscsi_perf(url, 128, false, seconds);
-            let cpu_us =
-                (cpu_seconds(pid) - cpu_before) * 1e6 / (seq_iops * seconds as f64).max(1.0);
-            if cairn_first {
-                cpu_per_read.0.push(cpu_us)
-            } else {
-                cpu_per_read.1.push(cpu_us)
-            }
-            let (iops, _) = iscsi_perf(url, 8, true, seconds);
-            let wmbps = write_load(port, iqn, if cairn_first { 0 } else { 1 }, seconds);
-            let slot = |pair: &mut (Vec<f64>, Vec<f64>), v: f64| {
-                if cairn_first {
-                    pair.0.push(v)
-                } else {
-                    pair.1.push(v)
-                }
-            };
-            slot(&mut seq, mbps);
-            slot(&mut rnd, iops);
-            slot(&mut wr, wmbps);
+        // Rotate which target goes first each round.
+        for step in 0..subjects.len() {
+            let index = (round + step) % subjects.len();
+            let subject = &subjects[index];
+            let url = subject.read_url();
+            let cpu_before = cpu_seconds(subject.pid);
+            let (seq_iops, mbps) = iscsi_perf(&url, 128, false, seconds);
+            let cpu_us = (cpu_seconds(subject.pid) - cpu_before) * 1e6
+                / (seq_iops * seconds as f64).max(1.0);
+            let (iops, _) = iscsi_perf(&url, 8, true, seconds);
+            let wmbps = write_load(subject.port, &subject.write_iqn, subject.write_lun, seconds);
+            let f = &mut figures[index];
+            f.sequential_mbps.push(mbps);
+            f.random_iops.push(iops);
+            f.write_mbps.push(wmbps);
+            f.cpu_us_per_read.push(cpu_us);
             println!(
-                "round {round} {:5}: seq64k {mbps:8.1} MB/s  rand4k {iops:9.0} IOPS  write64k {wmbps:8.1} MB/s",
-                if cairn_first { "cairn" } else { "tgt" }
+                "round {round} {:12}: seq64k {mbps:8.1} MB/s  rand4k {iops:9.0} IOPS  write64k {wmbps:8.1} MB/s  cpu/64k read {cpu_us:6.1} us",
+                subject.label
             );
         }
     }
-    let peak_kib = rss_kib(pid, "VmHWM:");
-    let (cs, ts) = (median(seq.0), median(seq.1));
-    let (cr, tr) = (median(rnd.0), median(rnd.1));
-    let (cw, tw) = (median(wr.0), median(wr.1));
+    let peak_kib = [
+        rss_kib(subjects[0].pid, "VmHWM:"),
+        rss_kib(subjects[1].pid, "VmHWM:"),
+    ];
+    let m = |f: &Figures| {
+        (
+            median(f.sequential_mbps.clone()),
+            median(f.random_iops.clone()),
+            median(f.write_mbps.clone()),
+            median(f.cpu_us_per_read.clone()),
+        )
+    };
+    let (ts, tr, tw, tc) = m(&figures[2]);
     println!();
-    println!("cairn-iscsi-file arguments: {:?}", cairn_args());
+    println!(
+        "cairn-iscsi-file arguments: file {:?}, volume {:?}",
+        cairn_args(),
+        volume_args()
+    );
     println!("medians over {rounds} rounds of {seconds} s, 32 in flight, same image, same run:");
-    println!("64 KiB sequential read : cairn {cs:8.1} MB/s   tgt {ts:8.1} MB/s   ratio {:.2}x (goal 1.5x)", cs / ts.max(1e-9));
-    println!("4 KiB random read      : cairn {cr:8.0} IOPS   tgt {tr:8.0} IOPS   ratio {:.2}x (goal 1.5x)", cr / tr.max(1e-9));
-    println!("64 KiB sequential write: cairn {cw:8.1} MB/s   tgt {tw:8.1} MB/s   ratio {:.2}x (goal 1.0x)", cw / tw.max(1e-9));
-    let (cc, tc) = (median(cpu_per_read.0), median(cpu_per_read.1));
-    println!("target CPU per 64 KiB read: cairn {cc:.1} us   tgt {tc:.1} us   (tgt/cairn {:.2}x; the machine is shared, so this is the steadier figure)", tc / cc.max(1e-9));
-    println!("cairn memory: {per_idle_session_kib:.0} KiB resident per idle session (16 sessions), peak resident {peak_kib} KiB for the whole process");
+    println!(
+        "{:<26} {:>12} {:>10} {:>14} {:>10} {:>14} {:>10} {:>12}",
+        "",
+        "seq64k MB/s",
+        "vs tgt",
+        "rand4k IOPS",
+        "vs tgt",
+        "write64k MB/s",
+        "vs tgt",
+        "cpu/read us"
+    );
+    for (index, f) in figures.iter().enumerate() {
+        let (cs, cr, cw, cc) = m(f);
+        println!(
+            "{:<26} {cs:>12.1} {:>9.2}x {cr:>14.0} {:>9.2}x {cw:>14.1} {:>9.2}x {cc:>12.1}",
+            subjects[index].label,
+            cs / ts.max(1e-9),
+            cr / tr.max(1e-9),
+            cw / tw.max(1e-9),
+        );
+    }
+    let (vs, vr, vw, _) = m(&figures[1]);
+    println!(
+        "through the volume: seq64k {:.2}x tgt (goal 1.5x), rand4k {:.2}x (goal 1.5x), write64k {:.2}x (goal 1.0x); tgt cpu per 64 KiB read {tc:.1} us",
+        vs / ts.max(1e-9),
+        vr / tr.max(1e-9),
+        vw / tw.max(1e-9)
+    );
+    for (index, label) in ["cairn file", "cairn volume"].iter().enumerate() {
+        println!(
+            "{label} memory: {:.0} KiB resident per idle session (16 sessions), peak resident {} KiB for the whole process",
+            idle_kib[index], peak_kib[index]
+        );
+    }
 }

@@ -2,9 +2,15 @@
 //!
 //! `cairn-iscsi-file --portal 127.0.0.1:3260 [--portal 127.0.0.1:3261] --iqn IQN --file IMG
 //!  [--size-mib N] [--initiator IQN]... [--chap USER:SECRET] [--mutual-chap USER:SECRET]
-//!  [--threads N] [--inline-io]`
+//!  [--threads N] [--inline-io] [--volume DIR [--cache-mib N]]`
 //!
 //! `--inline-io` runs device calls on the connection task (see `Target::with_inline_io`).
+//!
+//! `--volume DIR` serves what clients get instead of the plain file: the file is imported into a
+//! chunk store in `DIR/store` (BLAKE3-named 64 KiB chunks, verified when read from disk), and
+//! each `--iqn` (repeatable in this mode) serves its own volume (`DIR/volume-<n>`: that image
+//! version as base plus an empty 4 KiB writable layer). `--cache-mib` sets the verified-chunk
+//! cache (default: the store's default, 256 MiB).
 //!
 //! Prints `ready` on stdout once every portal listens.
 
@@ -12,8 +18,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use cairn_blockstore::chunks::{ChunkStore, ChunkStoreConfig};
+use cairn_blockstore::device::BlockDevice;
+use cairn_blockstore::image::NoProgress;
 use cairn_blockstore::iscsi::{Chap, Target, TargetConfig};
 use cairn_blockstore::scsi::FileDevice;
+use cairn_blockstore::volume::{Volume, VolumeOptions, VolumeSpec};
 
 fn parse_chap(value: &str) -> anyhow::Result<Chap> {
     let (user, secret) = value
@@ -27,7 +37,9 @@ fn parse_chap(value: &str) -> anyhow::Result<Chap> {
 
 fn main() -> anyhow::Result<()> {
     let mut portals = Vec::new();
-    let mut iqn = None;
+    let mut iqns: Vec<String> = Vec::new();
+    let mut volume_dir: Option<PathBuf> = None;
+    let mut cache_mib: Option<u64> = None;
     let mut file = None;
     let mut size_mib: Option<u64> = None;
     let mut config = TargetConfig::default();
@@ -38,7 +50,9 @@ fn main() -> anyhow::Result<()> {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--portal" => portals.push(value()?),
-            "--iqn" => iqn = Some(value()?),
+            "--iqn" => iqns.push(value()?),
+            "--volume" => volume_dir = Some(PathBuf::from(value()?)),
+            "--cache-mib" => cache_mib = Some(value()?.parse().context("--cache-mib")?),
             "--file" => file = Some(PathBuf::from(value()?)),
             "--size-mib" => size_mib = Some(value()?.parse().context("--size-mib")?),
             "--initiator" => config.allowed_initiators.push(value()?),
@@ -49,19 +63,63 @@ fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}"),
         }
     }
-    let iqn = iqn.context("--iqn is required")?;
+    if iqns.is_empty() {
+        bail!("--iqn is required");
+    }
     let file = file.context("--file is required")?;
     if portals.is_empty() {
         portals.push("127.0.0.1:3260".to_string());
     }
     // A stable id from the target name: both portals, and any restart, show the same disk.
-    let digest = blake3::hash(iqn.as_bytes());
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&digest.as_bytes()[..16]);
-    let device = FileDevice::open(&file, size_mib.map(|m| m << 20), id)
-        .with_context(|| format!("opening {}", file.display()))?;
+    let unique_id = |iqn: &str| {
+        let digest = blake3::hash(iqn.as_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest.as_bytes()[..16]);
+        id
+    };
     let target = Target::new().with_inline_io(inline_io);
-    target.add_target(&iqn, Arc::new(device), config)?;
+    match volume_dir {
+        None => {
+            if iqns.len() > 1 {
+                bail!("more than one --iqn needs --volume");
+            }
+            let device = FileDevice::open(&file, size_mib.map(|m| m << 20), unique_id(&iqns[0]))
+                .with_context(|| format!("opening {}", file.display()))?;
+            target.add_target(&iqns[0], Arc::new(device), config)?;
+        }
+        Some(dir) => {
+            let mut store_config = ChunkStoreConfig::default();
+            if let Some(mib) = cache_mib {
+                store_config.cache_bytes_max = mib << 20;
+            }
+            let store = Arc::new(
+                ChunkStore::open(&dir.join("store"), store_config)
+                    .with_context(|| format!("opening the chunk store in {}", dir.display()))?,
+            );
+            let imported = store
+                .import_file(&file, "served", 1, None, &NoProgress)
+                .with_context(|| format!("importing {}", file.display()))?;
+            for (index, iqn) in iqns.iter().enumerate() {
+                let spec = VolumeSpec {
+                    base: imported.manifest_hash,
+                    persistent: true,
+                    unique_id: unique_id(iqn),
+                };
+                let volume = Volume::open_or_create(
+                    store.clone(),
+                    &dir.join(format!("volume-{index}")),
+                    &spec,
+                    VolumeOptions::default(),
+                )
+                .with_context(|| format!("opening the volume of {iqn}"))?;
+                if volume.base() != imported.manifest_hash {
+                    volume.reset(Some(imported.manifest_hash))?;
+                }
+                let device: Arc<dyn BlockDevice> = Arc::new(volume);
+                target.add_target(iqn, device, config.clone())?;
+            }
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()

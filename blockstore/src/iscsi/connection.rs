@@ -906,7 +906,7 @@ impl Connection {
         while at < total {
             let piece = segment.min(burst - *offset % burst).min(total - at);
             let last = at + piece == total;
-            let end_of_sequence = (*offset + piece) % burst == 0;
+            let end_of_sequence = (*offset + piece).is_multiple_of(burst);
             let last_status = if last { status } else { None };
             let seq = if last_status.is_some() {
                 self.next_status()

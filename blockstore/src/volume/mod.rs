@@ -39,7 +39,8 @@
 //! checkpoint + old journal or the new checkpoint + new (empty) journal, never a mix. The map
 //! copy inside a checkpoint is taken under the same lock that orders journal records, and the
 //! data file is synced after the copy, so a checkpoint never names data that is not durable.
-//! Base chunks are verified on every read from disk (see `crate::chunks`).
+//! Base chunks are verified on every read from disk, whole or by 4 KiB leaf (see
+//! `crate::chunks`).
 //!
 //! # Concurrency
 //!
@@ -499,13 +500,10 @@ impl Volume {
             let part = &mut target[done..done + length];
             match base.chunks.get(index).copied().flatten() {
                 None => part.fill(0),
-                Some(hash) => {
-                    let chunk = self
-                        .store
-                        .read_chunk(&hash)
-                        .map_err(|source| VolumeError::Chunk { offset, source })?;
-                    part.copy_from_slice(&chunk[within..within + length]);
-                }
+                Some(hash) => self
+                    .store
+                    .read_into(&hash, within, part)
+                    .map_err(|source| VolumeError::Chunk { offset, source })?,
             }
             done += length;
             offset += length as u64;
