@@ -40,4 +40,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
         Ok((true, self.block_count().saturating_sub(lba)))
     }
+    /// TEST UNIT READY: returns once the device can take I/O. A device that is not serving
+    /// yet (a standby path) may hold the caller here for a bounded time; an error answers NOT
+    /// READY. Most devices are always ready.
+    fn ready(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }

@@ -524,6 +524,7 @@ impl Lun {
                 if self.lock().stopped {
                     return Err(sense::NOT_READY_STOPPED.into());
                 }
+                self.device.ready().map_err(|e| device_failure(e, false))?;
                 Ok(Vec::new())
             }
             0x03 => self.request_sense(nexus, cdb),
