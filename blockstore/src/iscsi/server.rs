@@ -1,7 +1,8 @@
 //! The tokio shell around [`Connection`]: one task per TCP connection, Nagle off, reads framed by
 //! the core, SCSI commands run on the blocking pool (plain READs inline, straight into a reused
-//! Data-In buffer), answers written in batches with vectored writes (data segments are not
-//! copied into a send buffer).
+//! Data-In buffer; without `with_inline_io`, a run of READs moving at least 256 KiB is shared
+//! with one blocking-pool thread, so a volume verifying chunks uses two cores), answers written
+//! in batches with vectored writes (data segments are not copied into a send buffer).
 //!
 //! READs longer than [`STREAM_READ_BYTES_MIN`] (up to the whole LUN, in one command) are
 //! streamed: read from the device one PDU-sized piece at a time, each handed to the core as it
@@ -18,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -220,6 +221,8 @@ impl Target {
             })
         };
         let closer = Arc::new(Notify::new());
+        // Set with the notification: a long streamed READ checks it between pieces.
+        let close_asked = Arc::new(AtomicBool::new(false));
         let mut registered: Option<u64> = None;
         let mut buf = vec![0u8; READ_CHUNK_BYTES];
         let result = loop {
@@ -241,6 +244,7 @@ impl Target {
                         let sink = Sink {
                             batches: &batches,
                             pending: &pending,
+                            close_asked: &close_asked,
                         };
                         if stream_read(&mut conn, command, &pool, &mut batch, sink)
                             .await
@@ -250,12 +254,16 @@ impl Target {
                         }
                     }
                     Event::Execute(command) => {
-                        // A run of commands for the blocking pool goes in one hand-off; plain
-                        // READs run here. Order is kept either way.
+                        // A run of commands for the blocking pool goes in one hand-off; a run
+                        // of plain READs is shared between this task and one blocking-pool
+                        // thread (see `execute_reads`). Order is kept either way.
+                        let reads = is_plain_read(&command);
                         let mut run = vec![command];
-                        while !self.inline_io && !is_plain_read(&run[0]) {
+                        while !self.inline_io {
                             match events.front() {
-                                Some(Event::Execute(next)) if !is_plain_read(next) => {
+                                Some(Event::Execute(next))
+                                    if is_plain_read(next) == reads && !is_streamed_read(next) =>
+                                {
                                     if let Some(Event::Execute(next)) = events.pop_front() {
                                         run.push(next);
                                     }
@@ -263,7 +271,14 @@ impl Target {
                                 _ => break,
                             }
                         }
-                        let results = execute_run(run, &pool, self.inline_io).await;
+                        let results = if reads
+                            && run.len() > 1
+                            && read_bytes(&run) >= PARALLEL_READ_BYTES_MIN
+                        {
+                            execute_reads(run, &pool).await
+                        } else {
+                            execute_run(run, &pool, self.inline_io).await
+                        };
                         for (itt, result) in results {
                             conn.handle_command_complete(itt, result);
                         }
@@ -293,6 +308,7 @@ impl Target {
                     (conn.session_id(), conn.target(), conn.nexus())
                 {
                     let c = closer.clone();
+                    let asked = close_asked.clone();
                     self.registry.register_session(SessionRecord {
                         id,
                         nexus_id: nexus.id,
@@ -300,7 +316,10 @@ impl Target {
                         initiator_name: nexus.initiator_name.clone(),
                         isid: conn.isid(),
                         tsih: conn.tsih(),
-                        close: Arc::new(move || c.notify_one()),
+                        close: Arc::new(move || {
+                            asked.store(true, Ordering::Release);
+                            c.notify_one()
+                        }),
                     });
                     registered = Some(id);
                 }
@@ -342,6 +361,8 @@ impl Target {
 struct Sink<'a> {
     batches: &'a tokio::sync::mpsc::Sender<Batch>,
     pending: &'a AtomicUsize,
+    /// The session was asked to close (reinstatement, target removal, reset).
+    close_asked: &'a AtomicBool,
 }
 
 /// Whether a command is a READ long enough to stream (see [`STREAM_READ_BYTES_MIN`]).
@@ -353,7 +374,9 @@ fn is_streamed_read(command: &Command) -> bool {
 
 /// Runs a long READ: checks it, then reads it one Data-In-sized piece at a time, handing each
 /// piece to the core and full batches to the writer (waiting while the writer's queue is full,
-/// which bounds memory whatever the transfer length). Err: the writer is gone.
+/// which bounds memory whatever the transfer length). Err: the writer is gone or the session
+/// is closing, so the rest is not worth reading. The connection task does nothing else
+/// meanwhile (a long READ delays the commands behind it, as on a disk).
 async fn stream_read(
     conn: &mut Connection,
     command: Command,
@@ -392,6 +415,9 @@ async fn stream_read(
             return Ok(());
         }
         conn.handle_read_data(itt, buffer);
+        if conn.is_closing() || sink.close_asked.load(Ordering::Acquire) {
+            return Err(());
+        }
         if drain_into(conn, batch) >= WRITE_BATCH_BYTES {
             sink.pending.fetch_add(1, Ordering::AcqRel);
             if sink.batches.send(std::mem::take(batch)).await.is_err() {
@@ -485,6 +511,64 @@ async fn write_pieces(
 /// the runtime.
 fn is_plain_read(command: &Command) -> bool {
     command.lun == 0 && matches!(command.cdb.first(), Some(0x28 | 0x88 | 0xa8))
+}
+
+/// A run of plain READs is split between two threads (`execute_reads`) only when it moves at
+/// least this much: waking a blocking-pool thread costs more than a few short reads.
+const PARALLEL_READ_BYTES_MIN: u64 = 256 * 1024;
+
+/// Bytes the READ CDBs of a run ask for.
+fn read_bytes(run: &[Command]) -> u64 {
+    run.iter()
+        .filter_map(|c| {
+            crate::scsi::Lun::read_transfer_blocks(&c.cdb)
+                .map(|blocks| blocks.saturating_mul(c.target.lun.block_size_bytes() as u64))
+        })
+        .sum()
+}
+
+/// Runs plain READs (a run of them, in order), straight into pooled buffers; one that cannot
+/// take the fast path (unit attention, reservation) goes through `execute`.
+fn run_reads(commands: Vec<Command>, pool: &BufferPool) -> Vec<(u32, ScsiResult)> {
+    commands
+        .into_iter()
+        .map(|command| {
+            let mut buffer = pool.take();
+            let lun = &command.target.lun;
+            let result =
+                match lun.try_fast_read(&command.nexus, command.lun, &command.cdb, &mut buffer) {
+                    Some(result) if result.status == crate::scsi::sense::GOOD => {
+                        ScsiResult::good(buffer)
+                    }
+                    Some(result) => result,
+                    None => {
+                        lun.execute(&command.nexus, command.lun, &command.cdb, &command.data_out)
+                    }
+                };
+            (command.itt, result)
+        })
+        .collect()
+}
+
+/// A run of plain READs for a device whose reads may take a while (a volume verifying chunks
+/// it reads from disk): the second half runs on a blocking-pool thread while this task runs
+/// the first, so one session's reads use two cores. Results come back in command order.
+async fn execute_reads(mut run: Vec<Command>, pool: &Arc<BufferPool>) -> Vec<(u32, ScsiResult)> {
+    let second = run.split_off(run.len() / 2);
+    let itts: Vec<u32> = second.iter().map(|c| c.itt).collect();
+    let shared = pool.clone();
+    let handle = tokio::task::spawn_blocking(move || run_reads(second, &shared));
+    let mut done = run_reads(run, pool);
+    match handle.await {
+        Ok(results) => done.extend(results),
+        Err(_) => done.extend(itts.into_iter().map(|itt| {
+            (
+                itt,
+                ScsiResult::check(crate::scsi::sense::INTERNAL_TARGET_FAILURE),
+            )
+        })),
+    }
+    done
 }
 
 /// Runs commands in order and returns (task tag, result) for each. Plain READs run inline
