@@ -1,7 +1,8 @@
 //! Proves that READs far above the Block Limits VPD maximum (8192 blocks) work through the real
 //! server, and that the server's memory stays bounded whatever their length.
 //!
-//! Starts `cairn-iscsi-file` serving a file whose every 512-byte block names its own LBA, logs
+//! Starts `cairn-iscsi-file` serving a file (and, for the byte checks, a volume over it) whose
+//! every 512-byte block names its own LBA, logs
 //! in with a raw initiator written here (MaxRecvDataSegmentLength and MaxBurstLength 256 KiB,
 //! like Linux), and checks every byte of: READ(10) of 18,400 blocks (what iPXE's UEFI SAN boot
 //! sends for a 9 MB file), READ(16) of 20,000 blocks, and READ(12) of 300,000 blocks (154 MB)
@@ -50,7 +51,9 @@ fn block_content(lba: u64, out: &mut [u8]) {
     }
 }
 
-fn start() -> Server {
+/// Serves the image as a plain file, or (`volume`) as a volume over it (imported into a chunk
+/// store, so reads go through the layer map and chunk verification).
+fn start(volume: bool) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("disk.img");
     {
@@ -67,6 +70,7 @@ fn start() -> Server {
         .map(|a| a.port())
         .expect("free port");
     let iqn = cairn_blockstore::iscsi::target_name_for_client([0x52, 0x54, 0x00, 0x77, 0x00, 0x30]);
+    let volume_dir = dir.path().join("volume");
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
         .args([
             "--portal",
@@ -76,6 +80,11 @@ fn start() -> Server {
             "--file",
             &image.display().to_string(),
         ])
+        .args(if volume {
+            vec!["--volume".to_string(), volume_dir.display().to_string()]
+        } else {
+            Vec::new()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -277,7 +286,16 @@ fn read16(lba: u64, blocks: u32) -> Vec<u8> {
 
 #[test]
 fn reads_far_above_the_transfer_limit_return_the_right_bytes() {
-    let server = start();
+    large_reads_return_the_right_bytes(false);
+}
+
+#[test]
+fn reads_far_above_the_transfer_limit_through_a_volume_return_the_right_bytes() {
+    large_reads_return_the_right_bytes(true);
+}
+
+fn large_reads_return_the_right_bytes(volume: bool) {
+    let server = start(volume);
     let mut s = Session::login(server.port, &server.iqn);
     // iPXE's UEFI SAN boot: one READ(10) of 18,400 blocks.
     s.send_read(1, read10(4321, 18_400), 18_400 * 512);
@@ -301,7 +319,7 @@ fn reads_far_above_the_transfer_limit_return_the_right_bytes() {
 
 #[test]
 fn a_154_megabyte_read_keeps_the_server_memory_bounded() {
-    let server = start();
+    let server = start(false);
     let pid = server.child.id();
     let mut s = Session::login(server.port, &server.iqn);
     // Warm the session (pools, first batches) with one ordinary read.
@@ -347,7 +365,7 @@ fn libiscsi_reads_of_20000_blocks() {
         println!("skipped: iscsi-perf not found (apt-get install -y libiscsi-bin)");
         return;
     }
-    let server = start();
+    let server = start(false);
     let url = format!("iscsi://127.0.0.1:{}/{}/0", server.port, server.iqn);
     let out = Command::new("timeout")
         .args([
