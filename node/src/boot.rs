@@ -82,6 +82,11 @@ pub struct BootConfig {
     /// defaults to the node's `address` when that is IPv4.
     #[serde(default)]
     pub server_ip: Option<Ipv4Addr>,
+    /// Address the DHCP server binds; default 0.0.0.0, which clients' broadcasts need. A server
+    /// that is reached only through relays may bind its own address, which also lets several
+    /// nodes share one host (the benchmarks run three nodes on loopback).
+    #[serde(default)]
+    pub dhcp_bind_ip: Option<Ipv4Addr>,
     /// Address pools (full mode).
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
@@ -119,6 +124,7 @@ impl Default for BootConfig {
             dhcp_mode: BootDhcpMode::Off,
             interface: None,
             server_ip: None,
+            dhcp_bind_ip: None,
             pools: Vec::new(),
             unknown_clients: UnknownClientPolicy::Ignore,
             bios_boot_file: None,
@@ -199,6 +205,9 @@ impl BootConfig {
         };
         config.pxe = pxe;
         config.interface = self.interface.clone();
+        if let Some(ip) = self.dhcp_bind_ip {
+            config.bind_ip = ip;
+        }
         config.unknown_clients = self.unknown_clients;
         // One batch is one Raft entry, which the state machine bounds.
         config.commit_batch_max = config.commit_batch_max.min(LEASES_PER_COMMAND_MAX);
@@ -1017,6 +1026,11 @@ mod tests {
         assert_eq!(dhcp.pxe.script_url, "http://192.168.77.1:8080/boot/ipxe");
         assert_eq!(dhcp.interface.as_deref(), Some("eth0"));
         assert_eq!(dhcp.pxe.efi_x64_boot_file, "snponly.efi");
+        assert_eq!(dhcp.bind_ip, Ipv4Addr::UNSPECIFIED);
+        let bound: BootConfig =
+            toml::from_str(&format!("dhcp_bind_ip = \"192.168.77.1\"\n{text}")).unwrap();
+        let bound = bound.dhcp_config(&node).unwrap().unwrap();
+        assert_eq!(bound.bind_ip, Ipv4Addr::new(192, 168, 77, 1));
         dhcp.validate().unwrap();
         let back: BootConfig = toml::from_str(&toml::to_string(&config).unwrap()).unwrap();
         assert_eq!(back, config);

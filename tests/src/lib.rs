@@ -1,6 +1,7 @@
 //! Helpers for the real-process tests in `tests/tests/`: build the `cairn` binary, start real
 //! `cairn node run` processes, and drive them through the real CLI.
 
+pub mod bench;
 pub mod pxe;
 
 use std::path::{Path, PathBuf};

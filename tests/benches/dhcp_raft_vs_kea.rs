@@ -1,0 +1,329 @@
+//! DHCP lease throughput of a real three-node Cairn cluster, every lease committed through Raft,
+//! against Kea (kea-dhcp4-server, memfile persisted to CSV) in the same run, both driven by
+//! perfdhcp (kea-admin) in relay mode over loopback.
+//!
+//! The benchmark re-runs itself in a private network namespace (lo up, 127.0.0.3 on lo for Kea).
+//! perfdhcp is the relay at 127.0.0.1:67 (giaddr 127.0.0.1). Kea runs first, alone, on
+//! 127.0.0.3. Then three `cairn node run` processes start on 127.0.61.1-3 with `[boot]
+//! dhcp_mode = "full"` bound to each node's own address; the MACs perfdhcp will use (`-M` list)
+//! are registered as clients through the admin API; perfdhcp runs against the leader, which
+//! sends each DHCPACK only after its lease's `CommitLeases` entry is committed (batched by the
+//! DHCP server). Both servers get the same MAC list, rate and duration.
+//!
+//! Prints leases/s (acknowledged DHCPREQUESTs per second) for each and the ratio, and where
+//! Cairn's time goes: leases per commit, commit latency, Raft propose and log-write latency from
+//! the leader's /metrics, and the lease table's size on the leader and on a follower (the leases
+//! really are replicated). Settings (environment): CAIRN_BENCH_SECONDS (10), CAIRN_BENCH_RATE
+//! (perfdhcp -r, 10000), CAIRN_BENCH_CLIENTS (MACs in the list, 4000). Needs root (namespace,
+//! port 67), perfdhcp, kea-dhcp4 and curl; otherwise it says why and exits 0.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cairn_tests::bench::{
+    self, dhcp_exchange, env_u64, leader, mac_text, macs, metric_sum, register_clients, summary,
+    Api,
+};
+
+const BENCH: &str = "dhcp_raft_vs_kea";
+const RANGE_FIRST: &str = "127.16.0.1";
+const RANGE_LAST: &str = "127.31.255.254";
+
+fn main() {
+    if let Some(reason) = bench::missing_tool(&[
+        ("perfdhcp", "kea-admin"),
+        ("kea-dhcp4", "kea-dhcp4-server"),
+        ("curl", "curl"),
+    ]) {
+        println!("{BENCH}: skipped: {reason}");
+        return;
+    }
+    match bench::in_private_netns(BENCH, &["127.0.0.3/8"]) {
+        Some(true) => return,
+        Some(false) => std::process::exit(1),
+        None => {}
+    }
+    if let Err(error) = inner() {
+        eprintln!("{BENCH}: failed: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+struct Run {
+    acks: u64,
+    requests: u64,
+    discovers: u64,
+    offers: u64,
+    seconds: f64,
+    /// perfdhcp's own figure: completed 4-way exchanges per second.
+    perfdhcp_rate: f64,
+}
+
+impl Run {
+    fn leases_per_second(&self) -> f64 {
+        self.acks as f64 / self.seconds
+    }
+}
+
+fn perfdhcp(server: &str, seconds: u64, rate: u64, mac_list: &Path) -> anyhow::Result<Run> {
+    let output = Command::new("perfdhcp")
+        .args(["-4", "-l", "127.0.0.1", "-r", &rate.to_string(), "-M"])
+        .arg(mac_list)
+        .args(["-p", &seconds.to_string(), server])
+        .output()?;
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        !report.is_empty(),
+        "perfdhcp printed nothing: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let section = |name: &str, key: &str| -> u64 {
+        report
+            .split(&format!("Statistics for: {name}"))
+            .nth(1)
+            .and_then(|part| {
+                part.lines()
+                    .find_map(|l| l.trim().strip_prefix(key))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    // perfdhcp sends for `-p` seconds, then waits briefly for late answers: rates are per
+    // test period.
+    Ok(Run {
+        acks: section("REQUEST-ACK", "received packets:"),
+        requests: section("REQUEST-ACK", "sent packets:"),
+        discovers: section("DISCOVER-OFFER", "sent packets:"),
+        offers: section("DISCOVER-OFFER", "received packets:"),
+        seconds: seconds as f64,
+        perfdhcp_rate: report
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Rate:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN),
+    })
+}
+
+fn kea(work: &Path, seconds: u64, rate: u64, mac_list: &Path) -> anyhow::Result<(Run, String)> {
+    let config = work.join("kea-dhcp4.json");
+    let leases = work.join("leases4.csv");
+    let log = work.join("kea.log");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"Dhcp4": {{
+  "interfaces-config": {{"interfaces": ["lo/127.0.0.3"], "dhcp-socket-type": "udp"}},
+  "lease-database": {{"type": "memfile", "persist": true, "name": "{}", "lfc-interval": 0}},
+  "valid-lifetime": 3600,
+  "subnet4": [{{"id": 1, "subnet": "127.0.0.0/8", "pools": [{{"pool": "{RANGE_FIRST} - {RANGE_LAST}"}}]}}],
+  "loggers": [{{"name": "kea-dhcp4", "output_options": [{{"output": "{}"}}], "severity": "WARN"}}]
+}}}}"#,
+            leases.display(),
+            log.display()
+        ),
+    )?;
+    let mut kea = Command::new("kea-dhcp4")
+        .arg("-c")
+        .arg(&config)
+        .env("KEA_PIDFILE_DIR", work)
+        .env("KEA_LOCKFILE_DIR", work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let run = perfdhcp("127.0.0.3", seconds, rate, mac_list);
+    let _ = kea.kill();
+    let _ = kea.wait();
+    let run = run?;
+    if run.acks == 0 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        anyhow::bail!(
+            "kea answered nothing; its log: {}",
+            text.lines().take(5).collect::<Vec<_>>().join(" | ")
+        );
+    }
+    let version = Command::new("kea-dhcp4")
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    Ok((run, version))
+}
+
+fn lease_count(api: &Api) -> anyhow::Result<usize> {
+    let leases = api.get_json("/v1/leases")?;
+    leases
+        .as_array()
+        .or_else(|| leases["leases"].as_array())
+        .map(|list| list.len())
+        .with_context(|| format!("unexpected /v1/leases answer: {leases:.200}"))
+}
+
+fn inner() -> anyhow::Result<()> {
+    let seconds = env_u64("CAIRN_BENCH_SECONDS", 10);
+    let rate = env_u64("CAIRN_BENCH_RATE", 10_000);
+    let clients = env_u64("CAIRN_BENCH_CLIENTS", 4_000) as usize;
+    let work = tempfile::tempdir()?;
+    let mac_list = work.path().join("macs.txt");
+    let client_macs = macs([0x52, 0x54, 0x61], clients);
+    std::fs::write(
+        &mac_list,
+        client_macs
+            .iter()
+            .map(|m| mac_text(*m) + "\n")
+            .collect::<String>(),
+    )?;
+
+    // Kea first, alone on the machine.
+    let (kea_run, kea_version) = kea(work.path(), seconds, rate, &mac_list)?;
+
+    // Cairn: three real nodes, DHCP on every one, the leader answers.
+    let cluster = bench::start_cluster_with_dhcp(61, RANGE_FIRST, RANGE_LAST, "")?;
+    let result = cairn(&cluster, seconds, rate, &client_macs, &mac_list);
+    if result.is_err() {
+        eprintln!("{}", cluster.logs());
+    }
+    let cairn = result?;
+
+    println!(
+        "{BENCH}: perfdhcp -4 relay mode (giaddr 127.0.0.1), {seconds} s, rate {rate}/s, {clients} registered MACs (-M), private netns, loopback"
+    );
+    println!(
+        "  cairn  : {:>9.1} leases/s  (perfdhcp rate {:.1}; {} acks / {} requests / {} offers / {} discovers); 3-node cluster, leader node {}, every lease committed through Raft (CommitLeases)",
+        cairn.run.leases_per_second(),
+        cairn.run.perfdhcp_rate,
+        cairn.run.acks,
+        cairn.run.requests,
+        cairn.run.offers,
+        cairn.run.discovers,
+        cairn.leader_id,
+    );
+    println!(
+        "  kea    : {:>9.1} leases/s  (perfdhcp rate {:.1}; {} acks / {} requests / {} offers / {} discovers); kea-dhcp4 {kea_version}, memfile persisted to csv",
+        kea_run.leases_per_second(),
+        kea_run.perfdhcp_rate,
+        kea_run.acks,
+        kea_run.requests,
+        kea_run.offers,
+        kea_run.discovers
+    );
+    let ratio = if kea_run.acks > 0 {
+        cairn.run.leases_per_second() / kea_run.leases_per_second()
+    } else {
+        f64::NAN
+    };
+    println!("  ratio cairn/kea: {ratio:.2}x (goal: >= 1.0x)");
+    for line in &cairn.details {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+struct CairnRun {
+    run: Run,
+    leader_id: u64,
+    details: Vec<String>,
+}
+
+fn cairn(
+    cluster: &cairn_tests::ProcessCluster,
+    seconds: u64,
+    rate: u64,
+    client_macs: &[[u8; 6]],
+    mac_list: &Path,
+) -> anyhow::Result<CairnRun> {
+    let (leader_id, leader_address) = leader(cluster)?;
+    let api = Api::new(cluster, leader_id)?;
+    let started = Instant::now();
+    register_clients(&api, client_macs, "perf", None)?;
+    let registration = started.elapsed();
+    let mut details = vec![format!(
+        "setup: {} clients registered through the admin API in {:.1} s ({:.0}/s, one AddClient entry each, 32 requests in flight)",
+        client_macs.len(),
+        registration.as_secs_f64(),
+        client_macs.len() as f64 / registration.as_secs_f64()
+    )];
+
+    // The leader's DHCP server answers once it has applied an entry of its term; probe until a
+    // whole exchange works (this also warms up the path), from a relay address perfdhcp does not use.
+    let leader_ip: Ipv4Addr = leader_address.parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match dhcp_exchange(
+            Ipv4Addr::new(127, 0, 0, 9),
+            &[leader_ip],
+            client_macs[0],
+            0x5eed_0001,
+            Duration::from_millis(500),
+        ) {
+            Ok(_) => break,
+            Err(error) if Instant::now() > deadline => {
+                return Err(error.context("the leader's dhcp server never answered"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+
+    let before = api.get_text("/metrics")?;
+    let run = perfdhcp(&leader_address, seconds, rate, mac_list)?;
+    let after = api.get_text("/metrics")?;
+    let (leader_after, _) = leader(cluster)?;
+    if leader_after != leader_id {
+        details.push(format!(
+            "warning: leadership moved from node {leader_id} to {leader_after} during the run"
+        ));
+    }
+
+    let delta = |name: &str| {
+        metric_sum(&after, name).unwrap_or(0.0) - metric_sum(&before, name).unwrap_or(0.0)
+    };
+    let commits = delta("cairn_bootproto_dhcp_commit_seconds_count");
+    let committed = delta("cairn_bootproto_dhcp_leases_committed_total");
+    let failed = delta("cairn_bootproto_dhcp_leases_commit_failed_total");
+    let queue_full = delta("cairn_bootproto_dhcp_commit_queue_full_total");
+    let commit_seconds = delta("cairn_bootproto_dhcp_commit_seconds_sum");
+    details.push(format!(
+        "dhcp commits during the run: {commits:.0} CommitLeases proposals, {committed:.0} leases committed ({:.1} leases/proposal), mean commit {:.2} ms, {failed:.0} failed, {queue_full:.0} dropped (commit queue full)",
+        committed / commits.max(1.0),
+        commit_seconds / commits.max(1.0) * 1000.0,
+    ));
+    for (name, unit_scale, unit) in [
+        ("cairn_bootproto_dhcp_commit_seconds", 1000.0, "ms"),
+        ("cairn_bootproto_dhcp_commit_batch_leases", 1.0, "leases"),
+        ("cairn_raft_propose_seconds", 1000.0, "ms"),
+        ("cairn_raft_log_write_seconds", 1000.0, "ms"),
+        ("cairn_raft_log_write_jobs", 1.0, "jobs"),
+        ("cairn_raft_batch_proposals", 1.0, "proposals"),
+    ] {
+        if let Some((count, mean, p50, p99)) = summary(&after, name) {
+            details.push(format!(
+                "{name} (whole process life): n={count:.0} mean={:.2} p50={:.2} p99={:.2} {unit}",
+                mean * unit_scale,
+                p50 * unit_scale,
+                p99 * unit_scale
+            ));
+        }
+    }
+    let leader_leases = lease_count(&api)?;
+    let follower = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id != leader_id)
+        .context("a follower")?;
+    // The follower may apply the last entries a moment later.
+    std::thread::sleep(Duration::from_millis(500));
+    let follower_leases = lease_count(&Api::new(cluster, follower.id)?)?;
+    details.push(format!(
+        "replicated lease table: {leader_leases} leases on the leader (node {leader_id}), {follower_leases} on node {} (distinct MACs acked at least once)",
+        follower.id
+    ));
+    Ok(CairnRun {
+        run,
+        leader_id,
+        details,
+    })
+}
