@@ -14,7 +14,8 @@
 //! `BENCH_ROUNDS` (default 3) tune it; `BENCH_CAIRN_ARGS` sets extra arguments of
 //! `cairn-iscsi-file` serving the file (default `--inline-io`), `BENCH_VOLUME_ARGS` those of the
 //! volume server (default none: the node's configuration, device calls other than READs on the
-//! blocking pool). Needs tgt and libiscsi-bin; prints why and exits 0 when they are missing.
+//! blocking pool); `BENCH_CAIRN_BIN` runs another build of `cairn-iscsi-file` (an older
+//! commit's, for before/after figures). Needs tgt and libiscsi-bin; prints why and exits 0 when they are missing.
 //! Goals (not asserted): reads >= 1.5x tgt, writes >= 1.0x tgt, through the volume.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -165,7 +166,10 @@ fn volume_args() -> String {
 }
 
 fn start_cairn(image: &str, port: u16, iqns: &[&str], extra: &[String]) -> Cairn {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
+    // BENCH_CAIRN_BIN: another build of cairn-iscsi-file (an older commit, for before/after).
+    let binary = std::env::var("BENCH_CAIRN_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_cairn-iscsi-file").to_string());
+    let mut child = Command::new(binary)
         .args(["--portal", &format!("127.0.0.1:{port}"), "--file", image])
         .args(iqns.iter().flat_map(|iqn| ["--iqn", iqn]))
         .args(extra)

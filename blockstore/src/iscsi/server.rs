@@ -1,8 +1,7 @@
 //! The tokio shell around [`Connection`]: one task per TCP connection, Nagle off, reads framed by
 //! the core, SCSI commands run on the blocking pool (plain READs inline, straight into a reused
-//! Data-In buffer; without `with_inline_io`, a run of READs moving at least 256 KiB is shared
-//! with one blocking-pool thread, so a volume verifying chunks uses two cores), answers written
-//! in batches with vectored writes (data segments are not copied into a send buffer).
+//! Data-In buffer), answers written in batches with vectored writes (data segments are not
+//! copied into a send buffer).
 //!
 //! READs longer than [`STREAM_READ_BYTES_MIN`] (up to the whole LUN, in one command) are
 //! streamed: read from the device one PDU-sized piece at a time, each handed to the core as it
@@ -254,16 +253,12 @@ impl Target {
                         }
                     }
                     Event::Execute(command) => {
-                        // A run of commands for the blocking pool goes in one hand-off; a run
-                        // of plain READs is shared between this task and one blocking-pool
-                        // thread (see `execute_reads`). Order is kept either way.
-                        let reads = is_plain_read(&command);
+                        // A run of commands for the blocking pool goes in one hand-off; plain
+                        // READs run here. Order is kept either way.
                         let mut run = vec![command];
-                        while !self.inline_io {
+                        while !self.inline_io && !is_plain_read(&run[0]) {
                             match events.front() {
-                                Some(Event::Execute(next))
-                                    if is_plain_read(next) == reads && !is_streamed_read(next) =>
-                                {
+                                Some(Event::Execute(next)) if !is_plain_read(next) => {
                                     if let Some(Event::Execute(next)) = events.pop_front() {
                                         run.push(next);
                                     }
@@ -271,14 +266,7 @@ impl Target {
                                 _ => break,
                             }
                         }
-                        let results = if reads
-                            && run.len() > 1
-                            && read_bytes(&run) >= PARALLEL_READ_BYTES_MIN
-                        {
-                            execute_reads(run, &pool).await
-                        } else {
-                            execute_run(run, &pool, self.inline_io).await
-                        };
+                        let results = execute_run(run, &pool, self.inline_io).await;
                         for (itt, result) in results {
                             conn.handle_command_complete(itt, result);
                         }
@@ -511,64 +499,6 @@ async fn write_pieces(
 /// the runtime.
 fn is_plain_read(command: &Command) -> bool {
     command.lun == 0 && matches!(command.cdb.first(), Some(0x28 | 0x88 | 0xa8))
-}
-
-/// A run of plain READs is split between two threads (`execute_reads`) only when it moves at
-/// least this much: waking a blocking-pool thread costs more than a few short reads.
-const PARALLEL_READ_BYTES_MIN: u64 = 256 * 1024;
-
-/// Bytes the READ CDBs of a run ask for.
-fn read_bytes(run: &[Command]) -> u64 {
-    run.iter()
-        .filter_map(|c| {
-            crate::scsi::Lun::read_transfer_blocks(&c.cdb)
-                .map(|blocks| blocks.saturating_mul(c.target.lun.block_size_bytes() as u64))
-        })
-        .sum()
-}
-
-/// Runs plain READs (a run of them, in order), straight into pooled buffers; one that cannot
-/// take the fast path (unit attention, reservation) goes through `execute`.
-fn run_reads(commands: Vec<Command>, pool: &BufferPool) -> Vec<(u32, ScsiResult)> {
-    commands
-        .into_iter()
-        .map(|command| {
-            let mut buffer = pool.take();
-            let lun = &command.target.lun;
-            let result =
-                match lun.try_fast_read(&command.nexus, command.lun, &command.cdb, &mut buffer) {
-                    Some(result) if result.status == crate::scsi::sense::GOOD => {
-                        ScsiResult::good(buffer)
-                    }
-                    Some(result) => result,
-                    None => {
-                        lun.execute(&command.nexus, command.lun, &command.cdb, &command.data_out)
-                    }
-                };
-            (command.itt, result)
-        })
-        .collect()
-}
-
-/// A run of plain READs for a device whose reads may take a while (a volume verifying chunks
-/// it reads from disk): the second half runs on a blocking-pool thread while this task runs
-/// the first, so one session's reads use two cores. Results come back in command order.
-async fn execute_reads(mut run: Vec<Command>, pool: &Arc<BufferPool>) -> Vec<(u32, ScsiResult)> {
-    let second = run.split_off(run.len() / 2);
-    let itts: Vec<u32> = second.iter().map(|c| c.itt).collect();
-    let shared = pool.clone();
-    let handle = tokio::task::spawn_blocking(move || run_reads(second, &shared));
-    let mut done = run_reads(run, pool);
-    match handle.await {
-        Ok(results) => done.extend(results),
-        Err(_) => done.extend(itts.into_iter().map(|itt| {
-            (
-                itt,
-                ScsiResult::check(crate::scsi::sense::INTERNAL_TARGET_FAILURE),
-            )
-        })),
-    }
-    done
 }
 
 /// Runs commands in order and returns (task tag, result) for each. Plain READs run inline
