@@ -98,6 +98,7 @@ pub struct InitPending {
 pub struct RunningNode {
     pub cluster: ClusterNode,
     pub config: NodeConfig,
+    storage: Arc<crate::storage::Storage>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -106,6 +107,9 @@ impl RunningNode {
         for task in &self.tasks {
             task.abort();
         }
+        // Writes under the initiator's write cache become durable before the process goes.
+        let storage = self.storage.clone();
+        let _ = tokio::task::spawn_blocking(move || storage.flush_all()).await;
         self.cluster.shutdown().await;
     }
 }
@@ -146,7 +150,7 @@ pub async fn start(
         ca,
         prometheus,
         http,
-        storage,
+        storage: storage.clone(),
         node_token,
     });
     let listener = https::bind(config.api()).await?;
@@ -177,6 +181,7 @@ pub async fn start(
     Ok(RunningNode {
         cluster,
         config,
+        storage,
         tasks,
     })
 }

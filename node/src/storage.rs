@@ -4,25 +4,31 @@
 //! - Every node keeps every ready image version: a version it lacks is pulled from a peer that
 //!   has it (manifest and chunks over the admin API, each chunk verified against its hash on
 //!   receipt), so any node can be chosen as a client's primary.
-//! - A client's volume is served only by the node its boot session names as primary, at the
-//!   session's generation. The standby does not serve it yet: until writes are mirrored (a later
-//!   issue) two writable copies would diverge, and iPXE falls back to the second path only when
-//!   the first fails. A new session at a higher generation fences the old volume handle, and a
-//!   non-persistent layer is reset to the session's base version.
+//! - A client's volume is served by the node its boot session names as primary, at the
+//!   session's generation. A new session at a higher generation fences the old volume handle,
+//!   and a non-persistent layer is reset to the session's base version.
+//! - The standby of a non-persistent session registers the same target too, but holds every
+//!   read and write (for up to [`STANDBY_WAIT`]) until the session names it primary: iPXE and
+//!   the OS try the second path when the first fails, and the leader commits the failover once
+//!   its health probes find the primary down. Holding the I/O instead of refusing the login is
+//!   what lets a client that reached the standby first carry on without an error. Until writes
+//!   are mirrored (a later issue) the standby starts from the base version, so writes the dead
+//!   primary acknowledged in this boot are lost; persistent disks have no standby path at all.
 //! - Volumes live in `<data_dir>/volumes/<mac>/<image>`; the store in `<data_dir>/store`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 
 use cairn_blockstore::chunks::{ChunkHash, ChunkStore, ChunkStoreConfig};
+use cairn_blockstore::device::{BlockDevice, DeviceError};
 use cairn_blockstore::image::{Manifest, ManifestHash};
 use cairn_blockstore::iscsi::{target_name_for_client, Target, TargetConfig};
 use cairn_blockstore::volume::{Volume, VolumeOptions, VolumeSpec};
-use cairn_consensus::domain::{DiskMode, Hash32, Mac, Name, State, VersionState};
+use cairn_consensus::domain::{BootSession, DiskMode, Hash32, Mac, Name, State, VersionState};
 use cairn_consensus::ClusterNode;
 
 use crate::config::NodeConfig;
@@ -36,11 +42,117 @@ pub fn manifest_hash(hash: &Hash32) -> ManifestHash {
     ManifestHash(ChunkHash(hash.0))
 }
 
+/// How long a standby holds a read or write before answering NOT READY (asymmetric access
+/// state transition), so the initiator retries. Longer than the leader needs to find a dead
+/// primary (three missed one-second probes) and commit the failover; shorter than iPXE's SAN
+/// command timeout (15 s).
+pub const STANDBY_WAIT: Duration = Duration::from_secs(12);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Primary,
+    Standby,
+}
+
 struct Served {
     iqn: String,
     image: Name,
     generation: u64,
-    volume: Arc<Volume>,
+    role: Role,
+    device: Arc<PathDevice>,
+}
+
+/// The LUN a node registers for a client: the volume while this node is the session's
+/// primary; while it is the standby, no volume yet and I/O waits for one (see the module docs).
+struct PathDevice {
+    block_count: u64,
+    unique_id: [u8; 16],
+    volume: Mutex<Option<Arc<Volume>>>,
+    promoted: Condvar,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl PathDevice {
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<Volume>>> {
+        self.volume.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn install(&self, volume: Arc<Volume>) {
+        *self.lock() = Some(volume);
+        self.promoted.notify_all();
+    }
+
+    fn volume(&self) -> Result<Arc<Volume>, DeviceError> {
+        if let Some(volume) = self.lock().as_ref() {
+            return Ok(volume.clone());
+        }
+        // Standby: wait off the async workers if called on one (plain READs run inline).
+        let wait = || {
+            let deadline = Instant::now() + STANDBY_WAIT;
+            let mut guard = self.lock();
+            loop {
+                if let Some(volume) = guard.as_ref() {
+                    return Ok(volume.clone());
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(DeviceError::Fenced {
+                        held: 0,
+                        current: 0,
+                    });
+                }
+                guard = self
+                    .promoted
+                    .wait_timeout(guard, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
+    }
+}
+
+impl BlockDevice for PathDevice {
+    fn block_size_bytes(&self) -> u32 {
+        512
+    }
+
+    fn block_count(&self) -> u64 {
+        self.block_count
+    }
+
+    fn unique_id(&self) -> [u8; 16] {
+        self.unique_id
+    }
+
+    fn read(&self, lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError> {
+        BlockDevice::read(&*self.volume()?, lba, buffer)
+    }
+
+    fn write(&self, lba: u64, data: &[u8], force_unit_access: bool) -> Result<(), DeviceError> {
+        BlockDevice::write(&*self.volume()?, lba, data, force_unit_access)
+    }
+
+    fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
+        BlockDevice::unmap(&*self.volume()?, lba, blocks)
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        BlockDevice::flush(&*self.volume()?)
+    }
+
+    fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
+        BlockDevice::mapping_status(&*self.volume()?, lba)
+    }
+
+    /// iPXE opens all paths at once and uses the first whose TEST UNIT READY succeeds: holding
+    /// it on the standby lets a live primary win the race, and a dead one's standby take over.
+    fn ready(&self) -> Result<(), DeviceError> {
+        self.volume().map(|_| ())
+    }
 }
 
 pub struct Storage {
@@ -73,14 +185,23 @@ impl Storage {
         self.store.load_manifest(&manifest_hash(hash)).is_ok()
     }
 
-    /// Makes the served volumes match the boot sessions that name this node primary.
+    /// Makes the served volumes match the boot sessions that name this node primary, or
+    /// standby of a non-persistent disk.
     pub fn reconcile_volumes(&self, state: &State) {
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         let wanted: BTreeMap<Mac, _> = state
             .boot_sessions
             .values()
-            .filter(|s| s.primary == self.node_id)
             .filter_map(|session| {
+                let role = if session.primary == self.node_id {
+                    Role::Primary
+                } else if session.standby == Some(self.node_id)
+                    && session.mode == DiskMode::NonPersistent
+                {
+                    Role::Standby
+                } else {
+                    return None;
+                };
                 let version = state
                     .images
                     .get(&session.image)?
@@ -89,7 +210,7 @@ impl Storage {
                 let manifest = version
                     .manifest
                     .filter(|_| version.state != VersionState::Importing)?;
-                Some((session.mac, (session.clone(), manifest)))
+                Some((session.mac, (session.clone(), manifest, role)))
             })
             .collect();
         let gone: Vec<Mac> = served
@@ -102,56 +223,85 @@ impl Storage {
                 self.stop_serving(old);
             }
         }
-        for (mac, (session, manifest)) in wanted {
-            if served
-                .get(&mac)
-                .is_some_and(|s| s.generation == session.generation && s.image == session.image)
-            {
+        for (mac, (session, manifest, role)) in wanted {
+            let current = served.get(&mac);
+            if current.is_some_and(|s| {
+                s.generation == session.generation && s.image == session.image && s.role == role
+            }) {
                 continue;
             }
             if !self.has_manifest(&manifest) {
                 // The pull loop fetches it; the next pass serves the volume.
                 continue;
             }
+            // A failover: the standby's target stays up (its waiting sessions carry on) and
+            // gets the volume.
+            let promoted = current.is_some_and(|s| {
+                s.role == Role::Standby && role == Role::Primary && s.image == session.image
+            });
+            if promoted {
+                let entry = served.get_mut(&mac).expect("checked above");
+                match self.open_volume(&session, manifest) {
+                    Ok(volume) => {
+                        entry.device.install(Arc::new(volume));
+                        entry.role = Role::Primary;
+                        entry.generation = session.generation;
+                        tracing::warn!(client_mac = %mac, image = %session.image, generation = session.generation, "serving volume after failover");
+                    }
+                    Err(error) => {
+                        tracing::error!(client_mac = %mac, %error, "cannot serve volume after failover")
+                    }
+                }
+                continue;
+            }
             if let Some(old) = served.remove(&mac) {
                 self.stop_serving(old);
             }
-            match self.serve(
-                &mac,
-                &session.image,
-                manifest,
-                session.mode,
-                session.generation,
-            ) {
+            match self.serve(&session, manifest, role) {
                 Ok(entry) => {
-                    tracing::info!(client_mac = %mac, image = %session.image, generation = session.generation, iqn = %entry.iqn, "serving volume");
+                    tracing::info!(client_mac = %mac, image = %session.image, generation = session.generation, iqn = %entry.iqn, ?role, "serving volume");
                     served.insert(mac, entry);
                 }
                 Err(error) => tracing::error!(client_mac = %mac, %error, "cannot serve volume"),
             }
         }
-        metrics::gauge!("cairn_storage_volumes_served").set(served.len() as f64);
+        metrics::gauge!("cairn_storage_volumes_served")
+            .set(served.values().filter(|s| s.role == Role::Primary).count() as f64);
+        metrics::gauge!("cairn_storage_volumes_standby")
+            .set(served.values().filter(|s| s.role == Role::Standby).count() as f64);
     }
 
-    fn serve(
-        &self,
-        mac: &Mac,
-        image: &Name,
-        manifest: Hash32,
-        mode: DiskMode,
-        generation: u64,
-    ) -> anyhow::Result<Served> {
-        let dir = self
-            .data_dir
+    /// Makes every served volume's layer durable (at shutdown).
+    pub fn flush_all(&self) {
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in served.values() {
+            if let Some(volume) = entry.device.lock().as_ref() {
+                if let Err(error) = volume.flush() {
+                    tracing::error!(iqn = %entry.iqn, %error, "flushing a volume failed");
+                }
+            }
+        }
+    }
+
+    fn volume_dir(&self, mac: &Mac, image: &Name) -> PathBuf {
+        self.data_dir
             .join("volumes")
             .join(mac.to_compact())
-            .join(image.as_str());
-        let base = manifest_hash(&manifest);
-        let persistent = mode == DiskMode::Persistent;
-        let unique_id: [u8; 16] = blake3::hash(format!("{mac}/{image}").as_bytes()).as_bytes()
-            [..16]
+            .join(image.as_str())
+    }
+
+    fn unique_id(mac: &Mac, image: &Name) -> [u8; 16] {
+        blake3::hash(format!("{mac}/{image}").as_bytes()).as_bytes()[..16]
             .try_into()
-            .expect("16 bytes");
+            .expect("16 bytes")
+    }
+
+    /// Opens (creating it the first time) the client's volume at the session's generation; a
+    /// non-persistent one starts from its base.
+    fn open_volume(&self, session: &BootSession, manifest: Hash32) -> anyhow::Result<Volume> {
+        let dir = self.volume_dir(&session.mac, &session.image);
+        let base = manifest_hash(&manifest);
+        let persistent = session.mode == DiskMode::Persistent;
         if !dir.join("volume.meta").exists() {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -161,7 +311,7 @@ impl Storage {
                 &VolumeSpec {
                     base,
                     persistent,
-                    unique_id,
+                    unique_id: Self::unique_id(&session.mac, &session.image),
                 },
             )
             .map_err(|e| anyhow!("creating volume {}: {e}", dir.display()))?;
@@ -170,7 +320,7 @@ impl Storage {
             self.store.clone(),
             &dir,
             VolumeOptions {
-                generation,
+                generation: session.generation,
                 ..VolumeOptions::default()
             },
         )
@@ -182,14 +332,44 @@ impl Storage {
                 .reset(Some(base))
                 .map_err(|e| anyhow!("resetting volume {}: {e}", dir.display()))?;
         }
+        Ok(volume)
+    }
+
+    fn serve(&self, session: &BootSession, manifest: Hash32, role: Role) -> anyhow::Result<Served> {
+        let mac = &session.mac;
+        let device = match role {
+            Role::Primary => {
+                let volume = self.open_volume(session, manifest)?;
+                PathDevice {
+                    block_count: BlockDevice::block_count(&volume),
+                    unique_id: BlockDevice::unique_id(&volume),
+                    volume: Mutex::new(Some(Arc::new(volume))),
+                    promoted: Condvar::new(),
+                    stopped: Default::default(),
+                }
+            }
+            Role::Standby => {
+                let base = self
+                    .store
+                    .load_manifest(&manifest_hash(&manifest))
+                    .map_err(|e| anyhow!("loading manifest {manifest}: {e}"))?;
+                PathDevice {
+                    block_count: base.size_bytes / 512,
+                    unique_id: Self::unique_id(mac, &session.image),
+                    volume: Mutex::new(None),
+                    promoted: Condvar::new(),
+                    stopped: Default::default(),
+                }
+            }
+        };
         let iqn = target_name_for_client(mac.0);
         let mut allowed_initiators = vec![initiator_name_for_client(mac)];
         allowed_initiators.extend(self.extra_initiators.iter().cloned());
-        let volume = Arc::new(volume);
+        let device = Arc::new(device);
         self.target
             .add_target(
                 &iqn,
-                volume.clone(),
+                device.clone(),
                 TargetConfig {
                     allowed_initiators,
                     chap: None,
@@ -199,18 +379,30 @@ impl Storage {
             .map_err(|e| anyhow!("adding target {iqn}: {e}"))?;
         Ok(Served {
             iqn,
-            image: image.clone(),
-            generation,
-            volume,
+            image: session.image.clone(),
+            generation: session.generation,
+            role,
+            device,
         })
     }
 
     fn stop_serving(&self, old: Served) {
         let _ = self.target.remove_target(&old.iqn);
-        old.volume.fence(old.generation + 1);
-        if let Err(error) = old.volume.flush() {
-            tracing::error!(iqn = %old.iqn, %error, "flushing a volume being stopped failed");
+        if let Some(volume) = old.device.lock().take() {
+            // Flush first: writes the initiator never asked to flush (write cache on, and Linux
+            // sends no SYNCHRONIZE CACHE for a plain `sync` of a FAT file system) are in the
+            // layer's data but not yet in its durable map; a fenced volume refuses the flush.
+            if let Err(error) = volume.flush() {
+                tracing::error!(iqn = %old.iqn, %error, "flushing a volume being stopped failed");
+            }
+            volume.fence(old.generation + 1);
         }
+        // Sessions still waiting on a standby path give up at once.
+        old.device
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _guard = old.device.lock();
+        old.device.promoted.notify_all();
         tracing::info!(iqn = %old.iqn, "stopped serving volume");
     }
 

@@ -88,9 +88,44 @@ fn kernel_image() -> Option<PathBuf> {
 /// initramfs that prints `marker` on ttyS0 and powers off, syslinux (BIOS) and a unified kernel
 /// image at `\EFI\BOOT\BOOTX64.EFI` (UEFI, when systemd's EFI stub is installed).
 pub fn build_boot_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<PathBuf> {
+    let init = PLAIN_INIT.replace("@MARKER@", marker);
+    build_disk(work, name, &init, false)
+}
+
+/// What the guest of [`build_iscsi_disk`] prints.
+pub mod guest {
+    /// The file was on the disk at boot (followed by its contents).
+    pub const FILE_PRESENT: &str = "CAIRN-FILE-PRESENT";
+    pub const FILE_ABSENT: &str = "CAIRN-FILE-ABSENT";
+    /// The guest wrote the file, unmounted and synced: the last line of a good boot.
+    pub const FILE_WRITTEN: &str = "CAIRN-FILE-WRITTEN";
+    /// Something in the guest failed (followed by what).
+    pub const FAILED: &str = "CAIRN-GUEST-FAIL";
+}
+
+/// Like [`build_boot_disk`], but the booted Linux then does what an installed OS does: it reads
+/// the iBFT that iPXE left, logs in to the iBFT's targets in order with open-iscsi's
+/// `iscsistart` (the first that answers), mounts the FAT partition of its own disk, reports
+/// whether `cairn.txt` is there ([`guest::FILE_PRESENT`] / [`guest::FILE_ABSENT`]), writes it,
+/// unmounts, syncs and prints [`guest::FILE_WRITTEN`]. Needs `iscsistart` and the kernel's
+/// modules in `/lib/modules`.
+pub fn build_iscsi_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<PathBuf> {
+    let init = ISCSI_INIT.replace("@MARKER@", marker);
+    build_disk(work, name, &init, true)
+}
+
+fn build_disk(work: &Path, name: &str, init: &str, iscsi: bool) -> anyhow::Result<PathBuf> {
     let kernel = kernel_image().context("no kernel in /boot")?;
+    let release = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("kernel file name")?
+        .to_owned();
     let dir = work.join(format!("disk-{name}"));
     std::fs::create_dir_all(&dir)?;
+    let init_path = dir.join("init");
+    std::fs::write(&init_path, init)?;
     let disk = work.join(format!("{name}.img"));
     let status = Command::new("bash")
         .arg("-c")
@@ -98,7 +133,9 @@ pub fn build_boot_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<
         .env("WORK", &dir)
         .env("DISK", &disk)
         .env("KERNEL", &kernel)
-        .env("MARKER", marker)
+        .env("KVER", &release)
+        .env("INIT", &init_path)
+        .env("ISCSI", if iscsi { "1" } else { "0" })
         .env("LABEL", "CAIRNPXE")
         .stdout(Stdio::null())
         .status()
@@ -109,23 +146,77 @@ pub fn build_boot_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<
     Ok(disk)
 }
 
+const PLAIN_INIT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
+exec > /dev/ttyS0 2>&1
+echo "@MARKER@"
+sleep 1
+poweroff -f
+"#;
+
+const ISCSI_INIT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
+exec > /dev/ttyS0 2>&1
+echo "@MARKER@"
+fail() { echo "CAIRN-GUEST-FAIL $*"; dmesg | tail -20; sleep 1; poweroff -f; }
+for m in $(cat /modules.list); do insmod /lib/modules/$m 2>/dev/null; done
+F=/sys/firmware/ibft; i=0
+while [ ! -d $F/ethernet0 ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done
+[ -d $F/ethernet0 ] || fail "no iBFT"
+MAC=$(cat $F/ethernet0/mac)
+IF=$(for n in /sys/class/net/*; do [ "$(cat $n/address)" = "$MAC" ] && basename $n; done)
+ip link set $IF up
+ip addr add $(cat $F/ethernet0/ip-addr)/$(cat $F/ethernet0/prefix-len) dev $IF
+sleep 1
+# One target at a time, in the iBFT's order, with a time limit ('iscsistart -b' retries a dead
+# first target forever).
+rc=1
+for t in $F/target*; do
+  echo "CAIRN-GUEST login $(cat $t/ip-addr):$(cat $t/port) $(cat $t/target-name)"
+  timeout 40 iscsistart -i "$(cat $F/initiator/initiator-name)" -t "$(cat $t/target-name)" \
+    -g 1 -a "$(cat $t/ip-addr)" -p "$(cat $t/port)"; rc=$?
+  [ $rc = 0 ] && break
+done
+[ $rc = 0 ] || fail "iscsistart rc=$rc"
+i=0; while [ ! -b /dev/sda1 ] && [ $i -lt 40 ]; do sleep 0.5; i=$((i+1)); done
+[ -b /dev/sda1 ] || fail "no /dev/sda1"
+mkdir -p /mnt
+mount -t vfat /dev/sda1 /mnt || fail "mount /dev/sda1"
+if [ -f /mnt/cairn.txt ]; then echo "CAIRN-FILE-PRESENT $(cat /mnt/cairn.txt)"; else echo "CAIRN-FILE-ABSENT"; fi
+echo "written at uptime $(cut -d' ' -f1 /proc/uptime)" > /mnt/cairn.txt || fail "write"
+umount /mnt || fail "umount"
+sync
+echo "CAIRN-FILE-WRITTEN"
+sleep 1
+poweroff -f
+"#;
+
 /// The disk build, as shell: it strings together mkfs, mtools, syslinux and objcopy.
 const DISK_SCRIPT: &str = r#"
 set -euo pipefail
 R=$WORK/root
-rm -rf "$R"; mkdir -p $R/bin $R/sbin $R/proc $R/sys $R/dev
+rm -rf "$R"; mkdir -p $R/bin $R/sbin $R/proc $R/sys $R/dev $R/etc/iscsi $R/run $R/tmp $R/var/lock $R/lib/modules
 cp "$(command -v busybox)" $R/bin/busybox
-for a in sh mount echo sleep poweroff cat; do ln -sf busybox $R/bin/$a; done
-cat > $R/init <<INIT
-#!/bin/sh
-export PATH=/bin:/sbin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
-exec > /dev/ttyS0 2>&1
-echo "$MARKER"
-sleep 1
-poweroff -f
-INIT
+for a in sh mount umount echo sleep poweroff cat insmod ip timeout dd dmesg tail basename \
+         mkdir sync cut; do
+  ln -sf busybox $R/bin/$a
+done
+cp "$INIT" $R/init
 chmod +x $R/init
+if [ "$ISCSI" = 1 ]; then
+  for m in e1000 crc32c_generic iscsi_tcp iscsi_ibft sd_mod vfat nls_cp437 nls_iso8859_1 \
+           nls_utf8 nls_ascii; do
+    modprobe -S "$KVER" --show-depends $m
+  done | awk '$1=="insmod"{print $2}' | awk '!seen[$0]++' > $R/modules.list
+  while read -r m; do cp "$m" $R/lib/modules/; done < $R/modules.list
+  sed -i 's|.*/||' $R/modules.list
+  cp "$(command -v iscsistart)" $R/sbin/
+  for lib in $(ldd "$(command -v iscsistart)" | grep -oE '/[^ ]+'); do
+    mkdir -p $R$(dirname $lib); cp -L $lib $R$lib
+  done
+fi
 (cd $R && find . | cpio -o -H newc --quiet | gzip -1) > $WORK/initrd.gz
 P=$WORK/part.img
 rm -f $P "$DISK"
