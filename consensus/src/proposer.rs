@@ -12,13 +12,15 @@
 //! Invariants:
 //! - Every queued proposal is answered exactly once: with its own outcome once its entry is
 //!   applied; with `NotLeader` if openraft refused the entry as not the leader's or dropped it
-//!   uncommitted (safe to retry: it was never committed), or if it was withdrawn before it left
-//!   the queue; with `Unavailable` (outcome unknown) when openraft gave no answer in time.
-//! - Proposals enter the log in queue order, and their times are made non-decreasing in that
-//!   order (per Raft instance), so concurrent callers cannot make the leader's clock step back.
+//!   uncommitted (safe to retry: it was never committed), or if it was still queued when this
+//!   node stopped leading (never proposed); with `Unavailable` (outcome unknown) when openraft gave no answer in time.
+//! - Proposals enter the log in queue order (entries are handed to openraft under the queue
+//!   lock), and their times are made non-decreasing in that order (per Raft instance), so
+//!   concurrent callers cannot make the leader's clock step back.
 //! - One entry holds at most `PROPOSALS_PER_BATCH_MAX` proposals and `BATCH_BYTES_MAX` encoded
 //!   bytes (a larger proposal goes alone), so an AppendEntries of openraft's default 300 entries
 //!   stays below the RPC frame limit.
+//! - At most `PROPOSALS_WAITING_MAX` proposals wait; more are refused at once, unproposed.
 //! - Durability is openraft's: an entry is acknowledged only after a majority flushed it.
 //!
 //! Not done here: validation (the caller pre-checks, the state machine decides), deduplication,
@@ -28,12 +30,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use futures::FutureExt;
+use openraft::error::ClientWriteError;
 use tokio::sync::oneshot;
 
-use crate::domain::{Event, NodeId, Proposal, TimeMs};
+use crate::domain::{Event, Proposal, TimeMs};
 use crate::rpc::ForwardError;
-use crate::types::{ProposalBatch, TypeConfig};
+use crate::types::{NodeAddress, ProposalBatch, TypeConfig};
 
 /// Entries handed to openraft and not yet answered. Two keep the leader's log writer busy (one
 /// being flushed, the next queued behind it) while the previous entry replicates; more would
@@ -44,6 +47,9 @@ pub const PROPOSALS_PER_BATCH_MAX: usize = 1024;
 /// Most encoded proposal bytes in one entry (a single larger proposal goes alone). openraft sends
 /// up to 300 entries per AppendEntries: 300 x 128 KiB stays below `rpc::FRAME_BYTES_MAX`.
 pub const BATCH_BYTES_MAX: usize = 128 * 1024;
+
+/// Most proposals waiting for an entry; more are refused at once (never proposed).
+pub const PROPOSALS_WAITING_MAX: usize = 16 * 1024;
 
 /// What one proposal's caller receives.
 pub type Answer = Result<Vec<Event>, ForwardError>;
@@ -58,7 +64,11 @@ struct Waiting {
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Waiting>,
-    batches_in_flight: usize,
+    /// Entries handed to openraft and not yet answered: (batch id, term it was proposed in).
+    /// Only those of the current term count against `BATCHES_IN_FLIGHT_MAX`: an entry of an
+    /// earlier term may never be answered (see `answer`) and must not hold up a re-elected leader.
+    in_flight: Vec<(u64, u64)>,
+    next_batch: u64,
     /// Time of the last proposal handed to openraft.
     last_time_ms: TimeMs,
     next_ticket: u64,
@@ -100,6 +110,13 @@ impl Proposer {
             let mut queue = self.lock();
             let ticket = queue.next_ticket;
             queue.next_ticket += 1;
+            if queue.waiting.len() >= PROPOSALS_WAITING_MAX {
+                let _ = reply.send(Err(ForwardError::Unavailable(format!(
+                    "{} proposals already wait for the log; not proposed",
+                    queue.waiting.len()
+                ))));
+                return Ticket { ticket, answer };
+            }
             queue.waiting.push_back(Waiting {
                 ticket,
                 proposal,
@@ -129,19 +146,44 @@ impl Proposer {
         self.lock().waiting.len()
     }
 
-    /// If a slot is free and proposals wait, takes the next batch and spawns its writer.
+    /// If a slot is free and proposals wait, takes the next batch, hands it to openraft and
+    /// spawns the task that answers it. Handed over under the queue lock, so entries enter the
+    /// log in queue order (and with it in time order). On a node that does not lead, every
+    /// waiting proposal is answered `NotLeader` instead (never proposed: safe to retry).
+    ///
+    /// Leadership is read from openraft's metrics, never waited on: several tasks waiting on
+    /// one metrics `watch` wake in an order tokio draws at random, which would break the
+    /// simulation's replay of a seed.
     fn start_next(self: &Arc<Proposer>, raft: &openraft::Raft<TypeConfig>, timeout: Duration) {
-        let batch = {
+        let (node_id, leader, term) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.id, metrics.current_leader, metrics.current_term)
+        };
+        let (batch, replies, written) = {
             let mut queue = self.lock();
-            if queue.waiting.is_empty() || queue.batches_in_flight >= BATCHES_IN_FLIGHT_MAX {
+            if queue.waiting.is_empty() {
                 return;
             }
-            queue.batches_in_flight += 1;
-            let mut batch = Vec::new();
+            if leader != Some(node_id) {
+                for waiting in queue.waiting.drain(..) {
+                    let _ = waiting.reply.send(Err(ForwardError::NotLeader { leader }));
+                }
+                return;
+            }
+            let busy = queue.in_flight.iter().filter(|(_, t)| *t == term).count();
+            if busy >= BATCHES_IN_FLIGHT_MAX {
+                return;
+            }
+            let batch = queue.next_batch;
+            queue.next_batch += 1;
+            queue.in_flight.push((batch, term));
+            let mut replies = Vec::new();
+            let mut proposals = Vec::new();
             let mut bytes = 0usize;
             while let Some(next) = queue.waiting.front() {
-                let full = batch.len() >= PROPOSALS_PER_BATCH_MAX
-                    || (!batch.is_empty() && bytes + next.size_bytes > BATCH_BYTES_MAX);
+                let full = proposals.len() >= PROPOSALS_PER_BATCH_MAX
+                    || (!proposals.is_empty() && bytes + next.size_bytes > BATCH_BYTES_MAX);
                 if full {
                     break;
                 }
@@ -151,99 +193,120 @@ impl Proposer {
                 bytes += waiting.size_bytes;
                 waiting.proposal.time_ms = waiting.proposal.time_ms.max(queue.last_time_ms);
                 queue.last_time_ms = waiting.proposal.time_ms;
-                batch.push(waiting);
+                replies.push(waiting.reply);
+                proposals.push(waiting.proposal);
             }
-            batch
+            crate::metrics::batch_proposed(proposals.len());
+            // `client_write_ff` only puts the entry on openraft's unbounded channel: it is ready
+            // at once unless the core has stopped (then it would wait for the core's error).
+            let written = raft
+                .client_write_ff(ProposalBatch { proposals })
+                .now_or_never();
+            (batch, replies, written)
+        };
+        let answer = match written {
+            Some(Ok(answer)) => answer,
+            Some(Err(fatal)) => {
+                let error = ForwardError::Stopped(fatal.to_string());
+                return self.fail(raft, timeout, batch, replies, error);
+            }
+            None => {
+                let error = ForwardError::Stopped("raft is not accepting writes".into());
+                return self.fail(raft, timeout, batch, replies, error);
+            }
         };
         let proposer = self.clone();
         let raft = raft.clone();
-        tokio::spawn(async move { proposer.write(raft, batch, timeout).await });
+        tokio::spawn(async move { proposer.answer(raft, batch, replies, answer, timeout).await });
     }
 
-    /// Frees an in-flight slot and starts the next batch if proposals wait.
-    fn release(self: &Arc<Proposer>, raft: &openraft::Raft<TypeConfig>, timeout: Duration) {
-        {
-            let mut queue = self.lock();
-            debug_assert!(queue.batches_in_flight > 0);
-            queue.batches_in_flight = queue.batches_in_flight.saturating_sub(1);
+    fn fail(
+        self: &Arc<Proposer>,
+        raft: &openraft::Raft<TypeConfig>,
+        timeout: Duration,
+        batch: u64,
+        replies: Vec<oneshot::Sender<Answer>>,
+        error: ForwardError,
+    ) {
+        for reply in replies {
+            let _ = reply.send(Err(error.clone()));
         }
+        self.release(raft, timeout, batch);
+    }
+
+    /// Ends batch `batch`'s time in flight and starts the next batch if proposals wait.
+    fn release(
+        self: &Arc<Proposer>,
+        raft: &openraft::Raft<TypeConfig>,
+        timeout: Duration,
+        batch: u64,
+    ) {
+        self.lock().in_flight.retain(|(b, _)| *b != batch);
         self.start_next(raft, timeout);
     }
 
-    /// Writes one batch as one entry and answers each of its proposals.
-    async fn write(
+    /// Waits for openraft's answer to one entry and answers each of its proposals. A leader
+    /// deposed with the entry in flight may never answer it (openraft answers pending writes only
+    /// when it truncates them; found by the simulation, seeds 1418 and 1747): the wait is bounded
+    /// by `timeout`, and the entry stops counting against the in-flight limit once the term
+    /// changes.
+    async fn answer(
         self: Arc<Proposer>,
         raft: openraft::Raft<TypeConfig>,
-        batch: Vec<Waiting>,
+        batch: u64,
+        replies: Vec<oneshot::Sender<Answer>>,
+        answer: WriteAnswer,
         timeout: Duration,
     ) {
-        let node_id = raft.metrics().borrow().id;
-        let count = batch.len();
-        let mut replies = Vec::with_capacity(count);
-        let mut proposals = Vec::with_capacity(count);
-        for waiting in batch {
-            replies.push(waiting.reply);
-            proposals.push(waiting.proposal);
-        }
-        crate::metrics::batch_proposed(count);
-        let write = tokio::time::timeout(timeout, raft.client_write(ProposalBatch { proposals }));
-        tokio::pin!(write);
-        // A leader deposed with the entry in flight may never answer it (openraft answers pending
-        // writes only when it truncates them; found by the simulation, seeds 1418 and 1747): its
-        // slot is freed at once so a re-elected leader is not held up, and the answer is awaited
-        // until the timeout. `biased`: polled in the same order every time, so a simulated run
-        // replays exactly from its seed.
-        let (written, released) = tokio::select! {
-            biased;
-            written = &mut write => (written, false),
-            () = leadership_lost(&raft, node_id) => {
-                self.release(&raft, timeout);
-                (write.await, true)
-            }
-        };
-        let answers: Vec<Answer> =
-            match written {
-                Err(_elapsed) => vec![
-                    Err(ForwardError::Unavailable(format!(
-                        "no answer from raft within {} ms; outcome unknown",
-                        timeout.as_millis()
-                    )));
-                    count
-                ],
-                Ok(Ok(response)) if response.data.len() == count => response
-                    .data
-                    .into_iter()
-                    .map(|outcome| outcome.map_err(ForwardError::Rejected))
-                    .collect(),
-                Ok(Ok(response)) => vec![
-                    Err(ForwardError::Unavailable(format!(
-                        "entry of {count} proposals answered with {} outcomes",
-                        response.data.len()
-                    )));
-                    count
-                ],
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => vec![
-                Err(ForwardError::NotLeader {
-                    leader: forward.leader_id,
-                });
+        let count = replies.len();
+        let written = tokio::time::timeout(timeout, answer).await;
+        let answers: Vec<Answer> = match written {
+            Err(_elapsed) => vec![
+                Err(ForwardError::Unavailable(format!(
+                    "no answer from raft within {} ms; outcome unknown",
+                    timeout.as_millis()
+                )));
                 count
             ],
-                Ok(Err(error)) => vec![Err(ForwardError::Unavailable(error.to_string())); count],
-            };
+            Ok(Err(_closed)) => vec![
+                Err(ForwardError::Unavailable(
+                    "raft stopped before answering; outcome unknown".into()
+                ));
+                count
+            ],
+            Ok(Ok(Ok(response))) if response.data.len() == count => response
+                .data
+                .into_iter()
+                .map(|outcome| outcome.map_err(ForwardError::Rejected))
+                .collect(),
+            Ok(Ok(Ok(response))) => vec![
+                Err(ForwardError::Unavailable(format!(
+                    "entry of {count} proposals answered with {} outcomes",
+                    response.data.len()
+                )));
+                count
+            ],
+            // Refused as not the leader's, or dropped uncommitted when a new leader overwrote
+            // it: never committed, so safe to retry.
+            Ok(Ok(Err(ClientWriteError::ForwardToLeader(forward)))) => {
+                vec![
+                    Err(ForwardError::NotLeader {
+                        leader: forward.leader_id,
+                    });
+                    count
+                ]
+            }
+            Ok(Ok(Err(error))) => vec![Err(ForwardError::Unavailable(error.to_string())); count],
+        };
         for (reply, answer) in replies.into_iter().zip(answers) {
             // A caller that stopped waiting dropped its receiver; nothing to tell.
             let _ = reply.send(answer);
         }
-        if !released {
-            self.release(&raft, timeout);
-        }
+        self.release(&raft, timeout, batch);
     }
 }
 
-/// Resolves once `node_id` no longer believes it leads.
-pub(crate) async fn leadership_lost(raft: &openraft::Raft<TypeConfig>, node_id: NodeId) {
-    let mut metrics = raft.metrics();
-    let _ = metrics
-        .wait_for(|current| current.current_leader != Some(node_id))
-        .await;
-}
+/// openraft's receiver of one entry's outcome.
+type WriteAnswer = oneshot::Receiver<
+    Result<openraft::raft::ClientWriteResponse<TypeConfig>, ClientWriteError<u64, NodeAddress>>,
+>;

@@ -3,6 +3,12 @@
 //! One connection per peer, reopened when it fails; one bidirectional stream per RPC carrying one
 //! request frame and one response frame. The server learns the peer's node id from its
 //! certificate and refuses a request that claims another id.
+//!
+//! Stateless resets: each node derives its QUIC reset key from its private key, so a node that
+//! crashed and restarted on the same address answers packets of its peers' stale connections with
+//! a reset they accept, and they redial at once. With a random key per process those connections
+//! would hang until the idle timeout, and the restarted node would hear no heartbeat meanwhile
+//! and start elections that depose a healthy leader (openraft 0.9 has no pre-vote).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -61,13 +67,88 @@ pub fn bind_endpoint(identity: &NodeIdentity, listen: SocketAddr) -> Result<Endp
         QuicServerConfig::try_from(server_tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server_config.transport_config(transport_config());
+    let bind_error = |error| QuicError::Bind {
+        address: listen,
+        error,
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_error)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| QuicError::Config("no async runtime for quinn".into()))?;
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ResetKey::of(identity)));
+    // quinn's default generator drops packets whose connection ids another process issued
+    // before any reset could be sent; these ids are random and not checked.
+    endpoint_config.cid_generator(|| Box::new(RandomConnectionIds));
     let mut endpoint =
-        Endpoint::server(server_config, listen).map_err(|error| QuicError::Bind {
-            address: listen,
-            error,
-        })?;
+        Endpoint::new(endpoint_config, Some(server_config), socket, runtime).map_err(bind_error)?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
+}
+
+/// The key of this node's stateless reset tokens (keyed BLAKE3 as the MAC), derived from its
+/// private key: the same after a restart, unknown to anyone without that key.
+struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    fn of(identity: &NodeIdentity) -> ResetKey {
+        ResetKey(blake3::derive_key(
+            "cairn 2026 quic stateless reset key",
+            identity.key_pem.as_bytes(),
+        ))
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(data);
+        hasher.finalize_xof().fill(signature_out);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let mut expected = vec![0u8; signature.len()];
+        self.sign(data, &mut expected);
+        // Constant time: every byte is compared.
+        let difference = expected
+            .iter()
+            .zip(signature)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if difference == 0 && signature.len() == self.signature_len() {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
+/// Random 8-byte connection ids from rustls' secure random source. They carry no key, so a
+/// restarted process treats its predecessor's ids like its own and answers them with a reset.
+struct RandomConnectionIds;
+
+impl quinn::ConnectionIdGenerator for RandomConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; 8];
+        let random = rustls::crypto::ring::default_provider().secure_random;
+        if random.fill(&mut bytes).is_err() {
+            // Never seen in practice; ids only need to be unique among this node's connections.
+            static FALLBACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            bytes = FALLBACK
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_be_bytes();
+        }
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 fn client_config(identity: &NodeIdentity) -> Result<quinn::ClientConfig, QuicError> {

@@ -28,6 +28,9 @@ use crate::domain::{Command, Event, Name, NodeId, Proposal, Rejection, State, Ti
 use crate::rpc::{ForwardError, RpcHandler, RpcRequest, RpcResponse, Transport, TransportError};
 use crate::types::{NodeAddress, Raft, RaftMetrics};
 
+/// How often a proposal waiting in the leader's queue checks that this node still leads.
+const LEADERSHIP_POLL: Duration = Duration::from_millis(100);
+
 /// Read access to a state machine's projection (the state machine itself lives inside Raft).
 pub trait StateView: Clone + Send + Sync + 'static {
     fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T;
@@ -307,17 +310,19 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
         let proposer = self.raft.proposer();
         let mut ticket = proposer.submit(self.raft.openraft(), proposal, timeout);
         // Leadership lost while the proposal still waits in the queue: it was never proposed, so
-        // it is taken back and the caller retries with the new leader. `biased`: the same order
-        // of polling every time, so a simulated run replays exactly from its seed.
-        let answer = tokio::select! {
-            biased;
-            answer = &mut ticket.answer => answer,
-            () = crate::proposer::leadership_lost(self.raft.openraft(), self.node_id) => {
-                if proposer.withdraw(ticket.ticket) {
+        // it is taken back and the caller retries with the new leader. Polled, not watched: see
+        // `Proposer::start_next`.
+        let answer = loop {
+            match tokio::time::timeout(LEADERSHIP_POLL, &mut ticket.answer).await {
+                Ok(answer) => break answer,
+                Err(_) => {
                     let leader = self.raft.metrics().borrow().current_leader;
-                    return Err(ForwardError::NotLeader { leader });
+                    if leader != Some(self.node_id) && proposer.withdraw(ticket.ticket) {
+                        return Err(ForwardError::NotLeader { leader });
+                    }
+                    // Still leading, or already proposed: the entry's answer is bounded by the
+                    // proposer's timeout.
                 }
-                ticket.answer.await
             }
         };
         answer.unwrap_or_else(|_| {
