@@ -542,6 +542,7 @@ struct Figures {
     random_iops: Vec<f64>,
     write_mbps: Vec<f64>,
     cpu_us_per_read: Vec<f64>,
+    cpu_us_per_random_read: Vec<f64>,
 }
 
 /// Resident set growth per idle session (KiB), with 16 sessions logged in.
@@ -696,15 +697,19 @@ fn main() {
             let (seq_iops, mbps) = iscsi_perf(&url, 128, false, seconds);
             let cpu_us = (cpu_seconds(subject.pid) - cpu_before) * 1e6
                 / (seq_iops * seconds as f64).max(1.0);
+            let cpu_before = cpu_seconds(subject.pid);
             let (iops, _) = iscsi_perf(&url, 8, true, seconds);
+            let cpu_random_us =
+                (cpu_seconds(subject.pid) - cpu_before) * 1e6 / (iops * seconds as f64).max(1.0);
             let wmbps = write_load(subject.port, &subject.write_iqn, subject.write_lun, seconds);
             let f = &mut figures[index];
             f.sequential_mbps.push(mbps);
             f.random_iops.push(iops);
             f.write_mbps.push(wmbps);
             f.cpu_us_per_read.push(cpu_us);
+            f.cpu_us_per_random_read.push(cpu_random_us);
             println!(
-                "round {round} {:12}: seq64k {mbps:8.1} MB/s  rand4k {iops:9.0} IOPS  write64k {wmbps:8.1} MB/s  cpu/64k read {cpu_us:6.1} us",
+                "round {round} {:20}: seq64k {mbps:8.1} MB/s  rand4k {iops:9.0} IOPS  write64k {wmbps:8.1} MB/s  cpu/64k read {cpu_us:6.1} us  cpu/4k read {cpu_random_us:5.1} us",
                 subject.label
             );
         }
@@ -716,10 +721,11 @@ fn main() {
             median(f.random_iops.clone()),
             median(f.write_mbps.clone()),
             median(f.cpu_us_per_read.clone()),
+            median(f.cpu_us_per_random_read.clone()),
         )
     };
     let tgt_index = subjects.len() - 1;
-    let (ts, tr, tw, _) = m(&figures[tgt_index]);
+    let (ts, tr, tw, tcs, tcr) = m(&figures[tgt_index]);
     println!();
     println!(
         "cairn-iscsi-file arguments: file {:?}, volume {:?}",
@@ -728,7 +734,7 @@ fn main() {
     );
     println!("medians over {rounds} rounds of {seconds} s, 32 in flight, same image, same run:");
     println!(
-        "{:<22} {:>12} {:>8} {:>12} {:>8} {:>14} {:>8} {:>12}",
+        "{:<22} {:>12} {:>8} {:>12} {:>8} {:>14} {:>8} {:>14} {:>13}",
         "",
         "seq64k MB/s",
         "vs tgt",
@@ -736,12 +742,13 @@ fn main() {
         "vs tgt",
         "write64k MB/s",
         "vs tgt",
-        "cpu/read us"
+        "cpu/64k rd us",
+        "cpu/4k rd us"
     );
     for (index, f) in figures.iter().enumerate() {
-        let (cs, cr, cw, cc) = m(f);
+        let (cs, cr, cw, cc, ccr) = m(f);
         println!(
-            "{:<22} {cs:>12.1} {:>7.2}x {cr:>12.0} {:>7.2}x {cw:>14.1} {:>7.2}x {cc:>12.1}",
+            "{:<22} {cs:>12.1} {:>7.2}x {cr:>12.0} {:>7.2}x {cw:>14.1} {:>7.2}x {cc:>14.1} {ccr:>13.1}",
             subjects[index].label,
             cs / ts.max(1e-9),
             cr / tr.max(1e-9),
@@ -749,13 +756,15 @@ fn main() {
         );
     }
     for index in [1, 2] {
-        let (vs, vr, vw, _) = m(&figures[index]);
+        let (vs, vr, vw, vcs, vcr) = m(&figures[index]);
         println!(
-            "{}: seq64k {:.2}x tgt (goal 1.5x), rand4k {:.2}x (goal 1.5x), write64k {:.2}x (goal 1.0x)",
+            "{}: seq64k {:.2}x tgt (goal 1.5x), rand4k {:.2}x (goal 1.5x), write64k {:.2}x (goal 1.0x); target CPU per read {:.2}x less than tgt's (64 KiB), {:.2}x (4 KiB), the steadier figures on a shared machine",
             subjects[index].label,
             vs / ts.max(1e-9),
             vr / tr.max(1e-9),
-            vw / tw.max(1e-9)
+            vw / tw.max(1e-9),
+            tcs / vcs.max(1e-9),
+            tcr / vcr.max(1e-9)
         );
     }
     for (index, c) in cairns.iter().enumerate() {
