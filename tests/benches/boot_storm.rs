@@ -134,7 +134,10 @@ fn storm(
 
     cluster.cli_ok(&["group", "add", "storm"])?;
     let client_macs = macs([0x52, 0x54, SUBNET], clients);
-    register_clients(&api, &client_macs, "storm", Some("storm"))?;
+    let missing = register_clients(&api, &client_macs, "storm", Some("storm"))?;
+    if !missing.is_empty() {
+        bail!("clients not registered: {missing:?}");
+    }
     cluster.cli_ok(&["assign", "base", "--group", "storm"])?;
 
     let servers: Vec<Ipv4Addr> = cluster

@@ -239,7 +239,17 @@ fn cairn(
     let (leader_id, leader_address) = leader(cluster)?;
     let api = Api::new(cluster, leader_id)?;
     let started = Instant::now();
-    register_clients(&api, client_macs, "perf", None)?;
+    let missing = register_clients(&api, client_macs, "perf", None)?;
+    if !missing.is_empty() {
+        // perfdhcp must only use MACs the cluster answers.
+        let text = std::fs::read_to_string(mac_list)?;
+        let kept: String = text
+            .lines()
+            .filter(|mac| !missing.iter().any(|m| m == mac))
+            .map(|mac| format!("{mac}\n"))
+            .collect();
+        std::fs::write(mac_list, kept)?;
+    }
     let registration = started.elapsed();
     let mut details = vec![format!(
         "setup: {} clients registered through the admin API in {:.1} s ({:.0}/s, one AddClient entry each, 32 requests in flight)",

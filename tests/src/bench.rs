@@ -283,13 +283,14 @@ pub fn macs(prefix: [u8; 3], count: usize) -> Vec<[u8; 6]> {
 }
 
 /// Registers `macs` as clients (named `<name_prefix>-<index>`, in `group` if given) through the
-/// API of `api`, 32 requests at a time; fails unless every one was accepted.
+/// API of `api`, 32 requests at a time, retrying what the client list does not show; returns
+/// the MACs still missing after that (printed as a warning).
 pub fn register_clients(
     api: &Api,
     macs: &[[u8; 6]],
     name_prefix: &str,
     group: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     let bodies: Vec<Value> = macs
         .iter()
         .enumerate()
@@ -302,14 +303,37 @@ pub fn register_clients(
             body
         })
         .collect();
-    let accepted = api.post_many("/v1/clients", &bodies, 32)?;
-    if accepted != bodies.len() {
-        bail!(
-            "only {accepted} of {} client registrations were accepted",
-            bodies.len()
-        );
+    // A write can fail under load (a proposal timing out); registering is idempotent enough to
+    // retry what the client list does not show yet.
+    let mut pending = bodies;
+    for _round in 0..5 {
+        api.post_many("/v1/clients", &pending, 32)?;
+        let listed = api.get_json("/v1/clients")?;
+        let known: std::collections::HashSet<String> = listed
+            .as_array()
+            .or_else(|| listed["clients"].as_array())
+            .map(|list| {
+                list.iter()
+                    .filter_map(|c| c["mac"].as_str().map(str::to_lowercase))
+                    .collect()
+            })
+            .unwrap_or_default();
+        pending.retain(|body| !known.contains(body["mac"].as_str().unwrap_or("")));
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
     }
-    Ok(())
+    let missing: Vec<String> = pending
+        .iter()
+        .filter_map(|body| body["mac"].as_str().map(str::to_owned))
+        .collect();
+    println!(
+        "warning: {} of {} clients not in the client list after 5 rounds (left out), e.g. {:?}",
+        missing.len(),
+        macs.len(),
+        &missing[..missing.len().min(3)]
+    );
+    Ok(missing)
 }
 
 /// Prometheus text: the sum over all series of `name` (any labels).
