@@ -77,6 +77,8 @@ fn main() {
     if let Err(error) = storm(&cluster, clients, concurrency, image_mib) {
         eprintln!("{BENCH}: failed: {error:#}");
         eprintln!("{}", cluster.logs());
+        // `exit` runs no destructors: stop the nodes first.
+        drop(cluster);
         std::process::exit(1);
     }
 }

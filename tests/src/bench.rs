@@ -240,7 +240,12 @@ impl Api {
     ) -> anyhow::Result<usize> {
         let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
         let mut config = String::new();
-        for body in bodies {
+        for (index, body) in bodies.iter().enumerate() {
+            // `next` only between operations: a trailing one is an operation without a URL,
+            // which makes curl stop with an error and abandon transfers still in flight.
+            if index > 0 {
+                config += "next\n";
+            }
             config += &format!("url = {}\n", quote(&format!("{}{path}", self.base)));
             config += &format!("cacert = {}\n", quote(&self.ca_file.to_string_lossy()));
             config += &format!("connect-to = {}\n", quote(&self.connect_to));
@@ -250,7 +255,7 @@ impl Api {
             );
             config += "header = \"Content-Type: application/json\"\n";
             config += &format!("data-raw = {}\n", quote(&body.to_string()));
-            config += "output = \"/dev/null\"\nwrite-out = \"%{http_code}\\n\"\nsilent\nnext\n";
+            config += "output = \"/dev/null\"\nwrite-out = \"%{http_code}\\n\"\nsilent\n";
         }
         let file = self.scratch.join("curl-posts.conf");
         std::fs::write(&file, config)?;
