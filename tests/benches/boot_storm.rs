@@ -269,7 +269,7 @@ fn storm(
                 .map(|nodes| {
                     nodes
                         .iter()
-                        .map(|n| format!("node {}: {}", n["node"]["id"], n["sessions"]))
+                        .map(|n| format!("node {}: {}", n["node"]["node_id"], n["sessions"]))
                         .collect()
                 })
                 .unwrap_or_default();
