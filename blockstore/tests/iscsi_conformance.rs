@@ -6,50 +6,11 @@
 //! Takes about 35 seconds. Skipped with a printed reason when libiscsi's `iscsi-test-cu` is not
 //! installed (Debian package libiscsi-bin).
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-struct Server(Child);
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn start_server(args: &[String]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start cairn-iscsi-file");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read ready line");
-    assert_eq!(line.trim(), "ready", "server did not start");
-    Server(child)
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
+use common::{free_port, have, IscsiFile};
 
 /// One test's verdict from iscsi-test-cu's verbose output.
 #[derive(Debug, PartialEq, Eq)]
@@ -143,7 +104,7 @@ fn libiscsi_conformance_all() {
     let image = dir.path().join("conformance.img");
     let (p1, p2) = (free_port(), free_port());
     let iqn = cairn_blockstore::iscsi::target_name_for_client([0x52, 0x54, 0x00, 0x77, 0x00, 0x10]);
-    let _server = start_server(&[
+    let _server = IscsiFile::start(&[
         "--portal".into(),
         format!("127.0.0.1:{p1}"),
         "--portal".into(),

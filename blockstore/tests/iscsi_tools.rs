@@ -5,34 +5,24 @@
 //! Starts `cairn-iscsi-file` on loopback ports. Tests that need libiscsi-bin print why and
 //! return when its tools are missing.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
 use cairn_blockstore::iscsi::wire::{Decoded, FrameDecoder, InitiatorPdu, LoginRequest, Pdu};
 
+mod common;
+
+use common::{free_port, have, IscsiFile};
+
 const INITIATOR: &str = "iqn.2026-11.org.cairn:test-initiator";
 
 struct Server {
-    child: Child,
+    _process: IscsiFile,
     ports: Vec<u16>,
     iqn: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn start(extra: &[&str], portals: usize) -> Server {
@@ -54,33 +44,12 @@ fn start(extra: &[&str], portals: usize) -> Server {
         "64".into(),
     ]);
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
-        .args(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start cairn-iscsi-file");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("ready line");
-    assert_eq!(line.trim(), "ready");
     Server {
-        child,
+        _process: IscsiFile::start(&args),
         ports,
         iqn,
         _dir: dir,
     }
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 fn run(tool: &str, args: &[&str]) -> (bool, String) {

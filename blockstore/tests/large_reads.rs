@@ -11,9 +11,9 @@
 //! below the transfer length (it measures buffers, never time). libiscsi's `iscsi-perf` with
 //! 20,000-block reads checks a real initiator too (skipped with a reason when not installed).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
 use cairn_blockstore::iscsi::text::push_pair;
@@ -21,21 +21,18 @@ use cairn_blockstore::iscsi::wire::{
     be32, Decoded, FrameDecoder, InitiatorPdu, LoginRequest, Pdu, ScsiCommand,
 };
 
+mod common;
+
+use common::{free_port, IscsiFile};
+
 const BLOCK: u64 = 512;
 const DISK_BLOCKS: u64 = 320_000; // 156 MiB
 
 struct Server {
-    child: Child,
+    process: IscsiFile,
     port: u16,
     iqn: String,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The content of block `lba`: its number, then bytes derived from it.
@@ -65,37 +62,23 @@ fn start(volume: bool) -> Server {
         }
         file.flush().expect("flush image");
     }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
+    let port = free_port();
     let iqn = cairn_blockstore::iscsi::target_name_for_client([0x52, 0x54, 0x00, 0x77, 0x00, 0x30]);
     let volume_dir = dir.path().join("volume");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-iscsi-file"))
-        .args([
-            "--portal",
-            &format!("127.0.0.1:{port}"),
-            "--iqn",
-            &iqn,
-            "--file",
-            &image.display().to_string(),
-        ])
-        .args(if volume {
-            vec!["--volume".to_string(), volume_dir.display().to_string()]
-        } else {
-            Vec::new()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start cairn-iscsi-file");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
-    assert_eq!(line.trim(), "ready");
+    let mut args = vec![
+        "--portal".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--iqn".to_string(),
+        iqn.clone(),
+        "--file".to_string(),
+        image.display().to_string(),
+    ];
+    if volume {
+        args.extend(["--volume".to_string(), volume_dir.display().to_string()]);
+    }
+    let process = IscsiFile::start(&args);
     Server {
-        child,
+        process,
         port,
         iqn,
         _dir: dir,
@@ -320,7 +303,7 @@ fn large_reads_return_the_right_bytes(volume: bool) {
 #[test]
 fn a_154_megabyte_read_keeps_the_server_memory_bounded() {
     let server = start(false);
-    let pid = server.child.id();
+    let pid = server.process.id();
     let mut s = Session::login(server.port, &server.iqn);
     // Warm the session (pools, first batches) with one ordinary read.
     s.send_read(1, read10(0, 2048), 2048 * 512);

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -58,52 +58,86 @@ struct Served {
     iqn: String,
     image: Name,
     generation: u64,
-    role: Role,
     device: Arc<PathDevice>,
+}
+
+impl Served {
+    fn role(&self) -> Role {
+        match self.device.volume.get() {
+            Some(_) => Role::Primary,
+            None => Role::Standby,
+        }
+    }
 }
 
 /// The LUN a node registers for a client: the volume while this node is the session's
 /// primary; while it is the standby, no volume yet and I/O waits for one (see the module docs).
+/// The volume is set once (at start, or at the failover) and never replaced: a new session
+/// registers a new device, and a stopped one's volume is fenced, so I/O takes no lock.
 struct PathDevice {
     block_count: u64,
     unique_id: [u8; 16],
-    volume: Mutex<Option<Arc<Volume>>>,
-    promoted: Condvar,
-    stopped: std::sync::atomic::AtomicBool,
+    volume: OnceLock<Volume>,
+    /// Whether the target was stopped; guards the wait for `volume` on a standby.
+    stopped: Mutex<bool>,
+    changed: Condvar,
 }
 
 impl PathDevice {
-    fn lock(&self) -> MutexGuard<'_, Option<Arc<Volume>>> {
-        self.volume.lock().unwrap_or_else(|p| p.into_inner())
+    fn new(block_count: u64, unique_id: [u8; 16], volume: Option<Volume>) -> PathDevice {
+        let device = PathDevice {
+            block_count,
+            unique_id,
+            volume: OnceLock::new(),
+            stopped: Mutex::new(false),
+            changed: Condvar::new(),
+        };
+        if let Some(volume) = volume {
+            device.install(volume);
+        }
+        device
     }
 
-    fn install(&self, volume: Arc<Volume>) {
-        *self.lock() = Some(volume);
-        self.promoted.notify_all();
+    fn stopped(&self) -> MutexGuard<'_, bool> {
+        self.stopped.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn volume(&self) -> Result<Arc<Volume>, DeviceError> {
-        if let Some(volume) = self.lock().as_ref() {
-            return Ok(volume.clone());
+    fn install(&self, volume: Volume) {
+        let _ = self.volume.set(volume);
+        // Under the lock, so a standby between its check and its wait cannot miss this.
+        let _stopped = self.stopped();
+        self.changed.notify_all();
+    }
+
+    /// Stops waiting I/O for good; returns the volume, if this device had one.
+    fn stop(&self) -> Option<&Volume> {
+        *self.stopped() = true;
+        self.changed.notify_all();
+        self.volume.get()
+    }
+
+    fn volume(&self) -> Result<&Volume, DeviceError> {
+        if let Some(volume) = self.volume.get() {
+            return Ok(volume);
         }
         // Standby: wait off the async workers if called on one (plain READs run inline).
         let wait = || {
             let deadline = Instant::now() + STANDBY_WAIT;
-            let mut guard = self.lock();
+            let mut stopped = self.stopped();
             loop {
-                if let Some(volume) = guard.as_ref() {
-                    return Ok(volume.clone());
+                if let Some(volume) = self.volume.get() {
+                    return Ok(volume);
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() || self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+                if left.is_zero() || *stopped {
                     return Err(DeviceError::Fenced {
                         held: 0,
                         current: 0,
                     });
                 }
-                guard = self
-                    .promoted
-                    .wait_timeout(guard, left)
+                stopped = self
+                    .changed
+                    .wait_timeout(stopped, left)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
@@ -129,23 +163,23 @@ impl BlockDevice for PathDevice {
     }
 
     fn read(&self, lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError> {
-        BlockDevice::read(&*self.volume()?, lba, buffer)
+        BlockDevice::read(self.volume()?, lba, buffer)
     }
 
     fn write(&self, lba: u64, data: &[u8], force_unit_access: bool) -> Result<(), DeviceError> {
-        BlockDevice::write(&*self.volume()?, lba, data, force_unit_access)
+        BlockDevice::write(self.volume()?, lba, data, force_unit_access)
     }
 
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
-        BlockDevice::unmap(&*self.volume()?, lba, blocks)
+        BlockDevice::unmap(self.volume()?, lba, blocks)
     }
 
     fn flush(&self) -> Result<(), DeviceError> {
-        BlockDevice::flush(&*self.volume()?)
+        BlockDevice::flush(self.volume()?)
     }
 
     fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
-        BlockDevice::mapping_status(&*self.volume()?, lba)
+        BlockDevice::mapping_status(self.volume()?, lba)
     }
 
     /// iPXE opens all paths at once and uses the first whose TEST UNIT READY succeeds: holding
@@ -226,7 +260,7 @@ impl Storage {
         for (mac, (session, manifest, role)) in wanted {
             let current = served.get(&mac);
             if current.is_some_and(|s| {
-                s.generation == session.generation && s.image == session.image && s.role == role
+                s.generation == session.generation && s.image == session.image && s.role() == role
             }) {
                 continue;
             }
@@ -237,14 +271,13 @@ impl Storage {
             // A failover: the standby's target stays up (its waiting sessions carry on) and
             // gets the volume.
             let promoted = current.is_some_and(|s| {
-                s.role == Role::Standby && role == Role::Primary && s.image == session.image
+                s.role() == Role::Standby && role == Role::Primary && s.image == session.image
             });
             if promoted {
                 let entry = served.get_mut(&mac).expect("checked above");
                 match self.open_volume(&session, manifest) {
                     Ok(volume) => {
-                        entry.device.install(Arc::new(volume));
-                        entry.role = Role::Primary;
+                        entry.device.install(volume);
                         entry.generation = session.generation;
                         tracing::warn!(client_mac = %mac, image = %session.image, generation = session.generation, "serving volume after failover");
                     }
@@ -265,17 +298,25 @@ impl Storage {
                 Err(error) => tracing::error!(client_mac = %mac, %error, "cannot serve volume"),
             }
         }
-        metrics::gauge!("cairn_storage_volumes_served")
-            .set(served.values().filter(|s| s.role == Role::Primary).count() as f64);
-        metrics::gauge!("cairn_storage_volumes_standby")
-            .set(served.values().filter(|s| s.role == Role::Standby).count() as f64);
+        metrics::gauge!("cairn_storage_volumes_served").set(
+            served
+                .values()
+                .filter(|s| s.role() == Role::Primary)
+                .count() as f64,
+        );
+        metrics::gauge!("cairn_storage_volumes_standby").set(
+            served
+                .values()
+                .filter(|s| s.role() == Role::Standby)
+                .count() as f64,
+        );
     }
 
     /// Makes every served volume's layer durable (at shutdown).
     pub fn flush_all(&self) {
         let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         for entry in served.values() {
-            if let Some(volume) = entry.device.lock().as_ref() {
+            if let Some(volume) = entry.device.volume.get() {
                 if let Err(error) = volume.flush() {
                     tracing::error!(iqn = %entry.iqn, %error, "flushing a volume failed");
                 }
@@ -340,26 +381,22 @@ impl Storage {
         let device = match role {
             Role::Primary => {
                 let volume = self.open_volume(session, manifest)?;
-                PathDevice {
-                    block_count: BlockDevice::block_count(&volume),
-                    unique_id: BlockDevice::unique_id(&volume),
-                    volume: Mutex::new(Some(Arc::new(volume))),
-                    promoted: Condvar::new(),
-                    stopped: Default::default(),
-                }
+                PathDevice::new(
+                    BlockDevice::block_count(&volume),
+                    BlockDevice::unique_id(&volume),
+                    Some(volume),
+                )
             }
             Role::Standby => {
                 let base = self
                     .store
                     .load_manifest(&manifest_hash(&manifest))
                     .map_err(|e| anyhow!("loading manifest {manifest}: {e}"))?;
-                PathDevice {
-                    block_count: base.size_bytes / 512,
-                    unique_id: Self::unique_id(mac, &session.image),
-                    volume: Mutex::new(None),
-                    promoted: Condvar::new(),
-                    stopped: Default::default(),
-                }
+                PathDevice::new(
+                    base.size_bytes / 512,
+                    Self::unique_id(mac, &session.image),
+                    None,
+                )
             }
         };
         let iqn = target_name_for_client(mac.0);
@@ -381,14 +418,14 @@ impl Storage {
             iqn,
             image: session.image.clone(),
             generation: session.generation,
-            role,
             device,
         })
     }
 
     fn stop_serving(&self, old: Served) {
         let _ = self.target.remove_target(&old.iqn);
-        if let Some(volume) = old.device.lock().take() {
+        // Waiting standby I/O gives up at once.
+        if let Some(volume) = old.device.stop() {
             // Flush first: writes the initiator never asked to flush (write cache on, and Linux
             // sends no SYNCHRONIZE CACHE for a plain `sync` of a FAT file system) are in the
             // layer's data but not yet in its durable map; a fenced volume refuses the flush.
@@ -397,12 +434,6 @@ impl Storage {
             }
             volume.fence(old.generation + 1);
         }
-        // Sessions still waiting on a standby path give up at once.
-        old.device
-            .stopped
-            .store(true, std::sync::atomic::Ordering::Release);
-        let _guard = old.device.lock();
-        old.device.promoted.notify_all();
         tracing::info!(iqn = %old.iqn, "stopped serving volume");
     }
 
@@ -414,28 +445,23 @@ impl Storage {
         token: &str,
         hash: Hash32,
     ) -> anyhow::Result<()> {
-        let bytes = http
-            .get(format!("{peer_api}/v1/store/manifests/{hash}"))
-            .bearer_auth(token)
-            .send()
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
+        let get = |path: String| async move {
+            http.get(format!("{peer_api}{path}"))
+                .bearer_auth(token)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await
+        };
+        let bytes = get(format!("/v1/store/manifests/{hash}")).await?;
         let manifest = Manifest::decode(&bytes)
             .map_err(|e| anyhow!("manifest {hash} from {peer_api}: {e}"))?;
         if manifest.hash() != manifest_hash(&hash) {
             anyhow::bail!("manifest from {peer_api} does not hash to {hash}");
         }
         for chunk in self.store.missing_chunks(&manifest) {
-            let data = http
-                .get(format!("{peer_api}/v1/store/chunks/{chunk}"))
-                .bearer_auth(token)
-                .send()
-                .await?
-                .error_for_status()?
-                .bytes()
-                .await?;
+            let data = get(format!("/v1/store/chunks/{chunk}")).await?;
             let store = self.store.clone();
             tokio::task::spawn_blocking(move || store.put_chunk_verified(&chunk, &data))
                 .await?

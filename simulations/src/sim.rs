@@ -335,11 +335,7 @@ async fn converge(shared: &Shared, config: &crate::config::SimConfig) -> Result<
 /// The periodic checks over every node (running or crashed: the durable state counts).
 fn check_all(shared: &Shared) {
     let mut world = lock(shared);
-    let machines: Vec<_> = world
-        .nodes
-        .iter()
-        .map(|(id, slot)| (*id, slot.machine.clone()))
-        .collect();
+    let machines = world.machines();
     for (node_id, machine) in machines {
         let result = history::check_node(&mut world.checks, node_id, &machine)
             .and_then(|new| replay::check_node(&mut world.checks, node_id, &machine, &new));
@@ -377,11 +373,7 @@ fn final_checks(shared: &Shared) -> Result<(), Violation> {
     if let Some(violation) = world.failure.clone() {
         return Err(violation);
     }
-    let machines: Vec<_> = world
-        .nodes
-        .iter()
-        .map(|(id, slot)| (*id, slot.machine.clone()))
-        .collect();
+    let machines = world.machines();
     for (node_id, machine) in machines {
         let events = machine.events(1, usize::MAX);
         history::check_whole(&mut world.checks, node_id, &events)?;

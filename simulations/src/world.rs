@@ -79,6 +79,14 @@ pub fn elapsed_ms(start: Instant) -> u64 {
 }
 
 impl World {
+    /// Every node's state machine, running or crashed (the durable state counts).
+    pub fn machines(&self) -> Vec<(NodeId, MemStateMachine)> {
+        self.nodes
+            .iter()
+            .map(|(id, slot)| (*id, slot.machine.clone()))
+            .collect()
+    }
+
     pub fn now_ms(&self) -> u64 {
         elapsed_ms(self.start)
     }

@@ -17,25 +17,13 @@ use dhcproto::v4::{self, DhcpOption, MessageType, OptionCode};
 use dhcproto::{Decodable, Encodable};
 use serde_json::Value;
 
-use crate::ProcessCluster;
-
-/// Whether `program` is on the PATH.
-pub fn have(program: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
+use crate::{on_path, ProcessCluster};
 
 /// The first of `programs` that is missing, with the package that brings it.
 pub fn missing_tool(programs: &[(&str, &str)]) -> Option<String> {
     programs
         .iter()
-        .find(|(program, _)| !have(program))
+        .find(|(program, _)| !on_path(program))
         .map(|(program, package)| format!("{program} not installed (package {package})"))
 }
 

@@ -187,23 +187,7 @@ impl ProcessCluster {
         server: Option<&str>,
         args: &[&str],
     ) -> anyhow::Result<(bool, String, String)> {
-        let mut command = Command::new(cairn_binary());
-        command
-            .env("CAIRN_CLI_CONFIG", &self.cli_config)
-            .env_remove("CAIRN_SERVER")
-            .env_remove("CAIRN_TOKEN");
-        if let Some(server) = server {
-            command.args(["--server", server]);
-        }
-        let output = command
-            .args(args)
-            .output()
-            .context("running the cairn cli")?;
-        Ok((
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        ))
+        run_cli(Command::new(cairn_binary()), &self.cli_config, server, args)
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -258,17 +242,58 @@ impl ProcessCluster {
     }
 
     pub fn logs(&self) -> String {
-        let mut text = String::new();
-        for node in &self.nodes {
-            let path = self.dir.path().join(format!("node{}.log", node.id));
-            let log = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            text.push_str(&format!("--- node {} (last 30 lines)\n", node.id));
-            for line in tail.into_iter().rev() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-        text
+        node_logs(self.dir.path(), self.nodes.iter().map(|n| n.id), 30)
     }
+}
+
+/// Whether `tool` is a file in one of the PATH's directories.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).exists()))
+}
+
+/// Runs the `cairn` CLI through `command` (the binary itself, or a wrapper such as
+/// `ip netns exec <ns> <binary>`) with the cluster's CLI config and nothing from the
+/// environment; returns (success, stdout, stderr).
+pub fn run_cli(
+    mut command: Command,
+    cli_config: &Path,
+    server: Option<&str>,
+    args: &[&str],
+) -> anyhow::Result<(bool, String, String)> {
+    command
+        .env("CAIRN_CLI_CONFIG", cli_config)
+        .env_remove("CAIRN_SERVER")
+        .env_remove("CAIRN_TOKEN");
+    if let Some(server) = server {
+        command.args(["--server", server]);
+    }
+    let output = command
+        .args(args)
+        .output()
+        .context("running the cairn cli")?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// The last `lines` lines of each node's `node<id>.log` in `dir`.
+pub fn node_logs(
+    dir: &Path,
+    ids: impl Iterator<Item = impl std::fmt::Display>,
+    lines: usize,
+) -> String {
+    let mut text = String::new();
+    for id in ids {
+        let log = std::fs::read_to_string(dir.join(format!("node{id}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        text.push_str(&format!("--- node {id} (last {lines} lines)\n"));
+        for line in tail.into_iter().rev() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text
 }

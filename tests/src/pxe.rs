@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::cairn_binary;
+use crate::{cairn_binary, node_logs, on_path, run_cli};
 
 pub const SUBNET: &str = "192.168.77";
 pub const LAN_ADDRESS: &str = "192.168.77.254";
@@ -46,10 +46,7 @@ pub fn missing_prerequisite() -> Option<String> {
         "objcopy",
         "busybox",
     ] {
-        let found = std::env::var_os("PATH")
-            .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).exists()))
-            .unwrap_or(false);
-        if !found {
+        if !on_path(tool) {
             return Some(format!("{tool} is not installed"));
         }
     }
@@ -546,22 +543,7 @@ impl LabCluster {
     ) -> anyhow::Result<(bool, String, String)> {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", ns]).arg(cairn_binary());
-        command
-            .env("CAIRN_CLI_CONFIG", &self.cli_config)
-            .env_remove("CAIRN_SERVER")
-            .env_remove("CAIRN_TOKEN");
-        if let Some(server) = server {
-            command.args(["--server", server]);
-        }
-        let output = command
-            .args(args)
-            .output()
-            .context("running the cairn cli")?;
-        Ok((
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        ))
+        run_cli(command, &self.cli_config, server, args)
     }
 
     fn cli_ok_in(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -628,18 +610,7 @@ impl LabCluster {
 
     /// The last lines of every node's log.
     pub fn logs(&self, lines: usize) -> String {
-        let mut text = String::new();
-        for node in &self.nodes {
-            let path = self.dir.path().join(format!("node{}.log", node.id));
-            let log = std::fs::read_to_string(&path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
-            text.push_str(&format!("--- node {} (last {lines} lines)\n", node.id));
-            for line in tail.into_iter().rev() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-        text
+        node_logs(self.dir.path(), self.nodes.iter().map(|n| n.id), lines)
     }
 }
 

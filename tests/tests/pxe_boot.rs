@@ -23,7 +23,7 @@ use cairn_tests::pxe::{
     build_boot_disk, build_iscsi_disk, guest, missing_prerequisite, tail, Firmware, LabCluster,
     Qemu,
 };
-use cairn_tests::slow_tests_enabled;
+use cairn_tests::{on_path, slow_tests_enabled};
 use serde_json::Value;
 
 const MAC: &str = "52:54:00:77:00:10";
@@ -173,7 +173,7 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
     if wanted("persistence") {
         // 6. A persistent and a non-persistent disk, two boots each: the booted Linux logs in from
         // the iBFT, finds (or not) the file the first boot wrote, and writes it.
-        if which("iscsistart") {
+        if on_path("iscsistart") {
             let disk_i = build_iscsi_disk(&work, "deb-i", MARKER_I)?;
             cluster.cli_ok(&["image", "import", "deb-i", disk_i.to_str().expect("utf-8")])?;
             wait_ready(cluster, &["deb-i"])?;
@@ -287,12 +287,6 @@ fn second_path(
     assert!(events.contains("boot_failed_over"), "{events}");
     cluster.start_node(primary as u8)?;
     Ok(())
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).exists()))
-        .unwrap_or(false)
 }
 
 fn client_show(cluster: &LabCluster) -> anyhow::Result<Value> {

@@ -56,6 +56,24 @@ fn register(node_id: NodeId, capacity_sessions: u32) -> Command {
     }
 }
 
+fn begin_boot(client: u8, image: &str) -> Command {
+    Command::BeginBoot {
+        mac: mac(client),
+        image: name(image),
+        user: None,
+    }
+}
+
+fn assign_to_client(client: u8, image: &str, mode: DiskMode) -> Command {
+    Command::Assign {
+        target: AssignmentTarget::Client(mac(client)),
+        image: name(image),
+        mode,
+        default: false,
+        position: None,
+    }
+}
+
 fn ready_image(image: &str) -> Vec<Command> {
     vec![
         Command::CreateImage {
@@ -100,13 +118,7 @@ fn rejections_are_precise() {
             group: None,
         },
         Command::RemoveGroup { name: name("lab") },
-        Command::Assign {
-            target: AssignmentTarget::Client(mac(1)),
-            image: name("missing"),
-            mode: DiskMode::Persistent,
-            default: false,
-            position: None,
-        },
+        assign_to_client(1, "missing", DiskMode::Persistent),
     ]);
     let errors: Vec<String> = outcomes
         .iter()
@@ -147,17 +159,9 @@ fn boots_spread_by_load_for_capacity_and_bump_generations() {
             name: name(&format!("pc{i}")),
             group: Some(name("lab")),
         });
-        commands.push(Command::BeginBoot {
-            mac: mac(i),
-            image: name("debian"),
-            user: None,
-        });
+        commands.push(begin_boot(i, "debian"));
     }
-    commands.push(Command::BeginBoot {
-        mac: mac(1),
-        image: name("debian"),
-        user: None,
-    });
+    commands.push(begin_boot(1, "debian"));
     let (state, outcomes) = run(commands);
     assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
     let per_node = state.sessions_per_node();
@@ -183,31 +187,17 @@ fn draining_and_unhealthy_nodes_get_no_boots() {
         name: name("pc1"),
         group: None,
     });
-    commands.push(Command::Assign {
-        target: AssignmentTarget::Client(mac(1)),
-        image: name("img"),
-        mode: DiskMode::NonPersistent,
-        default: false,
-        position: None,
-    });
+    commands.push(assign_to_client(1, "img", DiskMode::NonPersistent));
     commands.push(Command::SetNodeDraining {
         node_id: 1,
         draining: true,
     });
-    commands.push(Command::BeginBoot {
-        mac: mac(1),
-        image: name("img"),
-        user: None,
-    });
+    commands.push(begin_boot(1, "img"));
     commands.push(Command::SetNodeHealth {
         node_id: 2,
         healthy: false,
     });
-    commands.push(Command::BeginBoot {
-        mac: mac(1),
-        image: name("img"),
-        user: None,
-    });
+    commands.push(begin_boot(1, "img"));
     let (state, outcomes) = run(commands);
     assert_eq!(state.boot_sessions[&mac(1)].primary, 2);
     assert_eq!(state.boot_sessions[&mac(1)].standby, None);
@@ -228,27 +218,11 @@ fn a_dead_primary_fails_over_to_its_standby_at_the_next_generation() {
             group: None,
         });
     }
-    commands.push(Command::Assign {
-        target: AssignmentTarget::Client(mac(1)),
-        image: name("img"),
-        mode: DiskMode::NonPersistent,
-        default: false,
-        position: None,
-    });
-    commands.push(Command::Assign {
-        target: AssignmentTarget::Client(mac(2)),
-        image: name("img"),
-        mode: DiskMode::Persistent,
-        default: false,
-        position: None,
-    });
+    commands.push(assign_to_client(1, "img", DiskMode::NonPersistent));
+    commands.push(assign_to_client(2, "img", DiskMode::Persistent));
     // pc1 lands on node 1 (standby 2), pc2 on node 2 with no standby (persistent).
     for i in 1..=2 {
-        commands.push(Command::BeginBoot {
-            mac: mac(i),
-            image: name("img"),
-            user: None,
-        });
+        commands.push(begin_boot(i, "img"));
     }
     let (before, outcomes) = run(commands.clone());
     assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
@@ -275,11 +249,7 @@ fn a_dead_primary_fails_over_to_its_standby_at_the_next_generation() {
         node_id: 2,
         healthy: false,
     });
-    commands.push(Command::BeginBoot {
-        mac: mac(2),
-        image: name("img"),
-        user: None,
-    });
+    commands.push(begin_boot(2, "img"));
     let (state, outcomes) = run(commands.clone());
     let pc1 = &state.boot_sessions[&mac(1)];
     assert_eq!((pc1.primary, pc1.standby, pc1.generation), (3, None, 3));
@@ -295,11 +265,7 @@ fn a_dead_primary_fails_over_to_its_standby_at_the_next_generation() {
         node_id: 2,
         healthy: true,
     });
-    commands.push(Command::BeginBoot {
-        mac: mac(2),
-        image: name("img"),
-        user: None,
-    });
+    commands.push(begin_boot(2, "img"));
     let (state, outcomes) = run(commands);
     assert!(outcomes.last().unwrap().is_ok(), "{outcomes:?}");
     let pc2 = &state.boot_sessions[&mac(2)];
