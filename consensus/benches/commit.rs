@@ -10,13 +10,19 @@
 //!   peers), then a survivor proposes until a write commits; the time from the kill to that commit,
 //!   over `BENCH_FAILOVERS` rounds (the killed node is restarted on its data and caught up before
 //!   the next round);
-//! - a three-member etcd on the same filesystem (`etcdctl check perf`) as the reference.
+//! - a three-member etcd on the same filesystem (`etcdctl check perf`) as the reference;
+//! - the disk's own floor, in the same directory: 4 KiB write + fdatasync, appending to a new file
+//!   and overwriting a written file in place (what a synced write of the Raft log can at best
+//!   cost), and the machine's load average (the machine is shared);
+//! - after each load, per node, where the time went: the log's synced writes, an append until
+//!   synced, AppendEntries round trips (leader) and handling (followers), state machine apply,
+//!   proposals per entry (from the crate's `metrics` histograms, collected in each node process).
 //!
 //! Goals (issue 2): >= 10,000 events/s at 64 writers, p99 <= 5 ms at 1 writer, writable again
 //! within 1.5 s of a leader kill. Figures only; nothing is asserted.
 //!
 //! `cargo bench -p cairn-consensus --bench commit` (env BENCH_SECONDS, default 5;
-//! BENCH_FAILOVERS, default 5; TMPDIR=/dev/shm for tmpfs).
+//! BENCH_FAILOVERS, default 5; BENCH_ETCD=0 leaves etcd out; TMPDIR=/dev/shm for tmpfs).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -129,10 +135,82 @@ fn ms(us: f64) -> String {
     format!("{:.2} ms", us / 1000.0)
 }
 
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// p50/p99/max of `count` 4 KiB writes each followed by fdatasync, in `dir`: appending to a new
+/// file (the file size changes, so the filesystem journals metadata too) and overwriting a file
+/// already written and synced (data only).
+fn fdatasync_probe(dir: &Path, count: usize) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let block = vec![0x5au8; 4096];
+    let mut report = Vec::new();
+    for overwrite in [false, true] {
+        let path = dir.join(if overwrite {
+            "probe-overwrite"
+        } else {
+            "probe-append"
+        });
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        if overwrite {
+            for i in 0..count {
+                file.write_all_at(&block, (i * block.len()) as u64)?;
+            }
+            file.sync_all()?;
+        }
+        let mut latencies = Vec::with_capacity(count);
+        for i in 0..count {
+            let started = Instant::now();
+            file.write_all_at(&block, (i * block.len()) as u64)?;
+            file.sync_data()?;
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        report.push(format!(
+            "{} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            if overwrite { "overwrite" } else { "append" },
+            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+            latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        ));
+        drop(file);
+        std::fs::remove_file(&path)?;
+    }
+    Ok(report.join("; "))
+}
+
+/// Asks every node for its histograms since the last ask and prints them.
+fn print_stats(nodes: &mut [NodeProcess]) {
+    for node in nodes.iter_mut() {
+        let answer = node.ask("stats");
+        for histogram in answer.split(';').filter(|h| !h.trim().is_empty()) {
+            println!("    node {}: {}", node.id, histogram.trim());
+        }
+    }
+}
+
 fn orchestrate() {
     let seconds = env_number("BENCH_SECONDS", 5);
     let failovers = env_number("BENCH_FAILOVERS", 5);
     let root = tempfile::tempdir().unwrap();
+    println!("load average {}", load_average());
+    match fdatasync_probe(root.path(), 500) {
+        Ok(report) => println!("disk floor, 500 x 4 KiB write + fdatasync: {report}"),
+        Err(error) => println!("fdatasync probe failed: {error}"),
+    }
     let ca = ClusterCa::generate().unwrap();
     // Issued once: a restarted node keeps its key (as `cairn node run` does), which its QUIC
     // stateless resets are derived from.
@@ -161,6 +239,9 @@ fn orchestrate() {
         .map(|id| NodeProcess::spawn(id, root.path(), &ports))
         .collect();
     assert_eq!(nodes[0].ask("init"), "ok");
+    for node in nodes.iter_mut() {
+        node.ask("stats");
+    }
 
     let answer = nodes[0].ask(&format!("load 1 {seconds}"));
     let result = fields(&answer);
@@ -172,6 +253,7 @@ fn orchestrate() {
         ms(result["max_us"]),
         result["failed"],
     );
+    print_stats(&mut nodes);
     let answer = nodes[0].ask(&format!("load 64 {seconds}"));
     let result = fields(&answer);
     let cairn_rate = result["count"] / result["seconds"];
@@ -183,6 +265,7 @@ fn orchestrate() {
         ms(result["p99_us"]),
         result["failed"],
     );
+    print_stats(&mut nodes);
     let answer = nodes[1].ask(&format!("load 64 {seconds}"));
     let result = fields(&answer);
     println!(
@@ -192,6 +275,8 @@ fn orchestrate() {
         ms(result["p99_us"]),
         result["failed"],
     );
+    print_stats(&mut nodes);
+    println!("load average {}", load_average());
 
     let mut recoveries = Vec::new();
     for _ in 0..failovers {
@@ -225,6 +310,11 @@ fn orchestrate() {
     }
     drop(nodes);
     drop(root);
+    println!("load average {}", load_average());
+    if env_number("BENCH_ETCD", 1) == 0 {
+        println!("etcd reference skipped (BENCH_ETCD=0)");
+        return;
+    }
     // etcd's perf check sometimes fails on a loaded machine; one more try.
     match etcd_reference().or_else(|first| {
         println!("etcd reference failed ({first}); trying once more");
@@ -285,6 +375,7 @@ async fn node_process(id: u64) {
             tuning: RaftTuning::default(),
         }
     };
+    let histograms = Histograms::install();
     let node = ClusterNode::start(config(id)).await.unwrap();
     let actor = Name::new("bench").unwrap();
     // Image names must be unique across processes and restarts.
@@ -348,9 +439,108 @@ async fn node_process(id: u64) {
                     break "ok".to_string();
                 }
             },
+            ["stats"] => histograms.take(),
             _ => format!("unknown command {line:?}"),
         };
         println!("{answer}");
+    }
+}
+
+/// A `metrics` recorder keeping every histogram value of this node process, so the bench can show
+/// where a commit's time goes (counters and gauges are dropped).
+#[derive(Clone, Default)]
+struct Histograms {
+    values: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<f64>>>>,
+}
+
+struct HistogramHandle {
+    name: String,
+    values: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<f64>>>>,
+}
+
+impl metrics::HistogramFn for HistogramHandle {
+    fn record(&self, value: f64) {
+        let mut values = self.values.lock().unwrap();
+        let list = values.entry(self.name.clone()).or_default();
+        // Bounded: a long run keeps its first million values of each histogram.
+        if list.len() < 1_000_000 {
+            list.push(value);
+        }
+    }
+}
+
+impl metrics::Recorder for Histograms {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::from_arc(Arc::new(HistogramHandle {
+            name: key.name().to_string(),
+            values: self.values.clone(),
+        }))
+    }
+}
+
+impl Histograms {
+    fn install() -> Histograms {
+        let histograms = Histograms::default();
+        metrics::set_global_recorder(histograms.clone()).expect("first recorder of this process");
+        histograms
+    }
+
+    /// "name: n=.. p50=.. p99=..;" for every histogram since the last call, then forgets them.
+    fn take(&self) -> String {
+        let taken = std::mem::take(&mut *self.values.lock().unwrap());
+        let mut answer = String::new();
+        for (name, mut values) in taken {
+            values.sort_by(f64::total_cmp);
+            let at = |p: f64| values[((values.len() as f64 - 1.0) * p).round() as usize];
+            let short = name.trim_start_matches("cairn_raft_");
+            let (p50, p99, max) = (at(0.5), at(0.99), at(1.0));
+            if short.ends_with("_seconds") {
+                answer.push_str(&format!(
+                    "{short}: n={} p50={:.2}ms p99={:.2}ms max={:.2}ms; ",
+                    values.len(),
+                    p50 * 1e3,
+                    p99 * 1e3,
+                    max * 1e3
+                ));
+            } else {
+                answer.push_str(&format!(
+                    "{short}: n={} p50={p50:.0} p99={p99:.0} max={max:.0}; ",
+                    values.len()
+                ));
+            }
+        }
+        answer
     }
 }
 

@@ -15,6 +15,14 @@ pub const SNAPSHOTS_INSTALLED: &str = "cairn_raft_snapshots_installed_total";
 pub const STORAGE_FAILURES: &str = "cairn_raft_storage_failures_total";
 pub const LOG_WRITE_JOBS: &str = "cairn_raft_log_write_jobs";
 pub const LOG_WRITE_SECONDS: &str = "cairn_raft_log_write_seconds";
+/// From an `append` handed to the writer thread until its entries are synced (queueing included).
+pub const LOG_APPEND_FLUSH_SECONDS: &str = "cairn_raft_log_append_flush_seconds";
+/// One state machine `apply` call, its RocksDB write included.
+pub const APPLY_SECONDS: &str = "cairn_raft_apply_seconds";
+/// Leader side: one AppendEntries RPC carrying entries, sent until answered.
+pub const APPEND_ENTRIES_RPC_SECONDS: &str = "cairn_raft_append_entries_rpc_seconds";
+/// Follower side: handling one AppendEntries carrying entries (its log sync included).
+pub const APPEND_ENTRIES_HANDLE_SECONDS: &str = "cairn_raft_append_entries_handle_seconds";
 pub const PROPOSE_SECONDS: &str = "cairn_raft_propose_seconds";
 pub const PROPOSALS_REJECTED: &str = "cairn_raft_proposals_rejected_total";
 /// Proposals per Raft entry the leader wrote (see `proposer`).
@@ -72,4 +80,20 @@ pub fn committed(index: u64) {
 /// The leader handed an entry of `proposals` proposals to Raft.
 pub(crate) fn batch_proposed(proposals: usize) {
     metrics::histogram!(BATCH_PROPOSALS).record(proposals as f64);
+}
+
+pub(crate) fn log_append_flushed(seconds: f64) {
+    metrics::histogram!(LOG_APPEND_FLUSH_SECONDS).record(seconds);
+}
+
+pub(crate) fn applied(seconds: f64) {
+    metrics::histogram!(APPLY_SECONDS).record(seconds);
+}
+
+pub(crate) fn append_entries_sent(seconds: f64) {
+    metrics::histogram!(APPEND_ENTRIES_RPC_SECONDS).record(seconds);
+}
+
+pub(crate) fn append_entries_handled(seconds: f64) {
+    metrics::histogram!(APPEND_ENTRIES_HANDLE_SECONDS).record(seconds);
 }

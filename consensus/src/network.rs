@@ -113,14 +113,19 @@ impl<T: Transport> RaftNetwork<TypeConfig> for PeerClient<T> {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
-        match self
+        // Only timed (for the metric) when it carries entries: heartbeats would drown them.
+        let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
+        let response = self
             .call(
                 RPCTypes::AppendEntries,
                 RpcRequest::AppendEntries(rpc),
                 option.hard_ttl(),
             )
-            .await?
-        {
+            .await?;
+        if let Some(started) = started {
+            crate::metrics::append_entries_sent(started.elapsed().as_secs_f64());
+        }
+        match response {
             RpcResponse::AppendEntries(result) => self.remote(result),
             other => Err(self.unexpected(other)),
         }

@@ -231,7 +231,14 @@ async fn serve_connection<H: RpcHandler>(connection: Connection, peer: NodeId, h
                     request.from
                 ))
             } else {
-                handler.handle(peer, request.request).await
+                // Followers' AppendEntries carrying entries are timed (their log sync included).
+                let started = matches!(&request.request, RpcRequest::AppendEntries(rpc) if !rpc.entries.is_empty())
+                    .then(std::time::Instant::now);
+                let response = handler.handle(peer, request.request).await;
+                if let Some(started) = started {
+                    crate::metrics::append_entries_handled(started.elapsed().as_secs_f64());
+                }
+                response
             };
             let _ = respond(&mut send, &response).await;
         });

@@ -207,6 +207,7 @@ struct Job {
     ops: Vec<Op>,
     sync: bool,
     done: Done,
+    submitted: std::time::Instant,
 }
 
 /// Most jobs merged into one RocksDB write.
@@ -242,6 +243,7 @@ fn run_writer(shared: Arc<Shared>, jobs: std::sync::mpsc::Receiver<Job>) {
         for job in group {
             match job.done {
                 Done::Flushed(callback) => {
+                    crate::metrics::log_append_flushed(job.submitted.elapsed().as_secs_f64());
                     callback.log_io_completed(result.clone().map_err(std::io::Error::other))
                 }
                 Done::Reply(reply) => {
@@ -279,7 +281,12 @@ impl Writer {
     ) -> Result<(), StorageError> {
         shared.check()?;
         self.jobs
-            .send(Job { ops, sync, done })
+            .send(Job {
+                ops,
+                sync,
+                done,
+                submitted: std::time::Instant::now(),
+            })
             .map_err(|_| write_error("the log writer has stopped"))
     }
 
@@ -654,6 +661,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         I::IntoIter: OptionalSend,
     {
         self.shared.check()?;
+        let started = std::time::Instant::now();
         let _gate = self.write_gate.lock().await;
         let mut ops = Vec::new();
         let mut outcomes = Vec::new();
@@ -699,6 +707,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         }
         self.shared.write_opt(batch, false)?;
         crate::metrics::events_applied(event_count);
+        crate::metrics::applied(started.elapsed().as_secs_f64());
         Ok(outcomes)
     }
 
