@@ -136,16 +136,39 @@ pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ChunkError
 
 #[derive(Clone, Debug)]
 pub struct ChunkStoreConfig {
-    /// Upper bound on verified chunk bytes held in memory. 0 disables the cache.
+    /// Upper bound on verified chunk bytes held in memory. 0 disables the cache. The default
+    /// is [`default_cache_bytes`], sized from the memory available.
     pub cache_bytes_max: u64,
 }
 
 impl Default for ChunkStoreConfig {
     fn default() -> Self {
         ChunkStoreConfig {
-            cache_bytes_max: 256 * 1024 * 1024,
+            cache_bytes_max: default_cache_bytes(),
         }
     }
+}
+
+/// Smallest default chunk cache (also the default when the memory available is unknown).
+pub const DEFAULT_CACHE_BYTES_MIN: u64 = 256 << 20;
+/// Largest default chunk cache.
+pub const DEFAULT_CACHE_BYTES_MAX: u64 = 64 << 30;
+
+/// The default chunk cache bound: an eighth of the memory available now (`MemAvailable` in
+/// `/proc/meminfo`), between [`DEFAULT_CACHE_BYTES_MIN`] and [`DEFAULT_CACHE_BYTES_MAX`]. A
+/// cache hit is a copy from memory; a miss reads the chunk file and hashes what it read, so
+/// every chunk the cache holds saves that work on each later read (many clients boot the same
+/// deduplicated image). The leaf-table cache gets an eighth of this on top.
+pub fn default_cache_bytes() -> u64 {
+    let available_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        })
+        .unwrap_or(0);
+    (available_bytes / 8).clamp(DEFAULT_CACHE_BYTES_MIN, DEFAULT_CACHE_BYTES_MAX)
 }
 
 /// Counters of the chunk read path, for metrics and benchmarks.

@@ -1,9 +1,10 @@
 //! Proves Cairn's iSCSI target against libiscsi's conformance suite: starts `cairn-iscsi-file`
 //! on two loopback portals serving one scratch image, runs `iscsi-test-cu --dataloss -V --test
 //! ALL url1 url2` (the second URL is the MultipathIO path to the same LUN), parses every test's
-//! verdict and fails on any failed test. Prints the counts and every skip.
+//! verdict and fails on any failed test. Prints the counts and every skip. Run twice: serving a
+//! plain file, and serving a volume (chunk store base plus writable layer).
 //!
-//! Takes about 35 seconds. Skipped with a printed reason when libiscsi's `iscsi-test-cu` is not
+//! Takes about 35 seconds per run. Skipped with a printed reason when libiscsi's `iscsi-test-cu` is not
 //! installed (Debian package libiscsi-bin).
 
 use std::process::Command;
@@ -96,6 +97,17 @@ fn parser_attributes_last_test_of_a_suite_correctly() {
 
 #[test]
 fn libiscsi_conformance_all() {
+    conformance(false);
+}
+
+/// The same suite against a volume (the image imported into a chunk store, plus a writable
+/// layer): what clients actually get.
+#[test]
+fn libiscsi_conformance_all_through_a_volume() {
+    conformance(true);
+}
+
+fn conformance(volume: bool) {
     if !have("iscsi-test-cu") {
         println!("skipped: iscsi-test-cu not found (apt-get install -y libiscsi-bin)");
         return;
@@ -104,7 +116,7 @@ fn libiscsi_conformance_all() {
     let image = dir.path().join("conformance.img");
     let (p1, p2) = (free_port(), free_port());
     let iqn = cairn_blockstore::iscsi::target_name_for_client([0x52, 0x54, 0x00, 0x77, 0x00, 0x10]);
-    let _server = IscsiFile::start(&[
+    let mut args: Vec<String> = vec![
         "--portal".into(),
         format!("127.0.0.1:{p1}"),
         "--portal".into(),
@@ -113,9 +125,23 @@ fn libiscsi_conformance_all() {
         iqn.clone(),
         "--file".into(),
         image.display().to_string(),
-        "--size-mib".into(),
-        "256".into(),
-    ]);
+    ];
+    if volume {
+        // The base image: 256 MiB, all zeros but a few chunks (zero chunks are not stored).
+        let file = std::fs::File::create(&image).expect("image");
+        file.set_len(256 << 20).expect("image size");
+        use std::os::unix::fs::FileExt;
+        for at in [0u64, 1 << 20, 100 << 20] {
+            file.write_all_at(&[0x5a; 65536], at).expect("image data");
+        }
+        args.extend([
+            "--volume".into(),
+            dir.path().join("volume").display().to_string(),
+        ]);
+    } else {
+        args.extend(["--size-mib".into(), "256".into()]);
+    }
+    let _server = IscsiFile::start(&args);
     let url1 = format!("iscsi://127.0.0.1:{p1}/{iqn}/0");
     let url2 = format!("iscsi://127.0.0.1:{p2}/{iqn}/0");
     let output = Command::new("timeout")
@@ -161,7 +187,8 @@ fn libiscsi_conformance_all() {
         println!("failed {name}");
     }
     println!(
-        "{passed} passed, {} failed, {} skipped",
+        "{}: {passed} passed, {} failed, {} skipped",
+        if volume { "volume" } else { "file" },
         failed.len(),
         skipped.len()
     );

@@ -117,6 +117,8 @@ struct Running {
     write_spdtl: Option<u64>,
     /// Set when the shell streams a READ's data before completing it.
     stream: Option<ReadStream>,
+    /// Taken by the shell through [`Connection::poll_event`] (no longer cancellable here).
+    handed_out: bool,
 }
 
 /// Progress of a streamed READ.
@@ -170,6 +172,11 @@ pub struct Connection {
     waiting: BTreeMap<u32, InitiatorPdu>,
     /// Commands handed to the shell and not completed yet, by task tag.
     running: HashMap<u32, Running>,
+    /// How many of `running` the shell has taken (polled) and not completed.
+    handed_out: usize,
+    /// Framing stopped at a task management or logout request that must wait until the shell
+    /// completed every command it took (see [`Connection::input_held`]).
+    held: bool,
     outbox: VecDeque<(Pdu, bool, bool)>,
     events: VecDeque<Event>,
     next_ttt: u32,
@@ -286,6 +293,8 @@ impl Connection {
             writes: HashMap::new(),
             waiting: BTreeMap::new(),
             running: HashMap::new(),
+            handed_out: 0,
+            held: false,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             next_ttt: 1,
@@ -346,7 +355,29 @@ impl Connection {
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if let Some(Event::Execute(command)) = &event {
+            if let Some(running) = self.running.get_mut(&command.itt) {
+                if !running.handed_out {
+                    running.handed_out = true;
+                    self.handed_out += 1;
+                }
+            }
+        }
+        event
+    }
+
+    /// Whether framing stopped at a task management or logout request that waits for the
+    /// commands the shell is running: the shell should not read more from the socket until it
+    /// completed them (framing resumes inside the last
+    /// [`Connection::handle_command_complete`], which may queue events).
+    pub fn input_held(&self) -> bool {
+        self.held
+    }
+
+    /// Commands the shell took and has not completed.
+    pub fn commands_out(&self) -> usize {
+        self.handed_out
     }
 
     fn seq(&self) -> Sequence {
@@ -399,6 +430,18 @@ impl Connection {
             match decoder.decode(&self.rx[used..]) {
                 Ok(Decoded::NeedMore(_)) => break,
                 Ok(Decoded::Pdu(pdu, n)) => {
+                    // A task management function acts on the tasks before it, and a logout
+                    // ends the session: both wait until the shell completed the commands it
+                    // runs (it may run several at once), so their responses go out first
+                    // (RFC 7143 4.2.3.3: no response of an affected task after the TMF's).
+                    let op = Self::opcode_of(&pdu.bhs);
+                    if self.handed_out > 0
+                        && self.phase == Phase::FullFeature
+                        && (op == opcode::TASK_MANAGEMENT_REQUEST || op == opcode::LOGOUT_REQUEST)
+                    {
+                        self.held = true;
+                        break;
+                    }
                     used += n;
                     self.handle_pdu(pdu);
                 }
@@ -705,6 +748,7 @@ impl Connection {
                 read: c.read,
                 write_spdtl: residual_base,
                 stream: None,
+                handed_out: false,
             },
         );
         self.events.push_back(Event::Execute(Command {
@@ -942,6 +986,18 @@ impl Connection {
         let Some(running) = self.running.remove(&itt) else {
             return;
         };
+        if running.handed_out {
+            self.handed_out -= 1;
+        }
+        self.complete(running, itt, result);
+        if self.held && self.handed_out == 0 {
+            // The held request can run now; frame what was left behind it.
+            self.held = false;
+            self.handle_bytes(&[]);
+        }
+    }
+
+    fn complete(&mut self, running: Running, itt: u32, result: ScsiResult) {
         if self.phase == Phase::Closing {
             return;
         }
@@ -951,6 +1007,7 @@ impl Connection {
             read,
             write_spdtl,
             stream,
+            handed_out: _,
         } = running;
         let ScsiResult {
             status,

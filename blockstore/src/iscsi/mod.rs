@@ -56,6 +56,7 @@
 
 pub mod chap;
 pub mod connection;
+mod read_pool;
 pub mod server;
 pub mod target;
 pub mod text;

@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use super::connection::{Command, Connection, Event, PortalInfo};
+use super::read_pool::{self, ReadJob, ReadPool};
 use super::target::{Registry, RegistryError, SessionRecord, TargetConfig};
 use super::wire::Pdu;
 use crate::device::BlockDevice;
@@ -104,6 +105,8 @@ pub struct Target {
     registry: Arc<Registry>,
     portals: Arc<Mutex<Vec<SocketAddr>>>,
     inline_io: bool,
+    /// Runs the plain READs of every connection (unless `inline_io`).
+    reads: Arc<ReadPool>,
 }
 
 impl Target {
@@ -224,21 +227,91 @@ impl Target {
         let close_asked = Arc::new(AtomicBool::new(false));
         let mut registered: Option<u64> = None;
         let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        // Plain READs run on the target's read pool, several at once; their outcomes come back
+        // here in the order they finish (tasks are independent by ITT).
+        let (done_sender, mut done) =
+            tokio::sync::mpsc::unbounded_channel::<Vec<(u32, ScsiResult)>>();
+        let mut reads_out = ReadsOut::default();
+        // Events taken from the core and not run yet: anything but a pooled READ waits until
+        // the pooled READs before it completed (so a WRITE never overtakes or is overtaken by
+        // a READ, as with one command at a time), and a READ waits while too many bytes are
+        // out.
+        let mut backlog: VecDeque<Event> = VecDeque::new();
         let result = loop {
-            let n = tokio::select! {
-                r = reader.read(&mut buf) => match r {
-                    Ok(0) => break Ok(()),
-                    Ok(n) => n,
-                    Err(e) => break Err(e),
-                },
+            tokio::select! {
+                biased;
+                Some(results) = done.recv(), if reads_out.count > 0 => {
+                    let mut results = Some(results);
+                    while let Some(finished) = results.take().or_else(|| done.try_recv().ok()) {
+                        for (itt, result) in finished {
+                            reads_out.finished(itt);
+                            conn.handle_command_complete(itt, result);
+                        }
+                    }
+                }
+                r = reader.read(&mut buf), if backlog.is_empty() && !conn.input_held() => {
+                    match r {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => conn.handle_bytes(&buf[..n]),
+                        Err(e) => break Err(e),
+                    }
+                }
                 _ = closer.notified() => break Ok(()),
-            };
-            conn.handle_bytes(&buf[..n]);
+            }
+            backlog.extend(std::iter::from_fn(|| conn.poll_event()));
             let mut close = false;
             let mut batch = Batch::default();
-            let mut events: VecDeque<Event> = std::iter::from_fn(|| conn.poll_event()).collect();
-            while let Some(event) = events.pop_front() {
+            while let Some(event) = backlog.pop_front() {
                 match event {
+                    Event::Execute(command) if !self.inline_io && is_pooled_read(&command) => {
+                        // A run of READs: the later half goes to the read pool in one job when
+                        // the run is long enough to be worth a hand-off; the rest are read
+                        // here, in order, so a lone READ costs no thread switch.
+                        let mut run = vec![command];
+                        while let Some(Event::Execute(next)) = backlog.front() {
+                            if !is_pooled_read(next) {
+                                break;
+                            }
+                            if let Some(Event::Execute(next)) = backlog.pop_front() {
+                                run.push(next);
+                            }
+                        }
+                        let inline = if run.len() >= POOL_RUN_MIN {
+                            run.len() / 2
+                        } else {
+                            run.len()
+                        };
+                        let mut offload = run.split_off(inline);
+                        let bytes: u64 = offload.iter().map(read_bytes).sum();
+                        if !offload.is_empty() && !reads_out.has_room(bytes) {
+                            // Too much out already: read these here too.
+                            run.append(&mut offload);
+                        }
+                        if !offload.is_empty() {
+                            reads_out.started(offload.iter().map(|c| c.itt), bytes);
+                            self.reads.submit(ReadJob {
+                                commands: offload.into_iter().map(|c| (c, pool.take())).collect(),
+                                reply: done_sender.clone(),
+                            });
+                        }
+                        for command in run {
+                            let mut buffer = pool.take();
+                            let result = read_pool::read_command(&command, &mut buffer);
+                            conn.handle_command_complete(command.itt, result);
+                        }
+                        backlog.extend(std::iter::from_fn(|| conn.poll_event()));
+                        if drain_into(&mut conn, &mut batch) >= WRITE_BATCH_BYTES {
+                            pending.fetch_add(1, Ordering::AcqRel);
+                            if batches.send(std::mem::take(&mut batch)).await.is_err() {
+                                close = true;
+                            }
+                        }
+                    }
+                    event if reads_out.count > 0 => {
+                        // A barrier: wait for the pooled READs before it.
+                        backlog.push_front(event);
+                        break;
+                    }
                     Event::Execute(command) if is_streamed_read(&command) => {
                         let sink = Sink {
                             batches: &batches,
@@ -253,13 +326,15 @@ impl Target {
                         }
                     }
                     Event::Execute(command) => {
-                        // A run of commands for the blocking pool goes in one hand-off; plain
-                        // READs run here. Order is kept either way.
+                        // A run of commands for the blocking pool goes in one hand-off. Order
+                        // is kept.
                         let mut run = vec![command];
                         while !self.inline_io && !is_plain_read(&run[0]) {
-                            match events.front() {
-                                Some(Event::Execute(next)) if !is_plain_read(next) => {
-                                    if let Some(Event::Execute(next)) = events.pop_front() {
+                            match backlog.front() {
+                                Some(Event::Execute(next))
+                                    if !is_plain_read(next) && !is_streamed_read(next) =>
+                                {
+                                    if let Some(Event::Execute(next)) = backlog.pop_front() {
                                         run.push(next);
                                     }
                                 }
@@ -270,6 +345,9 @@ impl Target {
                         for (itt, result) in results {
                             conn.handle_command_complete(itt, result);
                         }
+                        // Completing may have released input held behind a task management
+                        // request: run what it produced in order.
+                        backlog.extend(std::iter::from_fn(|| conn.poll_event()));
                         // Hand big batches to the writer early so it works while we read on.
                         if drain_into(&mut conn, &mut batch) >= WRITE_BATCH_BYTES {
                             pending.fetch_add(1, Ordering::AcqRel);
@@ -289,6 +367,9 @@ impl Target {
                         }
                     }
                     Event::Close => close = true,
+                }
+                if close {
+                    break;
                 }
             }
             if registered.is_none() {
@@ -351,6 +432,58 @@ struct Sink<'a> {
     pending: &'a AtomicUsize,
     /// The session was asked to close (reinstatement, target removal, reset).
     close_asked: &'a AtomicBool,
+}
+
+/// Bytes a connection's pooled READs may have out at once (their buffers and not yet sent
+/// data): bounds memory per session, and is more than 32 commands of 64 KiB in flight need.
+pub const READS_OUT_BYTES_MAX: u64 = 8 << 20;
+
+/// The pooled READs of one connection not completed yet.
+#[derive(Default)]
+struct ReadsOut {
+    count: usize,
+    bytes: u64,
+    /// (task tag, bytes) of each, to give the bytes back when it completes.
+    tasks: Vec<(u32, u64)>,
+}
+
+impl ReadsOut {
+    fn has_room(&self, bytes: u64) -> bool {
+        self.count == 0 || self.bytes + bytes <= READS_OUT_BYTES_MAX
+    }
+    fn started(&mut self, itts: impl Iterator<Item = u32>, bytes: u64) {
+        let first = self.tasks.len();
+        self.tasks.extend(itts.map(|itt| (itt, 0)));
+        self.count = self.tasks.len();
+        self.bytes += bytes;
+        // The whole job's bytes are given back with its first task (they complete together).
+        if let Some(task) = self.tasks.get_mut(first) {
+            task.1 = bytes;
+        }
+    }
+    fn finished(&mut self, itt: u32) {
+        if let Some(index) = self.tasks.iter().position(|(t, _)| *t == itt) {
+            let (_, bytes) = self.tasks.swap_remove(index);
+            self.count = self.tasks.len();
+            self.bytes -= bytes;
+        }
+    }
+}
+
+/// Runs of at least this many READs (taken from the core at once) share their work with the
+/// read pool; shorter ones are read on the connection task.
+const POOL_RUN_MIN: usize = 4;
+
+/// A READ that goes to the read pool: a plain READ short enough not to be streamed.
+fn is_pooled_read(command: &Command) -> bool {
+    is_plain_read(command) && !is_streamed_read(command)
+}
+
+/// The data length a READ asks for (0 for anything else).
+fn read_bytes(command: &Command) -> u64 {
+    crate::scsi::Lun::read_transfer_blocks(&command.cdb)
+        .unwrap_or(0)
+        .saturating_mul(command.target.lun.block_size_bytes() as u64)
 }
 
 /// Whether a command is a READ long enough to stream (see [`STREAM_READ_BYTES_MIN`]).
