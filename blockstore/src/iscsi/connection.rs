@@ -1783,6 +1783,71 @@ mod tests {
         assert_eq!(drain(&mut c)[0].opcode(), opcode::NOP_IN);
     }
 
+    /// The shell may run several commands at once: a task management request arriving while
+    /// it runs some waits until they completed, so their responses precede its response, and
+    /// input behind it waits too.
+    #[test]
+    fn task_management_waits_for_commands_the_shell_runs() {
+        let mut c = connection();
+        login(&mut c, &[]);
+        let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        let mut bytes = command(10, 1, &read, true, false, 512, Vec::new(), true);
+        bytes.extend(command(11, 2, &read, true, false, 512, Vec::new(), true));
+        c.handle_bytes(&bytes);
+        let taken: Vec<Command> = std::iter::from_fn(|| c.poll_event())
+            .filter_map(|e| match e {
+                Event::Execute(cmd) => Some(cmd),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(taken.len(), 2);
+        assert_eq!(c.commands_out(), 2);
+        // ABORT TASK SET, then a TEST UNIT READY behind it.
+        let tmf = InitiatorPdu::TaskManagement(wire::TaskManagementRequest {
+            immediate: true,
+            function: 2,
+            lun: 0,
+            itt: 7,
+            referenced_task_tag: TAG_NONE,
+            cmd_sn: 12,
+            exp_stat_sn: 0,
+            ref_cmd_sn: 0,
+            exp_data_sn: 0,
+        });
+        let mut bytes = tmf.to_pdu().encode(false, false);
+        bytes.extend(command(12, 3, &[0u8; 6], false, false, 0, Vec::new(), true));
+        c.handle_bytes(&bytes);
+        assert!(c.input_held());
+        assert!(c.poll_transmit().is_none() && c.poll_event().is_none());
+        // Completed out of order (tasks are independent); the TMF answers after the last.
+        for cmd in taken.into_iter().rev() {
+            let r = cmd
+                .target
+                .lun
+                .execute(&cmd.nexus, cmd.lun, &cmd.cdb, &cmd.data_out);
+            c.handle_command_complete(cmd.itt, r);
+        }
+        assert!(!c.input_held());
+        let out = drain(&mut c);
+        assert_eq!(
+            out.iter()
+                .map(|p| (p.opcode(), p.itt()))
+                .collect::<Vec<_>>(),
+            vec![
+                (opcode::DATA_IN, 2),
+                (opcode::DATA_IN, 1),
+                (opcode::TASK_MANAGEMENT_RESPONSE, 7),
+                (opcode::SCSI_RESPONSE, 3),
+            ]
+        );
+        // StatSN follows the order responses leave in.
+        let stat_sns: Vec<u32> = out.iter().map(|p| wire::be32(&p.bhs, 24)).collect();
+        assert!(
+            stat_sns.windows(2).all(|w| w[1] == w[0].wrapping_add(1)),
+            "{stat_sns:?}"
+        );
+    }
+
     #[test]
     fn write_past_the_end_is_check_condition_and_writes_nothing() {
         let mut c = connection();

@@ -276,7 +276,8 @@ impl Target {
                                 run.push(next);
                             }
                         }
-                        let inline = if run.len() >= POOL_RUN_MIN {
+                        let run_bytes: u64 = run.iter().map(read_bytes).sum();
+                        let inline = if run.len() >= 2 && run_bytes >= POOL_RUN_BYTES_MIN {
                             run.len() / 2
                         } else {
                             run.len()
@@ -470,9 +471,11 @@ impl ReadsOut {
     }
 }
 
-/// Runs of at least this many READs (taken from the core at once) share their work with the
-/// read pool; shorter ones are read on the connection task.
-const POOL_RUN_MIN: usize = 4;
+/// Runs of READs (taken from the core at once) asking for at least this many bytes share their
+/// work with the read pool: a hand-off (a thread wake-up, a reply that wakes the connection)
+/// costs about what reading and verifying 64 KiB does, so smaller runs are read on the
+/// connection task.
+const POOL_RUN_BYTES_MIN: u64 = 256 * 1024;
 
 /// A READ that goes to the read pool: a plain READ short enough not to be streamed.
 fn is_pooled_read(command: &Command) -> bool {
