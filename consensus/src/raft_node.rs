@@ -165,6 +165,27 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        // The proposer cuts the leader's next entry when the log has flushed the previous one
+        // (see `proposer::BATCHES_IN_FLIGHT_PACED_MAX`). The writer thread only marks the flush
+        // and signals; the entry is started on the runtime.
+        raft.proposer().enable_flush_pacing();
+        let (flushed_tx, mut flushed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let proposer = raft.proposer().clone();
+        log.on_flushed(move || {
+            if proposer.log_flushed() {
+                let _ = flushed_tx.send(());
+            }
+        });
+        let pacer = {
+            let raft = raft.clone();
+            let timeout = Duration::from_millis(config.tuning.forward_timeout_ms);
+            tokio::spawn(async move {
+                while flushed_rx.recv().await.is_some() {
+                    while flushed_rx.try_recv().is_ok() {}
+                    raft.proposer().start_pending(raft.openraft(), timeout);
+                }
+            })
+        };
         let service = Arc::new(RaftService {
             node_id: config.node_id,
             raft: raft.clone(),
@@ -179,7 +200,7 @@ impl ClusterNode {
             service,
             reader,
             log,
-            tasks: Mutex::new(vec![server, metrics_task]),
+            tasks: Mutex::new(vec![server, metrics_task, pacer]),
         });
         tracing::info!(node_id = config.node_id, listen = %config.raft_listen, "cluster node started");
         Ok(ClusterNode { inner })

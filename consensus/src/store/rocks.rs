@@ -57,7 +57,11 @@ struct Shared {
     poisoned: AtomicBool,
     /// Test hook: when set, the next writes fail as a failed fsync would.
     inject_write_failure: AtomicBool,
+    /// Called by the writer thread once per append it flushed (see `RocksLogStore::on_flushed`).
+    flush_hook: std::sync::OnceLock<FlushHook>,
 }
+
+type FlushHook = Box<dyn Fn() + Send + Sync>;
 
 impl Shared {
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -123,6 +127,7 @@ pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), OpenError
         db,
         poisoned: AtomicBool::new(false),
         inject_write_failure: AtomicBool::new(false),
+        flush_hook: std::sync::OnceLock::new(),
     });
     let core = load_core(&shared)?;
     let writer = Writer::start(shared.clone())
@@ -240,16 +245,23 @@ fn run_writer(shared: Arc<Shared>, jobs: std::sync::mpsc::Receiver<Job>) {
         let started = std::time::Instant::now();
         let result = shared.write_opt(batch, sync).map_err(|e| e.to_string());
         crate::metrics::log_written(group.len(), started.elapsed().as_secs_f64());
+        let mut appends_flushed = 0usize;
         for job in group {
             match job.done {
                 Done::Flushed(callback) => {
                     crate::metrics::log_append_flushed(job.submitted.elapsed().as_secs_f64());
-                    callback.log_io_completed(result.clone().map_err(std::io::Error::other))
+                    callback.log_io_completed(result.clone().map_err(std::io::Error::other));
+                    appends_flushed += usize::from(result.is_ok());
                 }
                 Done::Reply(reply) => {
                     let _ = reply.send(result.clone());
                 }
                 Done::Nothing => {}
+            }
+        }
+        if let Some(hook) = shared.flush_hook.get() {
+            for _ in 0..appends_flushed {
+                hook();
             }
         }
     }
@@ -364,6 +376,13 @@ impl RocksLogStore {
         self.shared
             .inject_write_failure
             .store(true, Ordering::SeqCst);
+    }
+
+    /// Sets `hook`, which the writer thread calls once for every append it has flushed, after
+    /// telling openraft (the leader's proposer paces its entries by it). Only the first hook set
+    /// is kept. It runs on the writer thread: it must not block.
+    pub fn on_flushed(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.shared.flush_hook.set(Box::new(hook));
     }
 
     /// Whether a write has failed (the store refuses everything after that).
