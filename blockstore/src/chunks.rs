@@ -39,8 +39,12 @@
 //!   (BLAKE3's tree mode, as Bao does) and compared with the table before it is returned, so it
 //!   is verified against the chunk's hash like a whole chunk, for 4 KiB of reading and hashing
 //!   instead of 64 KiB. Tables are kept in their own bounded cache, 1/8 of the chunk cache's
-//!   bound at about 600 bytes per chunk: the default 256 MiB chunk cache comes with 32 MiB of
-//!   tables, enough for about 3.5 GiB of distinct chunks.
+//!   bound at about 600 bytes per chunk: a 256 MiB chunk cache comes with 32 MiB of tables,
+//!   enough for about 3.5 GiB of distinct chunks.
+//! - The chunk cache's default bound is sized from the memory available when the store opens
+//!   ([`default_cache_bytes`]: an eighth of it, at least 256 MiB), so on a node with memory to
+//!   spare a deduplicated image that many clients boot is served from memory after its first
+//!   reads, without reading or hashing it again.
 //! - All-zero chunks are never stored: manifests mark them, readers synthesise zeros.
 //! - Garbage collection never removes a chunk that a stored manifest references or that an
 //!   import in progress has pinned (see [`ChunkStore::collect_garbage`] in `crate::image`).

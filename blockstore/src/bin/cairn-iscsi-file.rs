@@ -10,7 +10,7 @@
 //! chunk store in `DIR/store` (BLAKE3-named 64 KiB chunks, verified when read from disk), and
 //! each `--iqn` (repeatable in this mode) serves its own volume (`DIR/volume-<n>`: that image
 //! version as base plus an empty 4 KiB writable layer). `--cache-mib` sets the verified-chunk
-//! cache (default: the store's default, 256 MiB).
+//! cache (default: the store's default, an eighth of the memory available, at least 256 MiB).
 //!
 //! Prints `ready` on stdout once every portal listens.
 

@@ -177,6 +177,10 @@ pub struct Connection {
     /// Framing stopped at a task management or logout request that must wait until the shell
     /// completed every command it took (see [`Connection::input_held`]).
     held: bool,
+    /// Streamed READs a task management request aborted while the shell streams them: their
+    /// pieces are refused, and their task tags are not reused, until the shell took notice
+    /// ([`Connection::take_stream_aborted`]).
+    aborted_streams: Vec<u32>,
     outbox: VecDeque<(Pdu, bool, bool)>,
     events: VecDeque<Event>,
     next_ttt: u32,
@@ -295,6 +299,7 @@ impl Connection {
             running: HashMap::new(),
             handed_out: 0,
             held: false,
+            aborted_streams: Vec::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             next_ttt: 1,
@@ -352,6 +357,55 @@ impl Connection {
 
     pub fn poll_transmit(&mut self) -> Option<(Pdu, bool, bool)> {
         self.outbox.pop_front()
+    }
+
+    /// The next event [`Connection::poll_event`] would give, left in place: a command left
+    /// here is not running yet, so a task management request can still cancel it.
+    pub fn peek_event(&self) -> Option<&Event> {
+        self.events.front()
+    }
+
+    /// Whether streamed READ `itt` was aborted by a task management request: the shell then
+    /// stops reading it and hands in nothing more for it. True once per abort.
+    pub fn take_stream_aborted(&mut self, itt: u32) -> bool {
+        match self.aborted_streams.iter().position(|t| *t == itt) {
+            Some(index) => {
+                self.aborted_streams.swap_remove(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a request with opcode `op` must wait for commands the shell runs: a logout for
+    /// all of them, a task management request for all but streamed READs (which it can abort
+    /// while they stream).
+    fn must_wait(&self, op: u8) -> bool {
+        match op {
+            opcode::LOGOUT_REQUEST => self.handed_out > 0,
+            opcode::TASK_MANAGEMENT_REQUEST => self
+                .running
+                .values()
+                .any(|r| r.handed_out && r.stream.is_none()),
+            _ => false,
+        }
+    }
+
+    /// Aborts streamed READs the shell runs (`itt`, or all): they get no further Data-In and no
+    /// response. Returns how many.
+    fn abort_streams(&mut self, itt: Option<u32>) -> usize {
+        let itts: Vec<u32> = self
+            .running
+            .iter()
+            .filter(|(tag, r)| r.handed_out && r.stream.is_some() && itt.is_none_or(|i| i == **tag))
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in &itts {
+            self.running.remove(tag);
+            self.handed_out -= 1;
+            self.aborted_streams.push(*tag);
+        }
+        itts.len()
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -434,10 +488,7 @@ impl Connection {
                     // ends the session: both wait until the shell completed the commands it
                     // runs (it may run several at once), so their responses go out first
                     // (RFC 7143 4.2.3.3: no response of an affected task after the TMF's).
-                    let op = Self::opcode_of(&pdu.bhs);
-                    if self.handed_out > 0
-                        && self.phase == Phase::FullFeature
-                        && (op == opcode::TASK_MANAGEMENT_REQUEST || op == opcode::LOGOUT_REQUEST)
+                    if self.phase == Phase::FullFeature && self.must_wait(Self::opcode_of(&pdu.bhs))
                     {
                         self.held = true;
                         break;
@@ -591,7 +642,10 @@ impl Connection {
     }
 
     fn handle_scsi_command(&mut self, c: ScsiCommand, header: &[u8; BHS_LEN]) {
-        if self.running.contains_key(&c.itt) || self.writes.contains_key(&c.itt) {
+        if self.running.contains_key(&c.itt)
+            || self.writes.contains_key(&c.itt)
+            || self.aborted_streams.contains(&c.itt)
+        {
             return self.reject(reject_reason::TASK_IN_PROGRESS, header);
         }
         let Some((nexus, target)) = self.nexus_and_target() else {
@@ -990,8 +1044,8 @@ impl Connection {
             self.handed_out -= 1;
         }
         self.complete(running, itt, result);
-        if self.held && self.handed_out == 0 {
-            // The held request can run now; frame what was left behind it.
+        if self.held {
+            // The held request may run now (it holds again if not); frame what is behind it.
             self.held = false;
             self.handle_bytes(&[]);
         }
@@ -1060,10 +1114,14 @@ impl Connection {
         };
         let response = match t.function {
             1 => {
-                // ABORT TASK: a command still gathering data is dropped; one handed to the
-                // shell completes (its response goes out first); an unknown one is complete if
+                // ABORT TASK: a command still gathering data is dropped; a READ the shell
+                // streams stops; another command handed to the shell completes (its response
+                // goes out first: the request waited for it); an unknown one is complete if
                 // its CmdSN was already passed (RFC 7143 11.6.1).
                 if self.writes.remove(&t.referenced_task_tag).is_some() {
+                    COMPLETE
+                } else if self.abort_streams(Some(t.referenced_task_tag)) > 0 {
+                    // Streaming: it stops, with no response.
                     COMPLETE
                 } else if self.cancel_queued(Some(t.referenced_task_tag)) > 0 {
                     // Not started yet: it never runs and gets no response.
@@ -1077,6 +1135,7 @@ impl Connection {
             2 | 4 => {
                 // ABORT TASK SET, CLEAR TASK SET.
                 self.writes.clear();
+                self.abort_streams(None);
                 self.cancel_queued(None);
                 if t.lun != 0 {
                     NO_LUN
@@ -1090,6 +1149,7 @@ impl Connection {
                     NO_LUN
                 } else {
                     self.writes.clear();
+                    self.abort_streams(None);
                     self.cancel_queued(None);
                     let mut ids = self.registry.nexus_ids(&target.name);
                     ids.push(nexus.id);
@@ -1099,6 +1159,7 @@ impl Connection {
             }
             6 | 7 => {
                 self.writes.clear();
+                self.abort_streams(None);
                 self.cancel_queued(None);
                 let mut ids = self.registry.nexus_ids(&target.name);
                 ids.push(nexus.id);
@@ -1846,6 +1907,78 @@ mod tests {
             stat_sns.windows(2).all(|w| w[1] == w[0].wrapping_add(1)),
             "{stat_sns:?}"
         );
+    }
+
+    /// A READ the shell streams does not hold a task management request back: ABORT TASK
+    /// stops it at once (no more Data-In, no response) and its task tag is free again once the
+    /// shell took notice.
+    #[test]
+    fn abort_task_stops_a_streamed_read_at_once() {
+        let mut c = connection();
+        login(&mut c, &[]);
+        let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 64, 0];
+        c.handle_bytes(&command(
+            10,
+            1,
+            &read,
+            true,
+            false,
+            64 * 512,
+            Vec::new(),
+            true,
+        ));
+        let Some(Event::Execute(cmd)) = c.poll_event() else {
+            panic!("no command");
+        };
+        c.handle_read_start(cmd.itt, 64 * 512);
+        c.handle_read_data(cmd.itt, vec![1; 8192]);
+        assert_eq!(drain(&mut c).len(), 1);
+        let abort = InitiatorPdu::TaskManagement(wire::TaskManagementRequest {
+            immediate: true,
+            function: 1,
+            lun: 0,
+            itt: 7,
+            referenced_task_tag: 1,
+            cmd_sn: 11,
+            exp_stat_sn: 0,
+            ref_cmd_sn: 10,
+            exp_data_sn: 0,
+        });
+        c.handle_bytes(&abort.to_pdu().encode(false, false));
+        assert!(!c.input_held());
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].opcode(), opcode::TASK_MANAGEMENT_RESPONSE);
+        assert_eq!(out[0].bhs[2], 0, "function complete");
+        // Pieces still in flight are dropped; the tag stays taken until the shell knows.
+        c.handle_read_data(1, vec![2; 8192]);
+        c.handle_command_complete(1, ScsiResult::good(vec![3; 8192]));
+        assert!(drain(&mut c).is_empty());
+        c.handle_bytes(&command(
+            11,
+            1,
+            &[0u8; 6],
+            false,
+            false,
+            0,
+            Vec::new(),
+            true,
+        ));
+        assert_eq!(drain(&mut c)[0].opcode(), opcode::REJECT);
+        assert!(c.take_stream_aborted(1));
+        assert!(!c.take_stream_aborted(1));
+        c.handle_bytes(&command(
+            12,
+            1,
+            &[0u8; 6],
+            false,
+            false,
+            0,
+            Vec::new(),
+            true,
+        ));
+        let out = drain(&mut c);
+        assert_eq!((out[0].opcode(), out[0].itt()), (opcode::SCSI_RESPONSE, 1));
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! # use std::sync::Arc;
 //! # use cairn_blockstore::iscsi::{Chap, Target, TargetConfig, target_name_for_client};
 //! # async fn wire(volume: Arc<dyn cairn_blockstore::device::BlockDevice>) -> std::io::Result<()> {
-//! let target = Target::new(); // device calls on the blocking pool (right for volumes)
+//! let target = Target::new(); // device calls on the blocking pool, READs on the read pool
 //! target
 //!     .add_target(
 //!         &target_name_for_client([0x52, 0x54, 0x00, 0x77, 0x00, 0x10]),

@@ -1,7 +1,23 @@
 //! The tokio shell around [`Connection`]: one task per TCP connection, Nagle off, reads framed by
-//! the core, SCSI commands run on the blocking pool (plain READs inline, straight into a reused
-//! Data-In buffer), answers written in batches with vectored writes (data segments are not
-//! copied into a send buffer).
+//! the core, SCSI commands run on the blocking pool, plain READs straight into reused Data-In
+//! buffers, answers written in batches with vectored writes (data segments are not copied into
+//! a send buffer).
+//!
+//! # Several READs of one connection at once
+//!
+//! The plain READs the core hands out together (a run: what arrived in one socket read) are
+//! read on the connection task, except that a run asking for [`POOL_RUN_BYTES_MIN`] or more
+//! gives its later half, as one job, to the target's read pool (`read_pool`: one thread per
+//! core, shared by all connections), so a volume's chunks are read and verified on two cores
+//! while the connection task goes on framing input and writing answers. Their outcomes come
+//! back in the order they finish and are answered then (tasks are independent by ITT; StatSN
+//! follows the order answers leave in). Small runs stay inline: a hand-off (a thread wake-up
+//! and a reply that wakes the connection) costs about what reading and verifying 64 KiB does.
+//! Ordering rules kept from one-command-at-a-time: any command other than a plain READ waits
+//! until the pooled READs before it completed, and READs after it wait for it; task management
+//! and logout requests wait in the core until every command the shell took completed
+//! ([`Connection::input_held`]), so no answer of an affected task follows the TMF's. At most
+//! [`READS_OUT_BYTES_MAX`] of pooled READs are out per connection.
 //!
 //! READs longer than [`STREAM_READ_BYTES_MIN`] (up to the whole LUN, in one command) are
 //! streamed: read from the device one PDU-sized piece at a time, each handed to the core as it
@@ -10,15 +26,15 @@
 //!
 //! Memory per session is bounded: the socket read buffer (256 KiB), the frame being assembled
 //! (one PDU, at most our MaxRecvDataSegmentLength of 256 KiB), write data being gathered
-//! (`WRITE_BUFFER_BYTES_MAX`, 32 MiB), the Data-In buffer pool (32 x 256 KiB), and queued output
-//! (`WRITE_BATCHES_MAX` batches of about `WRITE_BATCH_BYTES`, plus one being written and one
-//! being filled): about 45 MiB in the worst case; an idle session holds a few KiB. The benchmark
+//! (`WRITE_BUFFER_BYTES_MAX`, 32 MiB), the Data-In buffer pool (32 x 256 KiB), pooled READs out
+//! ([`READS_OUT_BYTES_MAX`], 8 MiB), and queued output (`WRITE_BATCHES_MAX` batches of about
+//! `WRITE_BATCH_BYTES`, plus one being written and one being filled): about 53 MiB in the
+//! worst case; an idle session holds a few tens of KiB. The benchmark
 //! prints the measured figures; `tests/large_reads.rs` checks a 100 MB READ stays bounded.
 
-use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,10 +130,11 @@ impl Target {
         Target::default()
     }
 
-    /// Runs every device call on the connection's own task instead of the blocking pool.
-    /// Faster for devices whose calls return in microseconds (a file in the page cache); wrong
-    /// for devices that wait on the network or a disk, which would stall other sessions.
-    /// Plain READs always run inline.
+    /// Runs every device call on the connection's own task instead of the blocking pool, and
+    /// every plain READ there too (none goes to the read pool): one command at a time.
+    /// Cheapest per command for devices whose calls return in microseconds (a file in the page
+    /// cache); wrong for devices that wait on the network or a disk, which would stall other
+    /// sessions.
     pub fn with_inline_io(mut self, inline_io: bool) -> Target {
         self.inline_io = inline_io;
         self
@@ -223,20 +240,20 @@ impl Target {
             })
         };
         let closer = Arc::new(Notify::new());
-        // Set with the notification: a long streamed READ checks it between pieces.
-        let close_asked = Arc::new(AtomicBool::new(false));
         let mut registered: Option<u64> = None;
         let mut buf = vec![0u8; READ_CHUNK_BYTES];
         // Plain READs run on the target's read pool, several at once; their outcomes come back
         // here in the order they finish (tasks are independent by ITT).
         let (done_sender, mut done) =
             tokio::sync::mpsc::unbounded_channel::<Vec<(u32, ScsiResult)>>();
+        // Pooled READs and the streamed READ not completed yet. Anything but a pooled READ
+        // waits in the core until they completed (so a WRITE never overtakes or is overtaken
+        // by a READ, as with one command at a time; and while it waits there, a task
+        // management request can still cancel it).
         let mut reads_out = ReadsOut::default();
-        // Events taken from the core and not run yet: anything but a pooled READ waits until
-        // the pooled READs before it completed (so a WRITE never overtakes or is overtaken by
-        // a READ, as with one command at a time), and a READ waits while too many bytes are
-        // out.
-        let mut backlog: VecDeque<Event> = VecDeque::new();
+        // The streamed READ in progress: its task tag and its pieces, read by a blocking-pool
+        // thread at most `STREAM_PIECES_MAX` ahead of the socket.
+        let mut stream: Option<(u32, tokio::sync::mpsc::Receiver<Piece>)> = None;
         let result = loop {
             tokio::select! {
                 biased;
@@ -249,7 +266,37 @@ impl Target {
                         }
                     }
                 }
-                r = reader.read(&mut buf), if backlog.is_empty() && !conn.input_held() => {
+                piece = next_piece(&mut stream), if stream.is_some() => {
+                    let itt = stream.as_ref().map_or(0, |(itt, _)| *itt);
+                    let finished = if conn.take_stream_aborted(itt) {
+                        // A task management request stopped it: dropping the receiver stops
+                        // the reading thread.
+                        true
+                    } else {
+                        match piece {
+                            Some(Piece::Data(data)) => {
+                                conn.handle_read_data(itt, data);
+                                false
+                            }
+                            Some(Piece::Last(result)) => {
+                                conn.handle_command_complete(itt, result);
+                                true
+                            }
+                            None => {
+                                conn.handle_command_complete(
+                                    itt,
+                                    ScsiResult::check(crate::scsi::sense::INTERNAL_TARGET_FAILURE),
+                                );
+                                true
+                            }
+                        }
+                    };
+                    if finished {
+                        stream = None;
+                        reads_out.finished(itt);
+                    }
+                }
+                r = reader.read(&mut buf), if !conn.input_held() => {
                     match r {
                         Ok(0) => break Ok(()),
                         Ok(n) => conn.handle_bytes(&buf[..n]),
@@ -258,21 +305,30 @@ impl Target {
                 }
                 _ = closer.notified() => break Ok(()),
             }
-            backlog.extend(std::iter::from_fn(|| conn.poll_event()));
             let mut close = false;
             let mut batch = Batch::default();
-            while let Some(event) = backlog.pop_front() {
+            loop {
+                let runnable = match conn.peek_event() {
+                    None => break,
+                    Some(Event::Execute(next)) if !self.inline_io && is_pooled_read(next) => true,
+                    // A barrier: waits for the READs out before it.
+                    Some(_) => reads_out.count == 0,
+                };
+                if !runnable {
+                    break;
+                }
+                let Some(event) = conn.poll_event() else {
+                    break;
+                };
                 match event {
                     Event::Execute(command) if !self.inline_io && is_pooled_read(&command) => {
                         // A run of READs: the later half goes to the read pool in one job when
-                        // the run is long enough to be worth a hand-off; the rest are read
+                        // the run is big enough to be worth a hand-off; the rest are read
                         // here, in order, so a lone READ costs no thread switch.
                         let mut run = vec![command];
-                        while let Some(Event::Execute(next)) = backlog.front() {
-                            if !is_pooled_read(next) {
-                                break;
-                            }
-                            if let Some(Event::Execute(next)) = backlog.pop_front() {
+                        while matches!(conn.peek_event(), Some(Event::Execute(next)) if is_pooled_read(next))
+                        {
+                            if let Some(Event::Execute(next)) = conn.poll_event() {
                                 run.push(next);
                             }
                         }
@@ -300,30 +356,12 @@ impl Target {
                             let result = read_pool::read_command(&command, &mut buffer);
                             conn.handle_command_complete(command.itt, result);
                         }
-                        backlog.extend(std::iter::from_fn(|| conn.poll_event()));
-                        if drain_into(&mut conn, &mut batch) >= WRITE_BATCH_BYTES {
-                            pending.fetch_add(1, Ordering::AcqRel);
-                            if batches.send(std::mem::take(&mut batch)).await.is_err() {
-                                close = true;
-                            }
-                        }
-                    }
-                    event if reads_out.count > 0 => {
-                        // A barrier: wait for the pooled READs before it.
-                        backlog.push_front(event);
-                        break;
                     }
                     Event::Execute(command) if is_streamed_read(&command) => {
-                        let sink = Sink {
-                            batches: &batches,
-                            pending: &pending,
-                            close_asked: &close_asked,
-                        };
-                        if stream_read(&mut conn, command, &pool, &mut batch, sink)
-                            .await
-                            .is_err()
-                        {
-                            close = true;
+                        let itt = command.itt;
+                        if let Some(receiver) = start_stream(&mut conn, command, &pool) {
+                            reads_out.started(std::iter::once(itt), 0);
+                            stream = Some((itt, receiver));
                         }
                     }
                     Event::Execute(command) => {
@@ -331,11 +369,11 @@ impl Target {
                         // is kept.
                         let mut run = vec![command];
                         while !self.inline_io && !is_plain_read(&run[0]) {
-                            match backlog.front() {
+                            match conn.peek_event() {
                                 Some(Event::Execute(next))
                                     if !is_plain_read(next) && !is_streamed_read(next) =>
                                 {
-                                    if let Some(Event::Execute(next)) = backlog.pop_front() {
+                                    if let Some(Event::Execute(next)) = conn.poll_event() {
                                         run.push(next);
                                     }
                                 }
@@ -345,16 +383,6 @@ impl Target {
                         let results = execute_run(run, &pool, self.inline_io).await;
                         for (itt, result) in results {
                             conn.handle_command_complete(itt, result);
-                        }
-                        // Completing may have released input held behind a task management
-                        // request: run what it produced in order.
-                        backlog.extend(std::iter::from_fn(|| conn.poll_event()));
-                        // Hand big batches to the writer early so it works while we read on.
-                        if drain_into(&mut conn, &mut batch) >= WRITE_BATCH_BYTES {
-                            pending.fetch_add(1, Ordering::AcqRel);
-                            if batches.send(std::mem::take(&mut batch)).await.is_err() {
-                                close = true;
-                            }
                         }
                     }
                     Event::ResetTarget {
@@ -369,6 +397,13 @@ impl Target {
                     }
                     Event::Close => close = true,
                 }
+                // Hand big batches to the writer early so it works while we go on.
+                if drain_into(&mut conn, &mut batch) >= WRITE_BATCH_BYTES {
+                    pending.fetch_add(1, Ordering::AcqRel);
+                    if batches.send(std::mem::take(&mut batch)).await.is_err() {
+                        close = true;
+                    }
+                }
                 if close {
                     break;
                 }
@@ -378,7 +413,6 @@ impl Target {
                     (conn.session_id(), conn.target(), conn.nexus())
                 {
                     let c = closer.clone();
-                    let asked = close_asked.clone();
                     self.registry.register_session(SessionRecord {
                         id,
                         nexus_id: nexus.id,
@@ -386,10 +420,7 @@ impl Target {
                         initiator_name: nexus.initiator_name.clone(),
                         isid: conn.isid(),
                         tsih: conn.tsih(),
-                        close: Arc::new(move || {
-                            asked.store(true, Ordering::Release);
-                            c.notify_one()
-                        }),
+                        close: Arc::new(move || c.notify_one()),
                     });
                     registered = Some(id);
                 }
@@ -425,14 +456,6 @@ impl Target {
         }
         result.and(written)
     }
-}
-
-/// Where full batches go: the writer task's queue, and its count of queued batches.
-struct Sink<'a> {
-    batches: &'a tokio::sync::mpsc::Sender<Batch>,
-    pending: &'a AtomicUsize,
-    /// The session was asked to close (reinstatement, target removal, reset).
-    close_asked: &'a AtomicBool,
 }
 
 /// Bytes a connection's pooled READs may have out at once (their buffers and not yet sent
@@ -496,25 +519,45 @@ fn is_streamed_read(command: &Command) -> bool {
     })
 }
 
-/// Runs a long READ: checks it, then reads it one Data-In-sized piece at a time, handing each
-/// piece to the core and full batches to the writer (waiting while the writer's queue is full,
-/// which bounds memory whatever the transfer length). Err: the writer is gone or the session
-/// is closing, so the rest is not worth reading. The connection task does nothing else
-/// meanwhile (a long READ delays the commands behind it, as on a disk).
-async fn stream_read(
+/// A piece of a streamed READ, from its reading thread.
+enum Piece {
+    Data(Vec<u8>),
+    /// The last piece with the command's outcome (or the failure that ended it).
+    Last(ScsiResult),
+}
+
+/// Pieces a streamed READ reads ahead of the socket (each at most one Data-In PDU's payload,
+/// at most 256 KiB).
+const STREAM_PIECES_MAX: usize = 4;
+
+/// The next piece of the stream in progress (never ready when there is none).
+async fn next_piece(
+    stream: &mut Option<(u32, tokio::sync::mpsc::Receiver<Piece>)>,
+) -> Option<Piece> {
+    match stream.as_mut() {
+        Some((_, receiver)) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts a long READ: checks it, then has a blocking-pool thread read it one Data-In-sized
+/// piece at a time into a bounded channel (it waits while the channel is full, so memory stays
+/// bounded whatever the transfer length, and stops when the receiver is dropped: the session
+/// closed or a task management request aborted the READ). The connection task meanwhile goes
+/// on reading its socket, so task management requests and NOP-Outs are answered during a long
+/// READ. `None`: the command already completed (it failed its checks).
+fn start_stream(
     conn: &mut Connection,
     command: Command,
-    pool: &BufferPool,
-    batch: &mut Batch,
-    sink: Sink<'_>,
-) -> Result<(), ()> {
+    pool: &Arc<BufferPool>,
+) -> Option<tokio::sync::mpsc::Receiver<Piece>> {
     let lun = command.target.lun.clone();
     let itt = command.itt;
     let extent = match lun.start_read(&command.nexus, command.lun, &command.cdb) {
         Ok(extent) => extent,
         Err(result) => {
             conn.handle_command_complete(itt, result);
-            return Ok(());
+            return None;
         }
     };
     let block = extent.block_size_bytes.max(1) as u64;
@@ -524,31 +567,29 @@ async fn stream_read(
     let wanted = transfer.min((command.expected_length as u64).div_ceil(block) * block);
     let piece_max =
         (conn.data_in_segment_bytes().min(POOL_BUFFER_BYTES_MAX) as u64 / block).max(1) * block;
-    let mut at = 0u64;
-    loop {
-        let length = piece_max.min(wanted - at);
-        let mut buffer = pool.take();
-        buffer.resize(length as usize, 0);
-        if let Err(result) = lun.read_blocks(extent.lba + at / block, &mut buffer) {
-            conn.handle_command_complete(itt, result);
-            return Ok(());
-        }
-        at += length;
-        if at == wanted {
-            conn.handle_command_complete(itt, ScsiResult::good(buffer));
-            return Ok(());
-        }
-        conn.handle_read_data(itt, buffer);
-        if conn.is_closing() || sink.close_asked.load(Ordering::Acquire) {
-            return Err(());
-        }
-        if drain_into(conn, batch) >= WRITE_BATCH_BYTES {
-            sink.pending.fetch_add(1, Ordering::AcqRel);
-            if sink.batches.send(std::mem::take(batch)).await.is_err() {
-                return Err(());
+    let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_PIECES_MAX);
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut at = 0u64;
+        loop {
+            let length = piece_max.min(wanted - at);
+            let mut buffer = pool.take();
+            buffer.resize(length as usize, 0);
+            if let Err(result) = lun.read_blocks(extent.lba + at / block, &mut buffer) {
+                let _ = sender.blocking_send(Piece::Last(result));
+                return;
+            }
+            at += length;
+            if at == wanted {
+                let _ = sender.blocking_send(Piece::Last(ScsiResult::good(buffer)));
+                return;
+            }
+            if sender.blocking_send(Piece::Data(buffer)).is_err() {
+                return;
             }
         }
-    }
+    });
+    Some(receiver)
 }
 
 /// Appends a PDU's header part (BHS, AHS, header digest) to `out` and keeps its data segment
@@ -630,17 +671,16 @@ async fn write_pieces(
     Ok(())
 }
 
-/// Runs one SCSI command. Plain READs run inline (page-cache reads are shorter than a trip to
-/// the blocking pool); everything else runs on the blocking pool so a slow flush does not stall
-/// the runtime.
+/// A READ(10/12/16) of LUN 0: runs on the connection task or the read pool (see the module
+/// doc), never on the blocking pool.
 fn is_plain_read(command: &Command) -> bool {
     command.lun == 0 && matches!(command.cdb.first(), Some(0x28 | 0x88 | 0xa8))
 }
 
-/// Runs commands in order and returns (task tag, result) for each. Plain READs run inline
-/// (page-cache reads are shorter than a trip to the blocking pool), straight into a pooled
-/// buffer; the rest run inline with `inline_io`, otherwise in one blocking-pool call so a slow
-/// flush or a mirrored write does not stall the runtime.
+/// Runs commands in order and returns (task tag, result) for each. Plain READs (here only with
+/// `inline_io`) run inline straight into a pooled buffer; the rest run inline with
+/// `inline_io`, otherwise in one blocking-pool call so a slow flush or a mirrored write does not
+/// stall the runtime.
 async fn execute_run(
     run: Vec<Command>,
     pool: &BufferPool,
