@@ -84,7 +84,7 @@ pub fn render_ipxe_script(plan: &BootPlan) -> String {
                 s += ":menu\n";
                 s += &format!("menu Cairn: choose an image for {who}\n");
                 for (i, entry) in entries.iter().enumerate() {
-                    s += &format!("item image{i} {}\n", text(&entry.label));
+                    s += &menu_item(i, &entry.label);
                 }
                 s += &format!("choose --default image{default} --timeout {menu_timeout_ms} target || goto menu\n");
                 s += "goto ${target}\n";
@@ -106,6 +106,9 @@ pub fn render_ipxe_script(plan: &BootPlan) -> String {
         PlanContent::Login { login_url } => {
             s += ":login\n";
             s += &format!("echo Cairn: images for {who} are assigned to users: please log in\n");
+            // iPXE keeps settings across scripts: the name stays filled in after a failed try,
+            // the password does not.
+            s += "clear password\n";
             s += "login || goto cancelled\n";
             let login_url = url(login_url);
             let separator = if login_url.contains('?') { '&' } else { '?' };
@@ -217,6 +220,18 @@ fn url(raw: &str) -> String {
         .collect()
 }
 
+/// Line `i` (from 0) of a `menu`: item `image<i>`, labelled `<n>. <label>`; the first nine
+/// get the digit `n` as their key, so a keypress picks them without the arrow keys.
+pub fn menu_item(i: usize, label: &str) -> String {
+    let n = i + 1;
+    let key = if n <= 9 {
+        format!("--key {n} ")
+    } else {
+        String::new()
+    };
+    format!("item {key}image{i} {n}. {}\n", text(label))
+}
+
 /// What a script or login request carries in its query string.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BootQuery {
@@ -237,12 +252,30 @@ pub enum QueryError {
 }
 
 /// Parses `mac=..&user=..&password=..` (the part after `?`). Unknown keys are ignored.
+///
+/// `password` must come last and takes the rest of the query, `&` included: iPXE (at least
+/// Debian's 1.0.0+git-20190125) decodes the `%26` that `${password:uristring}` wrote and sends
+/// the query with a bare `&`, and never writes `+` for a space, so `+` stays a `+` here.
 pub fn parse_boot_query(query: &str) -> Result<BootQuery, QueryError> {
     if query.len() > 2048 {
         return Err(QueryError::TooLong(query.len()));
     }
     let mut out = BootQuery::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
+    let start = query
+        .match_indices("password=")
+        .map(|(at, _)| at)
+        .find(|&at| at == 0 || query[..at].ends_with('&'));
+    let (fields, password) = match start {
+        Some(at) => (&query[..at], Some(&query[at + "password=".len()..])),
+        None => (query, None),
+    };
+    if let Some(raw) = password {
+        out.password = Some(
+            percent_decode(raw)
+                .ok_or_else(|| QueryError::Encoding(raw.chars().take(64).collect()))?,
+        );
+    }
+    for pair in fields.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value)
             .ok_or_else(|| QueryError::Encoding(value.chars().take(64).collect()))?;
@@ -255,7 +288,6 @@ pub fn parse_boot_query(query: &str) -> Result<BootQuery, QueryError> {
                 )
             }
             "user" => out.user = Some(value),
-            "password" => out.password = Some(value),
             _ => {}
         }
     }
@@ -272,10 +304,6 @@ fn percent_decode(raw: &str) -> Option<String> {
                 let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
             }
             b => {
                 out.push(b);
@@ -358,8 +386,8 @@ mod tests {
             set initiator-iqn iqn.2025-01.io.cairn:desk-1
             :menu
             menu Cairn: choose an image for desk-1 (52:54:00:77:00:10)
-            item image0 Debian
-            item image1 Win __x_
+            item --key 1 image0 1. Debian
+            item --key 2 image1 2. Win __x_
             choose --default image1 --timeout 8000 target || goto menu
             goto ${{target}}
             :image0
@@ -381,6 +409,7 @@ mod tests {
         check(&p, &format!("#!ipxe
             :login
             echo Cairn: images for desk-1 (52:54:00:77:00:10) are assigned to users: please log in
+            clear password
             login || goto cancelled
             chain --autofree --replace http://10.0.0.1:8080/boot/login?mac=${{net0/mac:hexhyp}}&user=${{username:uristring}}&password=${{password:uristring}} || goto failed
             :cancelled
@@ -413,10 +442,18 @@ mod tests {
     #[test]
     fn queries_parse() {
         let q =
-            parse_boot_query("mac=52-54-00-77-00-10&user=ann%20b&password=p%26w%3D&x=1").unwrap();
+            parse_boot_query("mac=52-54-00-77-00-10&x=1&user=ann%20b&password=p%26w%3D").unwrap();
         assert_eq!(q.mac, Some("52:54:00:77:00:10".parse().unwrap()));
         assert_eq!(q.user.as_deref(), Some("ann b"));
         assert_eq!(q.password.as_deref(), Some("p&w="));
+        // What Debian's iPXE sends for `s3cret & pass+1`: the `&` bare, the `+` kept.
+        let q = parse_boot_query("mac=52-54-00-77-00-10&user=ann&password=s3cret%20&%20pass+1")
+            .unwrap();
+        assert_eq!(q.password.as_deref(), Some("s3cret & pass+1"));
+        assert_eq!(q.user.as_deref(), Some("ann"));
+        let q = parse_boot_query("user=mypassword=x&password=y").unwrap();
+        assert_eq!(q.user.as_deref(), Some("mypassword=x"));
+        assert_eq!(q.password.as_deref(), Some("y"));
         assert!(matches!(
             parse_boot_query("mac=zz"),
             Err(QueryError::Mac(_))
@@ -431,6 +468,26 @@ mod tests {
         #[test]
         fn query_parser_never_panics(q in ".{0,300}") {
             let _ = parse_boot_query(&q);
+        }
+
+        /// Any password survives the way iPXE sends it: `%`, whitespace and `#:@?` escaped,
+        /// everything else (`&`, `=`, `+`) bare.
+        #[test]
+        fn passwords_survive_ipxe_query_encoding(password in ".{1,60}") {
+            let mut sent = String::new();
+            for c in password.chars() {
+                if c == '%' || c.is_whitespace() || c.is_control() || "#:@?".contains(c) || !c.is_ascii() {
+                    let mut utf8 = [0u8; 4];
+                    for b in c.encode_utf8(&mut utf8).bytes() {
+                        sent += &format!("%{b:02X}");
+                    }
+                } else {
+                    sent.push(c);
+                }
+            }
+            let q = parse_boot_query(&format!("mac=52-54-00-77-00-10&user=ann&password={sent}")).unwrap();
+            prop_assert_eq!(q.password.as_deref(), Some(password.as_str()));
+            prop_assert_eq!(q.user.as_deref(), Some("ann"));
         }
 
         #[test]

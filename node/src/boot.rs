@@ -217,7 +217,11 @@ impl BootConfig {
 
 /// Starts the boot services of this node: the script server always, DHCP, TFTP and RA as
 /// configured. A service that cannot start is logged and left out; the node keeps running.
-pub fn start(cluster: ClusterNode, config: &NodeConfig) -> Vec<JoinHandle<()>> {
+pub fn start(
+    cluster: ClusterNode,
+    config: &NodeConfig,
+    primaries: PrimaryProbe,
+) -> Vec<JoinHandle<()>> {
     let boot = config.boot.clone();
     let mut tasks = Vec::new();
     let scripts = Arc::new(ScriptService {
@@ -225,6 +229,7 @@ pub fn start(cluster: ClusterNode, config: &NodeConfig) -> Vec<JoinHandle<()>> {
         http_base: boot.http_base(config),
         menu_timeout_ms: boot.menu_timeout_ms,
         actor: crate::server::node_actor(config.node_id),
+        primaries,
     });
     let listen = config.boot_http();
     tasks.push(tokio::spawn(async move {
@@ -545,6 +550,64 @@ struct ScriptService {
     http_base: String,
     menu_timeout_ms: u64,
     actor: Name,
+    primaries: PrimaryProbe,
+}
+
+/// Asks a boot's primary whether it serves the new session yet: this node's storage directly,
+/// another node over its admin API (`GET /v1/sessions/{mac}/serving`, with the node token).
+pub struct PrimaryProbe {
+    pub node_id: u64,
+    pub storage: Arc<crate::storage::Storage>,
+    pub http: reqwest::Client,
+    pub node_token: String,
+}
+
+impl PrimaryProbe {
+    /// True once `primary` serves `mac` at `generation`; false when it did not within `wait`
+    /// or could not be asked.
+    async fn serving(
+        &self,
+        cluster: &ClusterNode,
+        primary: u64,
+        mac: Mac,
+        generation: u64,
+        wait: Duration,
+    ) -> bool {
+        if primary == self.node_id {
+            return self.storage.wait_serving(&mac, generation, wait).await;
+        }
+        let Some(api) =
+            cluster.local_state(|s| s.nodes.get(&primary).map(|n| n.api_address.clone()))
+        else {
+            return false;
+        };
+        let url = format!(
+            "{api}/v1/sessions/{}/serving?generation={generation}&wait_ms={}",
+            MacAddr(mac.0).to_hyphenated(),
+            wait.as_millis()
+        );
+        let answer = self
+            .http
+            .get(url)
+            .bearer_auth(&self.node_token)
+            .timeout(wait + Duration::from_millis(500))
+            .send()
+            .await;
+        match answer {
+            Ok(response) if response.status().is_success() => response
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|body| body["serving"] == true),
+            Ok(response) => {
+                tracing::debug!(primary, status = %response.status(), "primary readiness query refused");
+                false
+            }
+            Err(error) => {
+                tracing::debug!(primary, %error, "primary readiness query failed");
+                false
+            }
+        }
+    }
 }
 
 /// The query of a script or login request: bootproto's fields plus the menu's `image`.
@@ -898,10 +961,20 @@ impl ScriptService {
             )));
         };
         tracing::info!(client_mac = %mac, %image, primary, ?standby, generation, "boot begun");
-        // The primary exposes the new session's target from its reconciler (every 250 ms, after
-        // it applied the entry): give it that long before iPXE logs in, else the first login
-        // races it, fails, and the retry starts yet another session.
-        tokio::time::sleep(Duration::from_millis(SESSION_SETTLE_MS)).await;
+        // The primary exposes the new session's target once it has applied the entry: iPXE
+        // gets the script only then, else its first login races the target, fails, and the
+        // retry starts yet another session. A primary that does not confirm in time (slow, or
+        // just died) still gets named: iPXE then takes the standby, which waits for the failover.
+        let waited = std::time::Instant::now();
+        let serving = self
+            .primaries
+            .serving(&self.cluster, primary, mac, generation, SESSION_READY_WAIT)
+            .await;
+        metrics::histogram!("cairn_boot_primary_ready_seconds")
+            .record(waited.elapsed().as_secs_f64());
+        if !serving {
+            tracing::warn!(client_mac = %mac, primary, generation, waited_ms = waited.elapsed().as_millis() as u64, "the primary did not confirm the new session; answering anyway");
+        }
         Ok(BootEntry {
             label: image.to_string(),
             target_iqn: cairn_blockstore::iscsi::target_name_for_client(mac.0),
@@ -932,7 +1005,7 @@ impl ScriptService {
         let mut s = String::from("#!ipxe\n:menu\n");
         s += &format!("menu Cairn: choose an image for {who}\n");
         for (i, image) in images.iter().enumerate() {
-            s += &format!("item image{i} {image}\n");
+            s += &cairn_bootproto::ipxe::menu_item(i, image.as_str());
         }
         s += &format!(
             "choose --default image{} --timeout {} target || goto menu\n",
@@ -956,8 +1029,8 @@ impl ScriptService {
     }
 }
 
-/// How long the script server waits after committing a boot before it answers (see `begin_boot`).
-const SESSION_SETTLE_MS: u64 = 600;
+/// How long the script server waits for the primary to serve a new session (see `begin_boot`).
+const SESSION_READY_WAIT: Duration = Duration::from_secs(3);
 
 enum BeginBootError {
     Rejected(Rejection),

@@ -172,7 +172,16 @@ pub async fn start(
         cluster.clone(),
         state.http.clone(),
     )));
-    tasks.extend(crate::boot::start(cluster.clone(), &config));
+    tasks.extend(crate::boot::start(
+        cluster.clone(),
+        &config,
+        crate::boot::PrimaryProbe {
+            node_id: config.node_id,
+            storage: storage.clone(),
+            http: state.http.clone(),
+            node_token: state.node_token.clone(),
+        },
+    ));
     tasks.push(tokio::spawn(promote_learners(
         cluster.clone(),
         config.voters_max,

@@ -195,6 +195,8 @@ pub struct Storage {
     node_id: u64,
     data_dir: PathBuf,
     served: Mutex<BTreeMap<Mac, Served>>,
+    /// Counts reconcile passes; [`Storage::wait_serving`] waits on it.
+    reconciled: tokio::sync::watch::Sender<u64>,
     /// Extra initiator names every volume admits (for tests and tools such as libiscsi's suite).
     extra_initiators: Vec<String>,
 }
@@ -211,6 +213,7 @@ impl Storage {
             node_id: config.node_id,
             data_dir: config.data_dir.clone(),
             served: Mutex::new(BTreeMap::new()),
+            reconciled: tokio::sync::watch::Sender::new(0),
             extra_initiators: config.iscsi_extra_initiators.clone(),
         }))
     }
@@ -219,9 +222,39 @@ impl Storage {
         self.store.load_manifest(&manifest_hash(hash)).is_ok()
     }
 
+    /// Whether this node serves `mac`'s volume as primary at `generation` or a later one.
+    pub fn serves_primary(&self, mac: &Mac, generation: u64) -> bool {
+        let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        served
+            .get(mac)
+            .is_some_and(|s| s.generation >= generation && s.role() == Role::Primary)
+    }
+
+    /// Waits (at most `timeout`) until this node serves `mac` as primary at `generation` or
+    /// later: the script server answers iPXE only once the target its script names is up.
+    pub async fn wait_serving(&self, mac: &Mac, generation: u64, timeout: Duration) -> bool {
+        let mut passes = self.reconciled.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            passes.borrow_and_update();
+            if self.serves_primary(mac, generation) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, passes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return self.serves_primary(mac, generation),
+            }
+        }
+    }
+
     /// Makes the served volumes match the boot sessions that name this node primary, or
     /// standby of a non-persistent disk.
     pub fn reconcile_volumes(&self, state: &State) {
+        self.reconcile_locked(state);
+        self.reconciled.send_modify(|passes| *passes += 1);
+    }
+
+    fn reconcile_locked(&self, state: &State) {
         let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         let wanted: BTreeMap<Mac, _> = state
             .boot_sessions
@@ -497,41 +530,27 @@ pub async fn start(
     let reconcile = tokio::spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_millis(250));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Raft's metrics change when an entry is applied: a new boot session is served as soon
+        // as it is applied here, not at the next tick (the script server waits for it).
+        let mut metrics = cluster.metrics();
         // Reconcile when the history moved or a pull brought a version in; otherwise idle.
         let mut reconciled_seq = None;
         loop {
-            interval.tick().await;
-            let mut pulled = false;
-            // Pull every ready version this node lacks from a peer that has it.
-            let (needed, peers): (Vec<Hash32>, Vec<String>) = cluster.local_state(|s| {
-                let needed = s
-                    .images
-                    .values()
-                    .flat_map(|i| i.versions.values())
-                    .filter(|v| v.state == VersionState::Ready)
-                    .filter_map(|v| v.manifest)
-                    .collect();
-                let peers = s
-                    .nodes
-                    .values()
-                    .filter(|n| n.node_id != node_id)
-                    .map(|n| n.api_address.clone())
-                    .collect();
-                (needed, peers)
-            });
-            for hash in needed.into_iter().filter(|h| !storage.has_manifest(h)) {
-                for peer in &peers {
-                    match storage.pull(&http, peer, &node_token, hash).await {
-                        Ok(()) => {
-                            tracing::info!(manifest = %hash, from = %peer, "image version replicated");
-                            pulled = true;
-                            break;
-                        }
-                        Err(error) => {
-                            tracing::debug!(manifest = %hash, from = %peer, %error, "pull failed")
-                        }
+            let ticked = tokio::select! {
+                biased;
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return;
                     }
+                    false
                 }
+                _ = interval.tick() => true,
+            };
+            let mut pulled = false;
+            if ticked {
+                pulled = storage
+                    .pull_missing(&cluster, &http, &node_token, node_id)
+                    .await;
             }
             let seq = cluster.local_state(|s| s.last_seq);
             if reconciled_seq == Some(seq) && !pulled {
@@ -544,4 +563,49 @@ pub async fn start(
         }
     });
     Ok(vec![serve, reconcile])
+}
+
+impl Storage {
+    /// Pulls every ready version this node lacks from a peer that has it; true if one came in.
+    async fn pull_missing(
+        self: &Arc<Self>,
+        cluster: &ClusterNode,
+        http: &reqwest::Client,
+        node_token: &str,
+        node_id: u64,
+    ) -> bool {
+        let mut pulled = false;
+        // Pull every ready version this node lacks from a peer that has it.
+        let (needed, peers): (Vec<Hash32>, Vec<String>) = cluster.local_state(|s| {
+            let needed = s
+                .images
+                .values()
+                .flat_map(|i| i.versions.values())
+                .filter(|v| v.state == VersionState::Ready)
+                .filter_map(|v| v.manifest)
+                .collect();
+            let peers = s
+                .nodes
+                .values()
+                .filter(|n| n.node_id != node_id)
+                .map(|n| n.api_address.clone())
+                .collect();
+            (needed, peers)
+        });
+        for hash in needed.into_iter().filter(|h| !self.has_manifest(h)) {
+            for peer in &peers {
+                match self.pull(http, peer, node_token, hash).await {
+                    Ok(()) => {
+                        tracing::info!(manifest = %hash, from = %peer, "image version replicated");
+                        pulled = true;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(manifest = %hash, from = %peer, %error, "pull failed")
+                    }
+                }
+            }
+        }
+        pulled
+    }
 }

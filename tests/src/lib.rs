@@ -187,7 +187,13 @@ impl ProcessCluster {
         server: Option<&str>,
         args: &[&str],
     ) -> anyhow::Result<(bool, String, String)> {
-        run_cli(Command::new(cairn_binary()), &self.cli_config, server, args)
+        run_cli(
+            Command::new(cairn_binary()),
+            &self.cli_config,
+            server,
+            args,
+            None,
+        )
     }
 
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
@@ -260,6 +266,7 @@ pub fn run_cli(
     cli_config: &Path,
     server: Option<&str>,
     args: &[&str],
+    input: Option<&str>,
 ) -> anyhow::Result<(bool, String, String)> {
     command
         .env("CAIRN_CLI_CONFIG", cli_config)
@@ -268,10 +275,21 @@ pub fn run_cli(
     if let Some(server) = server {
         command.args(["--server", server]);
     }
-    let output = command
+    command
         .args(args)
-        .output()
-        .context("running the cairn cli")?;
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("running the cairn cli")?;
+    {
+        use std::io::Write;
+        // Dropped at the end of the block: the CLI sees end of input.
+        let mut stdin = child.stdin.take().context("cli stdin")?;
+        if let Some(input) = input {
+            stdin.write_all(input.as_bytes())?;
+        }
+    }
+    let output = child.wait_with_output().context("running the cairn cli")?;
     Ok((
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -397,12 +397,23 @@ impl Drop for LabNode {
     }
 }
 
-/// Three (or more) real nodes in a [`Lab`], with DHCP (full mode), TFTP and RA on every node.
+/// How the lab's nodes take part in DHCP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LabDhcp {
+    /// Cairn is the LAN's DHCP server (pool .100-.150, leases through Raft).
+    Full,
+    /// Cairn answers only PXE clients (ports 67 and 4011) beside another DHCP server, such as
+    /// [`Dnsmasq`].
+    Proxy,
+}
+
+/// Three (or more) real nodes in a [`Lab`], with DHCP, TFTP and RA on every node.
 pub struct LabCluster {
     pub lab: Lab,
     pub dir: tempfile::TempDir,
     pub nodes: Vec<LabNode>,
     pub cli_config: PathBuf,
+    pub dhcp: LabDhcp,
 }
 
 impl LabCluster {
@@ -422,6 +433,7 @@ impl LabCluster {
             dir,
             nodes,
             cli_config,
+            dhcp: LabDhcp::Full,
         };
         let first = cluster.nodes[0].data_dir.clone();
         let address = cluster.lab.node_address(1);
@@ -469,16 +481,36 @@ impl LabCluster {
             cluster.configure_boot(id)?;
             cluster.start_node(id)?;
         }
-        let voters = usize::from(size);
-        cluster.wait_for(Duration::from_secs(60), |status| {
-            status["nodes"].as_array().is_some_and(|nodes| {
-                nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters
-            })
-        })?;
+        cluster.wait_all_voters()?;
         Ok(cluster)
     }
 
-    /// Replaces the `[boot]` part of the node's `node.toml` with full DHCP on `eth0`.
+    fn wait_all_voters(&self) -> anyhow::Result<()> {
+        let voters = self.nodes.len();
+        self.wait_for(Duration::from_secs(60), |status| {
+            status["leader"].is_u64()
+                && status["nodes"].as_array().is_some_and(|nodes| {
+                    nodes.iter().filter(|n| n["raft_role"] == "voter").count() == voters
+                })
+        })?;
+        Ok(())
+    }
+
+    /// Stops every node, switches their DHCP mode and starts them again.
+    pub fn restart_with_dhcp(&mut self, dhcp: LabDhcp) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        self.dhcp = dhcp;
+        for id in 1..=self.lab.nodes {
+            self.configure_boot(id)?;
+            self.start_node(id)?;
+        }
+        self.wait_all_voters()
+    }
+
+    /// Replaces the `[boot]` part of the node's `node.toml` with DHCP (as `self.dhcp` says) on
+    /// `eth0`.
     fn configure_boot(&self, id: u8) -> anyhow::Result<()> {
         let path = self.nodes[usize::from(id) - 1].data_dir.join("node.toml");
         let text = std::fs::read_to_string(&path)
@@ -498,9 +530,14 @@ impl LabCluster {
                 kept.push('\n');
             }
         }
-        kept.push_str(&format!(
-            "\n[boot]\ndhcp_mode = \"full\"\ninterface = \"eth0\"\nra = true\n\n[[boot.pools]]\nsubnet = \"{SUBNET}.0\"\nprefix_len = 24\nrange_first = \"{SUBNET}.100\"\nrange_last = \"{SUBNET}.150\"\nlease_secs = 600\n"
-        ));
+        match self.dhcp {
+            LabDhcp::Full => kept.push_str(&format!(
+                "\n[boot]\ndhcp_mode = \"full\"\ninterface = \"eth0\"\nra = true\n\n[[boot.pools]]\nsubnet = \"{SUBNET}.0\"\nprefix_len = 24\nrange_first = \"{SUBNET}.100\"\nrange_last = \"{SUBNET}.150\"\nlease_secs = 600\n"
+            )),
+            LabDhcp::Proxy => kept.push_str(
+                "\n[boot]\ndhcp_mode = \"proxy\"\ninterface = \"eth0\"\nra = true\n",
+            ),
+        }
         std::fs::write(&path, kept)?;
         Ok(())
     }
@@ -540,14 +577,15 @@ impl LabCluster {
         ns: &str,
         server: Option<&str>,
         args: &[&str],
+        input: Option<&str>,
     ) -> anyhow::Result<(bool, String, String)> {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", ns]).arg(cairn_binary());
-        run_cli(command, &self.cli_config, server, args)
+        run_cli(command, &self.cli_config, server, args, input)
     }
 
     fn cli_ok_in(&self, ns: &str, args: &[&str]) -> anyhow::Result<String> {
-        let (ok, stdout, stderr) = self.cli_in(ns, None, args)?;
+        let (ok, stdout, stderr) = self.cli_in(ns, None, args, None)?;
         if !ok {
             bail!("cairn {} failed: {stderr}", args.join(" "));
         }
@@ -556,10 +594,15 @@ impl LabCluster {
 
     /// Runs the CLI from the LAN against the first running node.
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.cli_ok_with_input(args, None)
+    }
+
+    /// As [`LabCluster::cli_ok`], with `input` on the CLI's standard input.
+    pub fn cli_ok_with_input(&self, args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
         let mut last = String::new();
         for node in self.nodes.iter().filter(|n| n.is_running()) {
             let server = format!("https://{}:7400", self.lab.node_address(node.id));
-            let (ok, stdout, stderr) = self.cli_in(&self.lab.lan(), Some(&server), args)?;
+            let (ok, stdout, stderr) = self.cli_in(&self.lab.lan(), Some(&server), args, input)?;
             if ok {
                 return Ok(stdout);
             }
@@ -624,11 +667,13 @@ pub enum Firmware {
     Uefi,
 }
 
-/// A qemu (TCG) on the LAN's tap0, serial console to a file.
+/// A qemu (TCG) on the LAN's tap0. Its serial console is a unix socket: a thread copies what
+/// the machine prints to `serial` (a file), and [`Qemu::type_text`] types on it.
 pub struct Qemu {
     child: Option<Child>,
     pub serial: PathBuf,
     pub started: Instant,
+    keyboard: std::os::unix::net::UnixStream,
 }
 
 impl Qemu {
@@ -680,20 +725,71 @@ impl Qemu {
                 ]);
             }
         }
-        command
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()));
-        let child = command
+        // `wait=on`: qemu starts the machine only once the socket is connected, so no output
+        // is lost.
+        let socket = work.join(format!("serial-{run}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        command.arg("-chardev").arg(format!(
+            "socket,id=serial0,path={},server=on,wait=on",
+            socket.display()
+        ));
+        command.args(["-serial", "chardev:serial0"]);
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(qemu_log.try_clone()?)
             .stderr(qemu_log)
             .spawn()
             .context("starting qemu")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let keyboard = loop {
+            match std::os::unix::net::UnixStream::connect(&socket) {
+                Ok(stream) => break stream,
+                Err(error) => {
+                    if child.try_wait()?.is_some() || Instant::now() > deadline {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        bail!(
+                            "qemu's serial socket {}: {error}; see qemu-{run}.log",
+                            socket.display()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let mut screen = keyboard.try_clone()?;
+        let mut file = std::fs::File::create(&serial)?;
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut buffer = [0u8; 4096];
+            // Ends when qemu closes the socket.
+            while let Ok(n @ 1..) = screen.read(&mut buffer) {
+                if file.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+        });
         Ok(Qemu {
             child: Some(child),
             serial,
             started: Instant::now(),
+            keyboard,
         })
+    }
+
+    /// Types `text` on the serial console, a character at a time (firmware polls a small FIFO).
+    pub fn type_text(&mut self, text: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        for byte in text.bytes() {
+            self.keyboard.write_all(&[byte])?;
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        Ok(())
+    }
+
+    /// Waits until the console shows `text`.
+    pub fn wait_for_text(&mut self, text: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for_marker(text, &[], timeout).map(|_| ())
     }
 
     /// The serial console so far, without terminal escapes.
@@ -764,6 +860,63 @@ impl Qemu {
 impl Drop for Qemu {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// dnsmasq on the LAN's bridge as the site's own DHCP server: addresses from .200-.220 and
+/// nothing about booting, which is the setup proxyDHCP is for.
+pub struct Dnsmasq {
+    child: Child,
+    pub leases: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Dnsmasq {
+    pub fn start(lab: &Lab, work: &Path) -> anyhow::Result<Dnsmasq> {
+        let leases = work.join("dnsmasq.leases");
+        let log = work.join("dnsmasq.log");
+        let config = work.join("dnsmasq.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port=0\ninterface=br0\nbind-interfaces\nuser=root\n\
+                 dhcp-range={SUBNET}.200,{SUBNET}.220,255.255.255.0,10m\n\
+                 dhcp-leasefile={}\nlog-dhcp\nlog-facility={}\n",
+                leases.display(),
+                log.display()
+            ),
+        )?;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.lan(),
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .arg(format!("--conf-file={}", config.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dnsmasq (package dnsmasq)")?;
+        Ok(Dnsmasq { child, leases, log })
+    }
+
+    /// The lease file's line for `mac` (`<expiry> <mac> <ip> ...`), if dnsmasq leased to it.
+    pub fn lease_of(&self, mac: &str) -> Option<String> {
+        std::fs::read_to_string(&self.leases)
+            .ok()?
+            .lines()
+            .find(|line| line.split_whitespace().nth(1) == Some(mac))
+            .map(str::to_owned)
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -12,16 +12,20 @@
 //! whose primary node is killed the moment the boot is placed (iPXE takes the second path, the
 //! standby, which serves once the leader has committed the failover); a persistent and a
 //! non-persistent disk across two boots each, written by the booted Linux through its own iSCSI
-//! login from the iBFT (the file is there in the second boot, or gone).
+//! login from the iBFT (the file is there in the second boot, or gone); a client whose images
+//! are assigned to a user: iPXE's `login` form, typed on the serial console (a wrong password
+//! first, which boots nothing), then a keypress choosing the user's second image from the menu;
+//! last, the cluster restarted in proxyDHCP mode beside dnsmasq as the LAN's DHCP server: dnsmasq
+//! leases the address, Cairn's leader answers the PXE part (ports 67 and 4011), BIOS and UEFI.
 //!
-//! Needs root, qemu-system-x86_64, Debian's ipxe/syslinux/ovmf/open-iscsi packages and
+//! Needs root, qemu-system-x86_64, Debian's ipxe/syslinux/ovmf/open-iscsi/dnsmasq packages and
 //! `CAIRN_SLOW_TESTS=1`; otherwise it prints why and passes.
 
 use std::time::{Duration, Instant};
 
 use cairn_tests::pxe::{
-    build_boot_disk, build_iscsi_disk, guest, missing_prerequisite, tail, Firmware, LabCluster,
-    Qemu,
+    build_boot_disk, build_iscsi_disk, guest, missing_prerequisite, tail, Dnsmasq, Firmware,
+    LabCluster, LabDhcp, Qemu,
 };
 use cairn_tests::{on_path, slow_tests_enabled};
 use serde_json::Value;
@@ -29,6 +33,8 @@ use serde_json::Value;
 const MAC: &str = "52:54:00:77:00:10";
 const MAC_PERSISTENT: &str = "52:54:00:77:00:11";
 const MAC_NON_PERSISTENT: &str = "52:54:00:77:00:12";
+const MAC_LOGIN: &str = "52:54:00:77:00:13";
+const MAC_PROXY: &str = "52:54:00:77:00:14";
 const MARKER_A: &str = "CAIRN-PXE-BOOT-OK-A";
 const MARKER_B: &str = "CAIRN-PXE-BOOT-OK-B";
 const MARKER_I: &str = "CAIRN-PXE-BOOT-OK-I";
@@ -67,8 +73,8 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
     cluster.cli_ok(&["client", "add", MAC, "--name", "pxe1"])?;
     cluster.cli_ok(&["assign", "deb-a", "--client", MAC])?;
 
-    // For working on one case: CAIRN_PXE_CASES=bios,menu,uefi,second-path,persistence (a
-    // comma list; unset runs them all, as CI does).
+    // For working on one case: CAIRN_PXE_CASES=bios,menu,uefi,second-path,persistence,login,proxy
+    // (a comma list; unset runs them all, as CI does).
     let only = std::env::var("CAIRN_PXE_CASES").ok();
     let wanted = |case: &str| {
         let run = only
@@ -208,8 +214,132 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
         }
     }
 
+    if wanted("login") {
+        // 7. Images assigned to a user: iPXE asks for a login; a wrong password boots nothing,
+        // the right one gives the user's menu, and the key `2` picks the second image.
+        login(cluster, &log)?;
+    }
+
     let list = cluster.cli_ok(&["client", "list"])?;
     eprintln!("{list}");
+
+    if wanted("proxy") {
+        // 8. Last, as it restarts the cluster: proxyDHCP beside dnsmasq.
+        proxy(cluster, &work, &log)?;
+    }
+    Ok(())
+}
+
+fn login(cluster: &LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
+    const PASSWORD: &str = "s3cret & pass";
+    cluster.cli_ok_with_input(
+        &["user", "add", "ann", "--password-stdin"],
+        Some(&format!("{PASSWORD}\n")),
+    )?;
+    cluster.cli_ok(&["client", "add", MAC_LOGIN, "--name", "pxe-login"])?;
+    cluster.cli_ok(&["assign", "deb-a", "--user", "ann"])?;
+    cluster.cli_ok(&["assign", "deb-b", "--user", "ann"])?;
+    let mut qemu = Qemu::start(
+        &cluster.lab,
+        cluster.dir.path(),
+        Firmware::Bios,
+        MAC_LOGIN,
+        "login",
+    )?;
+    qemu.wait_for_text("Password", BOOT_TIMEOUT)?;
+    // Give iPXE's form a moment to take input after drawing itself.
+    std::thread::sleep(Duration::from_millis(500));
+    qemu.type_text("ann\rwrong\r")?;
+    qemu.wait_for_text("login failed for", Duration::from_secs(60))?;
+    let refused = qemu.console();
+    assert!(
+        !refused.contains("Cairn: booting"),
+        "a wrong password booted:\n{}",
+        tail(&refused, 30)
+    );
+    // The refusal retries the script after a few seconds: the form comes back.
+    let before = refused.matches("Password").count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qemu.console().matches("Password").count() <= before {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no second login form:\n{}",
+            tail(&qemu.console(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The name stays filled in from the first try; the password was cleared.
+    std::thread::sleep(Duration::from_millis(500));
+    qemu.type_text(&format!("\r{PASSWORD}\r"))?;
+    qemu.wait_for_text("2. deb-b", Duration::from_secs(60))?;
+    qemu.type_text("2")?;
+    let seconds = qemu.wait_for_marker(MARKER_B, &[MARKER_A], BOOT_TIMEOUT)?;
+    log(&format!(
+        "login (wrong password refused, then ann) and menu key 2: deb-b's marker after {seconds:.1}s"
+    ));
+    let client = cluster.cli_json(&["client", "show", MAC_LOGIN])?;
+    assert_eq!(client["session"]["image"], "deb-b", "{client}");
+    assert_eq!(client["session"]["user"], "ann", "{client}");
+    Ok(())
+}
+
+fn proxy(
+    cluster: &mut LabCluster,
+    work: &std::path::Path,
+    log: &dyn Fn(&str),
+) -> anyhow::Result<()> {
+    if !on_path("dnsmasq") {
+        eprintln!("proxy case skipped: dnsmasq missing (package dnsmasq)");
+        return Ok(());
+    }
+    cluster.restart_with_dhcp(LabDhcp::Proxy)?;
+    log("cluster restarted in proxyDHCP mode");
+    let dnsmasq = Dnsmasq::start(&cluster.lab, work)?;
+    cluster.cli_ok(&["client", "add", MAC_PROXY, "--name", "pxe-proxy"])?;
+    cluster.cli_ok(&["assign", "deb-a", "--client", MAC_PROXY])?;
+    let mut runs = vec![(Firmware::Bios, "proxy-bios")];
+    if std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists()
+        && std::path::Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").exists()
+    {
+        runs.push((Firmware::Uefi, "proxy-uefi"));
+    } else {
+        eprintln!("UEFI proxy case skipped: needs packages ovmf and systemd-boot-efi");
+    }
+    for (firmware, run) in runs {
+        let leader = cluster.leader()?;
+        let mut qemu = Qemu::start(&cluster.lab, work, firmware, MAC_PROXY, run)?;
+        let seconds = qemu
+            .wait_for_marker(MARKER_A, &[], BOOT_TIMEOUT)
+            .map_err(|e| {
+                let dhcp_log = std::fs::read_to_string(&dnsmasq.log).unwrap_or_default();
+                e.context(format!("dnsmasq's log:\n{}", tail(&dhcp_log, 30)))
+            })?;
+        let console = qemu.console();
+        log(&format!("{run}: marker after {seconds:.1}s"));
+        let lease = dnsmasq.lease_of(MAC_PROXY);
+        let lease = lease.as_deref().unwrap_or_default();
+        assert!(
+            lease.contains(&format!("{}.2", cairn_tests::pxe::SUBNET)),
+            "dnsmasq leased the address: {lease:?}"
+        );
+        if firmware == Firmware::Bios {
+            let script_host = format!(
+                "http://{}:8080/boot/ipxe",
+                cluster.lab.node_address(leader as u8)
+            );
+            assert!(
+                console.contains(&script_host),
+                "the leader's proxyDHCP gave the script:\n{}",
+                tail(&console, 30)
+            );
+        }
+        let client = cluster.cli_json(&["client", "show", MAC_PROXY])?;
+        assert!(
+            client["lease"].is_null(),
+            "Cairn leased no address: {client}"
+        );
+        assert_eq!(client["session"]["image"], "deb-a", "{client}");
+    }
     Ok(())
 }
 

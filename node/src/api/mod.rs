@@ -82,6 +82,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/events", get(list_events))
         .route("/v1/events/export", get(export_events))
         .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/{mac}/serving", get(session_serving))
         .route("/v1/leases", get(list_leases))
         .route("/v1/clients/{mac}/boot", post(boot_client))
         .route("/v1/store/manifests/{hash}", get(store::get_manifest))
@@ -490,6 +491,9 @@ async fn list_clients(
     AxumState(state): AxumState<Shared>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = read(&state, |s| {
+        // Leases are keyed by address: index them by MAC once, not once per client.
+        let ips: std::collections::HashMap<Mac, std::net::Ipv4Addr> =
+            s.leases.values().map(|l| (l.mac, l.ip)).collect();
         s.clients
             .values()
             .map(|client| {
@@ -498,7 +502,7 @@ async fn list_clients(
                     "name": client.name,
                     "group": client.group,
                     "session": s.boot_sessions.get(&client.mac),
-                    "ip": s.leases.values().find(|l| l.mac == client.mac).map(|l| l.ip),
+                    "ip": ips.get(&client.mac),
                 })
             })
             .collect::<Vec<_>>()
@@ -932,6 +936,35 @@ async fn list_sessions(
         serde_json::to_value(s.boot_sessions.values().collect::<Vec<_>>())
     })
     .await
+}
+
+#[derive(Deserialize)]
+struct ServingQuery {
+    generation: u64,
+    /// How long to wait for it; at most [`SERVING_WAIT_MS_MAX`].
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// Longest wait `GET /v1/sessions/{mac}/serving` accepts.
+pub const SERVING_WAIT_MS_MAX: u64 = 5_000;
+
+/// Whether this node serves the client's volume as primary at `generation` (or later), waiting
+/// up to `wait_ms` for it: the script server asks the primary this before it hands iPXE a script
+/// naming that primary. Local to this node, not a replicated read.
+async fn session_serving(
+    AxumState(state): AxumState<Shared>,
+    Path(mac): Path<String>,
+    query: Result<Query<ServingQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mac: Mac = parse(&mac)?;
+    let wait = std::time::Duration::from_millis(query.wait_ms.min(SERVING_WAIT_MS_MAX));
+    let serving = state
+        .storage
+        .wait_serving(&mac, query.generation, wait)
+        .await;
+    Ok(Json(serde_json::json!({ "serving": serving })))
 }
 
 async fn list_leases(
