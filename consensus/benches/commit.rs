@@ -146,50 +146,66 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// p50/p99/max of `count` 4 KiB writes each followed by fdatasync, in `dir`: appending to a new
-/// file (the file size changes, so the filesystem journals metadata too) and overwriting a file
-/// already written and synced (data only).
-fn fdatasync_probe(dir: &Path, count: usize) -> std::io::Result<String> {
+/// `count` 4 KiB writes each followed by fdatasync on `path`: appending (the file grows, so the
+/// filesystem journals its size too) or overwriting blocks already written and synced (data
+/// only). Returns the latencies.
+fn fdatasync_run(path: &Path, count: usize, overwrite: bool) -> std::io::Result<Vec<Duration>> {
     use std::os::unix::fs::FileExt;
     let block = vec![0x5au8; 4096];
-    let mut report = Vec::new();
-    for overwrite in [false, true] {
-        let path = dir.join(if overwrite {
-            "probe-overwrite"
-        } else {
-            "probe-append"
-        });
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)?;
-        if overwrite {
-            for i in 0..count {
-                file.write_all_at(&block, (i * block.len()) as u64)?;
-            }
-            file.sync_all()?;
-        }
-        let mut latencies = Vec::with_capacity(count);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    if overwrite {
         for i in 0..count {
-            let started = Instant::now();
             file.write_all_at(&block, (i * block.len()) as u64)?;
-            file.sync_data()?;
-            latencies.push(started.elapsed());
         }
+        file.sync_all()?;
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for i in 0..count {
+        let started = Instant::now();
+        file.write_all_at(&block, (i * block.len()) as u64)?;
+        file.sync_data()?;
+        latencies.push(started.elapsed());
+    }
+    drop(file);
+    std::fs::remove_file(path)?;
+    Ok(latencies)
+}
+
+/// The disk's floor in `dir`: one appender, one overwriter, and three appenders at once (one per
+/// node, as the cluster's three logs sync on one disk), each `count` x 4 KiB write + fdatasync.
+fn fdatasync_probe(dir: &Path, count: usize) -> std::io::Result<String> {
+    let summary = |name: &str, mut latencies: Vec<Duration>| {
         latencies.sort();
-        report.push(format!(
-            "{} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            if overwrite { "overwrite" } else { "append" },
+        format!(
+            "{name} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             percentile(&latencies, 0.5).as_secs_f64() * 1e3,
             percentile(&latencies, 0.99).as_secs_f64() * 1e3,
             latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
-        ));
-        drop(file);
-        std::fs::remove_file(&path)?;
+        )
+    };
+    let append = fdatasync_run(&dir.join("probe-append"), count, false)?;
+    let overwrite = fdatasync_run(&dir.join("probe-overwrite"), count, true)?;
+    let threads: Vec<_> = (0..NODES)
+        .map(|i| {
+            let path = dir.join(format!("probe-concurrent-{i}"));
+            std::thread::spawn(move || fdatasync_run(&path, count, false))
+        })
+        .collect();
+    let mut concurrent = Vec::new();
+    for thread in threads {
+        concurrent.extend(thread.join().expect("probe thread")?);
     }
-    Ok(report.join("; "))
+    Ok([
+        summary("append", append),
+        summary("overwrite", overwrite),
+        summary("3 appenders at once", concurrent),
+    ]
+    .join("; "))
 }
 
 /// Asks every node for its histograms since the last ask and prints them.
@@ -277,6 +293,10 @@ fn orchestrate() {
     );
     print_stats(&mut nodes);
     println!("load average {}", load_average());
+    match fdatasync_probe(root.path(), 500) {
+        Ok(report) => println!("disk floor again, cluster idle: {report}"),
+        Err(error) => println!("fdatasync probe failed: {error}"),
+    }
 
     let mut recoveries = Vec::new();
     for _ in 0..failovers {
@@ -655,8 +675,18 @@ fn etcd_reference() -> Result<f64, String> {
                     .and_then(|n| n.parse().ok())
             })
             .ok_or_else(|| {
+                // The progress bar fills most of the output: keep its end, where the error is.
                 let errors = String::from_utf8_lossy(&output.stderr);
-                format!("no throughput in etcdctl output: {text} {errors}")
+                let all = format!("{text} {errors}");
+                let tail: String = all
+                    .chars()
+                    .rev()
+                    .take(400)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!("no throughput in etcdctl output: ...{}", tail.trim())
             })
     })();
     for mut member in members {
