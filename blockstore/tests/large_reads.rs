@@ -10,6 +10,8 @@
 //! the server's resident set is sampled from /proc: its growth is printed and must stay far
 //! below the transfer length (it measures buffers, never time). libiscsi's `iscsi-perf` with
 //! 20,000-block reads checks a real initiator too (skipped with a reason when not installed).
+//! ABORT TASK in the middle of the 154 MB READ must be answered long before the READ would end
+//! (the READ streams while the connection goes on reading its socket).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -19,6 +21,7 @@ use std::time::Duration;
 use cairn_blockstore::iscsi::text::push_pair;
 use cairn_blockstore::iscsi::wire::{
     be32, Decoded, FrameDecoder, InitiatorPdu, LoginRequest, Pdu, ScsiCommand,
+    TaskManagementRequest,
 };
 
 mod common;
@@ -335,6 +338,70 @@ fn a_154_megabyte_read_keeps_the_server_memory_bounded() {
         "server grew by {growth_kib} KiB during a {} MiB read",
         bytes >> 20
     );
+}
+
+/// A long READ streams while the connection goes on reading its socket: ABORT TASK sent in the
+/// middle of a 154 MB READ is answered "function complete" long before the READ would have
+/// ended, no status follows for the aborted task, and the session goes on working.
+#[test]
+fn abort_task_stops_a_long_read_in_the_middle() {
+    for volume in [false, true] {
+        let server = start(volume);
+        let mut s = Session::login(server.port, &server.iqn);
+        let blocks = 300_000u32;
+        let bytes = blocks as u64 * BLOCK;
+        let read_cmd_sn = s.cmd_sn;
+        s.send_read(1, read12(1000, blocks), bytes as u32);
+        // Take about a MiB, then abort.
+        let mut received = 0u64;
+        while received < 1 << 20 {
+            let p = s.recv();
+            assert_eq!((p.opcode(), p.itt()), (0x25, 1));
+            received += p.data.len() as u64;
+        }
+        let abort = InitiatorPdu::TaskManagement(TaskManagementRequest {
+            immediate: true,
+            function: 1,
+            lun: 0,
+            itt: 2,
+            referenced_task_tag: 1,
+            cmd_sn: s.cmd_sn,
+            exp_stat_sn: s.exp_stat_sn,
+            ref_cmd_sn: read_cmd_sn,
+            exp_data_sn: 0,
+        });
+        s.stream
+            .write_all(&abort.to_pdu().encode(false, false))
+            .expect("send abort");
+        // What was already queued still arrives, then the TMF response.
+        loop {
+            let p = s.recv();
+            match (p.opcode(), p.itt()) {
+                (0x25, 1) => {
+                    assert_eq!(p.bhs[1] & 0x01, 0, "the aborted READ got a status");
+                    received += p.data.len() as u64;
+                }
+                (0x22, 2) => {
+                    assert_eq!(p.bhs[2], 0, "abort task not complete: {}", p.bhs[2]);
+                    s.exp_stat_sn = be32(&p.bhs, 24).wrapping_add(1);
+                    break;
+                }
+                other => panic!("unexpected pdu {other:?}"),
+            }
+        }
+        println!(
+            "volume {volume}: abort answered after {} MiB of a {} MiB READ",
+            received >> 20,
+            bytes >> 20
+        );
+        assert!(
+            received < bytes / 2,
+            "abort answered only after {received} of {bytes} bytes"
+        );
+        // The session still works, and nothing more of task 1 arrives.
+        s.send_read(3, read10(7, 8), 8 * 512);
+        assert_eq!(s.receive_read(3, 7, || {}), (0, 8 * 512));
+    }
 }
 
 #[test]

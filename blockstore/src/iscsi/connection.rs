@@ -14,7 +14,7 @@
 //!   and nothing is written;
 //! - the data kept per connection is bounded: at most [`COMMANDS_MAX`] commands in the CmdSN
 //!   window, write data at most [`WRITE_BUFFER_BYTES_MAX`] in all and
-//!   [`crate::scsi::TRANSFER_BLOCKS_MAX`] blocks (plus slack) per command;
+//!   [`TRANSFER_BYTES_MAX`] per command;
 //! - a READ may be of any length: the shell streams it in pieces
 //!   ([`Connection::handle_read_start`], [`Connection::handle_read_data`], then
 //!   [`Connection::handle_command_complete`] with the last piece), and each piece leaves as
@@ -35,10 +35,12 @@ use crate::scsi::{Nexus, ScsiResult};
 
 /// Commands allowed in the CmdSN window at once.
 pub const COMMANDS_MAX: u32 = 64;
-/// Largest expected data transfer length accepted for one command that sends data (bytes): the
-/// largest transfer VPD page 0xB0 allows plus room for COMPARE AND WRITE's double length. Reads
-/// have no such limit (their data is streamed, never gathered).
-pub const TRANSFER_BYTES_MAX: u32 = 2 * crate::scsi::TRANSFER_BLOCKS_MAX * 512;
+/// Largest expected data transfer length accepted for one command that sends data (bytes): what
+/// one session may gather at once ([`WRITE_BUFFER_BYTES_MAX`]), so a command never waits for
+/// room it can never get; it holds [`crate::scsi::WRITE_TRANSFER_BLOCKS_MAX`] blocks of 512
+/// bytes (COMPARE AND WRITE, at most 255 blocks twice, is far below). Reads have no such limit
+/// (their data is streamed, never gathered).
+pub const TRANSFER_BYTES_MAX: u32 = WRITE_BUFFER_BYTES_MAX as u32;
 /// Write data one connection may hold while gathering it; more write commands wait with
 /// TASK SET FULL until earlier ones complete (bounds memory per session).
 pub const WRITE_BUFFER_BYTES_MAX: u64 = 32 << 20;
@@ -1642,11 +1644,15 @@ mod tests {
     }
 
     fn connection() -> Connection {
+        connection_with_bytes(512 * 1024)
+    }
+
+    fn connection_with_bytes(device_bytes: usize) -> Connection {
         let registry = Arc::new(Registry::default());
         registry
             .add_target(
                 IQN,
-                Arc::new(Memory(Mutex::new(vec![0; 512 * 1024]))),
+                Arc::new(Memory(Mutex::new(vec![0; device_bytes]))),
                 TargetConfig::default(),
             )
             .unwrap();
@@ -1814,6 +1820,94 @@ mod tests {
         assert_eq!(data, payload);
         let last = out.last().unwrap();
         assert_eq!(last.bhs[1] & 0x81, 0x81, "final Data-In carries status");
+    }
+
+    /// A WRITE far above the advertised MAXIMUM TRANSFER LENGTH (8,192 blocks) is gathered
+    /// burst by burst (R2Ts of MaxBurstLength) and written whole; one above what a session may
+    /// gather is refused with CHECK CONDITION, not left waiting.
+    #[test]
+    fn write_of_20000_blocks_arrives_by_r2t_and_is_written() {
+        let mut c = connection_with_bytes(16 << 20);
+        login(
+            &mut c,
+            &[
+                ("InitialR2T", "Yes"),
+                ("ImmediateData", "No"),
+                ("MaxBurstLength", "65536"),
+            ],
+        );
+        let blocks = 20_000u32;
+        let payload: Vec<u8> = (0..blocks * 512).map(|i| (i % 249) as u8).collect();
+        let mut cdb = vec![0x8a, 0];
+        cdb.extend_from_slice(&16u64.to_be_bytes());
+        cdb.extend_from_slice(&blocks.to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
+        let edtl = blocks * 512;
+        c.handle_bytes(&command(
+            10,
+            0x200,
+            &cdb,
+            false,
+            true,
+            edtl,
+            Vec::new(),
+            true,
+        ));
+        let mut r2ts = 0;
+        let response = loop {
+            let out = drain(&mut c);
+            assert_eq!(out.len(), 1, "{out:?}");
+            if out[0].opcode() != opcode::R2T {
+                break out[0].clone();
+            }
+            r2ts += 1;
+            let (ttt, offset, length) = (
+                wire::be32(&out[0].bhs, 20),
+                wire::be32(&out[0].bhs, 40),
+                wire::be32(&out[0].bhs, 44),
+            );
+            assert!(length <= 65536, "R2T beyond MaxBurstLength: {length}");
+            let d = InitiatorPdu::DataOut(WireDataOut {
+                final_: true,
+                lun: 0,
+                itt: 0x200,
+                ttt,
+                exp_stat_sn: 0,
+                data_sn: 0,
+                buffer_offset: offset,
+                data: payload[offset as usize..(offset + length) as usize].to_vec(),
+            });
+            c.handle_bytes(&d.to_pdu().encode(false, false));
+        };
+        assert_eq!(response.opcode(), opcode::SCSI_RESPONSE);
+        assert_eq!(response.bhs[3], 0, "write failed");
+        assert_eq!(r2ts, (edtl as usize).div_ceil(65536));
+        let target = c.target().unwrap();
+        let mut back = vec![0u8; payload.len()];
+        target.lun.read_blocks(16, &mut back).unwrap();
+        assert!(back == payload, "written data differs");
+        // Beyond what a session may gather: refused at once.
+        let too_many = (TRANSFER_BYTES_MAX / 512) + 8;
+        let mut cdb = vec![0x8a, 0];
+        cdb.extend_from_slice(&0u64.to_be_bytes());
+        cdb.extend_from_slice(&too_many.to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
+        c.handle_bytes(&command(
+            11,
+            0x201,
+            &cdb,
+            false,
+            true,
+            too_many * 512,
+            Vec::new(),
+            true,
+        ));
+        let out = drain(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].opcode(), out[0].bhs[3]),
+            (opcode::SCSI_RESPONSE, sense::CHECK_CONDITION)
+        );
     }
 
     #[test]
@@ -2188,15 +2282,18 @@ mod tests {
         assert_eq!(out[0].opcode(), opcode::SCSI_RESPONSE);
         let s = &out[0].data[2..];
         assert_eq!((s[12], s[13]), (0x21, 0x00), "lba out of range");
-        // A write that long is still refused up front.
-        let cdb = [0x2a, 0, 0, 0, 0, 0, 0x4e, 0x20, 0, 0];
+        // A write longer than a session may gather is refused up front.
+        let mut cdb = vec![0x8a, 0];
+        cdb.extend_from_slice(&0u64.to_be_bytes());
+        cdb.extend_from_slice(&70_000u32.to_be_bytes());
+        cdb.extend_from_slice(&[0, 0]);
         c.handle_bytes(&command(
             11,
             2,
             &cdb,
             false,
             true,
-            20_000 * 512,
+            70_000 * 512,
             Vec::new(),
             false,
         ));

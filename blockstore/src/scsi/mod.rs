@@ -36,6 +36,12 @@ use sense::Sense;
 /// page and reads a whole 9 MB file in one command (tgt accepts that too). This deliberately
 /// departs from SBC's "shall reject" for reads.
 pub const TRANSFER_BLOCKS_MAX: u32 = 8192;
+/// Largest WRITE, VERIFY or ORWRITE in blocks. Their data is gathered whole before they run,
+/// within what one session may gather ([`crate::iscsi::connection::WRITE_BUFFER_BYTES_MAX`],
+/// 32 MiB of 512-byte blocks), and arrives within the session's MaxBurstLength and R2T rules
+/// like any write. Above the MAXIMUM TRANSFER LENGTH the VPD page advertises (as READs are):
+/// initiators that size requests by the page never send more, those that do are served.
+pub const WRITE_TRANSFER_BLOCKS_MAX: u32 = 65_536;
 /// OPTIMAL TRANSFER LENGTH in VPD page 0xB0 (128 KiB).
 pub const OPTIMAL_TRANSFER_BLOCKS: u32 = 256;
 /// Largest WRITE SAME in blocks (VPD page 0xB0).
@@ -905,7 +911,7 @@ impl Lun {
             // BYTCHK is fine, we verify by writing and reading back nothing extra.
         }
         self.check_range(rw.lba, rw.blocks)?;
-        if rw.blocks > TRANSFER_BLOCKS_MAX as u64 {
+        if rw.blocks > WRITE_TRANSFER_BLOCKS_MAX as u64 {
             return Err(bad_field(7));
         }
         if self.lock().stopped {
@@ -936,7 +942,7 @@ impl Lun {
         }
         let bytchk = (cdb[1] >> 1) & 0x03;
         self.check_range(rw.lba, rw.blocks)?;
-        if rw.blocks > TRANSFER_BLOCKS_MAX as u64 {
+        if rw.blocks > WRITE_TRANSFER_BLOCKS_MAX as u64 {
             return Err(bad_field(7));
         }
         if bytchk == 0 || rw.blocks == 0 {
@@ -1118,7 +1124,7 @@ impl Lun {
             return Err(bad_field(1)); // ORPROTECT
         }
         self.check_range(lba, blocks)?;
-        if blocks > TRANSFER_BLOCKS_MAX as u64 {
+        if blocks > WRITE_TRANSFER_BLOCKS_MAX as u64 {
             return Err(bad_field(10));
         }
         if blocks == 0 {
