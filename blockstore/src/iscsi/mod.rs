@@ -48,6 +48,11 @@
 //!   status, bad commands CHECK CONDITION with sense data.
 //! - A write reaches the device only when all of its data arrived intact and in order.
 //! - Reservations and other LUN state are per target, shared by every session and portal.
+//! - Several READs of one session may run at once and complete in any order; nothing else
+//!   overtakes or is overtaken by them, and a task management or logout request is answered
+//!   only after the answers of the commands it affects (a streamed READ it aborts stops
+//!   instead, with no answer). See `server`.
+//! - Memory per session is bounded whatever the initiator asks (see `server` for the sum).
 //!
 //! # Not done
 //!

@@ -13,9 +13,11 @@
 //!
 //! Streaming: READs above [`TRANSFER_BLOCKS_MAX`] are not run by [`Lun::execute`]; a shell
 //! checks them with [`Lun::start_read`] and reads them piece by piece with [`Lun::read_blocks`].
+//! WRITE, VERIFY and ORWRITE are gathered whole, up to [`WRITE_TRANSFER_BLOCKS_MAX`] (above the
+//! advertised MAXIMUM TRANSFER LENGTH, as READs are).
 //!
 //! Not done: protection information (RDPROTECT/WRPROTECT other than 0 are rejected), EXTENDED COPY,
-//! SANITIZE, ORWRITE, WRITE ATOMIC, ALUA (REPORT TARGET PORT GROUPS), removable media.
+//! SANITIZE, WRITE ATOMIC, ALUA (REPORT TARGET PORT GROUPS), removable media.
 
 pub mod file;
 mod reservation;
