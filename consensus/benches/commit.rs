@@ -22,7 +22,8 @@
 //! within 1.5 s of a leader kill. Figures only; nothing is asserted.
 //!
 //! `cargo bench -p cairn-consensus --bench commit` (env BENCH_SECONDS, default 5;
-//! BENCH_FAILOVERS, default 5; BENCH_ETCD=0 leaves etcd out; TMPDIR=/dev/shm for tmpfs).
+//! BENCH_FAILOVERS, default 5; BENCH_ETCD=0 leaves etcd out; BENCH_FLUSH_PACING=0 runs the
+//! proposer's older rule, for before/after figures; TMPDIR=/dev/shm for tmpfs).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -222,7 +223,15 @@ fn orchestrate() {
     let seconds = env_number("BENCH_SECONDS", 5);
     let failovers = env_number("BENCH_FAILOVERS", 5);
     let root = tempfile::tempdir().unwrap();
-    println!("load average {}", load_average());
+    println!(
+        "load average {}; proposer flush pacing {}",
+        load_average(),
+        if env_number("BENCH_FLUSH_PACING", 1) != 0 {
+            "on"
+        } else {
+            "off (BENCH_FLUSH_PACING=0)"
+        }
+    );
     match fdatasync_probe(root.path(), 500) {
         Ok(report) => println!("disk floor, 500 x 4 KiB write + fdatasync: {report}"),
         Err(error) => println!("fdatasync probe failed: {error}"),
@@ -392,7 +401,10 @@ async fn node_process(id: u64) {
                 &std::fs::read(root.join(format!("node-{id}.identity.json"))).unwrap(),
             )
             .unwrap(),
-            tuning: RaftTuning::default(),
+            tuning: RaftTuning {
+                proposal_flush_pacing: env_number("BENCH_FLUSH_PACING", 1) != 0,
+                ..RaftTuning::default()
+            },
         }
     };
     let histograms = Histograms::install();

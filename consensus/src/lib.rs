@@ -11,7 +11,8 @@
 //!   responses are one `Outcome` per proposal, nodes are `NodeAddress`es, snapshots are byte
 //!   streams) and `Raft`, openraft's handle with its proposal batcher.
 //! - `proposer`: the leader's batcher; proposals arriving while earlier entries are in flight
-//!   share one entry (and its fsyncs).
+//!   share one entry (and its fsyncs). On RocksDB (`ClusterNode`) the next entry is cut when the
+//!   leader's log has flushed the previous one (the store's flush hook).
 //! - `store`: `StateMachineCore` (the apply step) and the snapshot format, shared by
 //!   `store::rocks` (RocksDB, one group-committing writer thread) and `store::mem` (simulation).
 //! - `rpc`: request/response messages, the `Transport` (client) and `RpcHandler` (server) traits.

@@ -197,6 +197,35 @@ impl Proposer {
         self.start_next(raft, timeout);
     }
 
+    /// Wires flush pacing for `raft`: returns the hook the log store calls after each flushed
+    /// append (it only marks the flush, so it never blocks the store's writer) and the task that
+    /// then cuts the next entry on the runtime. The task ends when the hook is dropped; abort it
+    /// on shutdown (it holds `raft`).
+    pub fn pace_by_flushes(
+        raft: &crate::types::Raft,
+        timeout: Duration,
+    ) -> (
+        impl Fn() + Send + Sync + 'static,
+        tokio::task::JoinHandle<()>,
+    ) {
+        raft.proposer().enable_flush_pacing();
+        let (flushed_tx, mut flushed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let proposer = raft.proposer().clone();
+        let hook = move || {
+            if proposer.log_flushed() {
+                let _ = flushed_tx.send(());
+            }
+        };
+        let raft = raft.clone();
+        let task = tokio::spawn(async move {
+            while flushed_rx.recv().await.is_some() {
+                while flushed_rx.try_recv().is_ok() {}
+                raft.proposer().start_pending(raft.openraft(), timeout);
+            }
+        });
+        (hook, task)
+    }
+
     /// Proposals waiting for an entry (tests and metrics).
     pub fn queued(&self) -> usize {
         self.lock().waiting.len()

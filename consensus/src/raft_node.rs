@@ -48,6 +48,10 @@ pub struct RaftTuning {
     pub forward_timeout_ms: u64,
     /// Deadline of a membership change (adding a learner waits until it caught up).
     pub membership_timeout_ms: u64,
+    /// The leader cuts its next entry when its log has flushed the previous one
+    /// (`proposer::Proposer::pace_by_flushes`); off, the older rule of at most two entries in
+    /// flight holds (kept for before/after benchmarks).
+    pub proposal_flush_pacing: bool,
 }
 
 impl Default for RaftTuning {
@@ -62,6 +66,7 @@ impl Default for RaftTuning {
             snapshot_chunk_timeout_ms: 5_000,
             forward_timeout_ms: 5_000,
             membership_timeout_ms: 120_000,
+            proposal_flush_pacing: true,
         }
     }
 }
@@ -168,24 +173,15 @@ impl ClusterNode {
         // The proposer cuts the leader's next entry when the log has flushed the previous one
         // (see `proposer::BATCHES_IN_FLIGHT_PACED_MAX`). The writer thread only marks the flush
         // and signals; the entry is started on the runtime.
-        raft.proposer().enable_flush_pacing();
-        let (flushed_tx, mut flushed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let proposer = raft.proposer().clone();
-        log.on_flushed(move || {
-            if proposer.log_flushed() {
-                let _ = flushed_tx.send(());
-            }
-        });
-        let pacer = {
-            let raft = raft.clone();
-            let timeout = Duration::from_millis(config.tuning.forward_timeout_ms);
-            tokio::spawn(async move {
-                while flushed_rx.recv().await.is_some() {
-                    while flushed_rx.try_recv().is_ok() {}
-                    raft.proposer().start_pending(raft.openraft(), timeout);
-                }
-            })
-        };
+        let mut tasks = Vec::new();
+        if config.tuning.proposal_flush_pacing {
+            let (hook, pacer) = crate::proposer::Proposer::pace_by_flushes(
+                &raft,
+                Duration::from_millis(config.tuning.forward_timeout_ms),
+            );
+            log.on_flushed(hook);
+            tasks.push(pacer);
+        }
         let service = Arc::new(RaftService {
             node_id: config.node_id,
             raft: raft.clone(),
@@ -196,11 +192,12 @@ impl ClusterNode {
         });
         let server = quic::serve(endpoint, Arc::new(ServiceHandler::new(&service)));
         let metrics_task = tokio::spawn(watch_metrics(raft.metrics()));
+        tasks.extend([server, metrics_task]);
         let inner = Arc::new(Inner {
             service,
             reader,
             log,
-            tasks: Mutex::new(vec![server, metrics_task, pacer]),
+            tasks: Mutex::new(tasks),
         });
         tracing::info!(node_id = config.node_id, listen = %config.raft_listen, "cluster node started");
         Ok(ClusterNode { inner })

@@ -3,11 +3,27 @@
 //! Column families: `logs` (Raft entries by index, big-endian), `meta` (vote, committed, last
 //! purged, state machine position), `events` (the event history by seq, big-endian).
 //!
-//! Durability: log appends, truncation, purge, vote and snapshot installation are synced. The
-//! state machine's apply batches and `committed` are written without their own fsync: RocksDB has
-//! one write-ahead log for all column families, so the next synced write (every append, purge,
-//! vote) makes them durable too, and until then the entries they came from are still in the log
-//! (purge is synced and comes later), so a crash only means re-applying them on restart.
+//! Durability: log appends, truncation, purge, vote and snapshot installation are synced; an
+//! append's `LogFlushed` callback runs only after its synced write returned. The state machine's
+//! apply batches and `committed` are written without their own fsync, so no fsync of the state
+//! machine is ever on the commit path. Why that is safe:
+//! - Each apply batch holds its events *and* the state machine position (`last_applied`), so
+//!   after a crash the stored events and position always agree (one atomic batch).
+//! - RocksDB has one write-ahead log for all column families, written in order; a synced write
+//!   syncs every earlier record (all live WAL files), so the next synced write (every append,
+//!   purge, vote) makes earlier apply batches durable too.
+//! - Until then, the entries they came from are still in the log: the log is purged only up to a
+//!   snapshot, a snapshot is built from applied (written) events, and the purge is itself a synced
+//!   write that comes after those apply batches in the WAL. So a crash loses at most applied
+//!   state whose entries are still in the durable log, and openraft re-applies them from
+//!   `last_applied` on restart. `committed` is only a hint for that replay.
+//!
+//! Critical path of one commit (measured by the `commit` bench's histograms): openraft 0.9's
+//! leader syncs its own append before it sends the entry to followers, and each follower syncs
+//! before it answers, so a commit costs two synced writes in series plus one round trip; the
+//! state machine apply (no fsync) follows. Writes go through one writer thread, which merges
+//! whatever is queued into one batch and one fsync (group commit) and, after each flushed append,
+//! calls the flush hook (`on_flushed`) by which the leader's proposer paces its entries.
 //!
 //! A failed write poisons the store: it and every later call return `StorageError`, on which
 //! openraft stops the node; nothing continues on top of a log it could not make durable.
