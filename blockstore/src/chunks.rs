@@ -45,6 +45,14 @@
 //!   ([`default_cache_bytes`]: an eighth of it, at least 256 MiB), so on a node with memory to
 //!   spare a deduplicated image that many clients boot is served from memory after its first
 //!   reads, without reading or hashing it again.
+//! - Chunk files read lately stay open in a bounded descriptor cache
+//!   ([`OPEN_CHUNK_FILES_MAX`], fewer when `RLIMIT_NOFILE` is low), so a miss is one `pread`
+//!   rather than `openat` + `pread` + `close`. A descriptor is only a way to the bytes: what it
+//!   reads is verified like anything else read from disk. A chunk found corrupt or of the wrong
+//!   size, scrubbed, or deleted by garbage collection loses its descriptor, so the next read
+//!   opens the file by name again (a chunk repaired by a new file is seen). A stale descriptor
+//!   left by a read racing a collection can only ever read the chunk's own (verified) bytes, or
+//!   fail verification; it holds the deleted file's blocks until it is evicted.
 //! - All-zero chunks are never stored: manifests mark them, readers synthesise zeros.
 //! - Garbage collection never removes a chunk that a stored manifest references or that an
 //!   import in progress has pinned (see [`ChunkStore::collect_garbage`] in `crate::image`).
@@ -186,6 +194,17 @@ pub struct ChunkReadStats {
     pub corrupt_total: u64,
 }
 
+/// Most chunk files kept open at once (see the module doc); each costs one descriptor.
+pub const OPEN_CHUNK_FILES_MAX: u64 = 1024;
+
+/// How many chunk files may stay open: [`OPEN_CHUNK_FILES_MAX`], or a quarter of the soft
+/// `RLIMIT_NOFILE` when that is lower (sockets, volumes' layer files and the rest need theirs).
+fn open_chunk_files_max() -> u64 {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    (soft / 4).min(OPEN_CHUNK_FILES_MAX)
+}
+
 /// Size of a leaf of a chunk's verification table: a BLAKE3 subtree of four 1 KiB BLAKE3
 /// chunks, aligned, so its chaining value is a node of the chunk's BLAKE3 tree.
 pub const LEAF_SIZE_BYTES: usize = 4096;
@@ -263,6 +282,9 @@ pub struct ChunkStore {
     cache: ChunkCache<Arc<[u8]>>,
     /// Verified leaf tables (see the module doc), for reading parts of chunks alone.
     tables: ChunkCache<Arc<LeafTable>>,
+    /// Open chunk files, each weighing 1 (see the module doc). Readers clone the `Arc`, so an
+    /// evicted descriptor closes when its last read is done.
+    files: ChunkCache<Arc<File>>,
     pins: Mutex<Pins>,
     temp_counter: AtomicU64,
     cache_hits_total: AtomicU64,
@@ -317,6 +339,7 @@ impl ChunkStore {
             tmp_dir,
             cache: ChunkCache::new(config.cache_bytes_max),
             tables: ChunkCache::new(config.cache_bytes_max / 8),
+            files: ChunkCache::new(open_chunk_files_max()),
             pins: Mutex::new(Pins::default()),
             temp_counter: AtomicU64::new(0),
             cache_hits_total: AtomicU64::new(0),
@@ -401,18 +424,30 @@ impl ChunkStore {
         }
         if length == CHUNK_SIZE_BYTES {
             self.disk_reads_total.fetch_add(1, Ordering::Relaxed);
-            let file = self.open_chunk(hash)?;
+            let file = self.chunk_file(hash)?;
             let filled = read_full_at(&file, target, 0).map_err(self.read_error(hash))?;
             if filled != CHUNK_SIZE_BYTES {
                 return Err(self.wrong_size(hash, filled as u64));
             }
-            // The bytes are served only if they are the chunk; a file longer than a chunk
-            // whose first 64 KiB are right is served too (scrub reports it).
-            self.check(hash, ChunkHash::of(target))?;
             // Keeping it costs a copy and usually an eviction: worth it when there is room, or
             // for a chunk read recently already (not for one pass of a scan larger than the
             // cache, which would only push out chunks that are read again).
-            if self.cache.admits(hash, CHUNK_SIZE_BYTES as u64) {
+            let admitted = self.cache.admits(hash, CHUNK_SIZE_BYTES as u64);
+            // The bytes are served only if they are the chunk; a file longer than a chunk
+            // whose first 64 KiB are right is served too (scrub reports it). A chunk not kept
+            // whole keeps its leaf table instead, derived from the bytes at hand while they
+            // are verified (the table must merge to the chunk's name), so a later read of a
+            // part of it reads and hashes that part alone, not the whole chunk again. Hashing
+            // by leaf costs more than one hash of the chunk, so it is done only then.
+            if admitted || !self.tables.enabled() || self.tables.contains(hash) {
+                self.check(hash, ChunkHash::of(target))?;
+            } else {
+                let table = leaf_table(target);
+                self.check(hash, table_root(&table))?;
+                self.tables
+                    .insert(*hash, Arc::new(table), LEAF_TABLE_WEIGHT_BYTES);
+            }
+            if admitted {
                 self.cache
                     .insert(*hash, Arc::from(&*target), CHUNK_SIZE_BYTES as u64);
             }
@@ -425,7 +460,7 @@ impl ChunkStore {
             let last = (within + length - 1) / LEAF_SIZE_BYTES;
             let span_start = first * LEAF_SIZE_BYTES;
             let span_length = (last - first + 1) * LEAF_SIZE_BYTES;
-            let file = self.open_chunk(hash)?;
+            let file = self.chunk_file(hash)?;
             let verify = |span: &[u8]| -> Result<(), ChunkError> {
                 for (step, leaf) in span.chunks_exact(LEAF_SIZE_BYTES).enumerate() {
                     let actual = leaf_value(first + step, leaf);
@@ -466,9 +501,22 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Reads and verifies a chunk from disk, bypassing (and not filling) the cache.
+    /// Reads and verifies a chunk from disk, bypassing (and not filling) the cache. The file
+    /// is opened by name (what a scrub must check), and a descriptor kept for it is dropped.
     pub fn read_chunk_uncached(&self, hash: &ChunkHash) -> Result<Arc<[u8]>, ChunkError> {
-        self.read_verified(hash, false)
+        self.files.remove(hash);
+        let file = self.open_chunk(hash)?;
+        self.read_verified_from(hash, &file, false)
+    }
+
+    /// A chunk's file, from the descriptor cache or opened (and then kept).
+    fn chunk_file(&self, hash: &ChunkHash) -> Result<Arc<File>, ChunkError> {
+        if let Some(file) = self.files.get(hash) {
+            return Ok(file);
+        }
+        let file = Arc::new(self.open_chunk(hash)?);
+        self.files.insert(*hash, file.clone(), 1);
+        Ok(file)
     }
 
     /// Opens a chunk's file (`<hh>/<64 hex>` under `chunks/`). The path in errors is built
@@ -525,6 +573,7 @@ impl ChunkStore {
 
     fn wrong_size(&self, hash: &ChunkHash, size_bytes: u64) -> ChunkError {
         self.corrupt_total.fetch_add(1, Ordering::Relaxed);
+        self.forget(hash);
         ChunkError::WrongSize {
             hash: *hash,
             size_bytes,
@@ -545,29 +594,40 @@ impl ChunkStore {
         })
     }
 
-    /// Drops what memory holds about a chunk found corrupt on disk (nothing of it is trusted
-    /// again until it is read whole and verified).
+    /// Drops what memory holds about a chunk found corrupt on disk or deleted (nothing of it
+    /// is trusted again until it is read whole and verified; its file is opened again by name).
     fn forget(&self, hash: &ChunkHash) {
         self.cache.remove(hash);
         self.tables.remove(hash);
+        self.files.remove(hash);
     }
 
     /// Reads a whole chunk from disk, checks its size and its hash (through its leaf table when
     /// `keep_table`, which then is cached), and returns it.
     fn read_verified(&self, hash: &ChunkHash, keep_table: bool) -> Result<Arc<[u8]>, ChunkError> {
+        let file = self.chunk_file(hash)?;
+        self.read_verified_from(hash, &file, keep_table)
+    }
+
+    fn read_verified_from(
+        &self,
+        hash: &ChunkHash,
+        file: &File,
+        keep_table: bool,
+    ) -> Result<Arc<[u8]>, ChunkError> {
         self.disk_reads_total.fetch_add(1, Ordering::Relaxed);
-        let file = self.open_chunk(hash)?;
-        let path = self.chunk_path(hash);
         // Allocated once, as the Arc the cache keeps: no copy after the read.
         let mut data: Arc<[u8]> = std::iter::repeat_n(0u8, CHUNK_SIZE_BYTES).collect();
         let buffer = Arc::get_mut(&mut data).ok_or(ChunkError::BadLength(0))?;
-        let filled = read_full_at(&file, buffer, 0).map_err(io_error(&path))?;
+        let filled = read_full_at(file, buffer, 0).map_err(self.read_error(hash))?;
         if filled != CHUNK_SIZE_BYTES {
             return Err(self.wrong_size(hash, filled as u64));
         }
         // One more byte means the file is too long.
         let mut extra = [0u8; 1];
-        if read_full_at(&file, &mut extra, CHUNK_SIZE_BYTES as u64).map_err(io_error(&path))? != 0 {
+        if read_full_at(file, &mut extra, CHUNK_SIZE_BYTES as u64).map_err(self.read_error(hash))?
+            != 0
+        {
             let size_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
             return Err(self.wrong_size(hash, size_bytes));
         }
@@ -696,6 +756,12 @@ impl ChunkStore {
     pub fn clear_cache(&self) {
         self.cache.clear();
         self.tables.clear();
+        self.files.clear();
+    }
+
+    /// Chunk files held open now.
+    pub fn open_files(&self) -> u64 {
+        self.files.bytes()
     }
 
     pub(crate) fn evict_cached(&self, hash: &ChunkHash) {
@@ -827,12 +893,17 @@ impl<V: Clone> ChunkCache<V> {
         Some(entry.data.clone())
     }
 
+    /// Whether `hash` is held (without marking it used).
+    fn contains(&self, hash: &ChunkHash) -> bool {
+        self.enabled() && self.shard(hash).entries.contains_key(hash)
+    }
+
     /// Admission on second touch (as in 2Q): whether `hash` should be inserted now. Yes when
     /// it fits without evicting anything, or when it was refused lately (it is being read
     /// again). Otherwise it is remembered as refused, and no. A cyclic scan larger than the
     /// cache then leaves the cache as it was instead of replacing all of it for no hits.
     fn admits(&self, hash: &ChunkHash, weight_bytes: u64) -> bool {
-        if !self.enabled() {
+        if !self.enabled() || weight_bytes > self.shard_bytes_max {
             return false;
         }
         let mut shard = self.shard(hash);
@@ -1026,6 +1097,22 @@ mod tests {
         let mut whole = vec![0u8; CHUNK_SIZE_BYTES];
         store.read_into(&hash, 0, &mut whole).unwrap();
         assert_eq!(whole, data);
+        // A chunk read whole and not kept keeps its leaf table: its parts are then read alone.
+        let other = chunk(10);
+        let other_hash = store.put_chunk(&other).unwrap();
+        store.read_into(&other_hash, 0, &mut whole).unwrap();
+        assert_eq!(whole, other);
+        let before = store.read_stats();
+        store.read_into(&other_hash, 4096, &mut part).unwrap();
+        assert_eq!(part, other[4096..8192]);
+        let after = store.read_stats();
+        assert_eq!(
+            (
+                after.disk_reads_total - before.disk_reads_total,
+                after.partial_disk_reads_total - before.partial_disk_reads_total
+            ),
+            (0, 1)
+        );
         // Out of the chunk: an error, not a panic.
         assert!(store.read_into(&hash, 65000, &mut part).is_err());
     }
@@ -1063,6 +1150,51 @@ mod tests {
             Err(ChunkError::WrongSize { .. })
         ));
         assert_eq!(store.read_stats().corrupt_total, 4);
+    }
+
+    #[test]
+    fn chunk_files_stay_open_until_the_chunk_is_damaged_scrubbed_or_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = leaf_store(dir.path());
+        let data = chunk(13);
+        let hash = store.put_chunk(&data).unwrap();
+        let mut part = vec![0u8; 4096];
+        for within in [0, 4096, 8192] {
+            store.read_into(&hash, within, &mut part).unwrap();
+            assert_eq!(part, data[within..within + 4096]);
+        }
+        assert_eq!(store.open_files(), 1);
+        assert!(store.open_files() <= open_chunk_files_max());
+        // A scrub opens the file by name and drops the kept descriptor.
+        store.read_chunk_uncached(&hash).unwrap();
+        assert_eq!(store.open_files(), 0);
+        store.read_into(&hash, 0, &mut part).unwrap();
+        assert_eq!(store.open_files(), 1);
+        // Collected (deleted) chunks lose their descriptor: the next read finds the file gone.
+        store.evict_cached(&hash);
+        assert_eq!(store.open_files(), 0);
+        fs::remove_file(store.chunk_path(&hash)).unwrap();
+        assert!(matches!(
+            store.read_into(&hash, 0, &mut part),
+            Err(ChunkError::Missing(_))
+        ));
+        // A damaged file read through a kept descriptor is refused and the descriptor dropped,
+        // so a repaired file (a new one under the name) is what the next read sees.
+        store.put_chunk(&data).unwrap();
+        store.read_into(&hash, 0, &mut part).unwrap();
+        let path = store.chunk_path(&hash);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            store.read_into(&hash, 0, &mut part),
+            Err(ChunkError::CorruptLeaf { offset: 0, .. })
+        ));
+        assert_eq!(store.open_files(), 0);
+        fs::remove_file(&path).unwrap();
+        store.put_chunk(&data).unwrap();
+        store.read_into(&hash, 0, &mut part).unwrap();
+        assert_eq!(part, data[..4096]);
     }
 
     #[test]
