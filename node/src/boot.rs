@@ -93,6 +93,13 @@ pub struct BootConfig {
     /// What unregistered MACs get (they are recorded as discovered in every case).
     #[serde(default)]
     pub unknown_clients: UnknownClientPolicy,
+    /// With `unknown_clients = "answer"`: register an unknown machine into this group when its
+    /// iPXE asks for a script (name `auto-<12 hex digits>`, recorded as an `AddClient` by this
+    /// node), so it boots the group's default image. Without it, an unknown machine's script
+    /// tells it to wait for an administrator to register it (`cairn client discovered`, then
+    /// `cairn client add`) and retries.
+    #[serde(default)]
+    pub unknown_group: Option<String>,
     /// Boot file for BIOS PXE clients (default `undionly.kpxe`).
     #[serde(default)]
     pub bios_boot_file: Option<String>,
@@ -127,6 +134,7 @@ impl Default for BootConfig {
             dhcp_bind_ip: None,
             pools: Vec::new(),
             unknown_clients: UnknownClientPolicy::Ignore,
+            unknown_group: None,
             bios_boot_file: None,
             efi_x64_boot_file: None,
             tftp: None,
@@ -171,6 +179,22 @@ impl BootConfig {
             (Some(ip), _) => Ok(ip),
             (None, IpAddr::V4(ip)) => Ok(ip),
             (None, other) => Err(BootConfigError::NoServerIp(other)),
+        }
+    }
+
+    /// The group unknown machines join, when they are answered at all and the name is valid.
+    fn unknown_group(&self) -> Option<Name> {
+        let raw = self.unknown_group.as_deref()?;
+        if self.unknown_clients != UnknownClientPolicy::Answer {
+            tracing::warn!(group = raw, "[boot] unknown_group needs unknown_clients = \"answer\"; unknown machines get no answer, so none is registered");
+            return None;
+        }
+        match Name::new(raw) {
+            Ok(name) => Some(name),
+            Err(error) => {
+                tracing::error!(group = raw, %error, "[boot] unknown_group is not a valid name; unknown machines are not registered");
+                None
+            }
         }
     }
 
@@ -230,6 +254,7 @@ pub fn start(
         menu_timeout_ms: boot.menu_timeout_ms,
         actor: crate::server::node_actor(config.node_id),
         primaries,
+        unknown_group: boot.unknown_group(),
     });
     let listen = config.boot_http();
     tasks.push(tokio::spawn(async move {
@@ -551,6 +576,8 @@ struct ScriptService {
     menu_timeout_ms: u64,
     actor: Name,
     primaries: PrimaryProbe,
+    /// See `BootConfig::unknown_group`.
+    unknown_group: Option<Name>,
 }
 
 /// Asks a boot's primary whether it serves the new session yet: this node's storage directly,
@@ -816,34 +843,46 @@ impl ScriptService {
             })
         };
         let login = query.login.clone();
-        // Linearizable: a client added a moment ago (on any node) is seen.
-        let snapshot = self
-            .cluster
-            .read(|state| {
-                let registered = state.clients.contains_key(&mac);
-                let client = state.client_images(&mac);
-                let user_assignments = state
-                    .assignments
-                    .keys()
-                    .any(|t| matches!(t, AssignmentTarget::User(_)));
-                let user = login
-                    .as_ref()
-                    .map(|(name, password)| check_login(state, name, password));
-                (registered, client, user_assignments, user)
-            })
-            .await;
-        let (registered, client_images, user_assignments, user) = match snapshot {
-            Ok(snapshot) => snapshot,
-            Err(error) => {
-                return (
-                    Decision::Plan(Self::unavailable(10)),
-                    Some(error.to_string()),
-                )
+        let mut adopted = false;
+        let (client_images, user_assignments, user) = loop {
+            // Linearizable: a client added a moment ago (on any node) is seen.
+            let snapshot = self
+                .cluster
+                .read(|state| {
+                    let registered = state.clients.contains_key(&mac);
+                    let client = state.client_images(&mac);
+                    let user_assignments = state
+                        .assignments
+                        .keys()
+                        .any(|t| matches!(t, AssignmentTarget::User(_)));
+                    let user = login
+                        .as_ref()
+                        .map(|(name, password)| check_login(state, name, password));
+                    (registered, client, user_assignments, user)
+                })
+                .await;
+            let (registered, client_images, user_assignments, user) = match snapshot {
+                Ok(snapshot) => snapshot,
+                Err(error) => {
+                    return (
+                        Decision::Plan(Self::unavailable(10)),
+                        Some(error.to_string()),
+                    )
+                }
+            };
+            if registered {
+                break (client_images, user_assignments, user);
+            }
+            match (&self.unknown_group, adopted) {
+                (Some(group), false) => {
+                    if let Err(note) = self.adopt(mac, group.clone()).await {
+                        return (message(BootMessage::NotRegistered, 30), Some(note));
+                    }
+                    adopted = true;
+                }
+                _ => return (message(BootMessage::NotRegistered, 30), None),
             }
         };
-        if !registered {
-            return (message(BootMessage::NotRegistered, 30), None);
-        }
         let (images, user) = match user {
             Some(Some((user, images))) if !images.images.is_empty() => (images, Some(user)),
             Some(_) => return (message(BootMessage::LoginFailed, 5), None),
@@ -901,6 +940,27 @@ impl ScriptService {
             Err(BeginBootError::Unavailable(reason)) => {
                 (Decision::Plan(Self::unavailable(10)), Some(reason))
             }
+        }
+    }
+
+    /// Registers an unknown machine into `group` (see `BootConfig::unknown_group`).
+    async fn adopt(&self, mac: Mac, group: Name) -> Result<(), String> {
+        let name = Name::new(format!("auto-{}", mac.to_compact()))
+            .map_err(|e| format!("no name for {mac}: {e}"))?;
+        let command = Command::AddClient {
+            mac,
+            name,
+            group: Some(group.clone()),
+        };
+        match self.cluster.propose(self.actor.clone(), command).await {
+            // Another node's script server may have registered it a moment ago.
+            Ok(_) | Err(ProposeError::Rejected(Rejection::AlreadyExists { .. })) => {
+                tracing::info!(client_mac = %mac, %group, "unknown machine registered into the unknown-clients group");
+                Ok(())
+            }
+            Err(error) => Err(format!(
+                "registering {mac} into group {group} failed: {error}"
+            )),
         }
     }
 

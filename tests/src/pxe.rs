@@ -403,7 +403,7 @@ pub enum LabDhcp {
     /// Cairn is the LAN's DHCP server (pool .100-.150, leases through Raft).
     Full,
     /// Cairn answers only PXE clients (ports 67 and 4011) beside another DHCP server, such as
-    /// [`Dnsmasq`].
+    /// [`Dnsmasq`]; unknown machines are answered too, and registered into group `guests`.
     Proxy,
 }
 
@@ -534,8 +534,9 @@ impl LabCluster {
             LabDhcp::Full => kept.push_str(&format!(
                 "\n[boot]\ndhcp_mode = \"full\"\ninterface = \"eth0\"\nra = true\n\n[[boot.pools]]\nsubnet = \"{SUBNET}.0\"\nprefix_len = 24\nrange_first = \"{SUBNET}.100\"\nrange_last = \"{SUBNET}.150\"\nlease_secs = 600\n"
             )),
+            // Unknown machines are answered and registered into group `guests`.
             LabDhcp::Proxy => kept.push_str(
-                "\n[boot]\ndhcp_mode = \"proxy\"\ninterface = \"eth0\"\nra = true\n",
+                "\n[boot]\ndhcp_mode = \"proxy\"\ninterface = \"eth0\"\nra = true\nunknown_clients = \"answer\"\nunknown_group = \"guests\"\n",
             ),
         }
         std::fs::write(&path, kept)?;

@@ -17,6 +17,9 @@
 //! first, which boots nothing), then a keypress choosing the user's second image from the menu;
 //! last, the cluster restarted in proxyDHCP mode beside dnsmasq as the LAN's DHCP server: dnsmasq
 //! leases the address, Cairn's leader answers the PXE part (ports 67 and 4011), BIOS and UEFI.
+//! Unknown machines: in full mode (the default policy) one gets no answer and is recorded as
+//! discovered; in the proxy part the nodes answer unknown machines and register them into a
+//! group, and an unknown machine boots the group's default image.
 //!
 //! Needs root, qemu-system-x86_64, Debian's ipxe/syslinux/ovmf/open-iscsi/dnsmasq packages and
 //! `CAIRN_SLOW_TESTS=1`; otherwise it prints why and passes.
@@ -35,6 +38,8 @@ const MAC_PERSISTENT: &str = "52:54:00:77:00:11";
 const MAC_NON_PERSISTENT: &str = "52:54:00:77:00:12";
 const MAC_LOGIN: &str = "52:54:00:77:00:13";
 const MAC_PROXY: &str = "52:54:00:77:00:14";
+/// Never registered by the test.
+const MAC_UNKNOWN: &str = "52:54:00:77:00:15";
 const MARKER_A: &str = "CAIRN-PXE-BOOT-OK-A";
 const MARKER_B: &str = "CAIRN-PXE-BOOT-OK-B";
 const MARKER_I: &str = "CAIRN-PXE-BOOT-OK-I";
@@ -73,7 +78,8 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
     cluster.cli_ok(&["client", "add", MAC, "--name", "pxe1"])?;
     cluster.cli_ok(&["assign", "deb-a", "--client", MAC])?;
 
-    // For working on one case: CAIRN_PXE_CASES=bios,menu,uefi,second-path,persistence,login,proxy
+    // For working on one case:
+    // CAIRN_PXE_CASES=bios,menu,uefi,second-path,persistence,login,discovered,proxy
     // (a comma list; unset runs them all, as CI does).
     let only = std::env::var("CAIRN_PXE_CASES").ok();
     let wanted = |case: &str| {
@@ -220,11 +226,17 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
         login(cluster, &log)?;
     }
 
+    if wanted("discovered") {
+        // 8. An unregistered machine gets no answer (the default policy) and is recorded as
+        // discovered, for the administrator to adopt.
+        discovered(cluster, &log)?;
+    }
+
     let list = cluster.cli_ok(&["client", "list"])?;
     eprintln!("{list}");
 
     if wanted("proxy") {
-        // 8. Last, as it restarts the cluster: proxyDHCP beside dnsmasq.
+        // 9. Last, as it restarts the cluster: proxyDHCP beside dnsmasq.
         proxy(cluster, &work, &log)?;
     }
     Ok(())
@@ -283,6 +295,46 @@ fn login(cluster: &LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn discovered(cluster: &LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
+    let qemu = Qemu::start(
+        &cluster.lab,
+        cluster.dir.path(),
+        Firmware::Bios,
+        MAC_UNKNOWN,
+        "discovered",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let listed = cluster.cli_json(&["client", "discovered"])?;
+        let seen = listed
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|row| row["mac"] == MAC_UNKNOWN));
+        if seen {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{MAC_UNKNOWN} not discovered: {listed}
+{}",
+            tail(&qemu.console(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // iPXE retries DHCP for a while; it must not have been offered anything in the meantime.
+    std::thread::sleep(Duration::from_secs(3));
+    let console = qemu.console();
+    assert!(
+        !console.contains("Filename:") && !console.contains("Next server:"),
+        "an unregistered machine got a boot answer:
+{}",
+        tail(&console, 20)
+    );
+    log(&format!(
+        "unregistered {MAC_UNKNOWN}: no answer, listed by `client discovered`"
+    ));
+    Ok(())
+}
+
 fn proxy(
     cluster: &mut LabCluster,
     work: &std::path::Path,
@@ -297,6 +349,9 @@ fn proxy(
     let dnsmasq = Dnsmasq::start(&cluster.lab, work)?;
     cluster.cli_ok(&["client", "add", MAC_PROXY, "--name", "pxe-proxy"])?;
     cluster.cli_ok(&["assign", "deb-a", "--client", MAC_PROXY])?;
+    // The nodes register unknown machines into `guests` (see LabDhcp::Proxy).
+    cluster.cli_ok(&["group", "add", "guests"])?;
+    cluster.cli_ok(&["assign", "deb-b", "--group", "guests", "--default"])?;
     let mut runs = vec![(Firmware::Bios, "proxy-bios")];
     if std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists()
         && std::path::Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").exists()
@@ -340,6 +395,31 @@ fn proxy(
         );
         assert_eq!(client["session"]["image"], "deb-a", "{client}");
     }
+
+    // An unknown machine (discovered in the full-mode part, or never seen): answered, registered
+    // into `guests` by the script server, boots the group's default image.
+    let mut qemu = Qemu::start(
+        &cluster.lab,
+        work,
+        Firmware::Bios,
+        MAC_UNKNOWN,
+        "proxy-unknown",
+    )?;
+    let seconds = qemu.wait_for_marker(MARKER_B, &[MARKER_A], BOOT_TIMEOUT)?;
+    log(&format!(
+        "unknown machine registered into guests: deb-b's marker after {seconds:.1}s"
+    ));
+    let client = cluster.cli_json(&["client", "show", MAC_UNKNOWN])?;
+    assert_eq!(client["client"]["group"], "guests", "{client}");
+    assert_eq!(client["client"]["name"], "auto-525400770015", "{client}");
+    assert_eq!(client["session"]["image"], "deb-b", "{client}");
+    let discovered = cluster.cli_json(&["client", "discovered"])?;
+    assert!(
+        discovered
+            .as_array()
+            .is_some_and(|rows| rows.iter().all(|row| row["mac"] != MAC_UNKNOWN)),
+        "registered, so no longer discovered: {discovered}"
+    );
     Ok(())
 }
 
