@@ -301,6 +301,20 @@ fn cairn(
         committed / commits.max(1.0),
         commit_seconds / commits.max(1.0) * 1000.0,
     ));
+    // What the leader's DHCP server decided for each datagram (silences by reason).
+    let decisions: Vec<String> = after
+        .lines()
+        .filter_map(|line| line.strip_prefix("cairn_bootproto_dhcp_requests_total{decision=\""))
+        .filter_map(|rest| rest.split_once('"'))
+        .map(|(decision, _)| {
+            let name = format!("cairn_bootproto_dhcp_requests_total{{decision=\"{decision}\"}}");
+            format!("{decision} {:.0}", delta(&name))
+        })
+        .collect();
+    details.push(format!(
+        "dhcp decisions during the run: {}",
+        decisions.join(", ")
+    ));
     for (name, unit_scale, unit) in [
         ("cairn_bootproto_dhcp_commit_seconds", 1000.0, "ms"),
         ("cairn_bootproto_dhcp_commit_batch_leases", 1.0, "leases"),

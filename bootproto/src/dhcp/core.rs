@@ -172,6 +172,19 @@ impl DhcpCore {
                     previous_expires_unix_secs,
                     ..
                 } => previous_expires_unix_secs,
+                // Another commit of the same lease finished first: keep the later expiry.
+                BindingState::Bound { expires_unix_secs } => {
+                    if committed && lease.expires_unix_secs > expires_unix_secs {
+                        self.book.set_state(
+                            lease.ip,
+                            lease.mac,
+                            BindingState::Bound {
+                                expires_unix_secs: lease.expires_unix_secs,
+                            },
+                        );
+                    }
+                    return;
+                }
                 _ => return,
             },
             _ => return,
@@ -250,9 +263,16 @@ impl DhcpCore {
         };
         match request.kind {
             MessageType::Discover => {
-                if let Some((_, b)) = self.book.binding_of_mac(request.mac) {
+                if let Some((ip, b)) = self.book.binding_of_mac(request.mac) {
                     if matches!(b.state, BindingState::Committing { .. }) {
-                        return Decision::Ignore(Ignored::CommitInFlight);
+                        // A client starting over while its lease is being committed: offer the
+                        // same address and leave the binding to the commit.
+                        return Decision::Reply(self.full_reply(
+                            request,
+                            pool,
+                            MessageType::Offer,
+                            ip,
+                        ));
                     }
                 }
                 let Some(ip) = self
@@ -294,11 +314,9 @@ impl DhcpCore {
                     .book
                     .binding_of_mac(request.mac)
                     .map(|(ip, b)| (ip, b.state.clone()));
-                if let Some((ip, BindingState::Committing { .. })) = &binding {
-                    if *ip == wanted {
-                        return Decision::Ignore(Ignored::CommitInFlight);
-                    }
-                }
+                // A REQUEST for the address whose commit is in flight (a retransmission, or the
+                // client started over) is committed again: its ACK, too, goes out only once a
+                // commit of its own is durable. Same MAC, same address: never a second lease.
                 let pool_config = &self.config.pools[pool];
                 if !pool_config.in_range(wanted) || !self.book.available(wanted, request.mac, now) {
                     // Wrong network, outside the range, or someone else's address.
@@ -311,7 +329,17 @@ impl DhcpCore {
                     return Decision::Reply(self.nak(request));
                 }
                 let expires = now + u64::from(pool_config.lease_secs);
-                let previous = self.book.committed_expiry(wanted, request.mac);
+                let previous = match &binding {
+                    // Keep what was durable before the first of the commits in flight.
+                    Some((
+                        ip,
+                        BindingState::Committing {
+                            previous_expires_unix_secs,
+                            ..
+                        },
+                    )) if *ip == wanted => *previous_expires_unix_secs,
+                    _ => self.book.committed_expiry(wanted, request.mac),
+                };
                 self.book.bind(
                     wanted,
                     request.mac,

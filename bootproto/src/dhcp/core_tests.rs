@@ -262,17 +262,20 @@ fn requests_for_another_clients_address_are_naked() {
 }
 
 #[test]
-fn duplicate_request_during_commit_is_ignored_and_failed_commit_keeps_address() {
+fn duplicate_request_during_commit_is_committed_again_and_failed_commit_keeps_address() {
     check(
         "0 discover mac=1
          0 request mac=1 ip=10.0.0.100 sid=10.0.0.1
+         0 discover mac=1
          0 request mac=1 ip=10.0.0.100 sid=10.0.0.1
          0 commit-fails
          1 discover mac=2
          1 request mac=1 ip=10.0.0.100 sid=10.0.0.1",
         "Offer 10.0.0.100 to 255.255.255.255:68
          commit 52:54:00:00:00:01 10.0.0.100 exp=600 then Ack 10.0.0.100 to 255.255.255.255:68
-         ignore CommitInFlight
+         Offer 10.0.0.100 to 255.255.255.255:68
+         commit 52:54:00:00:00:01 10.0.0.100 exp=600 then Ack 10.0.0.100 to 255.255.255.255:68
+         commit failed
          commit failed
          Offer 10.0.0.101 to 255.255.255.255:68
          commit 52:54:00:00:00:01 10.0.0.100 exp=601 then Ack 10.0.0.100 to 255.255.255.255:68",
