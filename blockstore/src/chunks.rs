@@ -401,7 +401,8 @@ impl ChunkStore {
 
     /// Copies `target.len()` bytes of chunk `hash`, from byte `within` of it, into `target`,
     /// verified, doing as little as it can: a cache hit is a copy; a whole chunk is read from
-    /// disk straight into `target` and hashed there (then kept in the cache); a part of a chunk
+    /// disk straight into `target` and hashed there (then kept in the cache, or, when the cache
+    /// does not take it, its leaf table derived from the same bytes kept); a part of a chunk
     /// whose leaf table is known is read alone and checked leaf by leaf against the table; the
     /// first part read of any other chunk reads and verifies the whole chunk and keeps it and its
     /// leaf table. On error, `target` holds garbage and must not be served.
