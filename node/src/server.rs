@@ -119,6 +119,7 @@ pub async fn start(
     config: NodeConfig,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<RunningNode> {
+    raise_open_files_limit();
     let files = DataFiles::new(&config.data_dir);
     let (ca, identity) = files.load_tls(config.node_id)?;
     let advertise = NodeAddress::new(config.raft(), config.api_url());
@@ -193,6 +194,29 @@ pub async fn start(
         storage,
         tasks,
     })
+}
+
+/// The chunk store keeps up to 16,384 chunk files open (half the soft limit at most), besides
+/// sockets for every iSCSI session: take the hard limit of open files, which systemd and most
+/// distributions set far above the soft 1,024.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited, which the kernel refuses for open files: take a large number instead.
+    let wanted = limit.maximum.unwrap_or(65_536);
+    if limit.current.is_none_or(|current| current >= wanted) {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(from = ?limit.current, to = wanted, "open files limit raised"),
+        Err(error) => {
+            tracing::warn!(%error, current = ?limit.current, "cannot raise the open files limit")
+        }
+    }
 }
 
 /// Second half of `cluster init`, on the first start: make this node a one-member cluster,
