@@ -13,14 +13,18 @@
 //! Needs root (namespace, port 67), perfdhcp and kea-dhcp4; otherwise it says why and exits 0.
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cairn_bootproto::dhcp::server::DhcpServer;
 use cairn_bootproto::dhcp::{DhcpConfig, PoolConfig};
+use cairn_bootproto::testing::peers::{
+    in_private_netns, on_path, perfdhcp, Kea, PerfdhcpClients, KEA_ADDRESS,
+};
 use cairn_bootproto::testing::{MemoryCommitter, MemoryDirectory};
 
-const INNER: &str = "CAIRN_BENCH_IN_NETNS";
+const BENCH: &str = "dhcp_vs_kea";
+const RANGE_FIRST: &str = "127.16.0.1";
+const RANGE_LAST: &str = "127.31.255.254";
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -29,117 +33,22 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn have(program: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 fn main() {
-    if std::env::var(INNER).is_ok() {
-        if let Err(e) = inner() {
-            eprintln!("dhcp_vs_kea: failed: {e:#}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    for program in ["perfdhcp", "kea-dhcp4", "ip"] {
-        if !have(program) {
-            println!("dhcp_vs_kea: skipped: {program} not installed (packages kea-admin, kea-dhcp4-server, iproute2)");
+    for (program, package) in [("perfdhcp", "kea-admin"), ("kea-dhcp4", "kea-dhcp4-server")] {
+        if !on_path(program) {
+            println!("{BENCH}: skipped: {program} not installed (package {package})");
             return;
         }
     }
-    let ns = format!("cairnbench{}", std::process::id());
-    if !Command::new("ip")
-        .args(["netns", "add", &ns])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-    {
-        println!("dhcp_vs_kea: skipped: cannot create a network namespace (needs root)");
-        return;
+    match in_private_netns(BENCH, &["127.0.0.2/8", "127.0.0.3/8"]) {
+        Some(true) => return,
+        Some(false) => std::process::exit(1),
+        None => {}
     }
-    let setup = [
-        vec!["-n", &ns, "link", "set", "lo", "up"],
-        vec!["-n", &ns, "addr", "add", "127.0.0.2/8", "dev", "lo"],
-        vec!["-n", &ns, "addr", "add", "127.0.0.3/8", "dev", "lo"],
-    ];
-    let mut ok = true;
-    for args in setup {
-        ok &= Command::new("ip")
-            .args(&args)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-    }
-    let status = if ok {
-        let exe = std::env::current_exe().expect("current exe");
-        Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(exe)
-            .env(INNER, "1")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    } else {
-        false
-    };
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-    if !status {
+    if let Err(e) = inner() {
+        eprintln!("{BENCH}: failed: {e:#}");
         std::process::exit(1);
     }
-}
-
-struct Run {
-    leases_per_second: f64,
-    acks: u64,
-    requests: u64,
-    discovers: u64,
-}
-
-fn perfdhcp(server: &str, seconds: u64, rate: u64, clients: u64) -> anyhow::Result<Run> {
-    let output = Command::new("perfdhcp")
-        .args([
-            "-4",
-            "-l",
-            "127.0.0.1",
-            "-r",
-            &rate.to_string(),
-            "-R",
-            &clients.to_string(),
-            "-p",
-            &seconds.to_string(),
-            server,
-        ])
-        .output()?;
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
-    let section = |name: &str, key: &str| -> u64 {
-        report
-            .split(&format!("Statistics for: {name}"))
-            .nth(1)
-            .and_then(|part| {
-                part.lines()
-                    .find_map(|l| l.trim().strip_prefix(key))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    };
-    let acks = section("REQUEST-ACK", "received packets:");
-    anyhow::ensure!(
-        !report.is_empty(),
-        "perfdhcp printed nothing: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(Run {
-        leases_per_second: acks as f64 / seconds as f64,
-        acks,
-        requests: section("REQUEST-ACK", "sent packets:"),
-        discovers: section("DISCOVER-OFFER", "sent packets:"),
-    })
 }
 
 fn inner() -> anyhow::Result<()> {
@@ -170,52 +79,23 @@ fn inner() -> anyhow::Result<()> {
     config.bind_ip = Ipv4Addr::new(127, 0, 0, 2);
     let server = runtime.block_on(DhcpServer::bind(config, directory, committer.clone()))?;
     let task = runtime.spawn(server.run());
-    let cairn = perfdhcp("127.0.0.2", seconds, rate, clients)?;
+    let cairn = perfdhcp("127.0.0.2", seconds, rate, PerfdhcpClients::Random(clients))?;
     task.abort();
     let (calls, committed, conflicts) = committer.counts();
     drop(runtime);
 
     // Kea, memfile, persisted to a CSV file in the temp dir.
-    let kea_config = work.path().join("kea-dhcp4.json");
-    let leases = work.path().join("leases4.csv");
-    let log = work.path().join("kea.log");
-    std::fs::write(
-        &kea_config,
-        format!(
-            r#"{{"Dhcp4": {{
-  "interfaces-config": {{"interfaces": ["lo/127.0.0.3"], "dhcp-socket-type": "udp"}},
-  "lease-database": {{"type": "memfile", "persist": true, "name": "{}", "lfc-interval": 0}},
-  "valid-lifetime": 3600,
-  "subnet4": [{{"id": 1, "subnet": "127.0.0.0/8", "pools": [{{"pool": "127.16.0.1 - 127.31.255.254"}}]}}],
-  "loggers": [{{"name": "kea-dhcp4", "output_options": [{{"output": "{}"}}], "severity": "WARN"}}]
-}}}}"#,
-            leases.display(),
-            log.display()
-        ),
-    )?;
-    let mut kea = Command::new("kea-dhcp4")
-        .arg("-c")
-        .arg(&kea_config)
-        .env("KEA_PIDFILE_DIR", work.path())
-        .env("KEA_LOCKFILE_DIR", work.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(2));
-    let kea_run = perfdhcp("127.0.0.3", seconds, rate, clients);
-    let _ = kea.kill();
-    let _ = kea.wait();
+    let kea = Kea::start(work.path(), RANGE_FIRST, RANGE_LAST)?;
+    let kea_run = perfdhcp(KEA_ADDRESS, seconds, rate, PerfdhcpClients::Random(clients));
+    let kea_log = kea.log_head();
+    drop(kea);
     let kea_run = kea_run?;
-    let kea_version = Command::new("kea-dhcp4")
-        .arg("-v")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let kea_version = Kea::version();
 
     println!("dhcp_vs_kea: perfdhcp -4 relay mode (giaddr 127.0.0.1), {seconds} s, rate {rate}/s, {clients} clients, in a private netns");
     println!(
         "  cairn  : {:>9.1} leases/s  ({} acks / {} requests / {} discovers); committer: MemoryCommitter with {delay_ms} ms delay per commit call (stand-in for Raft): {calls} calls, {committed} leases, {:.1} leases/call, {conflicts} conflicts",
-        cairn.leases_per_second,
+        cairn.leases_per_second(),
         cairn.acks,
         cairn.requests,
         cairn.discovers,
@@ -223,24 +103,19 @@ fn inner() -> anyhow::Result<()> {
     );
     println!(
         "  kea    : {:>9.1} leases/s  ({} acks / {} requests / {} discovers); kea-dhcp4 {kea_version}, memfile persisted to csv",
-        kea_run.leases_per_second, kea_run.acks, kea_run.requests, kea_run.discovers
+        kea_run.leases_per_second(),
+        kea_run.acks,
+        kea_run.requests,
+        kea_run.discovers
     );
-    let ratio = if kea_run.leases_per_second > 0.0 {
-        cairn.leases_per_second / kea_run.leases_per_second
+    let ratio = if kea_run.acks > 0 {
+        cairn.leases_per_second() / kea_run.leases_per_second()
     } else {
         f64::NAN
     };
     println!("  ratio cairn/kea: {ratio:.2}x");
     if kea_run.acks == 0 {
-        println!(
-            "  note: kea answered nothing; its log: {}",
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .lines()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
+        println!("  note: kea answered nothing; its log: {kea_log}");
     }
     Ok(())
 }

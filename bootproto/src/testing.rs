@@ -1,6 +1,9 @@
 //! In-memory implementations of [`BootDirectory`] and [`LeaseCommitter`], for tests, the
 //! benchmark and single-machine demos. They stand in for the node's Raft-backed ones: the
-//! committer can add a delay per commit call to model a Raft round trip.
+//! committer can add a delay per commit call to model a Raft round trip. [`peers`] runs the real
+//! DHCP peers (perfdhcp, Kea) the benchmarks compare against.
+
+pub mod peers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;

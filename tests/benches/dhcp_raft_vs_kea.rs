@@ -19,10 +19,10 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cairn_bootproto::testing::peers::{perfdhcp, Kea, PerfdhcpClients, PerfdhcpRun, KEA_ADDRESS};
 use cairn_tests::bench::{
     self, dhcp_exchange, env_u64, leader, mac_text, macs, metric_sum, register_clients, summary,
     Api,
@@ -52,108 +52,6 @@ fn main() {
     }
 }
 
-struct Run {
-    acks: u64,
-    requests: u64,
-    discovers: u64,
-    offers: u64,
-    seconds: f64,
-    /// perfdhcp's own figure: completed 4-way exchanges per second.
-    perfdhcp_rate: f64,
-}
-
-impl Run {
-    fn leases_per_second(&self) -> f64 {
-        self.acks as f64 / self.seconds
-    }
-}
-
-fn perfdhcp(server: &str, seconds: u64, rate: u64, mac_list: &Path) -> anyhow::Result<Run> {
-    let output = Command::new("perfdhcp")
-        .args(["-4", "-l", "127.0.0.1", "-r", &rate.to_string(), "-M"])
-        .arg(mac_list)
-        .args(["-p", &seconds.to_string(), server])
-        .output()?;
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
-    anyhow::ensure!(
-        !report.is_empty(),
-        "perfdhcp printed nothing: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let section = |name: &str, key: &str| -> u64 {
-        report
-            .split(&format!("Statistics for: {name}"))
-            .nth(1)
-            .and_then(|part| {
-                part.lines()
-                    .find_map(|l| l.trim().strip_prefix(key))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    };
-    // perfdhcp sends for `-p` seconds, then waits briefly for late answers: rates are per
-    // test period.
-    Ok(Run {
-        acks: section("REQUEST-ACK", "received packets:"),
-        requests: section("REQUEST-ACK", "sent packets:"),
-        discovers: section("DISCOVER-OFFER", "sent packets:"),
-        offers: section("DISCOVER-OFFER", "received packets:"),
-        seconds: seconds as f64,
-        perfdhcp_rate: report
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Rate:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN),
-    })
-}
-
-fn kea(work: &Path, seconds: u64, rate: u64, mac_list: &Path) -> anyhow::Result<(Run, String)> {
-    let config = work.join("kea-dhcp4.json");
-    let leases = work.join("leases4.csv");
-    let log = work.join("kea.log");
-    std::fs::write(
-        &config,
-        format!(
-            r#"{{"Dhcp4": {{
-  "interfaces-config": {{"interfaces": ["lo/127.0.0.3"], "dhcp-socket-type": "udp"}},
-  "lease-database": {{"type": "memfile", "persist": true, "name": "{}", "lfc-interval": 0}},
-  "valid-lifetime": 3600,
-  "subnet4": [{{"id": 1, "subnet": "127.0.0.0/8", "pools": [{{"pool": "{RANGE_FIRST} - {RANGE_LAST}"}}]}}],
-  "loggers": [{{"name": "kea-dhcp4", "output_options": [{{"output": "{}"}}], "severity": "WARN"}}]
-}}}}"#,
-            leases.display(),
-            log.display()
-        ),
-    )?;
-    let mut kea = Command::new("kea-dhcp4")
-        .arg("-c")
-        .arg(&config)
-        .env("KEA_PIDFILE_DIR", work)
-        .env("KEA_LOCKFILE_DIR", work)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(Duration::from_secs(2));
-    let run = perfdhcp("127.0.0.3", seconds, rate, mac_list);
-    let _ = kea.kill();
-    let _ = kea.wait();
-    let run = run?;
-    if run.acks == 0 {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        anyhow::bail!(
-            "kea answered nothing; its log: {}",
-            text.lines().take(5).collect::<Vec<_>>().join(" | ")
-        );
-    }
-    let version = Command::new("kea-dhcp4")
-        .arg("-v")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    Ok((run, version))
-}
-
 fn lease_count(api: &Api) -> anyhow::Result<usize> {
     let leases = api.get_json("/v1/leases")?;
     leases
@@ -179,7 +77,18 @@ fn inner() -> anyhow::Result<()> {
     )?;
 
     // Kea first, alone on the machine.
-    let (kea_run, kea_version) = kea(work.path(), seconds, rate, &mac_list)?;
+    let kea = Kea::start(work.path(), RANGE_FIRST, RANGE_LAST)?;
+    let kea_run = perfdhcp(
+        KEA_ADDRESS,
+        seconds,
+        rate,
+        PerfdhcpClients::MacList(&mac_list),
+    );
+    let kea_log = kea.log_head();
+    drop(kea);
+    let kea_run = kea_run?;
+    anyhow::ensure!(kea_run.acks > 0, "kea answered nothing; its log: {kea_log}");
+    let kea_version = Kea::version();
 
     // Cairn: three real nodes, DHCP on every one, the leader answers.
     let cluster = bench::start_cluster_with_dhcp(61, RANGE_FIRST, RANGE_LAST, "")?;
@@ -224,7 +133,7 @@ fn inner() -> anyhow::Result<()> {
 }
 
 struct CairnRun {
-    run: Run,
+    run: PerfdhcpRun,
     leader_id: u64,
     details: Vec<String>,
 }
@@ -279,7 +188,12 @@ fn cairn(
     }
 
     let before = api.get_text("/metrics")?;
-    let run = perfdhcp(&leader_address, seconds, rate, mac_list)?;
+    let run = perfdhcp(
+        &leader_address,
+        seconds,
+        rate,
+        PerfdhcpClients::MacList(mac_list),
+    )?;
     let after = api.get_text("/metrics")?;
     let (leader_after, _) = leader(cluster)?;
     if leader_after != leader_id {

@@ -9,7 +9,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -34,51 +34,14 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-const INNER: &str = "CAIRN_BENCH_IN_NETNS";
-
-/// Runs this benchmark binary again inside a new network namespace whose `lo` is up and also
-/// carries `addresses` (e.g. `127.0.0.3/8` for a peer that wants its address on an interface).
-/// Returns `None` in the re-run process (carry on with the benchmark), `Some(success)` in the
-/// outer one once the inner run ended (the namespace is deleted). Needs root; without it, prints
-/// why and returns `Some(true)`.
+/// Runs this benchmark binary again inside a private network namespace (see
+/// [`cairn_bootproto::testing::peers::in_private_netns`]), after building the cairn binary
+/// outside it, so the inner run finds it built.
 pub fn in_private_netns(bench: &str, addresses: &[&str]) -> Option<bool> {
-    if std::env::var(INNER).is_ok() {
-        return None;
+    if std::env::var_os(cairn_bootproto::testing::peers::IN_NETNS_ENV).is_none() {
+        let _ = crate::cairn_binary();
     }
-    if let Some(reason) = missing_tool(&[("ip", "iproute2")]) {
-        println!("{bench}: skipped: {reason}");
-        return Some(true);
-    }
-    // Build the cairn binary here, outside the namespace, so the inner run finds it built.
-    let _ = crate::cairn_binary();
-    let ns = format!("cairnbench{}", std::process::id());
-    let ip = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if !ip(&["netns", "add", &ns]) {
-        println!("{bench}: skipped: cannot create a network namespace (needs root)");
-        return Some(true);
-    }
-    let mut ok = ip(&["-n", &ns, "link", "set", "lo", "up"]);
-    for address in addresses {
-        ok &= ip(&["-n", &ns, "addr", "add", address, "dev", "lo"]);
-    }
-    let success = ok
-        && Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(std::env::current_exe().expect("current exe"))
-            .args(std::env::args().skip(1))
-            .env(INNER, "1")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-    let _ = ip(&["netns", "del", &ns]);
-    Some(success)
+    cairn_bootproto::testing::peers::in_private_netns(bench, addresses)
 }
 
 /// The `[boot]` table for one node: full DHCP bound to the node's own address (three nodes
