@@ -171,7 +171,7 @@ impl Proposer {
 
     /// Switches to pacing by the leader's own log flushes: from now on the log store calls
     /// `log_flushed` after each flushed append (see `BATCHES_IN_FLIGHT_PACED_MAX`).
-    pub fn enable_flush_pacing(&self) {
+    fn enable_flush_pacing(&self) {
         self.lock().flush_paced = true;
     }
 
@@ -179,22 +179,13 @@ impl Proposer {
     /// the order entries were handed over, so the oldest entry not yet marked is flushed now (or
     /// the append was a blank or membership entry of openraft's own, and the mark comes one
     /// entry early, which only lets the next entry start sooner). Returns whether proposals
-    /// wait, so the caller should run `start_pending`.
-    pub fn log_flushed(&self) -> bool {
+    /// wait, so the caller should run `start_next`.
+    fn log_flushed(&self) -> bool {
         let mut queue = self.lock();
         if let Some(batch) = queue.in_flight.iter_mut().find(|b| !b.flushed) {
             batch.flushed = true;
         }
         !queue.waiting.is_empty()
-    }
-
-    /// Starts an entry for the waiting proposals if a slot is free (after `log_flushed`).
-    pub fn start_pending(
-        self: &Arc<Proposer>,
-        raft: &openraft::Raft<TypeConfig>,
-        timeout: Duration,
-    ) {
-        self.start_next(raft, timeout);
     }
 
     /// Wires flush pacing for `raft`: returns the hook the log store calls after each flushed
@@ -220,7 +211,7 @@ impl Proposer {
         let task = tokio::spawn(async move {
             while flushed_rx.recv().await.is_some() {
                 while flushed_rx.try_recv().is_ok() {}
-                raft.proposer().start_pending(raft.openraft(), timeout);
+                raft.proposer().start_next(raft.openraft(), timeout);
             }
         });
         (hook, task)

@@ -13,7 +13,7 @@ use std::time::Duration;
 use cairn_consensus::domain::{replay, Command, Name, ReplayBound};
 use cairn_consensus::network::NetworkFactory;
 use cairn_consensus::rpc::{RpcRequest, RpcResponse, Transport, TransportError};
-use cairn_consensus::service::{ProposeError, RaftService, ServiceTimeouts};
+use cairn_consensus::service::{ProposeError, RaftService, ServiceTimeouts, StateView};
 use cairn_consensus::store::mem::{MemLogStore, MemStateMachine};
 use cairn_consensus::types::Raft;
 use cairn_consensus::{NodeAddress, RaftTuning};
@@ -36,6 +36,43 @@ impl Transport for NoPeers {
             reason: "no peers".into(),
         })
     }
+}
+
+/// The image proposal `n` creates: every fifth repeats the name of the one before (and is
+/// rejected, or that one is).
+fn image_number(n: i32) -> i32 {
+    if n % 5 == 4 {
+        n - 1
+    } else {
+        n
+    }
+}
+
+fn create_image(n: i32) -> Command {
+    Command::CreateImage {
+        name: Name::new(format!("image-{}", image_number(n))).unwrap(),
+        description: String::new(),
+    }
+}
+
+/// Makes the service's Raft a one-member cluster and waits until it leads; returns the last log
+/// index then.
+async fn lead_alone<S: StateView, T: Transport>(service: &RaftService<S, T>) -> u64 {
+    service
+        .initialize(NodeAddress {
+            raft: "node-1".into(),
+            api: String::new(),
+        })
+        .await
+        .unwrap();
+    service
+        .raft
+        .metrics()
+        .wait_for(|m| m.current_leader == Some(1))
+        .await
+        .unwrap();
+    let last = service.raft.metrics().borrow().last_log_index.unwrap();
+    last
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -61,33 +98,15 @@ async fn concurrent_proposals_share_entries_and_keep_their_own_outcomes() {
         clock: Arc::new(move || 2_000_000 - ticks.fetch_add(1, Ordering::Relaxed)),
         timeouts: ServiceTimeouts::default(),
     });
-    service
-        .initialize(NodeAddress {
-            raft: "node-1".into(),
-            api: String::new(),
-        })
-        .await
-        .unwrap();
-    let mut metrics = service.raft.metrics();
-    metrics
-        .wait_for(|m| m.current_leader == Some(1))
-        .await
-        .unwrap();
-    let entries_before = service.raft.metrics().borrow().last_log_index.unwrap();
+    let entries_before = lead_alone(&service).await;
 
     let admin = Name::new("admin").unwrap();
     let mut tasks = Vec::new();
     for n in 0..200 {
         let service = service.clone();
         let admin = admin.clone();
-        // Every fifth name repeats an earlier one: those are rejected.
-        let name = if n % 5 == 4 { n - 1 } else { n };
         tasks.push(tokio::spawn(async move {
-            let command = Command::CreateImage {
-                name: Name::new(format!("image-{name}")).unwrap(),
-                description: String::new(),
-            };
-            (n, service.propose(admin, command).await)
+            (n, service.propose(admin, create_image(n)).await)
         }));
     }
     let mut answers = BTreeMap::new();
@@ -165,36 +184,20 @@ async fn flush_paced_proposals_on_rocksdb_are_each_answered_once() {
         clock: Arc::new(|| 1_000_000),
         timeouts: ServiceTimeouts::default(),
     });
-    service
-        .initialize(NodeAddress {
-            raft: "node-1".into(),
-            api: String::new(),
-        })
-        .await
-        .unwrap();
-    service
-        .raft
-        .metrics()
-        .wait_for(|m| m.current_leader == Some(1))
-        .await
-        .unwrap();
-    let entries_before = service.raft.metrics().borrow().last_log_index.unwrap();
+    let entries_before = lead_alone(&service).await;
 
     let admin = Name::new("admin").unwrap();
     let mut tasks = Vec::new();
     for n in 0..200 {
         let service = service.clone();
         let admin = admin.clone();
-        let name = if n % 5 == 4 { n - 1 } else { n };
         tasks.push(tokio::spawn(async move {
-            let command = Command::CreateImage {
-                name: Name::new(format!("image-{name}")).unwrap(),
-                description: String::new(),
-            };
-            let answer =
-                tokio::time::timeout(Duration::from_secs(30), service.propose(admin, command))
-                    .await
-                    .expect("a paced proposal stalled");
+            let answer = tokio::time::timeout(
+                Duration::from_secs(30),
+                service.propose(admin, create_image(n)),
+            )
+            .await
+            .expect("a paced proposal stalled");
             (n, answer)
         }));
     }
@@ -204,7 +207,7 @@ async fn flush_paced_proposals_on_rocksdb_are_each_answered_once() {
     let mut accepted = BTreeMap::<i32, usize>::new();
     for task in tasks {
         let (n, answer) = task.await.unwrap();
-        let name = if n % 5 == 4 { n - 1 } else { n };
+        let name = image_number(n);
         match answer {
             Ok(events) => {
                 assert_eq!(events.len(), 1, "proposal {n}");

@@ -44,10 +44,10 @@ use cairn_bootproto::ra::{RaConfig, RaResponder};
 use cairn_bootproto::tftp::{TftpConfig, TftpServer};
 use cairn_bootproto::MacAddr;
 use cairn_consensus::domain::{
-    AssignmentTarget, Command, EventPayload, LeaseRequest, Mac, Name, NodeId, Rejection, State,
-    LEASES_PER_COMMAND_MAX,
+    AssignmentList, AssignmentTarget, Command, EventPayload, LeaseRequest, Mac, Name, NodeId,
+    Rejection, State, LEASES_PER_COMMAND_MAX,
 };
-use cairn_consensus::{ClusterNode, ProposeError};
+use cairn_consensus::{ClusterNode, ProposeError, ReadError};
 
 use crate::config::NodeConfig;
 
@@ -583,7 +583,6 @@ struct ScriptService {
 /// Asks a boot's primary whether it serves the new session yet: this node's storage directly,
 /// another node over its admin API (`GET /v1/sessions/{mac}/serving`, with the node token).
 pub struct PrimaryProbe {
-    pub node_id: u64,
     pub storage: Arc<crate::storage::Storage>,
     pub http: reqwest::Client,
     pub node_token: String,
@@ -600,7 +599,7 @@ impl PrimaryProbe {
         generation: u64,
         wait: Duration,
     ) -> bool {
-        if primary == self.node_id {
+        if primary == cluster.node_id() {
             return self.storage.wait_serving(&mac, generation, wait).await;
         }
         let Some(api) =
@@ -842,47 +841,37 @@ impl ScriptService {
                 retry_secs,
             })
         };
-        let login = query.login.clone();
-        let mut adopted = false;
-        let (client_images, user_assignments, user) = loop {
-            // Linearizable: a client added a moment ago (on any node) is seen.
-            let snapshot = self
-                .cluster
-                .read(|state| {
-                    let registered = state.clients.contains_key(&mac);
-                    let client = state.client_images(&mac);
-                    let user_assignments = state
-                        .assignments
-                        .keys()
-                        .any(|t| matches!(t, AssignmentTarget::User(_)));
-                    let user = login
-                        .as_ref()
-                        .map(|(name, password)| check_login(state, name, password));
-                    (registered, client, user_assignments, user)
-                })
-                .await;
-            let (registered, client_images, user_assignments, user) = match snapshot {
-                Ok(snapshot) => snapshot,
-                Err(error) => {
-                    return (
-                        Decision::Plan(Self::unavailable(10)),
-                        Some(error.to_string()),
-                    )
-                }
-            };
-            if registered {
-                break (client_images, user_assignments, user);
+        let login = &query.login;
+        let mut snapshot = self.client_snapshot(mac, login).await;
+        if let (
+            Ok(ClientSnapshot {
+                registered: false, ..
+            }),
+            Some(group),
+        ) = (&snapshot, &self.unknown_group)
+        {
+            if let Err(note) = self.adopt(mac, group.clone()).await {
+                return (message(BootMessage::NotRegistered, 30), Some(note));
             }
-            match (&self.unknown_group, adopted) {
-                (Some(group), false) => {
-                    if let Err(note) = self.adopt(mac, group.clone()).await {
-                        return (message(BootMessage::NotRegistered, 30), Some(note));
-                    }
-                    adopted = true;
-                }
-                _ => return (message(BootMessage::NotRegistered, 30), None),
+            snapshot = self.client_snapshot(mac, login).await;
+        }
+        let ClientSnapshot {
+            registered,
+            client_images,
+            user_assignments,
+            user,
+        } = match snapshot {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                return (
+                    Decision::Plan(Self::unavailable(10)),
+                    Some(error.to_string()),
+                )
             }
         };
+        if !registered {
+            return (message(BootMessage::NotRegistered, 30), None);
+        }
         let (images, user) = match user {
             Some(Some((user, images))) if !images.images.is_empty() => (images, Some(user)),
             Some(_) => return (message(BootMessage::LoginFailed, 5), None),
@@ -941,6 +930,28 @@ impl ScriptService {
                 (Decision::Plan(Self::unavailable(10)), Some(reason))
             }
         }
+    }
+
+    /// What the decision needs to know of the client, read linearizably: a client added a
+    /// moment ago (on any node) is seen.
+    async fn client_snapshot(
+        &self,
+        mac: Mac,
+        login: &Option<(String, String)>,
+    ) -> Result<ClientSnapshot, ReadError> {
+        self.cluster
+            .read(|state| ClientSnapshot {
+                registered: state.clients.contains_key(&mac),
+                client_images: state.client_images(&mac),
+                user_assignments: state
+                    .assignments
+                    .keys()
+                    .any(|t| matches!(t, AssignmentTarget::User(_))),
+                user: login
+                    .as_ref()
+                    .map(|(name, password)| check_login(state, name, password)),
+            })
+            .await
     }
 
     /// Registers an unknown machine into `group` (see `BootConfig::unknown_group`).
@@ -1087,6 +1098,16 @@ impl ScriptService {
         s += "goto menu\n";
         s
     }
+}
+
+/// See `ScriptService::client_snapshot`.
+struct ClientSnapshot {
+    registered: bool,
+    client_images: AssignmentList,
+    /// Whether any image is assigned to a user (then a client without images gets a login).
+    user_assignments: bool,
+    /// With a login: the user and their images, or `None` for a wrong name or password.
+    user: Option<Option<(Name, AssignmentList)>>,
 }
 
 /// How long the script server waits for the primary to serve a new session (see `begin_boot`).

@@ -177,7 +177,6 @@ pub async fn start(
         cluster.clone(),
         &config,
         crate::boot::PrimaryProbe {
-            node_id: config.node_id,
             storage: storage.clone(),
             http: state.http.clone(),
             node_token: state.node_token.clone(),

@@ -54,6 +54,9 @@ enum Role {
     Standby,
 }
 
+/// Per client: the session, its base manifest, and this node's role in it.
+type Wanted = BTreeMap<Mac, (BootSession, Hash32, Role)>;
+
 struct Served {
     iqn: String,
     image: Name,
@@ -247,16 +250,11 @@ impl Storage {
         }
     }
 
-    /// Makes the served volumes match the boot sessions that name this node primary, or
-    /// standby of a non-persistent disk.
-    pub fn reconcile_volumes(&self, state: &State) {
-        self.reconcile_locked(state);
-        self.reconciled.send_modify(|passes| *passes += 1);
-    }
-
-    fn reconcile_locked(&self, state: &State) {
-        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-        let wanted: BTreeMap<Mac, _> = state
+    /// The volumes this node should serve: the boot sessions that name it primary, or standby
+    /// of a non-persistent disk, with their base manifests. Cheap next to a copy of the state,
+    /// which every applied entry (a DHCP lease, say) would otherwise cost.
+    fn wanted(&self, state: &State) -> Wanted {
+        state
             .boot_sessions
             .values()
             .filter_map(|session| {
@@ -279,7 +277,20 @@ impl Storage {
                     .filter(|_| version.state != VersionState::Importing)?;
                 Some((session.mac, (session.clone(), manifest, role)))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Makes the served volumes match `wanted`; false if some could not be served yet (its
+    /// version is still being pulled, or opening it failed), so the caller tries again.
+    fn reconcile_volumes(&self, wanted: Wanted) -> bool {
+        let complete = self.reconcile_locked(wanted);
+        self.reconciled.send_modify(|passes| *passes += 1);
+        complete
+    }
+
+    fn reconcile_locked(&self, wanted: Wanted) -> bool {
+        let mut complete = true;
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<Mac> = served
             .keys()
             .filter(|mac| !wanted.contains_key(mac))
@@ -299,6 +310,7 @@ impl Storage {
             }
             if !self.has_manifest(&manifest) {
                 // The pull loop fetches it; the next pass serves the volume.
+                complete = false;
                 continue;
             }
             // A failover: the standby's target stays up (its waiting sessions carry on) and
@@ -315,6 +327,7 @@ impl Storage {
                         tracing::warn!(client_mac = %mac, image = %session.image, generation = session.generation, "serving volume after failover");
                     }
                     Err(error) => {
+                        complete = false;
                         tracing::error!(client_mac = %mac, %error, "cannot serve volume after failover")
                     }
                 }
@@ -328,7 +341,10 @@ impl Storage {
                     tracing::info!(client_mac = %mac, image = %session.image, generation = session.generation, iqn = %entry.iqn, ?role, "serving volume");
                     served.insert(mac, entry);
                 }
-                Err(error) => tracing::error!(client_mac = %mac, %error, "cannot serve volume"),
+                Err(error) => {
+                    complete = false;
+                    tracing::error!(client_mac = %mac, %error, "cannot serve volume")
+                }
             }
         }
         metrics::gauge!("cairn_storage_volumes_served").set(
@@ -343,6 +359,7 @@ impl Storage {
                 .filter(|s| s.role() == Role::Standby)
                 .count() as f64,
         );
+        complete
     }
 
     /// Makes every served volume's layer durable (at shutdown).
@@ -533,8 +550,10 @@ pub async fn start(
         // Raft's metrics change when an entry is applied: a new boot session is served as soon
         // as it is applied here, not at the next tick (the script server waits for it).
         let mut metrics = cluster.metrics();
-        // Reconcile when the history moved or a pull brought a version in; otherwise idle.
-        let mut reconciled_seq = None;
+        // Reconcile when what this node should serve changed or a pull brought a version in;
+        // otherwise idle.
+        let mut last: Option<(Wanted, bool)> = None;
+        let mut last_seq = None;
         loop {
             let ticked = tokio::select! {
                 biased;
@@ -552,14 +571,29 @@ pub async fn start(
                     .pull_missing(&cluster, &http, &node_token, node_id)
                     .await;
             }
-            let seq = cluster.local_state(|s| s.last_seq);
-            if reconciled_seq == Some(seq) && !pulled {
+            // Metrics change on heartbeats too: look at the sessions only when the history moved.
+            let (seq, wanted) = cluster.local_state(|s| {
+                let moved = ticked || last_seq != Some(s.last_seq);
+                (s.last_seq, moved.then(|| storage.wanted(s)))
+            });
+            last_seq = Some(seq);
+            let Some(wanted) = wanted else {
+                continue;
+            };
+            // An incomplete pass is retried at the next tick, not at every applied entry.
+            let unchanged = last
+                .as_ref()
+                .is_some_and(|(before, complete)| (*complete || !ticked) && *before == wanted);
+            if unchanged && !pulled {
                 continue;
             }
-            reconciled_seq = Some(seq);
-            let storage = storage.clone();
-            let state = cluster.local_state(|s| s.clone());
-            let _ = tokio::task::spawn_blocking(move || storage.reconcile_volumes(&state)).await;
+            let pass = {
+                let storage = storage.clone();
+                let wanted = wanted.clone();
+                tokio::task::spawn_blocking(move || storage.reconcile_volumes(wanted))
+            };
+            let complete = pass.await.unwrap_or(false);
+            last = Some((wanted, complete));
         }
     });
     Ok(vec![serve, reconcile])

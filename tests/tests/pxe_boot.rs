@@ -130,10 +130,7 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
         )?;
         let seconds = qemu.wait_for_marker(MARKER_A, &[], BOOT_TIMEOUT)?;
         let console = qemu.console();
-        let script_host = format!(
-            "http://{}:8080/boot/ipxe",
-            cluster.lab.node_address(new_leader as u8)
-        );
+        let script_host = script_url(cluster, new_leader);
         assert!(
             console.contains(&script_host),
             "DHCP answered by the new leader {new_leader}:\n{}",
@@ -165,9 +162,7 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
         // 4. UEFI: OVMF's own PXE fetches snponly.efi from Cairn's TFTP, which asks DHCP again,
         // gets its script and sanboots. OVMF's FAT driver reads the 9 MB BOOTX64.EFI in one
         // BlockIo call, which iPXE sends as one READ of ~18,400 blocks.
-        if std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists()
-            && std::path::Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").exists()
-        {
+        if uefi_available() {
             let seconds = boot(cluster, Firmware::Uefi, MAC, "uefi", MARKER_B)?;
             log(&format!("UEFI boot: marker after {seconds:.1}s"));
         } else {
@@ -304,18 +299,10 @@ fn discovered(cluster: &LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
         "discovered",
     )?;
     let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let listed = cluster.cli_json(&["client", "discovered"])?;
-        let seen = listed
-            .as_array()
-            .is_some_and(|rows| rows.iter().any(|row| row["mac"] == MAC_UNKNOWN));
-        if seen {
-            break;
-        }
+    while !is_discovered(cluster, MAC_UNKNOWN)? {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{MAC_UNKNOWN} not discovered: {listed}
-{}",
+            "{MAC_UNKNOWN} not discovered:\n{}",
             tail(&qemu.console(), 20)
         );
         std::thread::sleep(Duration::from_millis(500));
@@ -325,8 +312,7 @@ fn discovered(cluster: &LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
     let console = qemu.console();
     assert!(
         !console.contains("Filename:") && !console.contains("Next server:"),
-        "an unregistered machine got a boot answer:
-{}",
+        "an unregistered machine got a boot answer:\n{}",
         tail(&console, 20)
     );
     log(&format!(
@@ -353,9 +339,7 @@ fn proxy(
     cluster.cli_ok(&["group", "add", "guests"])?;
     cluster.cli_ok(&["assign", "deb-b", "--group", "guests", "--default"])?;
     let mut runs = vec![(Firmware::Bios, "proxy-bios")];
-    if std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists()
-        && std::path::Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").exists()
-    {
+    if uefi_available() {
         runs.push((Firmware::Uefi, "proxy-uefi"));
     } else {
         eprintln!("UEFI proxy case skipped: needs packages ovmf and systemd-boot-efi");
@@ -378,10 +362,7 @@ fn proxy(
             "dnsmasq leased the address: {lease:?}"
         );
         if firmware == Firmware::Bios {
-            let script_host = format!(
-                "http://{}:8080/boot/ipxe",
-                cluster.lab.node_address(leader as u8)
-            );
+            let script_host = script_url(cluster, leader);
             assert!(
                 console.contains(&script_host),
                 "the leader's proxyDHCP gave the script:\n{}",
@@ -413,12 +394,9 @@ fn proxy(
     assert_eq!(client["client"]["group"], "guests", "{client}");
     assert_eq!(client["client"]["name"], "auto-525400770015", "{client}");
     assert_eq!(client["session"]["image"], "deb-b", "{client}");
-    let discovered = cluster.cli_json(&["client", "discovered"])?;
     assert!(
-        discovered
-            .as_array()
-            .is_some_and(|rows| rows.iter().all(|row| row["mac"] != MAC_UNKNOWN)),
-        "registered, so no longer discovered: {discovered}"
+        !is_discovered(cluster, MAC_UNKNOWN)?,
+        "registered, so no longer discovered"
     );
     Ok(())
 }
@@ -497,6 +475,28 @@ fn second_path(
     assert!(events.contains("boot_failed_over"), "{events}");
     cluster.start_node(primary as u8)?;
     Ok(())
+}
+
+/// Whether OVMF and the UKI stub the UEFI disk needs are installed.
+fn uefi_available() -> bool {
+    std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists()
+        && std::path::Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").exists()
+}
+
+/// The script URL that node `id`'s DHCP answers carry (iPXE prints it when it fetches it).
+fn script_url(cluster: &LabCluster, id: u64) -> String {
+    format!(
+        "http://{}:8080/boot/ipxe",
+        cluster.lab.node_address(id as u8)
+    )
+}
+
+/// Whether `cairn client discovered` lists `mac`.
+fn is_discovered(cluster: &LabCluster, mac: &str) -> anyhow::Result<bool> {
+    let listed = cluster.cli_json(&["client", "discovered"])?;
+    Ok(listed
+        .as_array()
+        .is_some_and(|rows| rows.iter().any(|row| row["mac"] == mac)))
 }
 
 fn client_show(cluster: &LabCluster) -> anyhow::Result<Value> {

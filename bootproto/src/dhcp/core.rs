@@ -59,7 +59,6 @@ pub enum Ignored {
     PoolExhausted,
     OtherServerChosen,
     NoBinding,
-    CommitInFlight,
     Released,
 }
 
@@ -78,7 +77,6 @@ impl Ignored {
             Ignored::PoolExhausted => "pool_exhausted",
             Ignored::OtherServerChosen => "other_server_chosen",
             Ignored::NoBinding => "no_binding",
-            Ignored::CommitInFlight => "commit_in_flight",
             Ignored::Released => "released",
         }
     }
