@@ -23,7 +23,8 @@
 //!
 //! `cargo bench -p cairn-consensus --bench commit` (env BENCH_SECONDS, default 5;
 //! BENCH_FAILOVERS, default 5; BENCH_ETCD=0 leaves etcd out; BENCH_FLUSH_PACING=0 runs the
-//! proposer's older rule, for before/after figures; TMPDIR=/dev/shm for tmpfs).
+//! proposer's older rule, for before/after figures; TMPDIR=/dev/shm for tmpfs; with RUST_LOG,
+//! BENCH_NODE_LOGS=<dir> writes each node's log to <dir>/node-<id>.log).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -71,14 +72,24 @@ impl NodeProcess {
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
             .env("CAIRN_BENCH_NODE", id.to_string())
             .env("CAIRN_BENCH_ROOT", root)
             .env("CAIRN_BENCH_PORTS", ports)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn node process");
+            .stdout(Stdio::piped());
+        // BENCH_NODE_LOGS=<dir>: each node's stderr (its RUST_LOG output) goes to <dir>/node-<id>.log,
+        // appended across restarts.
+        if let Some(dir) = std::env::var_os("BENCH_NODE_LOGS") {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(Path::new(&dir).join(format!("node-{id}.log")))
+                .expect("open node log");
+            command.stderr(log);
+        }
+        let mut child = command.spawn().expect("spawn node process");
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut node = NodeProcess {

@@ -176,13 +176,20 @@ impl Proposer {
     }
 
     /// The log store flushed one append on this node. On the leader, appends reach the store in
-    /// the order entries were handed over, so the oldest entry not yet marked is flushed now (or
-    /// the append was a blank or membership entry of openraft's own, and the mark comes one
-    /// entry early, which only lets the next entry start sooner). Returns whether proposals
-    /// wait, so the caller should run `start_next`.
+    /// the order entries were handed over, so the oldest entry of the newest term not yet marked
+    /// is flushed now (or the append was a blank or membership entry of openraft's own, and the
+    /// mark comes one entry early, which only lets the next entry start sooner). Entries of an
+    /// earlier term are left alone: a deposed leader's entry may never reach the store, and
+    /// marking it would leave the current term's entry unmarked and hold up the next cut by one
+    /// flush. Returns whether proposals wait, so the caller should run `start_next`.
     fn log_flushed(&self) -> bool {
         let mut queue = self.lock();
-        if let Some(batch) = queue.in_flight.iter_mut().find(|b| !b.flushed) {
+        let newest = queue.in_flight.iter().map(|b| b.term).max();
+        if let Some(batch) = queue
+            .in_flight
+            .iter_mut()
+            .find(|b| Some(b.term) == newest && !b.flushed)
+        {
             batch.flushed = true;
         }
         !queue.waiting.is_empty()
@@ -404,3 +411,45 @@ impl Proposer {
 type WriteAnswer = oneshot::Receiver<
     Result<openraft::raft::ClientWriteResponse<TypeConfig>, ClientWriteError<u64, NodeAddress>>,
 >;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flushed_marks(proposer: &Proposer) -> Vec<(u64, bool)> {
+        let queue = proposer.lock();
+        queue
+            .in_flight
+            .iter()
+            .map(|b| (b.batch, b.flushed))
+            .collect()
+    }
+
+    #[test]
+    fn a_flush_marks_the_newest_terms_entry_not_a_stale_one() {
+        let proposer = Proposer::default();
+        {
+            let mut queue = proposer.lock();
+            queue.flush_paced = true;
+            // Entry 0 was handed over in term 3 by a leader that was then deposed; re-elected in
+            // term 5, it handed over entries 1 and 2.
+            for (batch, term) in [(0, 3), (1, 5), (2, 5)] {
+                queue.in_flight.push(InFlight {
+                    batch,
+                    term,
+                    flushed: false,
+                });
+            }
+        }
+        assert!(!proposer.log_flushed(), "no proposal waits");
+        assert_eq!(
+            flushed_marks(&proposer),
+            vec![(0, false), (1, true), (2, false)]
+        );
+        proposer.log_flushed();
+        assert_eq!(
+            flushed_marks(&proposer),
+            vec![(0, false), (1, true), (2, true)]
+        );
+    }
+}

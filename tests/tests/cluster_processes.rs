@@ -108,7 +108,11 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         health_of(status, leader) == Some(Value::Bool(false))
     })?;
 
-    // Restart the old leader from its data directory; write some more.
+    // Restart the old leader from its data directory; write some more. Its return must not
+    // cost the cluster its leader: the leader's connection to the dead process is stale, and
+    // unless the leader redials, the restarted node hears no heartbeat, starts an election and
+    // deposes a healthy leader (openraft 0.9 has no pre-vote).
+    let term_before = cluster.cli_json_at(&survivor, &["cluster", "status"])?["term"].as_u64();
     let log_dir = cluster.dir.path().to_owned();
     cluster
         .nodes
@@ -127,6 +131,14 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     cluster.wait_for(Duration::from_secs(30), |status| {
         health_of(status, leader) == Some(Value::Bool(true))
     })?;
+    // Longer than a restarted node's election timeout (at most 800 ms without a heartbeat).
+    std::thread::sleep(Duration::from_secs(2));
+    let status = cluster.cli_json_at(&survivor, &["cluster", "status"])?;
+    assert_eq!(
+        (status["leader"].as_u64(), status["term"].as_u64()),
+        (Some(new_leader), term_before),
+        "the restarted node's return changed the leader or the term"
+    );
 
     // All three converge on one history.
     let deadline = Instant::now() + Duration::from_secs(60);
