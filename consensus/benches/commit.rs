@@ -23,7 +23,8 @@
 //!
 //! `cargo bench -p cairn-consensus --bench commit` (env BENCH_SECONDS, default 5;
 //! BENCH_FAILOVERS, default 5; BENCH_ETCD=0 leaves etcd out; BENCH_FLUSH_PACING=0 runs the
-//! proposer's older rule, for before/after figures; TMPDIR=/dev/shm for tmpfs; with RUST_LOG,
+//! proposer's older rule, for before/after figures; BENCH_PRE_VOTE=0 lets openraft campaign on
+//! its own timer; TMPDIR=/dev/shm for tmpfs; with RUST_LOG,
 //! BENCH_NODE_LOGS=<dir> writes each node's log to <dir>/node-<id>.log).
 
 use std::collections::BTreeSet;
@@ -414,6 +415,7 @@ async fn node_process(id: u64) {
             .unwrap(),
             tuning: RaftTuning {
                 proposal_flush_pacing: env_number("BENCH_FLUSH_PACING", 1) != 0,
+                pre_vote: env_number("BENCH_PRE_VOTE", 1) != 0,
                 ..RaftTuning::default()
             },
         }

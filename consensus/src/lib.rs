@@ -17,6 +17,9 @@
 //!   `store::rocks` (RocksDB, one group-committing writer thread) and `store::mem` (simulation).
 //! - `rpc`: request/response messages, the `Transport` (client) and `RpcHandler` (server) traits.
 //! - `network`: openraft's `RaftNetworkFactory` over any `Transport`.
+//! - `prevote`: the campaign guard that replaces openraft's election timer: a member asks the
+//!   voters first and campaigns only if a majority has no leader either (openraft 0.9 has no
+//!   pre-vote), so a cut-off or restarted member never deposes a healthy leader.
 //! - `tls`, `quic`: the cluster CA, node certificates, and the QUIC `Transport` and server.
 //! - `service`: `RaftService`, writes/reads/membership through the leader over any state machine
 //!   and transport, with an injected clock (what the simulation runs).
@@ -40,6 +43,7 @@ pub mod codec;
 pub mod domain;
 pub mod metrics;
 pub mod network;
+pub mod prevote;
 pub mod proposer;
 pub mod quic;
 pub mod raft_node;

@@ -27,6 +27,10 @@ pub const PROPOSE_SECONDS: &str = "cairn_raft_propose_seconds";
 pub const PROPOSALS_REJECTED: &str = "cairn_raft_proposals_rejected_total";
 /// Proposals per Raft entry the leader wrote (see `proposer`).
 pub const BATCH_PROPOSALS: &str = "cairn_raft_batch_proposals";
+/// Pre-votes this member held, by outcome (`won`: it then started an election). See `prevote`.
+pub const PRE_VOTES_HELD: &str = "cairn_raft_pre_votes_held_total";
+/// Pre-vote requests this member answered, by answer (`granted` or `denied`).
+pub const PRE_VOTES_ANSWERED: &str = "cairn_raft_pre_votes_answered_total";
 
 pub(crate) fn observe(metrics: &RaftMetrics) {
     metrics::gauge!(TERM).set(metrics.current_term as f64);
@@ -96,4 +100,14 @@ pub(crate) fn append_entries_sent(seconds: f64) {
 
 pub(crate) fn append_entries_handled(seconds: f64) {
     metrics::histogram!(APPEND_ENTRIES_HANDLE_SECONDS).record(seconds);
+}
+
+pub(crate) fn pre_vote_held(won: bool) {
+    let outcome = if won { "won" } else { "lost" };
+    metrics::counter!(PRE_VOTES_HELD, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn pre_vote_answered(granted: bool) {
+    let answer = if granted { "granted" } else { "denied" };
+    metrics::counter!(PRE_VOTES_ANSWERED, "answer" => answer).increment(1);
 }

@@ -48,6 +48,9 @@ pub struct RaftTuning {
     pub forward_timeout_ms: u64,
     /// Deadline of a membership change (adding a learner waits until it caught up).
     pub membership_timeout_ms: u64,
+    /// Elections go through pre-vote (`prevote`): openraft's own election timer is off and the
+    /// campaign guard plays it. Off, openraft campaigns on its own (kept for before/after runs).
+    pub pre_vote: bool,
     /// The leader cuts its next entry when its log has flushed the previous one
     /// (`proposer::Proposer::pace_by_flushes`); off, the older rule of at most two entries in
     /// flight holds (kept for before/after benchmarks).
@@ -67,6 +70,7 @@ impl Default for RaftTuning {
             forward_timeout_ms: 5_000,
             membership_timeout_ms: 120_000,
             proposal_flush_pacing: true,
+            pre_vote: true,
         }
     }
 }
@@ -83,6 +87,8 @@ impl RaftTuning {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
             snapshot_max_chunk_size: self.snapshot_chunk_bytes as u64,
+            // With pre-vote the campaign guard decides when to campaign (`prevote`).
+            enable_elect: !self.pre_vote,
             ..Default::default()
         }
         .validate()
@@ -190,6 +196,12 @@ impl ClusterNode {
             clock: system_clock(),
             timeouts: config.tuning.service_timeouts(),
         });
+        if config.tuning.pre_vote {
+            tasks.push(crate::prevote::spawn_campaign_guard(
+                &service,
+                crate::prevote::process_seed(config.node_id),
+            ));
+        }
         let server = quic::serve(endpoint, Arc::new(ServiceHandler::new(&service)));
         let metrics_task = tokio::spawn(watch_metrics(raft.metrics()));
         tasks.extend([server, metrics_task]);

@@ -44,6 +44,8 @@ pub enum RpcRequest {
     ReadIndex,
     /// A member forwards a membership change to the leader.
     ChangeMembership(crate::service::MembershipChange),
+    /// A member asks whether this voter would elect anyone now (`prevote`).
+    PreVote(crate::prevote::PreVoteRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +56,8 @@ pub enum RpcResponse {
     Proposal(Result<Vec<Event>, ForwardError>),
     ReadIndex(Result<u64, ForwardError>),
     Membership(Result<(), ForwardError>),
+    /// Granted or not (`prevote::answer`).
+    PreVote(bool),
     /// The server refused the request (wrong claimed node id, undecodable request).
     Refused(String),
 }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::ChangeMembers;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -497,12 +498,23 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
     pub async fn handle(&self, _from: NodeId, request: RpcRequest) -> RpcResponse {
         match request {
             RpcRequest::AppendEntries(rpc) => {
-                RpcResponse::AppendEntries(self.raft.append_entries(rpc).await)
+                let response = self.raft.append_entries(rpc).await;
+                // Accepted from the leader of this member's vote (a conflict too): contact.
+                if matches!(&response, Ok(answer) if !matches!(answer, AppendEntriesResponse::HigherVote(_)))
+                {
+                    self.raft.contact().touch();
+                }
+                RpcResponse::AppendEntries(response)
             }
             RpcRequest::Vote(rpc) => RpcResponse::Vote(self.raft.vote(rpc).await),
             RpcRequest::InstallSnapshot(rpc) => {
-                RpcResponse::InstallSnapshot(self.raft.install_snapshot(rpc).await)
+                let response = self.raft.install_snapshot(rpc).await;
+                if response.is_ok() {
+                    self.raft.contact().touch();
+                }
+                RpcResponse::InstallSnapshot(response)
             }
+            RpcRequest::PreVote(_) => RpcResponse::PreVote(crate::prevote::answer(&self.raft)),
             RpcRequest::ForwardProposal { actor, command } => {
                 RpcResponse::Proposal(self.propose_as_leader(actor, command).await)
             }

@@ -66,6 +66,7 @@ openraft::declare_raft_types!(
 pub struct Raft {
     raft: openraft::Raft<TypeConfig>,
     proposer: std::sync::Arc<Proposer>,
+    contact: std::sync::Arc<crate::prevote::LeaderContact>,
 }
 
 impl Raft {
@@ -86,12 +87,18 @@ impl Raft {
         Ok(Raft {
             raft,
             proposer: std::sync::Arc::new(Proposer::default()),
+            contact: std::sync::Arc::new(crate::prevote::LeaderContact::new()),
         })
     }
 
     /// The leader's proposal batcher of this Raft instance.
     pub fn proposer(&self) -> &std::sync::Arc<Proposer> {
         &self.proposer
+    }
+
+    /// When this member last heard from a leader (`prevote`).
+    pub fn contact(&self) -> &crate::prevote::LeaderContact {
+        &self.contact
     }
 
     /// openraft's own handle.

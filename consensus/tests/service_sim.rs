@@ -2,7 +2,8 @@
 //! over a `Transport` that is not QUIC (here an in-process router that calls peers' handlers
 //! directly, with a fixed clock). A write through a follower is forwarded and stamped with the
 //! leader's clock, a rejection writes nothing, a linearizable read on a follower sees the write,
-//! and a cut-off peer makes forwarding fail cleanly.
+//! and a cut-off peer makes forwarding fail cleanly. With pre-vote (`prevote`), a follower cut
+//! off for many election timeouts rejoins without an election; without, it deposes the leader.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use cairn_consensus::domain::{Command, Name, NodeId};
 use cairn_consensus::network::NetworkFactory;
+use cairn_consensus::prevote;
 use cairn_consensus::rpc::{RpcHandler, RpcRequest, RpcResponse, Transport, TransportError};
 use cairn_consensus::service::{
     MembershipChange, ProposeError, RaftService, ServiceHandler, ServiceTimeouts,
@@ -59,11 +61,20 @@ fn address(id: NodeId) -> NodeAddress {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raft_service_runs_over_a_simulated_transport() {
+/// Three members over the router, initialized through member 1 and made voters through member 3
+/// (membership changes through a member that may not lead yet are forwarded). With `pre_vote`,
+/// elections go through each member's campaign guard, as on a real node; without, openraft's own
+/// timer campaigns.
+async fn three_members(
+    pre_vote: bool,
+) -> (BTreeMap<NodeId, Arc<Service>>, Arc<Mutex<BTreeSet<NodeId>>>) {
     let handlers = Arc::new(Mutex::new(HashMap::new()));
     let cut = Arc::new(Mutex::new(BTreeSet::new()));
-    let config = Arc::new(RaftTuning::default().raft_config().unwrap());
+    let tuning = RaftTuning {
+        pre_vote,
+        ..RaftTuning::default()
+    };
+    let config = Arc::new(tuning.raft_config().unwrap());
     let mut services: BTreeMap<NodeId, Arc<Service>> = BTreeMap::new();
     for id in 1..=3 {
         let transport = Router {
@@ -92,6 +103,9 @@ async fn raft_service_runs_over_a_simulated_transport() {
                 membership_timeout_ms: 10_000,
             },
         });
+        if pre_vote {
+            prevote::spawn_campaign_guard(&service, id);
+        }
         handlers
             .lock()
             .unwrap()
@@ -100,7 +114,6 @@ async fn raft_service_runs_over_a_simulated_transport() {
     }
     services[&1].initialize(address(1)).await.unwrap();
     for id in [2, 3] {
-        // Membership changes through a member that may not lead yet are forwarded.
         services[&1]
             .change_membership(MembershipChange::AddLearner {
                 node_id: id,
@@ -113,6 +126,12 @@ async fn raft_service_runs_over_a_simulated_transport() {
         .change_membership(MembershipChange::SetVoters(BTreeSet::from([1, 2, 3])))
         .await
         .unwrap();
+    (services, cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_service_runs_over_a_simulated_transport() {
+    let (services, cut) = three_members(true).await;
 
     let admin = Name::new("admin").unwrap();
     let create = Command::CreateImage {
@@ -158,6 +177,60 @@ async fn raft_service_runs_over_a_simulated_transport() {
             "{error:?}"
         );
     }
+    for service in services.values() {
+        service.raft.shutdown().await.unwrap();
+    }
+}
+
+/// (leader, term) as member `id` sees them.
+fn view(services: &BTreeMap<NodeId, Arc<Service>>, id: NodeId) -> (Option<NodeId>, u64) {
+    let metrics = services[&id].raft.metrics().borrow().clone();
+    (metrics.current_leader, metrics.current_term)
+}
+
+/// Cuts a follower off for 3 s (many election timeouts), heals the cut, waits 2 s, and returns
+/// the leader and term before the cut and, after the heal, as every member sees them.
+async fn cut_a_follower_and_heal(
+    services: &BTreeMap<NodeId, Arc<Service>>,
+    cut: &Mutex<BTreeSet<NodeId>>,
+) -> ((Option<NodeId>, u64), Vec<(Option<NodeId>, u64)>) {
+    // Settle first: the membership change's leader may still be taking over.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = view(services, 1);
+    let leader = before.0.expect("a leader");
+    let follower = *services.keys().find(|id| **id != leader).unwrap();
+    cut.lock().unwrap().insert(follower);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cut.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = services.keys().map(|id| view(services, *id)).collect();
+    (before, after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_follower_rejoins_without_deposing_the_leader() {
+    let (services, cut) = three_members(true).await;
+    let (before, after) = cut_a_follower_and_heal(&services, &cut).await;
+    assert_eq!(
+        after,
+        vec![before; 3],
+        "every member keeps the leader and term it had before the cut"
+    );
+    for service in services.values() {
+        service.raft.shutdown().await.unwrap();
+    }
+}
+
+/// The control for the test above: the same cut without pre-vote costs the leader its term, so
+/// that test would catch a pre-vote that did nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pre_vote_a_cut_off_follower_deposes_the_leader() {
+    let (services, cut) = three_members(false).await;
+    let (before, after) = cut_a_follower_and_heal(&services, &cut).await;
+    assert!(
+        after.iter().all(|(_, term)| *term > before.1),
+        "the cut-off follower's elections raised every member's term: before {before:?}, after {after:?}"
+    );
     for service in services.values() {
         service.raft.shutdown().await.unwrap();
     }

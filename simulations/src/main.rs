@@ -27,6 +27,9 @@ struct Args {
     /// Fail on two leaders in one term (openraft's default leader id allows it).
     #[arg(long)]
     strict_terms: bool,
+    /// Let openraft campaign on its own timer, without pre-vote (for comparisons).
+    #[arg(long)]
+    no_pre_vote: bool,
     /// Log openraft and consensus with tracing (RUST_LOG filter, e.g. `openraft=debug`).
     #[arg(long)]
     log: Option<String>,
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
             .init();
     }
     let options = RunOptions {
+        without_pre_vote: args.no_pre_vote,
         verbose: args.verbose,
         strict_terms: args.strict_terms,
     };
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut simulated_ms = 0u64;
     let mut passed = 0u64;
+    let mut elections = 0usize;
     let failures = run_seeds(
         args.start..args.start + args.seeds,
         &options,
@@ -66,13 +71,14 @@ fn main() -> ExitCode {
             Ok(report) => {
                 passed += 1;
                 simulated_ms += report.simulated_ms;
+                elections += report.elections_won;
                 println!("{report}");
             }
             Err(failure) => eprintln!("{failure}\n"),
         },
     );
     println!(
-        "{} seeds: {passed} passed, {} failed; {:.1} s wall, {:.0} s simulated",
+        "{} seeds: {passed} passed, {} failed; {:.1} s wall, {:.0} s simulated; {elections} elections won",
         args.seeds,
         failures.len(),
         started.elapsed().as_secs_f64(),

@@ -99,6 +99,7 @@ fn describe(request: &RpcRequest) -> String {
         RpcRequest::ForwardProposal { command, .. } => format!("forward({})", command.kind()),
         RpcRequest::ReadIndex => "read_index".into(),
         RpcRequest::ChangeMembership(change) => format!("membership({change:?})"),
+        RpcRequest::PreVote(request) => format!("pre_vote(next_term={})", request.next_term),
     }
 }
 

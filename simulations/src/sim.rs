@@ -23,9 +23,12 @@ pub const CHECK_INTERVAL_MS: u64 = 100;
 /// Simulated time between two looks at every node's leadership.
 pub const LEADER_POLL_MS: u64 = 1;
 
-/// How a run is observed; none of this changes what happens in it.
+/// How a run is observed; none of this changes what happens in it, except `without_pre_vote`.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
+    /// Let openraft campaign on its own timer instead of the pre-vote guard
+    /// (`cairn_consensus::prevote`): a different run of the same seed, for comparisons.
+    pub without_pre_vote: bool,
     /// Print every trace line as it happens.
     pub verbose: bool,
     /// Fail on two leaders in one term (see `invariants::single_leader`).
@@ -47,6 +50,8 @@ pub struct Report {
     pub messages_total: u64,
     pub simulated_ms: u64,
     pub multi_leader_terms: usize,
+    /// Terms in which some node led: elections won over the run.
+    pub elections_won: usize,
 }
 
 impl fmt::Display for Report {
@@ -54,7 +59,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} ok: nodes={} simulated_ms={} events={} submitted={} acknowledged={} \
-             messages={} multi_leader_terms={} trace={}",
+             messages={} elections_won={} multi_leader_terms={} trace={}",
             self.seed,
             self.config.node_count,
             self.simulated_ms,
@@ -62,6 +67,7 @@ impl fmt::Display for Report {
             self.commands_submitted,
             self.commands_acknowledged,
             self.messages_total,
+            self.elections_won,
             self.multi_leader_terms,
             &self.trace_hash[..16]
         )
@@ -123,6 +129,7 @@ async fn run(config: SimConfig, options: RunOptions) -> Result<Report, Failure> 
     {
         let mut world = lock(&shared);
         world.checks.strict_terms = options.strict_terms;
+        world.pre_vote = !options.without_pre_vote;
         world.record(format_args!("config {config}"));
     }
     let outcome = drive(&shared).await;
@@ -162,6 +169,7 @@ async fn run(config: SimConfig, options: RunOptions) -> Result<Report, Failure> 
         messages_total: world.checks.messages_total,
         simulated_ms: world.now_ms(),
         multi_leader_terms,
+        elections_won: world.checks.leaders_by_term.len(),
         config,
     })
 }

@@ -63,6 +63,8 @@ pub struct World {
     pub clients_stop: bool,
     pub checks_stop: bool,
     pub commands_submitted: u64,
+    /// Elections go through the pre-vote guard (on unless `RunOptions::without_pre_vote`).
+    pub pre_vote: bool,
 }
 
 pub type Shared = Arc<Mutex<World>>;
@@ -158,6 +160,7 @@ pub fn new_world(config: SimConfig, rng: ChaCha8Rng, trace: Trace) -> Shared {
         clients_stop: false,
         checks_stop: false,
         commands_submitted: 0,
+        pre_vote: true,
     };
     for node_id in 1..=world.config.node_count {
         let clock_skew_ms = world.rng.gen_range(-CLOCK_SKEW_MS_MAX..=CLOCK_SKEW_MS_MAX);
@@ -191,8 +194,10 @@ pub enum NodeError {
 /// with the thread RNG, so each start gets a one-value range `[t, t+1)` with `t` drawn from the
 /// run's RNG: deterministic, and still different between nodes and restarts.
 pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeError> {
-    let (raft_config, log, machine, transport, clock) = {
+    let (raft_config, log, machine, transport, clock, guard_seed, pre_vote) = {
         let mut world = lock(shared);
+        let guard_seed = world.rng.gen::<u64>();
+        let pre_vote = world.pre_vote;
         let config = world.config.clone();
         let election_timeout_min = world
             .rng
@@ -218,6 +223,8 @@ pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeErro
             max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
             snapshot_max_chunk_size: config.snapshot_chunk_bytes,
             purge_batch_size: 1,
+            // Elections go through pre-vote, as on a real node (`cairn_consensus::prevote`).
+            enable_elect: !pre_vote,
             ..Default::default()
         }
         .validate()
@@ -232,7 +239,15 @@ pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeErro
             "start n{node_id} incarnation={incarnation} election_timeout_ms={election_timeout_min}"
         ));
         let transport = SimTransport::new(node_id, Arc::downgrade(shared));
-        (raft_config, log, machine, transport, clock)
+        (
+            raft_config,
+            log,
+            machine,
+            transport,
+            clock,
+            guard_seed,
+            pre_vote,
+        )
     };
     let network = NetworkFactory::new(node_id, transport.clone());
     let raft = Raft::new(
@@ -258,6 +273,12 @@ pub async fn start_node(shared: &Shared, node_id: NodeId) -> Result<(), NodeErro
             membership_timeout_ms: FORWARD_TIMEOUT_MS * 4,
         },
     });
+    // Ends by itself once the service is dropped (crash) or its Raft stops.
+    if pre_vote {
+        drop(cairn_consensus::prevote::spawn_campaign_guard(
+            &service, guard_seed,
+        ));
+    }
     let incarnation = {
         let mut world = lock(shared);
         let slot = world

@@ -1,0 +1,313 @@
+//! Pre-vote (Raft thesis, section 9.6) in front of openraft 0.9, which has none.
+//!
+//! Why: a member that cannot hear its leader (restarted behind a stale connection, cut off by a
+//! partition, a one-way link) times out and campaigns in a higher term. openraft's voters refuse it
+//! while their leader lease runs, but the higher term still reaches the leader in a replication
+//! answer, and the leader steps down: the whole cluster stops taking writes for an election
+//! because one member was cut off, and again each time the link flaps. With pre-vote, a member
+//! first asks the voters whether they would elect anyone now; only if a majority (itself
+//! included) has also not heard from a leader does it start a real election. A cut-off member
+//! never raises its term, so healing the cut costs nothing.
+//!
+//! How, on openraft 0.9: openraft's own election timer is off (`Config::enable_elect = false`,
+//! see `RaftTuning::raft_config`); the `CampaignGuard` task plays that timer. It waits the same
+//! silence openraft would (the leader lease, `election_timeout_max`, plus a timeout drawn from
+//! `[election_timeout_min, election_timeout_max)`; only the drawn timeout after its own attempt),
+//! then sends `PreVote` to every other voter and triggers openraft's election
+//! (`Trigger::elect`, which the switch does not affect) if a majority grants it. `initialize`
+//! still elects at once, as before.
+//!
+//! A voter grants a pre-vote when it is not the leader and has not heard from a leader for the
+//! leader lease (`LeaderContact`: touched by every AppendEntries or InstallSnapshot this member
+//! accepted, by every change of its vote, and at start). It does not compare logs: openraft 0.9
+//! does not expose a member's last log id. A member with a shorter log may therefore pass a
+//! pre-vote and lose the real vote, raising the term once; that happens only when a majority
+//! has no leader, so there is no leader to depose.
+//!
+//! Invariants: a pre-vote changes no state on any member (no term, no vote, nothing stored); a
+//! guard never triggers an election while a majority of voters has heard from a leader within
+//! the lease; the guard ends when its service is dropped or its Raft stops.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::domain::NodeId;
+use crate::rpc::{RpcRequest, RpcResponse, Transport};
+use crate::service::{RaftService, StateView};
+use crate::types::Raft;
+
+/// When this member last heard from a leader it accepted (or changed its vote, or started).
+pub struct LeaderContact {
+    last: Mutex<Instant>,
+}
+
+impl LeaderContact {
+    /// Counts from now: a member that just started waits a whole election timeout.
+    pub fn new() -> LeaderContact {
+        LeaderContact {
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn touch(&self) {
+        *self.lock() = Instant::now();
+    }
+
+    pub fn silent_for(&self) -> Duration {
+        Instant::now().saturating_duration_since(*self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Default for LeaderContact {
+    fn default() -> LeaderContact {
+        LeaderContact::new()
+    }
+}
+
+/// "Would you elect me now?" Carries nothing a voter needs beyond the asking member's id (the
+/// transport authenticates it); a voter's answer depends only on its own view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreVoteRequest {
+    /// The term the candidate would campaign in (for logs and traces).
+    pub next_term: u64,
+}
+
+/// A voter's answer to `PreVoteRequest`: granted if it is not the leader and has not heard from
+/// one for the leader lease.
+pub fn answer(raft: &Raft) -> bool {
+    let (leading, lease_ms) = {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        (
+            metrics.state == ServerState::Leader,
+            raft.config().election_timeout_max,
+        )
+    };
+    let granted = !leading && raft.contact().silent_for() >= Duration::from_millis(lease_ms);
+    crate::metrics::pre_vote_answered(granted);
+    granted
+}
+
+/// The guard's random source: SplitMix64, enough to spread election timeouts (the simulation
+/// seeds it from its run's seed, so a seed replays exactly).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A value in `[low, high)` (or `low` if the range is empty).
+    fn between(&mut self, low: u64, high: u64) -> u64 {
+        if high <= low {
+            return low;
+        }
+        low + self.next() % (high - low)
+    }
+}
+
+/// A seed for `spawn_campaign_guard` outside the simulation: different per process and node.
+pub fn process_seed(node_id: NodeId) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&node_id.to_le_bytes());
+    hasher.update(&nanos.to_le_bytes());
+    hasher.update(&std::process::id().to_le_bytes());
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest.as_bytes()[..8]);
+    u64::from_le_bytes(bytes)
+}
+
+/// Starts the task that campaigns for `service`'s member (see the module docs). Its Raft must
+/// run with `enable_elect = false`, or openraft's own timer campaigns beside it. The task holds
+/// the service weakly and ends when the service is dropped or its Raft stops.
+pub fn spawn_campaign_guard<S: StateView, T: Transport>(
+    service: &Arc<RaftService<S, T>>,
+    seed: u64,
+) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(service);
+    tokio::spawn(async move { campaign_guard(weak, SplitMix64(seed)).await })
+}
+
+async fn campaign_guard<S: StateView, T: Transport>(
+    service: Weak<RaftService<S, T>>,
+    mut random: SplitMix64,
+) {
+    let (tick, lease, timeout_min, timeout_max) = match service.upgrade() {
+        Some(service) => {
+            let config = service.raft.config();
+            (
+                Duration::from_millis((config.heartbeat_interval / 2).max(1)),
+                config.election_timeout_max,
+                config.election_timeout_min,
+                config.election_timeout_max,
+            )
+        }
+        None => return,
+    };
+    // The silence after which this member asks for votes: the lease plus a drawn timeout after
+    // hearing from a leader, only a drawn timeout after its own attempt.
+    let mut wait = Duration::from_millis(lease + random.between(timeout_min, timeout_max));
+    let mut last_vote = None;
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(service) = service.upgrade() else {
+            return;
+        };
+        let raft = &service.raft;
+        let (stopped, state, vote, voters, leader_known) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            let voters: Vec<(NodeId, Option<crate::types::NodeAddress>)> = metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .map(|id| {
+                    let address = metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&id)
+                        .cloned();
+                    (id, address)
+                })
+                .collect();
+            (
+                metrics.running_state.is_err(),
+                metrics.state,
+                metrics.vote,
+                voters,
+                metrics.current_leader.is_some(),
+            )
+        };
+        if stopped {
+            return;
+        }
+        if last_vote != Some(vote) {
+            // A vote granted, a new term seen, a leader elected: a fresh start of the timer, as
+            // openraft's own timer counts from its vote's last change.
+            if last_vote.is_some() && leader_known {
+                wait = Duration::from_millis(lease + random.between(timeout_min, timeout_max));
+            }
+            last_vote = Some(vote);
+            raft.contact().touch();
+        }
+        if state == ServerState::Leader {
+            // A leader hears itself: once deposed, it waits a whole timeout like any follower.
+            raft.contact().touch();
+            continue;
+        }
+        // Not a voter in its own view (a learner, or a member that has not yet received the
+        // membership): it does not campaign, and its contact stays untouched so that it grants
+        // the pre-votes of voters that know it as one.
+        if !voters.iter().any(|(id, _)| *id == service.node_id) {
+            continue;
+        }
+        if raft.contact().silent_for() < wait {
+            continue;
+        }
+        let request = PreVoteRequest {
+            next_term: vote.leader_id().term + 1,
+        };
+        // Ask every other voter at once; stop at the first majority (a dead voter's answer,
+        // which would only time out, is not waited for).
+        let mut asks: futures::stream::FuturesUnordered<_> = voters
+            .iter()
+            .filter(|(id, _)| *id != service.node_id)
+            .map(|(id, address)| {
+                let request = request.clone();
+                let transport = service.transport.clone();
+                let address = address.clone();
+                let id = *id;
+                async move {
+                    let Some(address) = address else {
+                        return false;
+                    };
+                    matches!(
+                        transport
+                            .call(
+                                id,
+                                &address,
+                                RpcRequest::PreVote(request),
+                                Duration::from_millis(timeout_min),
+                            )
+                            .await,
+                        Ok(RpcResponse::PreVote(true))
+                    )
+                }
+            })
+            .collect();
+        let mut grants = 1;
+        while grants * 2 <= voters.len() {
+            match futures::StreamExt::next(&mut asks).await {
+                Some(true) => grants += 1,
+                Some(false) => {}
+                None => break,
+            }
+        }
+        drop(asks);
+        let won = grants * 2 > voters.len();
+        crate::metrics::pre_vote_held(won);
+        tracing::info!(
+            node_id = service.node_id,
+            next_term = request.next_term,
+            grants,
+            voters = voters.len(),
+            won,
+            "pre-vote"
+        );
+        raft.contact().touch();
+        wait = Duration::from_millis(random.between(timeout_min, timeout_max));
+        if won {
+            if let Err(error) = raft.trigger().elect().await {
+                tracing::debug!(%error, "election trigger failed; raft stopped");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drawn_timeouts_stay_in_their_range_and_vary() {
+        let mut random = SplitMix64(7);
+        let drawn: Vec<u64> = (0..1000).map(|_| random.between(200, 400)).collect();
+        assert!(drawn.iter().all(|t| (200..400).contains(t)));
+        let distinct: std::collections::BTreeSet<_> = drawn.iter().collect();
+        assert!(
+            distinct.len() > 150,
+            "only {} distinct values",
+            distinct.len()
+        );
+        assert_eq!(SplitMix64(1).between(5, 5), 5);
+    }
+
+    #[test]
+    fn one_seed_draws_one_sequence() {
+        let mut a = SplitMix64(42);
+        let mut b = SplitMix64(42);
+        for _ in 0..100 {
+            assert_eq!(a.next(), b.next());
+        }
+    }
+}
