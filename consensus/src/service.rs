@@ -498,6 +498,16 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
     pub async fn handle(&self, _from: NodeId, request: RpcRequest) -> RpcResponse {
         match request {
             RpcRequest::AppendEntries(rpc) => {
+                // From the leader this member already follows: contact at once, not after the
+                // log write, so a slow fsync here does not look like a silent leader.
+                let following = {
+                    let metrics = self.raft.metrics();
+                    let vote = metrics.borrow().vote;
+                    vote.is_committed() && rpc.vote == vote
+                };
+                if following {
+                    self.raft.contact().touch();
+                }
                 let response = self.raft.append_entries(rpc).await;
                 // Accepted from the leader of this member's vote (a conflict too): contact.
                 if matches!(&response, Ok(answer) if !matches!(answer, AppendEntriesResponse::HigherVote(_)))
