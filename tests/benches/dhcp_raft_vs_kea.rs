@@ -125,6 +125,8 @@ fn inner() -> anyhow::Result<()> {
     } else {
         f64::NAN
     };
+    println!("  cairn  {}", cairn.run.ack_losses());
+    println!("  kea    {}", kea_run.ack_losses());
     println!("  ratio cairn/kea: {ratio:.2}x (goal: >= 1.0x)");
     for line in &cairn.details {
         println!("  {line}");

@@ -86,12 +86,28 @@ pub struct PerfdhcpRun {
     pub seconds: f64,
     /// perfdhcp's own figure: completed 4-way exchanges per second (NaN if it printed none).
     pub perfdhcp_rate: f64,
+    /// REQUESTs perfdhcp counted as lost (no ACK within its drop time, `-d`, 1 s by default,
+    /// or still unanswered when the run ended).
+    pub ack_drops: u64,
+    /// Answers perfdhcp could not match to a REQUEST it sent.
+    pub ack_orphans: u64,
+    /// perfdhcp's REQUEST-to-ACK delay, as it prints it ("0.512 ms", or "n/a").
+    pub ack_delay_avg: String,
+    pub ack_delay_max: String,
 }
 
 impl PerfdhcpRun {
     /// Acknowledged DHCPREQUESTs per second.
     pub fn leases_per_second(&self) -> f64 {
         self.acks as f64 / self.seconds
+    }
+
+    /// Where REQUESTs went that perfdhcp did not count as acknowledged, and how long ACKs took.
+    pub fn ack_losses(&self) -> String {
+        format!(
+            "REQUEST-ACK: {} drops, {} orphans; delay avg {}, max {}",
+            self.ack_drops, self.ack_orphans, self.ack_delay_avg, self.ack_delay_max
+        )
     }
 }
 
@@ -119,30 +135,47 @@ pub fn perfdhcp(
             String::from_utf8_lossy(&output.stderr)
         )));
     }
-    let section = |name: &str, key: &str| -> u64 {
+    Ok(parse_report(&report, seconds as f64))
+}
+
+/// Reads perfdhcp's printed report (its statistics sections) of a run of `seconds`.
+pub fn parse_report(report: &str, seconds: f64) -> PerfdhcpRun {
+    // The value after `key` on the last line of section `name` that starts with it (perfdhcp
+    // prints "avg delay:" twice; the last one holds the figure).
+    let text = |name: &str, key: &str| -> Option<String> {
         report
             .split(&format!("Statistics for: {name}"))
             .nth(1)
             .and_then(|part| {
-                part.lines()
+                part.split("Statistics for:")
+                    .next()
+                    .unwrap_or(part)
+                    .lines()
+                    .rev()
                     .find_map(|l| l.trim().strip_prefix(key))
-                    .and_then(|v| v.trim().parse().ok())
+                    .map(|v| v.trim().to_string())
             })
-            .unwrap_or(0)
     };
-    Ok(PerfdhcpRun {
+    let section = |name: &str, key: &str| -> u64 {
+        text(name, key).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    PerfdhcpRun {
         acks: section("REQUEST-ACK", "received packets:"),
         requests: section("REQUEST-ACK", "sent packets:"),
         discovers: section("DISCOVER-OFFER", "sent packets:"),
         offers: section("DISCOVER-OFFER", "received packets:"),
-        seconds: seconds as f64,
+        seconds,
         perfdhcp_rate: report
             .lines()
             .find_map(|l| l.trim().strip_prefix("Rate:"))
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .unwrap_or(f64::NAN),
-    })
+        ack_drops: section("REQUEST-ACK", "drops:"),
+        ack_orphans: section("REQUEST-ACK", "orphans:"),
+        ack_delay_avg: text("REQUEST-ACK", "avg delay:").unwrap_or_else(|| "n/a".into()),
+        ack_delay_max: text("REQUEST-ACK", "max delay:").unwrap_or_else(|| "n/a".into()),
+    }
 }
 
 /// kea-dhcp4 on [`KEA_ADDRESS`], leases in memory persisted to a CSV file in `work`, handing
@@ -208,5 +241,55 @@ impl Drop for Kea {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of perfdhcp's report (Kea 2.2), figures changed to tell the fields apart.
+    const REPORT: &str = "Running: perfdhcp -4 -l 127.0.0.1 -r 10 -R 10 -p 2 127.0.0.9
+***Rate statistics***
+Rate: 9.5 4-way exchanges/second, expected rate: 10
+***Statistics for: DISCOVER-OFFER***
+sent packets: 19
+received packets: 18
+drops: 1
+orphans: 0
+avg delay: min delay: 0.1 ms
+avg delay: 0.3 ms
+max delay: 0.9 ms
+***Statistics for: REQUEST-ACK***
+sent packets: 18
+received packets: 15
+drops: 2
+drops ratio: 11 %
+orphans: 1
+min delay: 0.2 ms
+avg delay: min delay: 0.2 ms
+avg delay: 21.5 ms
+max delay: 40.25 ms
+collected packets: 0
+";
+
+    #[test]
+    fn report_fields_come_from_their_own_section() {
+        let run = parse_report(REPORT, 2.0);
+        assert_eq!((run.discovers, run.offers), (19, 18));
+        assert_eq!((run.requests, run.acks), (18, 15));
+        assert_eq!((run.ack_drops, run.ack_orphans), (2, 1));
+        assert_eq!(run.ack_delay_avg, "21.5 ms");
+        assert_eq!(run.ack_delay_max, "40.25 ms");
+        assert_eq!(run.perfdhcp_rate, 9.5);
+        assert_eq!(run.leases_per_second(), 7.5);
+    }
+
+    #[test]
+    fn a_report_without_sections_reads_as_nothing() {
+        let run = parse_report("perfdhcp: garbage", 1.0);
+        assert_eq!((run.acks, run.ack_drops), (0, 0));
+        assert_eq!(run.ack_delay_avg, "n/a");
+        assert!(run.perfdhcp_rate.is_nan());
     }
 }
