@@ -14,7 +14,8 @@
 //! silence openraft would (the leader lease, `election_timeout_max`, plus a timeout drawn from
 //! `[election_timeout_min, election_timeout_max)`; only the drawn timeout after its own attempt),
 //! then sends `PreVote` to every other voter and triggers openraft's election
-//! (`Trigger::elect`, which the switch does not affect) if a majority grants it. `initialize`
+//! (`Trigger::elect`, which the switch does not affect) if a majority grants it (a majority of
+//! each voter set during a joint membership change, as the election itself needs). `initialize`
 //! still elects at once, as before.
 //!
 //! A voter grants a pre-vote when it is not the leader and has not heard from a leader for the
@@ -28,6 +29,7 @@
 //! guard never triggers an election while a majority of voters has heard from a leader within
 //! the lease; the guard ends when its service is dropped or its Raft stops.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -120,6 +122,15 @@ impl SplitMix64 {
     }
 }
 
+/// Whether `granted` holds a majority of every voter set of `configs` (one set, or two during
+/// a joint membership change), as an election needs.
+fn majority_in_each(configs: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bool {
+    !configs.is_empty()
+        && configs
+            .iter()
+            .all(|voters| voters.intersection(granted).count() * 2 > voters.len())
+}
+
 /// A seed for `spawn_campaign_guard` outside the simulation: different per process and node.
 pub fn process_seed(node_id: NodeId) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -173,9 +184,14 @@ async fn campaign_guard<S: StateView, T: Transport>(
             return;
         };
         let raft = &service.raft;
-        let (stopped, state, vote, voters, leader_known) = {
+        let (stopped, state, vote, voters, configs, leader_known) = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
+            let configs = metrics
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .clone();
             let voters: Vec<(NodeId, Option<crate::types::NodeAddress>)> = metrics
                 .membership_config
                 .membership()
@@ -194,6 +210,7 @@ async fn campaign_guard<S: StateView, T: Transport>(
                 metrics.state,
                 metrics.vote,
                 voters,
+                configs,
                 metrics.current_leader.is_some(),
             )
         };
@@ -238,9 +255,9 @@ async fn campaign_guard<S: StateView, T: Transport>(
                 let id = *id;
                 async move {
                     let Some(address) = address else {
-                        return false;
+                        return (id, false);
                     };
-                    matches!(
+                    let granted = matches!(
                         transport
                             .call(
                                 id,
@@ -250,25 +267,28 @@ async fn campaign_guard<S: StateView, T: Transport>(
                             )
                             .await,
                         Ok(RpcResponse::PreVote(true))
-                    )
+                    );
+                    (id, granted)
                 }
             })
             .collect();
-        let mut grants = 1;
-        while grants * 2 <= voters.len() {
+        let mut granted = BTreeSet::from([service.node_id]);
+        while !majority_in_each(&configs, &granted) {
             match futures::StreamExt::next(&mut asks).await {
-                Some(true) => grants += 1,
-                Some(false) => {}
+                Some((id, true)) => {
+                    granted.insert(id);
+                }
+                Some((_, false)) => {}
                 None => break,
             }
         }
         drop(asks);
-        let won = grants * 2 > voters.len();
+        let won = majority_in_each(&configs, &granted);
         crate::metrics::pre_vote_held(won);
         tracing::info!(
             node_id = service.node_id,
             next_term = request.next_term,
-            grants,
+            grants = granted.len(),
             voters = voters.len(),
             won,
             "pre-vote"
@@ -300,6 +320,21 @@ mod tests {
             distinct.len()
         );
         assert_eq!(SplitMix64(1).between(5, 5), 5);
+    }
+
+    #[test]
+    fn a_pre_vote_needs_a_majority_of_every_joint_config() {
+        let set = |ids: &[NodeId]| ids.iter().copied().collect::<BTreeSet<NodeId>>();
+        let one = vec![set(&[1, 2, 3])];
+        assert!(!majority_in_each(&one, &set(&[1])));
+        assert!(majority_in_each(&one, &set(&[1, 3])));
+        // Moving from {1,2,3} to {3,4,5}: {1,2} is a majority of the old set only.
+        let joint = vec![set(&[1, 2, 3]), set(&[3, 4, 5])];
+        assert!(!majority_in_each(&joint, &set(&[1, 2])));
+        assert!(!majority_in_each(&joint, &set(&[4, 5])));
+        assert!(majority_in_each(&joint, &set(&[1, 3, 4])));
+        assert!(majority_in_each(&[set(&[7])], &set(&[7])));
+        assert!(!majority_in_each(&[], &set(&[1])));
     }
 
     #[test]
