@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use openraft::ServerState;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -87,39 +89,11 @@ pub struct PreVoteRequest {
 /// A voter's answer to `PreVoteRequest`: granted if it is not the leader and has not heard from
 /// one for the leader lease.
 pub fn answer(raft: &Raft) -> bool {
-    let (leading, lease_ms) = {
-        let metrics = raft.metrics();
-        let metrics = metrics.borrow();
-        (
-            metrics.state == ServerState::Leader,
-            raft.config().election_timeout_max,
-        )
-    };
-    let granted = !leading && raft.contact().silent_for() >= Duration::from_millis(lease_ms);
+    let leading = raft.metrics().borrow().state == ServerState::Leader;
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    let granted = !leading && raft.contact().silent_for() >= lease;
     crate::metrics::pre_vote_answered(granted);
     granted
-}
-
-/// The guard's random source: SplitMix64, enough to spread election timeouts (the simulation
-/// seeds it from its run's seed, so a seed replays exactly).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `[low, high)` (or `low` if the range is empty).
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        if high <= low {
-            return low;
-        }
-        low + self.next() % (high - low)
-    }
 }
 
 /// Whether `granted` holds a majority of every voter set of `configs` (one set, or two during
@@ -131,52 +105,38 @@ fn majority_in_each(configs: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) ->
             .all(|voters| voters.intersection(granted).count() * 2 > voters.len())
 }
 
-/// A seed for `spawn_campaign_guard` outside the simulation: different per process and node.
-pub fn process_seed(node_id: NodeId) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&node_id.to_le_bytes());
-    hasher.update(&nanos.to_le_bytes());
-    hasher.update(&std::process::id().to_le_bytes());
-    let digest = hasher.finalize();
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&digest.as_bytes()[..8]);
-    u64::from_le_bytes(bytes)
-}
-
-/// Starts the task that campaigns for `service`'s member (see the module docs). Its Raft must
-/// run with `enable_elect = false`, or openraft's own timer campaigns beside it. The task holds
-/// the service weakly and ends when the service is dropped or its Raft stops.
+/// Starts the task that campaigns for `service`'s member (see the module docs); `seed` draws its
+/// election timeouts (the simulation passes one from its run's seed, so a seed replays exactly).
+/// Its Raft must run with `enable_elect = false`, or openraft's own timer campaigns beside it.
+/// The task holds the service weakly and ends when the service is dropped or its Raft stops.
 pub fn spawn_campaign_guard<S: StateView, T: Transport>(
     service: &Arc<RaftService<S, T>>,
     seed: u64,
 ) -> tokio::task::JoinHandle<()> {
     let weak = Arc::downgrade(service);
-    tokio::spawn(async move { campaign_guard(weak, SplitMix64(seed)).await })
+    tokio::spawn(async move { campaign_guard(weak, StdRng::seed_from_u64(seed)).await })
 }
 
 async fn campaign_guard<S: StateView, T: Transport>(
     service: Weak<RaftService<S, T>>,
-    mut random: SplitMix64,
+    mut random: StdRng,
 ) {
-    let (tick, lease, timeout_min, timeout_max) = match service.upgrade() {
-        Some(service) => {
-            let config = service.raft.config();
-            (
-                Duration::from_millis((config.heartbeat_interval / 2).max(1)),
-                config.election_timeout_max,
-                config.election_timeout_min,
-                config.election_timeout_max,
-            )
-        }
-        None => return,
+    let Some((tick, timeout_min, timeout_max)) = service.upgrade().map(|service| {
+        let config = service.raft.config();
+        (
+            Duration::from_millis((config.heartbeat_interval / 2).max(1)),
+            config.election_timeout_min,
+            config.election_timeout_max,
+        )
+    }) else {
+        return;
     };
+    // openraft's leader lease is `election_timeout_max`.
+    let lease = timeout_max;
+    let mut draw = move || random.gen_range(timeout_min..timeout_max.max(timeout_min + 1));
     // The silence after which this member asks for votes: the lease plus a drawn timeout after
     // hearing from a leader, only a drawn timeout after its own attempt.
-    let mut wait = Duration::from_millis(lease + random.between(timeout_min, timeout_max));
+    let mut wait = Duration::from_millis(lease + draw());
     let mut last_vote = None;
     loop {
         tokio::time::sleep(tick).await;
@@ -184,34 +144,19 @@ async fn campaign_guard<S: StateView, T: Transport>(
             return;
         };
         let raft = &service.raft;
-        let (stopped, state, vote, voters, configs, leader_known) = {
+        let (stopped, state, vote, leader_known, voter) = {
             let metrics = raft.metrics();
             let metrics = metrics.borrow();
-            let configs = metrics
-                .membership_config
-                .membership()
-                .get_joint_config()
-                .clone();
-            let voters: Vec<(NodeId, Option<crate::types::NodeAddress>)> = metrics
-                .membership_config
-                .membership()
-                .voter_ids()
-                .map(|id| {
-                    let address = metrics
-                        .membership_config
-                        .membership()
-                        .get_node(&id)
-                        .cloned();
-                    (id, address)
-                })
-                .collect();
             (
                 metrics.running_state.is_err(),
                 metrics.state,
                 metrics.vote,
-                voters,
-                configs,
                 metrics.current_leader.is_some(),
+                metrics
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|id| id == service.node_id),
             )
         };
         if stopped {
@@ -221,7 +166,7 @@ async fn campaign_guard<S: StateView, T: Transport>(
             // A vote granted, a new term seen, a leader elected: a fresh start of the timer, as
             // openraft's own timer counts from its vote's last change.
             if last_vote.is_some() && leader_known {
-                wait = Duration::from_millis(lease + random.between(timeout_min, timeout_max));
+                wait = Duration::from_millis(lease + draw());
             }
             last_vote = Some(vote);
             raft.contact().touch();
@@ -234,67 +179,13 @@ async fn campaign_guard<S: StateView, T: Transport>(
         // Not a voter in its own view (a learner, or a member that has not yet received the
         // membership): it does not campaign, and its contact stays untouched so that it grants
         // the pre-votes of voters that know it as one.
-        if !voters.iter().any(|(id, _)| *id == service.node_id) {
+        if !voter || raft.contact().silent_for() < wait {
             continue;
         }
-        if raft.contact().silent_for() < wait {
-            continue;
-        }
-        let request = PreVoteRequest {
-            next_term: vote.leader_id().term + 1,
-        };
-        // Ask every other voter at once; stop at the first majority (a dead voter's answer,
-        // which would only time out, is not waited for).
-        let mut asks: futures::stream::FuturesUnordered<_> = voters
-            .iter()
-            .filter(|(id, _)| *id != service.node_id)
-            .map(|(id, address)| {
-                let request = request.clone();
-                let transport = service.transport.clone();
-                let address = address.clone();
-                let id = *id;
-                async move {
-                    let Some(address) = address else {
-                        return (id, false);
-                    };
-                    let granted = matches!(
-                        transport
-                            .call(
-                                id,
-                                &address,
-                                RpcRequest::PreVote(request),
-                                Duration::from_millis(timeout_min),
-                            )
-                            .await,
-                        Ok(RpcResponse::PreVote(true))
-                    );
-                    (id, granted)
-                }
-            })
-            .collect();
-        let mut granted = BTreeSet::from([service.node_id]);
-        while !majority_in_each(&configs, &granted) {
-            match futures::StreamExt::next(&mut asks).await {
-                Some((id, true)) => {
-                    granted.insert(id);
-                }
-                Some((_, false)) => {}
-                None => break,
-            }
-        }
-        drop(asks);
-        let won = majority_in_each(&configs, &granted);
-        crate::metrics::pre_vote_held(won);
-        tracing::info!(
-            node_id = service.node_id,
-            next_term = request.next_term,
-            grants = granted.len(),
-            voters = voters.len(),
-            won,
-            "pre-vote"
-        );
+        let next_term = vote.leader_id().term + 1;
+        let won = hold_pre_vote(&service, next_term, Duration::from_millis(timeout_min)).await;
         raft.contact().touch();
-        wait = Duration::from_millis(random.between(timeout_min, timeout_max));
+        wait = Duration::from_millis(draw());
         if won {
             if let Err(error) = raft.trigger().elect().await {
                 tracing::debug!(%error, "election trigger failed; raft stopped");
@@ -304,23 +195,67 @@ async fn campaign_guard<S: StateView, T: Transport>(
     }
 }
 
+/// Asks every other voter at once and returns whether a majority of each voter set granted;
+/// stops at the first such majority (a dead voter's answer, which would only time out after
+/// `timeout`, is not waited for).
+async fn hold_pre_vote<S: StateView, T: Transport>(
+    service: &RaftService<S, T>,
+    next_term: u64,
+    timeout: Duration,
+) -> bool {
+    let membership = service
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    let configs = membership.get_joint_config();
+    let mut asks: futures::stream::FuturesUnordered<_> = membership
+        .voter_ids()
+        .filter(|id| *id != service.node_id)
+        .map(|id| {
+            let address = membership.get_node(&id).cloned();
+            let transport = service.transport.clone();
+            async move {
+                let Some(address) = address else {
+                    return (id, false);
+                };
+                let request = RpcRequest::PreVote(PreVoteRequest { next_term });
+                let granted = matches!(
+                    transport.call(id, &address, request, timeout).await,
+                    Ok(RpcResponse::PreVote(true))
+                );
+                (id, granted)
+            }
+        })
+        .collect();
+    let mut granted = BTreeSet::from([service.node_id]);
+    while !majority_in_each(configs, &granted) {
+        match futures::StreamExt::next(&mut asks).await {
+            Some((id, true)) => {
+                granted.insert(id);
+            }
+            Some((_, false)) => {}
+            None => break,
+        }
+    }
+    let won = majority_in_each(configs, &granted);
+    crate::metrics::pre_vote_held(won);
+    tracing::info!(
+        node_id = service.node_id,
+        next_term,
+        grants = granted.len(),
+        voters = membership.voter_ids().count(),
+        won,
+        "pre-vote"
+    );
+    won
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn drawn_timeouts_stay_in_their_range_and_vary() {
-        let mut random = SplitMix64(7);
-        let drawn: Vec<u64> = (0..1000).map(|_| random.between(200, 400)).collect();
-        assert!(drawn.iter().all(|t| (200..400).contains(t)));
-        let distinct: std::collections::BTreeSet<_> = drawn.iter().collect();
-        assert!(
-            distinct.len() > 150,
-            "only {} distinct values",
-            distinct.len()
-        );
-        assert_eq!(SplitMix64(1).between(5, 5), 5);
-    }
 
     #[test]
     fn a_pre_vote_needs_a_majority_of_every_joint_config() {
@@ -335,14 +270,5 @@ mod tests {
         assert!(majority_in_each(&joint, &set(&[1, 3, 4])));
         assert!(majority_in_each(&[set(&[7])], &set(&[7])));
         assert!(!majority_in_each(&[], &set(&[1])));
-    }
-
-    #[test]
-    fn one_seed_draws_one_sequence() {
-        let mut a = SplitMix64(42);
-        let mut b = SplitMix64(42);
-        for _ in 0..100 {
-            assert_eq!(a.next(), b.next());
-        }
     }
 }

@@ -199,7 +199,7 @@ impl ClusterNode {
         if config.tuning.pre_vote {
             tasks.push(crate::prevote::spawn_campaign_guard(
                 &service,
-                crate::prevote::process_seed(config.node_id),
+                rand::random(),
             ));
         }
         let server = quic::serve(endpoint, Arc::new(ServiceHandler::new(&service)));

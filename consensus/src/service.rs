@@ -500,12 +500,8 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
             RpcRequest::AppendEntries(rpc) => {
                 // From the leader this member already follows: contact at once, not after the
                 // log write, so a slow fsync here does not look like a silent leader.
-                let following = {
-                    let metrics = self.raft.metrics();
-                    let vote = metrics.borrow().vote;
-                    vote.is_committed() && rpc.vote == vote
-                };
-                if following {
+                let vote = self.raft.metrics().borrow().vote;
+                if vote.is_committed() && rpc.vote == vote {
                     self.raft.contact().touch();
                 }
                 let response = self.raft.append_entries(rpc).await;

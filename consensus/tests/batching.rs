@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_consensus::domain::{replay, Command, Name, ReplayBound};
+use cairn_consensus::domain::{replay, Command, Event, Name, ReplayBound};
 use cairn_consensus::network::NetworkFactory;
 use cairn_consensus::rpc::{RpcRequest, RpcResponse, Transport, TransportError};
-use cairn_consensus::service::{ProposeError, RaftService, ServiceTimeouts, StateView};
+use cairn_consensus::service::{Clock, ProposeError, RaftService, ServiceTimeouts, StateView};
 use cairn_consensus::store::mem::{MemLogStore, MemStateMachine};
-use cairn_consensus::types::Raft;
+use cairn_consensus::types::{Raft, TypeConfig};
 use cairn_consensus::{NodeAddress, RaftTuning};
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
 
 /// A one-member cluster never calls a peer.
 #[derive(Clone)]
@@ -75,42 +76,77 @@ async fn lead_alone<S: StateView, T: Transport>(service: &RaftService<S, T>) -> 
     last
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn concurrent_proposals_share_entries_and_keep_their_own_outcomes() {
+/// Member 1's Raft on these stores, with default tuning and no peers.
+async fn one_member_raft<LS, SM>(log: LS, state_machine: SM) -> Raft
+where
+    LS: RaftLogStorage<TypeConfig>,
+    SM: RaftStateMachine<TypeConfig>,
+{
     let config = Arc::new(RaftTuning::default().raft_config().unwrap());
-    let state_machine = MemStateMachine::new();
-    let raft = Raft::new(
+    Raft::new(
         1,
         config,
         NetworkFactory::new(1, NoPeers),
-        MemLogStore::new(),
-        state_machine.clone(),
+        log,
+        state_machine,
     )
     .await
-    .unwrap();
-    // A clock that steps back on every reading.
-    let ticks = Arc::new(AtomicI64::new(0));
-    let service = Arc::new(RaftService {
+    .unwrap()
+}
+
+/// A one-member service over `raft` and `state`, stamping times with `clock`.
+fn one_member<S: StateView>(raft: Raft, state: S, clock: Clock) -> Arc<RaftService<S, NoPeers>> {
+    Arc::new(RaftService {
         node_id: 1,
         raft,
-        state: state_machine.clone(),
+        state,
         transport: NoPeers,
-        clock: Arc::new(move || 2_000_000 - ticks.fetch_add(1, Ordering::Relaxed)),
+        clock,
         timeouts: ServiceTimeouts::default(),
-    });
+    })
+}
+
+type Answer = Result<Vec<Event>, ProposeError>;
+
+/// Proposes `create_image(n)` for each `n` in `0..count` at once; each task yields `n` and its
+/// answer (a proposal still unanswered after 30 s fails the test: it stalled).
+fn propose_all<S: StateView>(
+    service: &Arc<RaftService<S, NoPeers>>,
+    count: i32,
+) -> Vec<tokio::task::JoinHandle<(i32, Answer)>> {
+    let admin = Name::new("admin").unwrap();
+    (0..count)
+        .map(|n| {
+            let service = service.clone();
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    service.propose(admin, create_image(n)),
+                )
+                .await
+                .expect("a proposal stalled");
+                (n, answer)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_proposals_share_entries_and_keep_their_own_outcomes() {
+    let state_machine = MemStateMachine::new();
+    let raft = one_member_raft(MemLogStore::new(), state_machine.clone()).await;
+    // A clock that steps back on every reading.
+    let ticks = Arc::new(AtomicI64::new(0));
+    let service = one_member(
+        raft,
+        state_machine.clone(),
+        Arc::new(move || 2_000_000 - ticks.fetch_add(1, Ordering::Relaxed)),
+    );
     let entries_before = lead_alone(&service).await;
 
-    let admin = Name::new("admin").unwrap();
-    let mut tasks = Vec::new();
-    for n in 0..200 {
-        let service = service.clone();
-        let admin = admin.clone();
-        tasks.push(tokio::spawn(async move {
-            (n, service.propose(admin, create_image(n)).await)
-        }));
-    }
     let mut answers = BTreeMap::new();
-    for task in tasks {
+    for task in propose_all(&service, 200) {
         let (n, answer) = task.await.unwrap();
         answers.insert(n, answer);
     }
@@ -163,44 +199,13 @@ async fn flush_paced_proposals_on_rocksdb_are_each_answered_once() {
     let dir = tempfile::tempdir().unwrap();
     let (log, state_machine) = cairn_consensus::store::rocks::open(dir.path()).unwrap();
     let reader = state_machine.reader();
-    let config = Arc::new(RaftTuning::default().raft_config().unwrap());
-    let raft = Raft::new(
-        1,
-        config,
-        NetworkFactory::new(1, NoPeers),
-        log.clone(),
-        state_machine,
-    )
-    .await
-    .unwrap();
+    let raft = one_member_raft(log.clone(), state_machine).await;
     let (hook, pacer) =
         cairn_consensus::proposer::Proposer::pace_by_flushes(&raft, Duration::from_secs(5));
     log.on_flushed(hook);
-    let service = Arc::new(RaftService {
-        node_id: 1,
-        raft,
-        state: reader.clone(),
-        transport: NoPeers,
-        clock: Arc::new(|| 1_000_000),
-        timeouts: ServiceTimeouts::default(),
-    });
+    let service = one_member(raft, reader.clone(), Arc::new(|| 1_000_000));
     let entries_before = lead_alone(&service).await;
-
-    let admin = Name::new("admin").unwrap();
-    let mut tasks = Vec::new();
-    for n in 0..200 {
-        let service = service.clone();
-        let admin = admin.clone();
-        tasks.push(tokio::spawn(async move {
-            let answer = tokio::time::timeout(
-                Duration::from_secs(30),
-                service.propose(admin, create_image(n)),
-            )
-            .await
-            .expect("a paced proposal stalled");
-            (n, answer)
-        }));
-    }
+    let tasks = propose_all(&service, 200);
     // Tasks run on two threads, so of two proposals with the same name either may come first:
     // exactly one of each pair is accepted, with an event naming it.
     let mut seqs = Vec::new();

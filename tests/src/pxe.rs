@@ -788,6 +788,27 @@ impl Qemu {
         Ok(())
     }
 
+    /// Polls `done` every `poll` until it holds; after `timeout`, fails with `what` and the
+    /// console's last lines.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        poll: Duration,
+        mut done: impl FnMut(&Qemu) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !done(self)? {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{what}:\n{}",
+                tail(&self.console(), 30)
+            );
+            std::thread::sleep(poll);
+        }
+        Ok(())
+    }
+
     /// Waits until the console shows `text`.
     pub fn wait_for_text(&mut self, text: &str, timeout: Duration) -> anyhow::Result<()> {
         self.wait_for_marker(text, &[], timeout).map(|_| ())

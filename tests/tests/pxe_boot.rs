@@ -266,15 +266,12 @@ fn login(cluster: &LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
     );
     // The refusal retries the script after a few seconds: the form comes back.
     let before = refused.matches("Password").count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while qemu.console().matches("Password").count() <= before {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no second login form:\n{}",
-            tail(&qemu.console(), 30)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    qemu.wait_until(
+        "no second login form",
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        |qemu| Ok(qemu.console().matches("Password").count() > before),
+    )?;
     // The name stays filled in from the first try; the password was cleared.
     std::thread::sleep(Duration::from_millis(500));
     qemu.type_text(&format!("\r{PASSWORD}\r"))?;
@@ -298,15 +295,12 @@ fn discovered(cluster: &LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
         MAC_UNKNOWN,
         "discovered",
     )?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !is_discovered(cluster, MAC_UNKNOWN)? {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{MAC_UNKNOWN} not discovered:\n{}",
-            tail(&qemu.console(), 20)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    qemu.wait_until(
+        &format!("{MAC_UNKNOWN} not discovered"),
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        |_| is_discovered(cluster, MAC_UNKNOWN),
+    )?;
     // iPXE retries DHCP for a while; it must not have been offered anything in the meantime.
     std::thread::sleep(Duration::from_secs(3));
     let console = qemu.console();
@@ -432,15 +426,12 @@ fn second_path(
     // kill its primary as soon as iPXE has that script and says it is booting (killing it
     // earlier could kill the script's server too, when the primary is also the Raft leader). iPXE logs in right after, so it meets a dead primary either at
     // login or in the middle of its first reads.
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    while !qemu.console().contains("Cairn: booting") {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no script fetched:\n{}",
-            tail(&qemu.console(), 30)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    qemu.wait_until(
+        "no script fetched",
+        BOOT_TIMEOUT,
+        Duration::from_millis(20),
+        |qemu| Ok(qemu.console().contains("Cairn: booting")),
+    )?;
     let client = client_show(cluster)?;
     let session = client["session"].clone();
     anyhow::ensure!(
