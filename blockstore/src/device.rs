@@ -15,6 +15,10 @@ pub enum DeviceError {
     Io(#[from] std::io::Error),
     #[error("device is fenced: generation {held} is older than {current}")]
     Fenced { held: u64, current: u64 },
+    /// This node cannot serve the I/O now (its mirror failed or gave up, or its storage
+    /// failed and it is stopping), but another path may: the initiator should retry.
+    #[error("device unavailable on this path: {0}")]
+    Unavailable(String),
 }
 
 /// A block device served as one LUN: a client's volume, or a plain file in tests.

@@ -14,4 +14,5 @@ pub mod device;
 pub mod image;
 pub mod iscsi;
 pub mod scsi;
+pub mod mirror;
 pub mod volume;

@@ -16,7 +16,7 @@ use cairn_blockstore::chunks::{ChunkStore, ChunkStoreConfig, CHUNK_SIZE_BYTES};
 use cairn_blockstore::device::{BlockDevice, DeviceError};
 use cairn_blockstore::image::{ManifestHash, NoProgress};
 use cairn_blockstore::volume::{
-    MirrorError, MirrorOperation, Volume, VolumeOptions, VolumeSpec, WriteMirror,
+    MirrorError, MirrorOperation, MirrorTicket, Volume, VolumeOptions, VolumeSpec, WriteMirror,
 };
 use proptest::prelude::*;
 
@@ -52,8 +52,13 @@ struct StandbyModel {
 }
 
 impl WriteMirror for StandbyModel {
-    fn mirror(&self, _generation: u64, operation: MirrorOperation<'_>) -> Result<(), MirrorError> {
-        *self.operations.lock().unwrap() += 1;
+    fn submit(
+        &self,
+        generation: u64,
+        operation: MirrorOperation<'_>,
+    ) -> Result<MirrorTicket, MirrorError> {
+        let mut count = self.operations.lock().unwrap();
+        *count += 1;
         let mut blocks = self.blocks.lock().unwrap();
         match operation {
             MirrorOperation::Write { first_block, data } => {
@@ -74,8 +79,16 @@ impl WriteMirror for StandbyModel {
                     blocks[block as usize] = Some(vec![0; 4096]);
                 }
             }
+            MirrorOperation::Discard { .. } => panic!("only a resync discards"),
             MirrorOperation::Flush => {}
         }
+        Ok(MirrorTicket {
+            generation,
+            seq: *count,
+        })
+    }
+
+    fn wait(&self, _ticket: MirrorTicket) -> Result<(), MirrorError> {
         Ok(())
     }
 }
@@ -423,15 +436,24 @@ fn concurrent_sub_block_writers_do_not_lose_updates() {
     drop(harness);
 }
 
-/// Forwards mirrored operations to a standby `Volume`, as the later replication issue will do
-/// over the network.
+/// Forwards mirrored operations straight to a standby `Volume` (the node's shell carries them
+/// over QUIC through `cairn_blockstore::mirror`).
 struct ToStandby(Arc<Volume>);
 
 impl WriteMirror for ToStandby {
-    fn mirror(&self, generation: u64, operation: MirrorOperation<'_>) -> Result<(), MirrorError> {
+    fn submit(
+        &self,
+        generation: u64,
+        operation: MirrorOperation<'_>,
+    ) -> Result<MirrorTicket, MirrorError> {
         self.0
             .apply_mirrored(generation, operation)
-            .map_err(|error| MirrorError(error.to_string()))
+            .map_err(|error| MirrorError(error.to_string()))?;
+        Ok(MirrorTicket { generation, seq: 0 })
+    }
+
+    fn wait(&self, _ticket: MirrorTicket) -> Result<(), MirrorError> {
+        Ok(())
     }
 }
 

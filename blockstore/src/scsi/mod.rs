@@ -129,7 +129,9 @@ impl From<Sense> for Failure {
 fn device_failure(e: DeviceError, write: bool) -> Failure {
     match e {
         DeviceError::OutOfRange { .. } => Failure::Check(sense::LBA_OUT_OF_RANGE),
-        DeviceError::Fenced { .. } => Failure::Check(sense::FENCED),
+        // Retryable on another path (NOT READY, asymmetric access state transition): never a
+        // medium error, which an operating system would pass to its file system.
+        DeviceError::Fenced { .. } | DeviceError::Unavailable(_) => Failure::Check(sense::FENCED),
         DeviceError::Medium { lba, .. } => Failure::Check(Sense {
             information: Some(lba.min(u32::MAX as u64) as u32),
             ..if write {

@@ -49,12 +49,27 @@
 //! the stripes of the 4 KiB blocks they touch, so read-modify-write is atomic per block and the
 //! standby mirror sees writes to one block in the order they were applied locally.
 //!
-//! # Fencing and mirroring (hooks for later issues)
+//! # Fencing and mirroring
 //!
-//! A volume is opened at a generation ([`VolumeOptions::generation`]). [`Volume::fence`] with a
-//! newer generation makes every later call fail with [`DeviceError::Fenced`]. Every write, unmap
-//! and flush passes through [`Volume::mirror_before_ack`], the single place where the standby
-//! mirror ([`WriteMirror`]) is called, after the local write and before the acknowledgement.
+//! A volume is opened at a generation ([`VolumeOptions::generation`]), which moves on when Raft
+//! drops or adds the standby ([`Volume::advance_generation`]). [`Volume::fence`] with a newer
+//! generation makes every later call fail with [`DeviceError::Fenced`] and *waits for the calls
+//! in flight* (each holds the volume's I/O gate for its whole length, mirror wait included), so
+//! once it returns nothing more is acknowledged at the old generation. The shell must fence the
+//! mirror first, so that calls waiting for the standby end.
+//!
+//! Every write, unmap and flush is handed to the standby mirror ([`WriteMirror`]) in two
+//! steps: [`WriteMirror::submit`] right after the local change, with the stripes of the blocks
+//! still held (so the stream has writes to one block in the order they were applied here), and
+//! [`WriteMirror::wait`] after the stripes are released, before the call returns. A flush is
+//! submitted before the local flush runs, so the two run at the same time.
+//!
+//! # Storage faults are fatal
+//!
+//! A failed write, `fdatasync` or journal append marks the volume failed for good: every later
+//! call returns [`VolumeError::Failed`]. After a failed fsync the page cache may have dropped
+//! the data while a retried fsync reports success, so nothing written before can be trusted to
+//! be durable; the node stops and its sessions fail over ([`Volume::failure`] says why).
 //!
 //! # Not done here
 //!
@@ -68,11 +83,13 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use crate::chunks::{ChunkError, ChunkStore, CHUNK_SIZE_BYTES};
 use crate::device::{BlockDevice, DeviceError};
 use crate::image::{ImageError, Manifest, ManifestHash};
+use crate::mirror::REGION_BLOCKS;
+use crate::mirror::{region_blocks, region_differences, BlockDigest, Difference, RegionDigest};
 pub use layer::BlockState;
 use layer::{BlockMap, Journal, MapFile, Record};
 
@@ -83,9 +100,28 @@ pub const SECTOR_SIZE_BYTES: u64 = 512;
 /// Default for [`VolumeOptions::journal_bytes_max`].
 pub const JOURNAL_BYTES_MAX: u64 = 4 << 20;
 const STRIPES: usize = 256;
+/// Blocks of one resync write (256 KiB).
+const RESYNC_WRITE_BLOCKS_MAX: u64 = 64;
 /// Most 4 KiB blocks one `mapping_at` call looks at (4 GiB).
 const MAPPING_SCAN_BLOCKS_MAX: u64 = 1 << 20;
 const META_MAGIC: &[u8; 8] = b"CAIRNVM1";
+
+/// Fault-injection points, active only with the crate's `failpoints` feature (tests set them
+/// with `fail::cfg(NAME, "return")`): the data file's `fdatasync`, its writes, and journal
+/// appends fail with an I/O error.
+pub const FAILPOINT_SYNC_DATA: &str = "volume::sync_data";
+pub const FAILPOINT_WRITE_DATA: &str = "volume::write_data";
+pub const FAILPOINT_JOURNAL_APPEND: &str = "volume::journal_append";
+
+/// An injected I/O error at `name`, if that failpoint is set.
+fn injected(name: &str) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!(name, |_| Err(std::io::Error::other(format!(
+        "injected fault at {name}"
+    ))));
+    let _ = name;
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -114,6 +150,8 @@ pub enum VolumeError {
     Fenced { held: u64, current: u64 },
     #[error("mirror to standby failed: {0}")]
     Mirror(#[from] MirrorError),
+    #[error("volume storage failed earlier ({0}); it takes no more i/o")]
+    Failed(String),
 }
 
 impl VolumeError {
@@ -143,15 +181,32 @@ pub enum MirrorOperation<'a> {
         first_block: u64,
         block_count: u64,
     },
+    /// Blocks that read from the base image again (only a resync sends it).
+    Discard {
+        first_block: u64,
+        block_count: u64,
+    },
     /// Make everything mirrored so far durable on the standby.
     Flush,
 }
 
-/// Synchronous mirroring of layer changes to a standby node (a later issue implements it over
-/// QUIC). Called with the volume's generation so the standby can reject a fenced primary.
-/// Must return only when the standby holds the operation (durably, for `Flush`).
+/// Names a submitted mirror operation until it is waited for.
+pub type MirrorTicket = crate::mirror::Ticket;
+
+/// Synchronous mirroring of layer changes to a standby node (`crate::mirror` is the protocol;
+/// the node's shell carries it over QUIC).
 pub trait WriteMirror: Send + Sync {
-    fn mirror(&self, generation: u64, operation: MirrorOperation<'_>) -> Result<(), MirrorError>;
+    /// Queues an operation applied locally. Called with the stripes of its blocks held and with
+    /// the volume's generation, so the standby can reject a fenced primary. May block while the
+    /// stream is full (backpressure).
+    fn submit(
+        &self,
+        generation: u64,
+        operation: MirrorOperation<'_>,
+    ) -> Result<MirrorTicket, MirrorError>;
+    /// Returns once the standby holds the operation (durably, for `Flush`), or with an error
+    /// (fenced, or the shell gave up): the operation must then not be acknowledged.
+    fn wait(&self, ticket: MirrorTicket) -> Result<(), MirrorError>;
 }
 
 /// How to create a volume.
@@ -200,8 +255,13 @@ pub struct Volume {
     data_path: PathBuf,
     unique_id: [u8; 16],
     persistent: bool,
-    generation: u64,
+    generation: AtomicU64,
     fenced_at: AtomicU64,
+    /// Every call holds it shared for its whole length; `fence` takes it exclusively once, so
+    /// it returns only after the calls in flight ended.
+    io_gate: RwLock<()>,
+    /// Set by the first failed write, sync or journal append; never cleared.
+    failure: OnceLock<String>,
     mirror: Option<Arc<dyn WriteMirror>>,
     state: RwLock<LayerState>,
     stripes: Vec<Mutex<()>>,
@@ -339,8 +399,10 @@ impl Volume {
             data_path,
             unique_id,
             persistent,
-            generation: options.generation,
+            generation: AtomicU64::new(options.generation),
             fenced_at: AtomicU64::new(0),
+            io_gate: RwLock::new(()),
+            failure: OnceLock::new(),
             mirror: options.mirror,
             state: RwLock::new(LayerState {
                 size_bytes: base.size_bytes,
@@ -387,19 +449,60 @@ impl Volume {
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Raft moved the session to `generation` with this node still its primary ("standby
+    /// dropped" or a standby added): later mirror operations carry it.
+    pub fn advance_generation(&self, generation: u64) {
+        self.generation.fetch_max(generation, Ordering::AcqRel);
+    }
+
+    /// Why the volume's storage failed, if it did (see "Storage faults are fatal").
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Records a storage fault for good and returns it as the call's error.
+    fn fail(&self, error: VolumeError) -> VolumeError {
+        let reason = error.to_string();
+        if self.failure.set(reason.clone()).is_ok() {
+            tracing::error!(volume = %self.dir.display(), %reason, "volume storage failed; it takes no more i/o");
+        }
+        error
+    }
+
+    /// Enters a call: holds the I/O gate and checks the fence and the failure flag after
+    /// taking it (a fence that waits for the gate is seen by every call that starts later).
+    fn enter(&self) -> Result<RwLockReadGuard<'_, ()>, VolumeError> {
+        let gate = self
+            .io_gate
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(reason) = self.failure.get() {
+            return Err(VolumeError::Failed(reason.clone()));
+        }
+        self.check_fence()?;
+        Ok(gate)
     }
 
     pub fn directory(&self) -> &Path {
         &self.dir
     }
 
-    /// Fences the volume if `current_generation` is newer than the one it was opened at: every
-    /// later call fails. Returns whether it is fenced now.
+    /// Fences the volume if `current_generation` is newer than its own: every later call
+    /// fails, and this returns only once the calls in flight have ended (fence the mirror
+    /// first, so calls waiting for the standby end). Returns whether it is fenced now.
     pub fn fence(&self, current_generation: u64) -> bool {
-        if current_generation > self.generation {
+        if current_generation > self.generation() {
             self.fenced_at
                 .fetch_max(current_generation, Ordering::AcqRel);
+            // Drain: wait for every call that entered before the fence was set.
+            drop(
+                self.io_gate
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            );
         }
         self.fenced_at.load(Ordering::Acquire) != 0
     }
@@ -408,7 +511,7 @@ impl Volume {
         match self.fenced_at.load(Ordering::Acquire) {
             0 => Ok(()),
             current => Err(VolumeError::Fenced {
-                held: self.generation,
+                held: self.generation(),
                 current,
             }),
         }
@@ -448,7 +551,7 @@ impl Volume {
 
     /// Reads `buffer.len()` bytes at `offset` (both multiples of 512).
     pub fn read_at(&self, offset: u64, buffer: &mut [u8]) -> Result<(), VolumeError> {
-        self.check_fence()?;
+        let _gate = self.enter()?;
         let layer = self.layer();
         self.check_range(&layer, offset, buffer.len() as u64)?;
         self.read_locked(&layer, offset, buffer)
@@ -528,8 +631,8 @@ impl Volume {
     /// Writes `data` at `offset` (both multiples of 512). With `fua`, the write (and everything
     /// acknowledged before it) is durable when this returns.
     pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), VolumeError> {
-        self.check_fence()?;
-        {
+        let _gate = self.enter()?;
+        let ticket = {
             let layer = self.layer();
             self.check_range(&layer, offset, data.len() as u64)?;
             if data.is_empty() {
@@ -538,21 +641,23 @@ impl Volume {
             let first = offset / LAYER_BLOCK_SIZE_BYTES;
             let last = (offset + data.len() as u64 - 1) / LAYER_BLOCK_SIZE_BYTES;
             let _stripes = self.lock_stripes(first, last);
-            self.write_locked(&layer, offset, data)?;
-        }
+            self.write_locked(&layer, offset, data)?
+        };
+        self.mirror_wait(ticket)?;
         if fua {
-            self.flush()?;
+            self.flush_entered()?;
         }
         Ok(())
     }
 
-    /// The write path proper; the caller holds the stripes of every block touched.
+    /// The write path proper; the caller holds the stripes of every block touched. Returns the
+    /// mirror's ticket, to wait for once the stripes are released.
     fn write_locked(
         &self,
         layer: &LayerState,
         offset: u64,
         data: &[u8],
-    ) -> Result<(), VolumeError> {
+    ) -> Result<Option<MirrorTicket>, VolumeError> {
         let first = offset / LAYER_BLOCK_SIZE_BYTES;
         let last = (offset + data.len() as u64 - 1) / LAYER_BLOCK_SIZE_BYTES;
         let block_offset = first * LAYER_BLOCK_SIZE_BYTES;
@@ -584,12 +689,12 @@ impl Volume {
             merged = buffer;
             &merged
         };
-        self.data
-            .write_all_at(whole_blocks, block_offset)
-            .map_err(VolumeError::io(&self.data_path))?;
+        injected(FAILPOINT_WRITE_DATA)
+            .and_then(|()| self.data.write_all_at(whole_blocks, block_offset))
+            .map_err(|e| self.fail(VolumeError::io(&self.data_path)(e)))?;
         self.data_dirty.store(true, Ordering::Release);
         self.set_states(layer, first, last, BlockState::Layer);
-        self.mirror_before_ack(MirrorOperation::Write {
+        self.mirror_submit(MirrorOperation::Write {
             first_block: first,
             data: whole_blocks,
         })
@@ -605,14 +710,25 @@ impl Volume {
         }
     }
 
-    /// THE place where every layer change is mirrored to the standby node before it is
-    /// acknowledged (DESIGN.md "No lost writes"). Called after the local change, with the
-    /// stripes of the affected blocks still held (so per-block order matches), and for flushes
-    /// after local durability. Without a mirror, a no-op.
-    pub fn mirror_before_ack(&self, operation: MirrorOperation<'_>) -> Result<(), VolumeError> {
+    /// THE place where every layer change enters the mirror stream to the standby
+    /// (DESIGN.md "Two copies of every writable layer"). Called after the local change, with
+    /// the stripes of the affected blocks still held (so per-block order matches), and for
+    /// flushes before the local flush. Without a mirror, nothing to wait for.
+    fn mirror_submit(
+        &self,
+        operation: MirrorOperation<'_>,
+    ) -> Result<Option<MirrorTicket>, VolumeError> {
         match &self.mirror {
-            None => Ok(()),
-            Some(mirror) => Ok(mirror.mirror(self.generation, operation)?),
+            None => Ok(None),
+            Some(mirror) => Ok(Some(mirror.submit(self.generation(), operation)?)),
+        }
+    }
+
+    /// Waits until the standby holds what `ticket` names: the last step before acknowledging.
+    fn mirror_wait(&self, ticket: Option<MirrorTicket>) -> Result<(), VolumeError> {
+        match (&self.mirror, ticket) {
+            (Some(mirror), Some(ticket)) => Ok(mirror.wait(ticket)?),
+            _ => Ok(()),
         }
     }
 
@@ -624,13 +740,13 @@ impl Volume {
         generation: u64,
         operation: MirrorOperation<'_>,
     ) -> Result<(), VolumeError> {
-        if generation < self.generation {
+        let _gate = self.enter()?;
+        if generation < self.generation() {
             return Err(VolumeError::Fenced {
                 held: generation,
-                current: self.generation,
+                current: self.generation(),
             });
         }
-        self.check_fence()?;
         let block = LAYER_BLOCK_SIZE_BYTES;
         match operation {
             MirrorOperation::Write { first_block, data } => {
@@ -647,9 +763,9 @@ impl Volume {
                     });
                 }
                 let _stripes = self.lock_stripes(first_block, first_block + blocks - 1);
-                self.data
-                    .write_all_at(data, first_block * block)
-                    .map_err(VolumeError::io(&self.data_path))?;
+                injected(FAILPOINT_WRITE_DATA)
+                    .and_then(|()| self.data.write_all_at(data, first_block * block))
+                    .map_err(|e| self.fail(VolumeError::io(&self.data_path)(e)))?;
                 self.data_dirty.store(true, Ordering::Release);
                 self.set_states(
                     &layer,
@@ -662,7 +778,15 @@ impl Volume {
             MirrorOperation::Unmap {
                 first_block,
                 block_count,
+            }
+            | MirrorOperation::Discard {
+                first_block,
+                block_count,
             } => {
+                let state = match operation {
+                    MirrorOperation::Discard { .. } => BlockState::Base,
+                    _ => BlockState::Unmapped,
+                };
                 let layer = self.layer();
                 let fits = first_block
                     .checked_add(block_count)
@@ -675,26 +799,123 @@ impl Volume {
                     });
                 }
                 let _stripes = self.lock_stripes(first_block, first_block + block_count - 1);
-                self.set_states(
-                    &layer,
-                    first_block,
-                    first_block + block_count - 1,
-                    BlockState::Unmapped,
-                );
+                self.set_states(&layer, first_block, first_block + block_count - 1, state);
                 Ok(())
             }
-            MirrorOperation::Flush => self.flush(),
+            MirrorOperation::Flush => self.flush_local(),
         }
+    }
+
+    /// The standby's side of a resync: a digest of `region` of this copy (see
+    /// `crate::mirror`), taken with the region's stripes held.
+    pub fn region_digest(&self, region: u64) -> Result<RegionDigest, VolumeError> {
+        let _gate = self.enter()?;
+        let layer = self.layer();
+        let block_count = layer.map.block_count();
+        let first = region.saturating_mul(REGION_BLOCKS);
+        let count = region_blocks(block_count, region);
+        if count == 0 {
+            return Ok(RegionDigest::default());
+        }
+        let _stripes = self.lock_stripes(first, first + count - 1);
+        self.digest_locked(&layer, first, count)
+            .map(|blocks| RegionDigest { blocks })
+    }
+
+    fn digest_locked(
+        &self,
+        layer: &LayerState,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<BlockDigest>, VolumeError> {
+        let mut buffer = [0u8; LAYER_BLOCK_SIZE_BYTES as usize];
+        (first..first + count)
+            .map(|block| match layer.map.get(block) {
+                BlockState::Base => Ok(BlockDigest::Base),
+                BlockState::Unmapped => Ok(BlockDigest::Unmapped),
+                BlockState::Layer => {
+                    self.data
+                        .read_exact_at(&mut buffer, block * LAYER_BLOCK_SIZE_BYTES)
+                        .map_err(VolumeError::io(&self.data_path))?;
+                    Ok(BlockDigest::of_layer_block(&buffer))
+                }
+            })
+            .collect()
+    }
+
+    /// The primary's side of a resync: compares `region` of this copy with the standby's
+    /// digest and submits what differs to the mirror, with the region's stripes held so no
+    /// write to it slips between the read and the submission. Returns the bytes of block data
+    /// submitted; completion is the resync's final flush (`crate::mirror::Primary`).
+    pub fn resync_region(&self, region: u64, standby: &RegionDigest) -> Result<u64, VolumeError> {
+        let _gate = self.enter()?;
+        let layer = self.layer();
+        let first = region.saturating_mul(REGION_BLOCKS);
+        let count = region_blocks(layer.map.block_count(), region);
+        if count == 0 {
+            return Ok(0);
+        }
+        let _stripes = self.lock_stripes(first, first + count - 1);
+        let local = self.digest_locked(&layer, first, count)?;
+        let mut copied = 0u64;
+        let mut data = Vec::new();
+        for difference in region_differences(first, &local, standby, RESYNC_WRITE_BLOCKS_MAX) {
+            match difference {
+                Difference::Write {
+                    first_block,
+                    block_count,
+                } => {
+                    data.resize((block_count * LAYER_BLOCK_SIZE_BYTES) as usize, 0);
+                    self.data
+                        .read_exact_at(&mut data, first_block * LAYER_BLOCK_SIZE_BYTES)
+                        .map_err(VolumeError::io(&self.data_path))?;
+                    copied += data.len() as u64;
+                    self.mirror_submit(MirrorOperation::Write {
+                        first_block,
+                        data: &data,
+                    })?;
+                }
+                Difference::Unmap {
+                    first_block,
+                    block_count,
+                } => {
+                    self.mirror_submit(MirrorOperation::Unmap {
+                        first_block,
+                        block_count,
+                    })?;
+                }
+                Difference::Discard {
+                    first_block,
+                    block_count,
+                } => {
+                    self.mirror_submit(MirrorOperation::Discard {
+                        first_block,
+                        block_count,
+                    })?;
+                }
+            }
+        }
+        Ok(copied)
     }
 
     /// Makes `length` bytes at `offset` read as zeros (multiples of 512). Whole 4 KiB blocks
     /// become unmapped; partial blocks at the edges are written with zeros.
     pub fn unmap_at(&self, offset: u64, length: u64) -> Result<(), VolumeError> {
-        self.check_fence()?;
+        let _gate = self.enter()?;
+        let tickets = self.unmap_locked(offset, length)?;
+        for ticket in tickets {
+            self.mirror_wait(Some(ticket))?;
+        }
+        Ok(())
+    }
+
+    /// The unmap proper: takes the stripes, returns the mirror tickets to wait for.
+    fn unmap_locked(&self, offset: u64, length: u64) -> Result<Vec<MirrorTicket>, VolumeError> {
         let layer = self.layer();
         self.check_range(&layer, offset, length)?;
+        let mut tickets = Vec::new();
         if length == 0 {
-            return Ok(());
+            return Ok(tickets);
         }
         let end = offset + length;
         let first = offset / LAYER_BLOCK_SIZE_BYTES;
@@ -708,18 +929,26 @@ impl Volume {
             let mut at = offset;
             while at < end {
                 let piece = (LAYER_BLOCK_SIZE_BYTES - at % LAYER_BLOCK_SIZE_BYTES).min(end - at);
-                self.write_locked(&layer, at, &zeros[..piece as usize])?;
+                tickets.extend(self.write_locked(&layer, at, &zeros[..piece as usize])?);
                 at += piece;
             }
-            return Ok(());
+            return Ok(tickets);
         }
         let head_end = whole_first * LAYER_BLOCK_SIZE_BYTES;
         if offset < head_end {
-            self.write_locked(&layer, offset, &zeros[..(head_end - offset) as usize])?;
+            tickets.extend(self.write_locked(
+                &layer,
+                offset,
+                &zeros[..(head_end - offset) as usize],
+            )?);
         }
         let tail_start = whole_end * LAYER_BLOCK_SIZE_BYTES;
         if tail_start < end {
-            self.write_locked(&layer, tail_start, &zeros[..(end - tail_start) as usize])?;
+            tickets.extend(self.write_locked(
+                &layer,
+                tail_start,
+                &zeros[..(end - tail_start) as usize],
+            )?);
         }
         self.set_states(&layer, whole_first, whole_end - 1, BlockState::Unmapped);
         // Give the space back. Safe before the map change is durable: the unmap is already
@@ -731,17 +960,40 @@ impl Volume {
             whole_first * LAYER_BLOCK_SIZE_BYTES,
             (whole_end - whole_first) * LAYER_BLOCK_SIZE_BYTES,
         );
-        self.mirror_before_ack(MirrorOperation::Unmap {
+        tickets.extend(self.mirror_submit(MirrorOperation::Unmap {
             first_block: whole_first,
             block_count: whole_end - whole_first,
-        })
+        })?);
+        Ok(tickets)
     }
 
-    /// Makes every acknowledged write and unmap durable (locally, then on the standby).
+    /// Makes every acknowledged write and unmap durable, here and on the standby at once.
     pub fn flush(&self) -> Result<(), VolumeError> {
-        self.check_fence()?;
+        let _gate = self.enter()?;
+        self.flush_entered()
+    }
+
+    /// `flush` for a caller that already holds the I/O gate.
+    fn flush_entered(&self) -> Result<(), VolumeError> {
+        // Submitted first: the standby flushes while this node does.
+        let ticket = self.mirror_submit(MirrorOperation::Flush)?;
+        self.flush_local()?;
+        self.mirror_wait(ticket)
+    }
+
+    /// Makes every write and unmap applied here so far durable on this node's disk.
+    fn flush_local(&self) -> Result<(), VolumeError> {
         let layer = self.layer();
         let mut journal = lock(&self.journal);
+        // Data before the map: a block is durable `Layer` only once its data is durable. The
+        // dirty flag is cleared only after a successful sync, and the pending records are
+        // taken only after it: a failed sync loses neither (and fails the volume for good).
+        if self.data_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(error) = injected(FAILPOINT_SYNC_DATA).and_then(|()| self.data.sync_data()) {
+                self.data_dirty.store(true, Ordering::Release);
+                return Err(self.fail(VolumeError::io(&self.data_path)(error)));
+            }
+        }
         let (records, checkpoint) = {
             let mut pending = lock(&self.pending);
             let records = std::mem::take(&mut *pending);
@@ -749,13 +1001,7 @@ impl Volume {
             let checkpoint = (grows_to > self.journal_bytes_max).then(|| layer.map.to_packed());
             (records, checkpoint)
         };
-        // Data before the map: a block is durable `Layer` only once its data is durable.
-        if self.data_dirty.swap(false, Ordering::AcqRel) {
-            self.data
-                .sync_data()
-                .map_err(VolumeError::io(&self.data_path))?;
-        }
-        match checkpoint {
+        let written = match checkpoint {
             Some(packed) => {
                 let generation = journal.generation + 1;
                 let map = MapFile {
@@ -764,20 +1010,22 @@ impl Volume {
                     block_count: layer.map.block_count(),
                     packed,
                 };
-                *journal = self.write_checkpoint(&map)?;
+                self.write_checkpoint(&map).map(|new| *journal = new)
             }
-            None => {
-                if let Err(error) = journal.append(&records, &self.dir) {
-                    // The records are lost from memory's point of view; keep them pending so a
-                    // retry does not silently drop them. The error is fatal for the node anyway.
-                    lock(&self.pending).splice(0..0, records);
-                    return Err(error);
-                }
-            }
+            None => injected(FAILPOINT_JOURNAL_APPEND)
+                .map_err(VolumeError::io(&layer::journal_path(
+                    &self.dir,
+                    journal.generation,
+                )))
+                .and_then(|()| journal.append(&records, &self.dir)),
+        };
+        if let Err(error) = written {
+            // Keep the records pending (a checkpoint's map copy already held them), so nothing
+            // is dropped from memory; the volume takes no more i/o anyway.
+            lock(&self.pending).splice(0..0, records);
+            return Err(self.fail(error));
         }
-        drop(journal);
-        drop(layer);
-        self.mirror_before_ack(MirrorOperation::Flush)
+        Ok(())
     }
 
     /// Writes `map` as the new checkpoint with an empty journal of its generation.
@@ -791,7 +1039,7 @@ impl Volume {
     /// Discards the layer atomically (a non-persistent volume at boot), optionally moving to a
     /// new base version. Waits for in-flight I/O; the layer is empty and durable on return.
     pub fn reset(&self, new_base: Option<ManifestHash>) -> Result<(), VolumeError> {
-        self.check_fence()?;
+        let _gate = self.enter()?;
         let mut layer = self
             .state
             .write()
@@ -830,7 +1078,7 @@ impl Volume {
     /// Whether the 4 KiB block holding `offset` holds data (false: unmapped or a zero base chunk),
     /// and how many bytes from `offset` share that answer.
     pub fn mapping_at(&self, offset: u64) -> Result<(bool, u64), VolumeError> {
-        self.check_fence()?;
+        let _gate = self.enter()?;
         let layer = self.layer();
         let block_count = layer.map.block_count();
         let mapped = |block: u64| match layer.map.get(block) {
@@ -862,6 +1110,8 @@ impl From<VolumeError> for DeviceError {
         match error {
             VolumeError::Fenced { held, current } => DeviceError::Fenced { held, current },
             VolumeError::Io { source, .. } => DeviceError::Io(source),
+            VolumeError::Mirror(error) => DeviceError::Unavailable(error.0),
+            VolumeError::Failed(reason) => DeviceError::Unavailable(reason),
             VolumeError::Chunk { offset, source } => DeviceError::Medium {
                 lba: offset / SECTOR_SIZE_BYTES,
                 reason: source.to_string(),
