@@ -3,7 +3,7 @@
 //! that malformed PDUs on a raw socket neither crash the target nor disturb other sessions.
 //!
 //! Starts `cairn-iscsi-file` on loopback ports. Tests that need libiscsi-bin print why and
-//! return when its tools are missing.
+//! return when its tools are missing, or fail under `CAIRN_SLOW_TESTS=1`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,7 +14,7 @@ use cairn_blockstore::iscsi::wire::{Decoded, FrameDecoder, InitiatorPdu, LoginRe
 
 mod common;
 
-use common::{free_port, have, IscsiFile};
+use common::{free_port, have, missing_prerequisite, IscsiFile};
 
 const INITIATOR: &str = "iqn.2026-11.org.cairn:test-initiator";
 
@@ -67,7 +67,7 @@ fn run(tool: &str, args: &[&str]) -> (bool, String) {
 #[test]
 fn discovery_inquiry_and_capacity_on_both_portals() {
     if !have("iscsi-ls") {
-        println!("skipped: libiscsi-bin tools not found (apt-get install -y libiscsi-bin)");
+        missing_prerequisite("libiscsi-bin tools not found (apt-get install -y libiscsi-bin)");
         return;
     }
     let s = start(&[], 2);
@@ -112,7 +112,7 @@ fn discovery_inquiry_and_capacity_on_both_portals() {
 #[test]
 fn chap_mutual_chap_and_initiator_acl() {
     if !have("iscsi-inq") {
-        println!("skipped: libiscsi-bin tools not found (apt-get install -y libiscsi-bin)");
+        missing_prerequisite("libiscsi-bin tools not found (apt-get install -y libiscsi-bin)");
         return;
     }
     let s = start(

@@ -4,7 +4,8 @@
 //! a clean close: only what the initiator's SYNCHRONIZE CACHE made durable may be counted on),
 //! and the whole disk read back through a new target is byte-identical to base + writes. Then a
 //! non-persistent reset makes the disk read exactly as the base image again.
-//! Skipped, saying why, when qemu-io or the iscsi block driver is missing.
+//! Skipped, saying why, when qemu-io or the iscsi block driver is missing; failed instead under
+//! `CAIRN_SLOW_TESTS=1`, which also runs libiscsi's conformance suite against a volume.
 
 use std::net::TcpListener as StdListener;
 use std::path::Path;
@@ -16,6 +17,10 @@ use cairn_blockstore::image::NoProgress;
 use cairn_blockstore::iscsi::server::Target;
 use cairn_blockstore::iscsi::target::TargetConfig;
 use cairn_blockstore::volume::{Volume, VolumeOptions, VolumeSpec};
+
+mod common;
+
+use common::{have, missing_prerequisite, slow_tests};
 
 const IQN: &str = "iqn.2026-11.org.cairn:volume-test";
 const SIZE_BYTES: usize = 8 << 20;
@@ -60,14 +65,13 @@ fn run(program: &str, arguments: &[&str]) -> String {
 }
 
 fn initiator_available() -> bool {
-    let probe = Command::new("qemu-io").arg("--version").output();
-    if probe.is_err() {
-        eprintln!("skipped: qemu-io not installed (Debian package qemu-utils)");
+    if !have("qemu-io") {
+        missing_prerequisite("qemu-io not installed (Debian package qemu-utils)");
         return false;
     }
     let modules = Path::new("/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so");
     if !modules.exists() {
-        eprintln!("skipped: qemu's iscsi block driver missing (Debian package qemu-block-extra)");
+        missing_prerequisite("qemu's iscsi block driver missing (Debian package qemu-block-extra)");
         return false;
     }
     true
@@ -193,16 +197,12 @@ fn data_written_through_an_initiator_survives_a_node_restart() {
 /// Slow (about a minute): runs only with `CAIRN_SLOW_TESTS=1`.
 #[test]
 fn libiscsi_conformance_against_a_volume() {
-    if std::env::var_os("CAIRN_SLOW_TESTS").is_none() {
+    if !slow_tests() {
         eprintln!("skipped: takes about a minute; set CAIRN_SLOW_TESTS=1 to run");
         return;
     }
-    if Command::new("iscsi-test-cu")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: iscsi-test-cu not installed (Debian package libiscsi-bin)");
+    if !have("iscsi-test-cu") {
+        missing_prerequisite("iscsi-test-cu not installed (Debian package libiscsi-bin)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

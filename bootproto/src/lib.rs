@@ -27,7 +27,8 @@
 //! 4. On the clients' link, `RaResponder::bind(&RaConfig)?.run()` so iPXE does not wait ~14 s
 //!    for IPv6 routers.
 //!
-//! [`testing`] has in-memory stand-ins of both traits (tests, benchmark, `examples/boot_lab.rs`).
+//! [`testing`] has in-memory stand-ins of both traits (tests, benchmark, `examples/boot_lab.rs`),
+//! and what a test does when a peer tool it needs is missing.
 //!
 //! Deliberately not done: DHCPv6, BOOTP-only clients, relay agent information echo (option 82),
 //! option overload, TFTP writes, HTTP serving (the node serves the rendered scripts).

@@ -1,7 +1,8 @@
 //! In-memory implementations of [`BootDirectory`] and [`LeaseCommitter`], for tests, the
 //! benchmark and single-machine demos. They stand in for the node's Raft-backed ones: the
 //! committer can add a delay per commit call to model a Raft round trip. [`peers`] runs the real
-//! DHCP peers (perfdhcp, Kea) the benchmarks compare against.
+//! DHCP peers (perfdhcp, Kea) the benchmarks compare against. [`missing_prerequisite`] is what a
+//! test does when a tool or privilege it needs is missing (the tests crate uses it too).
 
 pub mod peers;
 
@@ -15,6 +16,25 @@ use crate::dhcp::{
     BootDirectory, ClientLookup, ClientStatus, CommitError, DiscoveredClient, Lease, LeaseCommitter,
 };
 use crate::mac::MacAddr;
+
+/// Whether `CAIRN_SLOW_TESTS=1` (as `.ci/run` sets): the slow suites run, and every tool and
+/// privilege a test needs must be there.
+pub fn slow_tests() -> bool {
+    std::env::var("CAIRN_SLOW_TESTS").as_deref() == Ok("1")
+}
+
+/// For a test that cannot run because `reason` (a missing tool, package or root) holds; the test
+/// returns right after. Under `CAIRN_SLOW_TESTS=1` this fails the test instead, so that a missing
+/// prerequisite cannot pass for a passing test; otherwise it prints `skipped: <reason>`.
+/// Benchmarks do not call it: they are not tests, and keep skipping with a printed reason.
+pub fn missing_prerequisite(reason: &str) {
+    assert!(
+        !slow_tests(),
+        "missing prerequisite under CAIRN_SLOW_TESTS=1: {reason} \
+         (.ci/setup installs the tools; the slow suites run as root)"
+    );
+    eprintln!("skipped: {reason}");
+}
 
 /// A lease table in memory, keyed by MAC like the replicated one.
 #[derive(Debug, Default)]

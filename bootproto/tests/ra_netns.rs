@@ -1,11 +1,14 @@
 //! The router advertisement responder inside a network namespace this test creates (a veth
 //! pair va/vb): `ra_tool respond va` answers, `ra_tool solicit vb` sends a router solicitation
 //! like iPXE's and must receive an advertisement with M = O = 0 and router lifetime 0 from va's
-//! link-local address. Needs root and iproute2; otherwise it prints why and returns.
+//! link-local address. Needs root and iproute2; otherwise it prints why and returns, or fails
+//! under `CAIRN_SLOW_TESTS=1`.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use cairn_bootproto::testing::missing_prerequisite;
 
 fn ra_tool() -> Option<PathBuf> {
     let deps = std::env::current_exe().ok()?.parent()?.to_path_buf();
@@ -24,12 +27,12 @@ fn ip(args: &[&str]) -> bool {
 #[test]
 fn answers_router_solicitations_in_a_namespace() {
     let Some(tool) = ra_tool() else {
-        eprintln!("skipped: examples/ra_tool not built (cargo test builds it)");
+        missing_prerequisite("examples/ra_tool not built (cargo test builds it)");
         return;
     };
     let ns = format!("cairnra{}", std::process::id());
     if !ip(&["netns", "add", &ns]) {
-        eprintln!("skipped: cannot create a network namespace (needs root and iproute2)");
+        missing_prerequisite("cannot create a network namespace (needs root and iproute2)");
         return;
     }
     struct Cleanup(String);

@@ -1,12 +1,13 @@
-//! Real-socket TFTP tests on 127.0.0.1: curl (a real client, when installed) downloads files
-//! with and without blksize/tsize; a small hand-written client checks windowsize (RFC 7440),
-//! ERROR codes for writes, unknown opcodes, paths outside the root and symlinks out, and the
-//! transfer limit.
+//! Real-socket TFTP tests on 127.0.0.1: curl (a real client, when installed; required under
+//! `CAIRN_SLOW_TESTS=1`) downloads files with and without blksize/tsize; a small hand-written
+//! client checks windowsize (RFC 7440), ERROR codes for writes, unknown opcodes, paths outside
+//! the root and symlinks out, and the transfer limit.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use cairn_bootproto::testing::missing_prerequisite;
 use cairn_bootproto::tftp::wire::{self, Packet};
 use cairn_bootproto::tftp::{TftpConfig, TftpServer};
 use tokio::net::UdpSocket;
@@ -79,7 +80,7 @@ async fn curl_downloads_files() {
         .map(|o| !String::from_utf8_lossy(&o.stdout).contains("tftp"))
         .unwrap_or(true)
     {
-        eprintln!("skipped: curl with tftp support is not installed");
+        missing_prerequisite("curl with tftp support is not installed (Debian package curl)");
         return;
     }
     let (root, _outside) = fixture();

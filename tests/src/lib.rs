@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+pub use cairn_bootproto::testing::{missing_prerequisite, slow_tests};
+
 /// Slow suites run when `CAIRN_SLOW_TESTS=1` (as `.ci/run` sets); otherwise they print why they
-/// were skipped and pass.
+/// were skipped and pass. Once they run, a missing tool fails them ([`missing_prerequisite`]).
 pub fn slow_tests_enabled(test: &str) -> bool {
-    if std::env::var("CAIRN_SLOW_TESTS").as_deref() == Ok("1") {
+    if slow_tests() {
         return true;
     }
     eprintln!("skipping {test}: set CAIRN_SLOW_TESTS=1 to run it (.ci/run does)");

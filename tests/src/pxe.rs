@@ -27,7 +27,7 @@ pub const SUBNET: &str = "192.168.77";
 pub const LAN_ADDRESS: &str = "192.168.77.254";
 
 /// Why this machine cannot run the PXE tests, if it cannot.
-pub fn missing_prerequisite() -> Option<String> {
+pub fn unmet_prerequisite() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let root = status
         .lines()

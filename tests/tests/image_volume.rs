@@ -2,13 +2,14 @@
 //! `cairn image import` to one node, replicated to the others, served as a client's volume by
 //! the node its boot session names primary, and read and written with qemu's libiscsi client.
 //! A persistent disk keeps a write across a SIGKILL and restart of its node; a non-persistent
-//! disk reads as its base again after the next boot.
+//! disk reads as its base again after the next boot. Runs only with `CAIRN_SLOW_TESTS=1`, and
+//! then fails if qemu-io or qemu's iscsi block driver is missing.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cairn_tests::{slow_tests_enabled, ProcessCluster};
+use cairn_tests::{missing_prerequisite, slow_tests_enabled, ProcessCluster};
 
 const SIZE_BYTES: usize = 4 << 20;
 
@@ -16,8 +17,8 @@ fn initiator_available() -> bool {
     let qemu = Command::new("qemu-io").arg("--version").output().is_ok();
     let driver = Path::new("/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so").exists();
     if !(qemu && driver) {
-        eprintln!(
-            "skipped: needs qemu-io and qemu's iscsi block driver (qemu-utils, qemu-block-extra)"
+        missing_prerequisite(
+            "needs qemu-io and qemu's iscsi block driver (qemu-utils, qemu-block-extra)",
         );
     }
     qemu && driver

@@ -21,16 +21,17 @@
 //! discovered; in the proxy part the nodes answer unknown machines and register them into a
 //! group, and an unknown machine boots the group's default image.
 //!
-//! Needs root, qemu-system-x86_64, Debian's ipxe/syslinux/ovmf/open-iscsi/dnsmasq packages and
-//! `CAIRN_SLOW_TESTS=1`; otherwise it prints why and passes.
+//! Runs only with `CAIRN_SLOW_TESTS=1` (otherwise it prints why and passes), and then needs root,
+//! qemu-system-x86_64 and Debian's ipxe/syslinux/ovmf/open-iscsi/dnsmasq packages: a missing one
+//! fails it, saying which, before the cluster starts.
 
 use std::time::{Duration, Instant};
 
 use cairn_tests::pxe::{
-    build_boot_disk, build_iscsi_disk, guest, missing_prerequisite, tail, Dnsmasq, Firmware,
+    build_boot_disk, build_iscsi_disk, guest, tail, unmet_prerequisite, Dnsmasq, Firmware,
     LabCluster, LabDhcp, Qemu,
 };
-use cairn_tests::{on_path, slow_tests_enabled};
+use cairn_tests::{missing_prerequisite, on_path, slow_tests_enabled};
 use serde_json::Value;
 
 const MAC: &str = "52:54:00:77:00:10";
@@ -50,8 +51,8 @@ fn pxe_boot_through_cairn() -> anyhow::Result<()> {
     if !slow_tests_enabled("pxe_boot_through_cairn") {
         return Ok(());
     }
-    if let Some(reason) = missing_prerequisite() {
-        eprintln!("skipping pxe_boot_through_cairn: {reason}");
+    if let Some(reason) = unmet_prerequisite().or_else(unmet_case_prerequisite) {
+        missing_prerequisite(&reason);
         return Ok(());
     }
     let started = Instant::now();
@@ -78,14 +79,8 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
     cluster.cli_ok(&["client", "add", MAC, "--name", "pxe1"])?;
     cluster.cli_ok(&["assign", "deb-a", "--client", MAC])?;
 
-    // For working on one case:
-    // CAIRN_PXE_CASES=bios,menu,uefi,second-path,persistence,login,discovered,proxy
-    // (a comma list; unset runs them all, as CI does).
-    let only = std::env::var("CAIRN_PXE_CASES").ok();
     let wanted = |case: &str| {
-        let run = only
-            .as_deref()
-            .is_none_or(|list| list.split(',').any(|c| c.trim() == case));
+        let run = selected(case);
         if !run {
             eprintln!("case {case} not selected by CAIRN_PXE_CASES");
         }
@@ -162,12 +157,8 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
         // 4. UEFI: OVMF's own PXE fetches snponly.efi from Cairn's TFTP, which asks DHCP again,
         // gets its script and sanboots. OVMF's FAT driver reads the 9 MB BOOTX64.EFI in one
         // BlockIo call, which iPXE sends as one READ of ~18,400 blocks.
-        if uefi_available() {
-            let seconds = boot(cluster, Firmware::Uefi, MAC, "uefi", MARKER_B)?;
-            log(&format!("UEFI boot: marker after {seconds:.1}s"));
-        } else {
-            eprintln!("UEFI case skipped: needs packages ovmf and systemd-boot-efi");
-        }
+        let seconds = boot(cluster, Firmware::Uefi, MAC, "uefi", MARKER_B)?;
+        log(&format!("UEFI boot: marker after {seconds:.1}s"));
     }
 
     if wanted("second-path") {
@@ -180,38 +171,32 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
     if wanted("persistence") {
         // 6. A persistent and a non-persistent disk, two boots each: the booted Linux logs in from
         // the iBFT, finds (or not) the file the first boot wrote, and writes it.
-        if on_path("iscsistart") {
-            let disk_i = build_iscsi_disk(&work, "deb-i", MARKER_I)?;
-            cluster.cli_ok(&["image", "import", "deb-i", disk_i.to_str().expect("utf-8")])?;
-            wait_ready(cluster, &["deb-i"])?;
-            for (mac, name, mode) in [
-                (MAC_PERSISTENT, "pxe-p", "persistent"),
-                (MAC_NON_PERSISTENT, "pxe-n", "non-persistent"),
-            ] {
-                cluster.cli_ok(&["client", "add", mac, "--name", name])?;
-                cluster.cli_ok(&["assign", "deb-i", "--client", mac, "--mode", mode])?;
-                let first = guest_boot(cluster, mac, &format!("{name}-1"))?;
-                assert!(
-                    first.contains(guest::FILE_ABSENT),
-                    "{mode}, first boot:\n{first}"
-                );
-                let second = guest_boot(cluster, mac, &format!("{name}-2"))?;
-                let expected = match mode {
-                    "persistent" => guest::FILE_PRESENT,
-                    _ => guest::FILE_ABSENT,
-                };
-                assert!(
-                    second.contains(expected),
-                    "{mode}, second boot should show {expected}:\n{second}"
-                );
-                log(&format!(
-                    "{mode} disk across two boots: {expected} in the second"
-                ));
-            }
-        } else {
-            eprintln!(
-                "persistent/non-persistent case skipped: iscsistart missing (package open-iscsi)"
+        let disk_i = build_iscsi_disk(&work, "deb-i", MARKER_I)?;
+        cluster.cli_ok(&["image", "import", "deb-i", disk_i.to_str().expect("utf-8")])?;
+        wait_ready(cluster, &["deb-i"])?;
+        for (mac, name, mode) in [
+            (MAC_PERSISTENT, "pxe-p", "persistent"),
+            (MAC_NON_PERSISTENT, "pxe-n", "non-persistent"),
+        ] {
+            cluster.cli_ok(&["client", "add", mac, "--name", name])?;
+            cluster.cli_ok(&["assign", "deb-i", "--client", mac, "--mode", mode])?;
+            let first = guest_boot(cluster, mac, &format!("{name}-1"))?;
+            assert!(
+                first.contains(guest::FILE_ABSENT),
+                "{mode}, first boot:\n{first}"
             );
+            let second = guest_boot(cluster, mac, &format!("{name}-2"))?;
+            let expected = match mode {
+                "persistent" => guest::FILE_PRESENT,
+                _ => guest::FILE_ABSENT,
+            };
+            assert!(
+                second.contains(expected),
+                "{mode}, second boot should show {expected}:\n{second}"
+            );
+            log(&format!(
+                "{mode} disk across two boots: {expected} in the second"
+            ));
         }
     }
 
@@ -320,10 +305,6 @@ fn proxy(
     work: &std::path::Path,
     log: &dyn Fn(&str),
 ) -> anyhow::Result<()> {
-    if !on_path("dnsmasq") {
-        eprintln!("proxy case skipped: dnsmasq missing (package dnsmasq)");
-        return Ok(());
-    }
     cluster.restart_with_dhcp(LabDhcp::Proxy)?;
     log("cluster restarted in proxyDHCP mode");
     let dnsmasq = Dnsmasq::start(&cluster.lab, work)?;
@@ -332,13 +313,10 @@ fn proxy(
     // The nodes register unknown machines into `guests` (see LabDhcp::Proxy).
     cluster.cli_ok(&["group", "add", "guests"])?;
     cluster.cli_ok(&["assign", "deb-b", "--group", "guests", "--default"])?;
-    let mut runs = vec![(Firmware::Bios, "proxy-bios")];
-    if uefi_available() {
-        runs.push((Firmware::Uefi, "proxy-uefi"));
-    } else {
-        eprintln!("UEFI proxy case skipped: needs packages ovmf and systemd-boot-efi");
-    }
-    for (firmware, run) in runs {
+    for (firmware, run) in [
+        (Firmware::Bios, "proxy-bios"),
+        (Firmware::Uefi, "proxy-uefi"),
+    ] {
         let leader = cluster.leader()?;
         let mut qemu = Qemu::start(&cluster.lab, work, firmware, MAC_PROXY, run)?;
         let seconds = qemu
@@ -469,6 +447,30 @@ fn second_path(
 }
 
 /// Whether OVMF and the UKI stub the UEFI disk needs are installed.
+/// Whether `case` runs. For working on one case:
+/// `CAIRN_PXE_CASES=bios,menu,uefi,second-path,persistence,login,discovered,proxy` (a comma list;
+/// unset runs them all, as CI does).
+fn selected(case: &str) -> bool {
+    std::env::var("CAIRN_PXE_CASES")
+        .ok()
+        .is_none_or(|list| list.split(',').any(|c| c.trim() == case))
+}
+
+/// What the selected cases need beyond [`unmet_prerequisite`]; checked before the cluster starts,
+/// so that a missing one fails the test at once rather than after the first boots.
+fn unmet_case_prerequisite() -> Option<String> {
+    if (selected("uefi") || selected("proxy")) && !uefi_available() {
+        return Some("the UEFI cases need packages ovmf and systemd-boot-efi".into());
+    }
+    if selected("persistence") && !on_path("iscsistart") {
+        return Some("the persistence case needs iscsistart (package open-iscsi)".into());
+    }
+    if selected("proxy") && !on_path("dnsmasq") {
+        return Some("the proxy case needs dnsmasq (package dnsmasq)".into());
+    }
+    None
+}
+
 fn uefi_available() -> bool {
     std::path::Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists()
         && std::path::Path::new("/usr/lib/systemd/boot/efi/linuxx64.efi.stub").exists()

@@ -1,5 +1,6 @@
-//! What the tests that drive `cairn-iscsi-file` share: starting it, free loopback ports, and
-//! checking for a peer tool. Each test file uses a part of it.
+//! What the tests that drive `cairn-iscsi-file` or a peer tool share: starting it, free loopback
+//! ports, checking for a peer tool, and what a test does when one is missing. Each test file uses
+//! a part of it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -53,4 +54,21 @@ pub fn have(tool: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// Whether `CAIRN_SLOW_TESTS=1` (as `.ci/run` sets): the slow suites run, and every tool a test
+/// needs must be there.
+pub fn slow_tests() -> bool {
+    std::env::var("CAIRN_SLOW_TESTS").as_deref() == Ok("1")
+}
+
+/// For a test that cannot run because `reason` (a missing tool or package) holds; the test
+/// returns right after. Under `CAIRN_SLOW_TESTS=1` this fails the test instead, so that a missing
+/// tool cannot pass for a passing test; otherwise it prints `skipped: <reason>`.
+pub fn missing_prerequisite(reason: &str) {
+    assert!(
+        !slow_tests(),
+        "missing prerequisite under CAIRN_SLOW_TESTS=1: {reason} (.ci/setup installs it)"
+    );
+    eprintln!("skipped: {reason}");
 }
