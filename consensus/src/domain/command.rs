@@ -181,6 +181,22 @@ pub enum Command {
     CommitLeases {
         leases: Vec<LeaseRequest>,
     },
+
+    // The mirror of a session's writable layer (proposed by the nodes serving it). Each names
+    // the generation its proposer saw: it is refused if the session moved on since, so of two
+    // nodes that each suspect the other, only the first to commit wins.
+    /// The session's primary cannot reach its standby: serve alone at generation + 1.
+    DropStandby { mac: Mac, generation: u64 },
+    /// The session's in-sync standby found its primary silent: promote it at generation + 1.
+    FailOver { mac: Mac, generation: u64 },
+    /// A session without a standby (degraded) gets one, to be resynced, at generation + 1.
+    AssignStandby { mac: Mac, generation: u64 },
+    /// The standby's resync completed at this generation.
+    MarkStandbyInSync {
+        mac: Mac,
+        generation: u64,
+        standby: NodeId,
+    },
     ReleaseLease {
         mac: Mac,
     },
@@ -213,6 +229,10 @@ impl Command {
             Command::CreateJoinToken { .. } => "create_join_token",
             Command::ConsumeJoinToken { .. } => "consume_join_token",
             Command::Assign { .. } => "assign",
+            Command::DropStandby { .. } => "drop_standby",
+            Command::FailOver { .. } => "fail_over",
+            Command::AssignStandby { .. } => "assign_standby",
+            Command::MarkStandbyInSync { .. } => "mark_standby_in_sync",
             Command::Unassign { .. } => "unassign",
             Command::BeginBoot { .. } => "begin_boot",
             Command::CommitLeases { .. } => "commit_leases",

@@ -139,13 +139,33 @@ pub enum EventPayload {
         standby: Option<NodeId>,
         generation: u64,
     },
-    /// The primary of a non-persistent session went down: its standby serves the volume from
-    /// here on, at the next generation (which fences the old primary).
+    /// The primary of a session went down (its health probes failed, or its standby found it
+    /// silent): the in-sync standby serves the volume from here on, at the next generation
+    /// (which fences the old primary), with a new standby to resync if one is left.
     BootFailedOver {
         mac: Mac,
         from: NodeId,
         primary: NodeId,
         standby: Option<NodeId>,
+        generation: u64,
+    },
+    /// The primary could not reach its standby (or the standby's node went down): the primary
+    /// serves alone from this generation on, one copy (degraded).
+    StandbyDropped {
+        mac: Mac,
+        standby: NodeId,
+        generation: u64,
+    },
+    /// A session without a standby got one, at this generation; its copy is resynced.
+    StandbyAssigned {
+        mac: Mac,
+        standby: NodeId,
+        generation: u64,
+    },
+    /// The standby's resync completed: its copy is current and it may be promoted.
+    StandbyInSync {
+        mac: Mac,
+        standby: NodeId,
         generation: u64,
     },
     LeaseGranted {
@@ -189,6 +209,9 @@ impl EventPayload {
             EventPayload::Unassigned { .. } => "unassigned",
             EventPayload::BootStarted { .. } => "boot_started",
             EventPayload::BootFailedOver { .. } => "boot_failed_over",
+            EventPayload::StandbyDropped { .. } => "standby_dropped",
+            EventPayload::StandbyAssigned { .. } => "standby_assigned",
+            EventPayload::StandbyInSync { .. } => "standby_in_sync",
             EventPayload::LeaseGranted { .. } => "lease_granted",
             EventPayload::LeaseReleased { .. } => "lease_released",
         }
@@ -203,6 +226,9 @@ impl EventPayload {
             | EventPayload::ClientDiscovered { mac, .. }
             | EventPayload::BootStarted { mac, .. }
             | EventPayload::BootFailedOver { mac, .. }
+            | EventPayload::StandbyDropped { mac, .. }
+            | EventPayload::StandbyAssigned { mac, .. }
+            | EventPayload::StandbyInSync { mac, .. }
             | EventPayload::LeaseGranted { mac, .. }
             | EventPayload::LeaseReleased { mac, .. } => Some(*mac),
             EventPayload::Assigned {

@@ -7,6 +7,7 @@
 mod command;
 mod event;
 mod rejection;
+mod sessions;
 mod state;
 mod types;
 
@@ -17,8 +18,8 @@ pub use event::{Event, EventPayload};
 pub use rejection::{EntityKind, Rejection};
 pub use state::{
     Assignment, AssignmentList, BootSession, Client, Discovered, Group, Image, ImageVersion,
-    JoinToken, Lease, State, StorageNode, Token, User, VersionState, ASSIGNMENTS_PER_TARGET_MAX,
-    DESCRIPTION_BYTES_MAX, LEASES_PER_COMMAND_MAX,
+    JoinToken, LayerCopies, Lease, StandbyCopy, State, StorageNode, Token, User, VersionState,
+    ASSIGNMENTS_PER_TARGET_MAX, DESCRIPTION_BYTES_MAX, LAYER_HOMES_MAX, LEASES_PER_COMMAND_MAX,
 };
 pub use types::{Hash32, Mac, Name, NodeId, Seq, TimeMs};
 

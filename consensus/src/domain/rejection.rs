@@ -15,6 +15,7 @@ pub enum EntityKind {
     JoinToken,
     Assignment,
     Lease,
+    BootSession,
 }
 
 impl std::fmt::Display for EntityKind {
@@ -30,6 +31,7 @@ impl std::fmt::Display for EntityKind {
             EntityKind::JoinToken => "join token",
             EntityKind::Assignment => "assignment",
             EntityKind::Lease => "lease",
+            EntityKind::BootSession => "boot session of client",
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The projection: what the event history adds up to. `apply_event` is the fold step and the only
 //! code that changes a `State`; `decide` is the validation that turns a command into events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -66,12 +66,24 @@ pub struct Client {
     pub name: Name,
     pub group: Option<Name>,
     pub created_ms: TimeMs,
-    /// Where each persistent disk's writable layer lives (image -> node): the node that last
-    /// served it as primary. Until writes are mirrored to the standby, only that node has the
-    /// layer, so later boots of that disk go back to it.
+    /// The copies of each persistent disk's writable layer (image -> copies): its homes, and
+    /// which of them are current.
     #[serde(default)]
-    pub layer_homes: BTreeMap<Name, NodeId>,
+    pub layers: BTreeMap<Name, LayerCopies>,
 }
+
+/// Where a persistent layer's copies are (DESIGN.md "Two copies of every writable layer").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerCopies {
+    /// Nodes that hold a copy, current or not: at most [`LAYER_HOMES_MAX`].
+    pub homes: BTreeSet<NodeId>,
+    /// Homes whose copy is current: only one of these may become the primary of a boot or a
+    /// failover. A copy leaves this set as soon as a primary serves without it.
+    pub in_sync: BTreeSet<NodeId>,
+}
+
+/// Homes a persistent layer keeps: its two copies.
+pub const LAYER_HOMES_MAX: usize = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Discovered {
@@ -128,8 +140,30 @@ pub struct BootSession {
     pub user: Option<Name>,
     pub primary: NodeId,
     pub standby: Option<NodeId>,
+    /// Where the standby's copy stands; only an in-sync standby may be promoted.
+    pub standby_copy: StandbyCopy,
     pub generation: u64,
     pub started_ms: TimeMs,
+}
+
+/// The state of a session standby's copy of the writable layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StandbyCopy {
+    /// Complete and current (mirrored since the session began, or resynced): it may be
+    /// promoted. Also the value when there is no standby.
+    InSync,
+    /// An empty layer on the same base, to be filled by a resync.
+    Fresh,
+    /// An older copy (a home that missed writes, a node that returned): the resync sends what
+    /// differs.
+    Stale,
+}
+
+impl BootSession {
+    /// One copy only: no standby, or one still being resynced.
+    pub fn is_degraded(&self) -> bool {
+        self.standby.is_none() || self.standby_copy != StandbyCopy::InSync
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,7 +342,7 @@ impl State {
                         name: name.clone(),
                         group: group.clone(),
                         created_ms: now,
-                        layer_homes: BTreeMap::new(),
+                        layers: BTreeMap::new(),
                     },
                 );
             }
@@ -443,11 +477,13 @@ impl State {
                 generation,
             } => {
                 self.generations.insert(*mac, *generation);
-                if *mode == DiskMode::Persistent {
-                    if let Some(client) = self.clients.get_mut(mac) {
-                        client.layer_homes.insert(image.clone(), *primary);
+                let standby_copy = match mode {
+                    DiskMode::Persistent => {
+                        self.copies_at_boot(mac, image, *primary, *standby)
                     }
-                }
+                    // Both copies are reset to the base at the boot.
+                    DiskMode::NonPersistent => StandbyCopy::InSync,
+                };
                 self.boot_sessions.insert(
                     *mac,
                     BootSession {
@@ -458,6 +494,7 @@ impl State {
                         user: user.clone(),
                         primary: *primary,
                         standby: *standby,
+                        standby_copy,
                         generation: *generation,
                         started_ms: now,
                     },
@@ -471,11 +508,24 @@ impl State {
                 ..
             } => {
                 self.generations.insert(*mac, *generation);
-                if let Some(session) = self.boot_sessions.get_mut(mac) {
-                    session.primary = *primary;
-                    session.standby = *standby;
-                    session.generation = *generation;
-                }
+                self.apply_session_change(mac, *generation, Some(*primary), *standby);
+            }
+            EventPayload::StandbyDropped {
+                mac, generation, ..
+            } => {
+                self.generations.insert(*mac, *generation);
+                self.apply_session_change(mac, *generation, None, None);
+            }
+            EventPayload::StandbyAssigned {
+                mac,
+                standby,
+                generation,
+            } => {
+                self.generations.insert(*mac, *generation);
+                self.apply_session_change(mac, *generation, None, Some(*standby));
+            }
+            EventPayload::StandbyInSync { mac, standby, .. } => {
+                self.apply_standby_in_sync(mac, *standby);
             }
             EventPayload::LeaseGranted {
                 ip,
@@ -572,71 +622,6 @@ impl State {
                 .cmp(&(load_b * u64::from(a.capacity_sessions)))
         });
         candidates.into_iter().map(|n| n.node_id).collect()
-    }
-
-    /// Where a boot of `mac` into `image` in `mode` goes. A persistent disk goes back to the
-    /// node holding its layer and has no standby path: until writes are mirrored no other node
-    /// has its data, and serving it elsewhere would hand the client a stale disk.
-    fn place_boot(
-        &self,
-        mac: &Mac,
-        image: &Name,
-        mode: DiskMode,
-    ) -> Result<(NodeId, Option<NodeId>), Rejection> {
-        let home = self
-            .clients
-            .get(mac)
-            .and_then(|c| c.layer_homes.get(image))
-            .and_then(|home| self.nodes.get(home));
-        if let (DiskMode::Persistent, Some(home)) = (mode, home) {
-            if !home.healthy {
-                return Err(Rejection::Conflict {
-                    reason: format!(
-                        "the persistent disk of client {mac} for image {image} is on node {}, \
-                         which is down",
-                        home.node_id
-                    ),
-                });
-            }
-            return Ok((home.node_id, None));
-        }
-        let (primary, standby) = self.place(mac).ok_or_else(|| Rejection::Conflict {
-            reason: "no healthy storage node can take a boot".into(),
-        })?;
-        match mode {
-            DiskMode::Persistent => Ok((primary, None)),
-            DiskMode::NonPersistent => Ok((primary, standby)),
-        }
-    }
-
-    /// The failovers marking `node_id` down implies: every non-persistent session it serves as
-    /// primary moves to its standby (if that one is healthy) at the next generation, and gets a
-    /// new standby if one is left. Persistent sessions stay: their layer is only on that node.
-    fn failovers_from(&self, node_id: NodeId) -> Vec<EventPayload> {
-        let mut events = Vec::new();
-        for session in self.boot_sessions.values() {
-            if session.primary != node_id || session.mode != DiskMode::NonPersistent {
-                continue;
-            }
-            let Some(standby) = session
-                .standby
-                .filter(|s| self.nodes.get(s).is_some_and(|n| n.healthy))
-            else {
-                continue;
-            };
-            let next_standby = self
-                .placement_candidates(&session.mac, &[node_id, standby])
-                .first()
-                .copied();
-            events.push(EventPayload::BootFailedOver {
-                mac: session.mac,
-                from: node_id,
-                primary: standby,
-                standby: next_standby,
-                generation: session.generation + 1,
-            });
-        }
-        events
     }
 
     /// Validates a command against this state and returns the events it would produce.
@@ -1107,6 +1092,16 @@ impl State {
                 }]
             }
             Command::CommitLeases { leases } => self.decide_leases(leases, now)?,
+            Command::DropStandby { mac, generation } => self.decide_drop_standby(mac, *generation)?,
+            Command::FailOver { mac, generation } => self.decide_fail_over(mac, *generation)?,
+            Command::AssignStandby { mac, generation } => {
+                self.decide_assign_standby(mac, *generation)?
+            }
+            Command::MarkStandbyInSync {
+                mac,
+                generation,
+                standby,
+            } => self.decide_standby_in_sync(mac, *generation, *standby)?,
             Command::ReleaseLease { mac } => {
                 let lease = self
                     .leases

@@ -207,8 +207,9 @@ fn draining_and_unhealthy_nodes_get_no_boots() {
     );
 }
 
-#[test]
-fn a_dead_primary_fails_over_to_its_standby_at_the_next_generation() {
+/// Three nodes, an image, pc1 non-persistent and pc2 persistent, both booted: pc1 on node 1
+/// (standby 2), pc2 on node 2 (standby 3, a new layer with two homes in sync).
+fn two_sessions() -> Vec<Command> {
     let mut commands = vec![register(1, 10), register(2, 10), register(3, 10)];
     commands.extend(ready_image("img"));
     for i in 1..=2 {
@@ -220,56 +221,168 @@ fn a_dead_primary_fails_over_to_its_standby_at_the_next_generation() {
     }
     commands.push(assign_to_client(1, "img", DiskMode::NonPersistent));
     commands.push(assign_to_client(2, "img", DiskMode::Persistent));
-    // pc1 lands on node 1 (standby 2), pc2 on node 2 with no standby (persistent).
     for i in 1..=2 {
         commands.push(begin_boot(i, "img"));
     }
+    commands
+}
+
+fn health(node_id: NodeId, healthy: bool) -> Command {
+    Command::SetNodeHealth { node_id, healthy }
+}
+
+fn copies(state: &State, client: u8) -> (Vec<NodeId>, Vec<NodeId>) {
+    let copies = &state.clients[&mac(client)].layers[&name("img")];
+    (
+        copies.homes.iter().copied().collect(),
+        copies.in_sync.iter().copied().collect(),
+    )
+}
+
+fn session(state: &State, client: u8) -> (NodeId, Option<NodeId>, StandbyCopy, u64) {
+    let s = &state.boot_sessions[&mac(client)];
+    (s.primary, s.standby, s.standby_copy, s.generation)
+}
+
+#[test]
+fn a_dead_primary_fails_over_to_its_in_sync_standby_at_the_next_generation() {
+    let mut commands = two_sessions();
     let (before, outcomes) = run(commands.clone());
     assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
-    let pc1 = &before.boot_sessions[&mac(1)];
-    assert_eq!((pc1.primary, pc1.standby, pc1.generation), (1, Some(2), 1));
-    let pc2 = &before.boot_sessions[&mac(2)];
-    assert_eq!((pc2.primary, pc2.standby), (2, None));
+    assert_eq!(session(&before, 1), (1, Some(2), StandbyCopy::InSync, 1));
+    assert_eq!(session(&before, 2), (2, Some(3), StandbyCopy::InSync, 1));
+    assert_eq!(copies(&before, 2), (vec![2, 3], vec![2, 3]));
 
-    commands.push(Command::SetNodeHealth {
-        node_id: 1,
-        healthy: false,
-    });
+    // Node 1 dies: pc1's standby serves, fenced by a new generation; node 3 is its new
+    // standby, empty until a resync fills it. pc2 is untouched.
+    commands.push(health(1, false));
     let (state, outcomes) = run(commands.clone());
-    let events = outcomes.last().unwrap().as_ref().unwrap();
-    assert_eq!(events.len(), 2, "{events:?}");
-    let pc1 = &state.boot_sessions[&mac(1)];
-    // The standby serves now, fenced by a new generation; node 3 is the new second path.
-    assert_eq!((pc1.primary, pc1.standby, pc1.generation), (2, Some(3), 2));
+    assert_eq!(outcomes.last().unwrap().as_ref().unwrap().len(), 2);
+    assert_eq!(session(&state, 1), (2, Some(3), StandbyCopy::Fresh, 2));
     assert_eq!(state.generations[&mac(1)], 2);
+    assert!(state.boot_sessions[&mac(1)].is_degraded());
 
-    // Node 2 dies too: pc1 moves on to node 3 (it has no standby left), pc2's persistent disk
-    // stays where its layer is, and a new boot of it is refused with the reason.
-    commands.push(Command::SetNodeHealth {
-        node_id: 2,
-        healthy: false,
-    });
+    // Node 2 dies too. pc1's only current copy was there: it stays (node 3 lacks its data).
+    // pc2 fails over to node 3, its in-sync standby, with no standby left; node 2's copy is
+    // no longer current.
+    commands.push(health(2, false));
+    let (state, _) = run(commands.clone());
+    assert_eq!(session(&state, 1), (2, Some(3), StandbyCopy::Fresh, 2));
+    assert_eq!(session(&state, 2), (3, None, StandbyCopy::InSync, 2));
+    assert_eq!(copies(&state, 2), (vec![2, 3], vec![3]));
+
+    // A new boot of pc2 goes to its current copy; node 2, back, is its standby again and gets
+    // only what changed (a stale home).
+    commands.push(health(2, true));
     commands.push(begin_boot(2, "img"));
     let (state, outcomes) = run(commands.clone());
-    let pc1 = &state.boot_sessions[&mac(1)];
-    assert_eq!((pc1.primary, pc1.standby, pc1.generation), (3, None, 3));
-    assert_eq!(state.boot_sessions[&mac(2)].primary, 2);
-    assert_eq!(
-        outcomes.last().unwrap().as_ref().unwrap_err().to_string(),
-        "conflict: the persistent disk of client 52:54:00:00:00:02 for image img is on node 2, \
-         which is down"
-    );
-
-    // Back up: the persistent disk boots on its home again even though node 3 is less loaded.
-    commands.push(Command::SetNodeHealth {
-        node_id: 2,
-        healthy: true,
+    assert!(outcomes.last().unwrap().is_ok(), "{outcomes:?}");
+    assert_eq!(session(&state, 2), (3, Some(2), StandbyCopy::Stale, 3));
+    commands.push(Command::MarkStandbyInSync {
+        mac: mac(2),
+        generation: 3,
+        standby: 2,
     });
-    commands.push(begin_boot(2, "img"));
     let (state, outcomes) = run(commands);
     assert!(outcomes.last().unwrap().is_ok(), "{outcomes:?}");
-    let pc2 = &state.boot_sessions[&mac(2)];
-    assert_eq!((pc2.primary, pc2.standby, pc2.generation), (2, None, 2));
+    assert_eq!(session(&state, 2), (3, Some(2), StandbyCopy::InSync, 3));
+    assert_eq!(copies(&state, 2), (vec![2, 3], vec![2, 3]));
+}
+
+#[test]
+fn a_persistent_disk_whose_current_copy_is_down_is_not_booted_elsewhere() {
+    let mut commands = two_sessions();
+    // pc2's standby is dropped (its primary could not reach it), then the primary dies: the
+    // only current copy is down, so the session stays and a new boot is refused.
+    commands.push(Command::DropStandby {
+        mac: mac(2),
+        generation: 1,
+    });
+    commands.push(health(2, false));
+    commands.push(begin_boot(2, "img"));
+    let (state, outcomes) = run(commands);
+    assert_eq!(session(&state, 2), (2, None, StandbyCopy::InSync, 2));
+    assert_eq!(copies(&state, 2), (vec![2, 3], vec![2]));
+    assert_eq!(
+        outcomes.last().unwrap().as_ref().unwrap_err().to_string(),
+        "conflict: the current copy of the persistent disk of client 52:54:00:00:00:02 for \
+         image img is on node 2, which is down"
+    );
+}
+
+#[test]
+fn of_two_nodes_that_suspect_each_other_only_the_first_to_commit_wins() {
+    let mut commands = two_sessions();
+    commands.push(Command::FailOver {
+        mac: mac(2),
+        generation: 1,
+    });
+    commands.push(Command::DropStandby {
+        mac: mac(2),
+        generation: 1,
+    });
+    let (state, outcomes) = run(commands.clone());
+    let n = outcomes.len();
+    assert!(outcomes[n - 2].is_ok());
+    assert_eq!(
+        outcomes[n - 1].as_ref().unwrap_err().to_string(),
+        "conflict: the session of client 52:54:00:00:00:02 is at generation 2, not 1"
+    );
+    // Node 3 took over; node 1 is the new standby, empty (it never held pc2's layer); node 2's
+    // copy is not current and is let go to keep two homes.
+    assert_eq!(session(&state, 2), (3, Some(1), StandbyCopy::Fresh, 2));
+    assert_eq!(copies(&state, 2), (vec![1, 3], vec![3]));
+    // A failover to a standby that is not in sync is refused.
+    commands.push(Command::FailOver {
+        mac: mac(2),
+        generation: 2,
+    });
+    let (_, outcomes) = run(commands);
+    assert_eq!(
+        outcomes.last().unwrap().as_ref().unwrap_err().to_string(),
+        "conflict: the session of client 52:54:00:00:00:02 has no in-sync standby"
+    );
+}
+
+#[test]
+fn a_dead_standby_is_dropped_and_a_new_one_assigned_prefers_a_node_with_a_copy() {
+    let mut commands = two_sessions();
+    commands.push(health(3, false));
+    let (state, _) = run(commands.clone());
+    assert_eq!(session(&state, 2), (2, None, StandbyCopy::InSync, 2));
+    assert!(state.boot_sessions[&mac(2)].is_degraded());
+    // With node 3 still down, node 1 can take the standby: an empty copy.
+    commands.push(Command::AssignStandby {
+        mac: mac(2),
+        generation: 2,
+    });
+    let (state, _) = run(commands.clone());
+    assert_eq!(session(&state, 2), (2, Some(1), StandbyCopy::Fresh, 3));
+    // Marking it in sync needs the right standby and generation.
+    commands.push(Command::MarkStandbyInSync {
+        mac: mac(2),
+        generation: 3,
+        standby: 3,
+    });
+    commands.push(Command::MarkStandbyInSync {
+        mac: mac(2),
+        generation: 2,
+        standby: 1,
+    });
+    let (_, outcomes) = run(commands.clone());
+    let n = outcomes.len();
+    assert!(outcomes[n - 2].is_err() && outcomes[n - 1].is_err());
+
+    // Instead: drop node 1 again, bring node 3 back: it is preferred, holding an old copy.
+    let mut commands = two_sessions();
+    commands.push(health(3, false));
+    commands.push(health(3, true));
+    commands.push(Command::AssignStandby {
+        mac: mac(2),
+        generation: 2,
+    });
+    let (state, _) = run(commands);
+    assert_eq!(session(&state, 2), (2, Some(3), StandbyCopy::Stale, 3));
 }
 
 #[test]
@@ -492,7 +605,19 @@ fn any_command() -> impl Strategy<Value = Command> {
                     .collect(),
             }
         }),
-        mac.prop_map(|mac| Command::ReleaseLease { mac }),
+        mac.clone().prop_map(|mac| Command::ReleaseLease { mac }),
+        (mac.clone(), 1u64..6)
+            .prop_map(|(mac, generation)| Command::DropStandby { mac, generation }),
+        (mac.clone(), 1u64..6).prop_map(|(mac, generation)| Command::FailOver { mac, generation }),
+        (mac.clone(), 1u64..6)
+            .prop_map(|(mac, generation)| Command::AssignStandby { mac, generation }),
+        (mac, 1u64..6, 1u64..4).prop_map(|(mac, generation, standby)| {
+            Command::MarkStandbyInSync {
+                mac,
+                generation,
+                standby,
+            }
+        }),
     ]
 }
 
@@ -505,6 +630,27 @@ proptest! {
         // Invariants of the projection itself.
         for session in state.boot_sessions.values() {
             prop_assert!(session.standby != Some(session.primary));
+            prop_assert!(session.standby.is_some() || session.standby_copy == StandbyCopy::InSync);
+            // A persistent session's primary always holds a current copy, and so does an
+            // in-sync standby: no acknowledged write can be on a copy nobody may serve.
+            let copies = state
+                .clients
+                .get(&session.mac)
+                .and_then(|client| client.layers.get(&session.image));
+            if let (DiskMode::Persistent, Some(copies)) = (session.mode, copies) {
+                prop_assert!(copies.in_sync.contains(&session.primary), "{session:?} {copies:?}");
+                if session.standby_copy == StandbyCopy::InSync {
+                    if let Some(standby) = session.standby {
+                        prop_assert!(copies.in_sync.contains(&standby));
+                    }
+                }
+            }
+        }
+        for client in state.clients.values() {
+            for copies in client.layers.values() {
+                prop_assert!(copies.homes.len() <= LAYER_HOMES_MAX);
+                prop_assert!(copies.in_sync.is_subset(&copies.homes));
+            }
         }
         let mut macs: Vec<Mac> = state.leases.values().map(|l| l.mac).collect();
         macs.sort();
