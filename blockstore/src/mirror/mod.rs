@@ -15,6 +15,13 @@
 //!   storage). The standby applies operations strictly in sequence order and drops anything
 //!   after a gap; the primary goes back to the first unacknowledged operation after
 //!   [`MirrorConfig::retransmit_timeout`] (go-back-N). Duplicates are acknowledged again.
+//! - **Incarnations.** Each core has a random incarnation, sent with every message. A
+//!   stream is between two incarnations: a node that restarted lost what its part of the
+//!   stream held in memory (and an unflushed write may be gone from its disk), so the peer
+//!   treats it as failed ([`RefusedReason::StreamLost`]) and the standby is dropped and
+//!   resynced. A standby created for a generation from before its node started
+//!   ([`Standby::new`] with `restarted`) refuses the stream at once and never asks for a
+//!   failover: its copy may lack acknowledged writes.
 //! - **Generations** fence. Every message names its generation; a node refuses an older one
 //!   ([`RefusedReason::Fenced`]), and a primary told so stops acknowledging anything.
 //! - **A standby that does not answer** within [`MirrorConfig::standby_timeout`] (or makes no
@@ -235,6 +242,9 @@ pub enum RefusedReason {
     NotPrimary = 5,
     /// The operation does not fit the volume (out of range).
     BadOperation = 6,
+    /// The standby restarted (or saw the primary restart) within this generation: its part of
+    /// the stream is gone. Drop it; a new stream and a resync bring it back.
+    StreamLost = 7,
 }
 
 /// Timing and limits of a mirror stream. The defaults aim at a failover within about a

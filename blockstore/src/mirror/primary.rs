@@ -116,6 +116,9 @@ struct Resync {
 pub struct Primary {
     volume: VolumeId,
     generation: u64,
+    incarnation: u64,
+    /// The standby core this stream talks to, from its first acknowledgement.
+    standby_incarnation: Option<u64>,
     config: MirrorConfig,
     epoch: Instant,
     mode: Mode,
@@ -138,17 +141,20 @@ pub struct Primary {
 
 impl Primary {
     /// A primary at `generation`; `standby` is `None` when it serves alone (no standby, or
-    /// "standby dropped" committed).
+    /// "standby dropped" committed). `incarnation` is random per core (see the module docs).
     pub fn new(
         now: Instant,
         volume: VolumeId,
         generation: u64,
+        incarnation: u64,
         standby: Option<StandbySync>,
         config: MirrorConfig,
     ) -> Primary {
         let mut primary = Primary {
             volume,
             generation,
+            incarnation,
+            standby_incarnation: None,
             config,
             epoch: now,
             mode: Mode::Alone,
@@ -210,6 +216,7 @@ impl Primary {
     fn start_stream(&mut self, now: Instant, generation: u64, sync: StandbySync) {
         self.generation = generation;
         self.mode = Mode::Mirrored;
+        self.standby_incarnation = None;
         self.next_seq = 1;
         self.next_send = 1;
         self.applied = 0;
@@ -383,12 +390,20 @@ impl Primary {
         }
         match message {
             Message::Ack {
+                incarnation,
                 applied,
                 durable,
                 stamp,
                 lease_ms,
                 ..
-            } => self.handle_ack(now, applied, durable, stamp, lease_ms),
+            } => {
+                if *self.standby_incarnation.get_or_insert(incarnation) != incarnation {
+                    // The standby restarted within this stream: what it acknowledged is gone.
+                    self.report_unreachable(now, UnreachableReason::Failed);
+                    return;
+                }
+                self.handle_ack(now, applied, durable, stamp, lease_ms)
+            }
             Message::Digest {
                 seq,
                 region,
@@ -420,7 +435,9 @@ impl Primary {
                 RefusedReason::Fenced if current > self.generation => {
                     self.handle_fenced(current);
                 }
-                RefusedReason::Storage | RefusedReason::BadOperation => {
+                RefusedReason::Storage
+                | RefusedReason::BadOperation
+                | RefusedReason::StreamLost => {
                     self.report_unreachable(now, UnreachableReason::Failed);
                 }
                 // Transient: the standby has not set the stream up yet. Timeouts escalate.
@@ -544,6 +561,7 @@ impl Primary {
             let message = Message::Operation {
                 volume: self.volume,
                 generation: self.generation,
+                incarnation: self.incarnation,
                 seq: entry.seq,
                 stamp: self.stamp(now),
                 operation: entry.operation.clone(),
@@ -559,6 +577,7 @@ impl Primary {
             return Some(Message::Heartbeat {
                 volume: self.volume,
                 generation: self.generation,
+                incarnation: self.incarnation,
                 seq_sent: self.next_send - 1,
                 stamp: self.stamp(now),
             });

@@ -32,6 +32,11 @@ pub enum StandbyEvent {
 pub struct Standby {
     volume: VolumeId,
     generation: u64,
+    incarnation: u64,
+    /// The primary core of this stream, from its first message.
+    primary_incarnation: Option<u64>,
+    /// The stream is lost for this core (its node restarted, or the primary's did).
+    lost: bool,
     config: MirrorConfig,
     next_expected: u64,
     /// Handed to the shell, not yet reported applied.
@@ -53,11 +58,23 @@ pub struct Standby {
 impl Standby {
     /// A standby at `generation`. It counts as having granted a lease just now: a node that
     /// restarted may have granted one before it crashed, and must not be promoted before that
-    /// one ran out.
-    pub fn new(now: Instant, volume: VolumeId, generation: u64, config: MirrorConfig) -> Standby {
+    /// one ran out. `restarted`: the generation is older than this node's start, so the
+    /// stream's start is gone with the previous run; the core refuses the stream
+    /// ([`RefusedReason::StreamLost`]) and never reports the primary silent.
+    pub fn new(
+        now: Instant,
+        volume: VolumeId,
+        generation: u64,
+        incarnation: u64,
+        restarted: bool,
+        config: MirrorConfig,
+    ) -> Standby {
         Standby {
             volume,
             generation,
+            incarnation,
+            primary_incarnation: None,
+            lost: restarted,
             next_expected: 1,
             handed_out: 0,
             applied: 0,
@@ -85,6 +102,11 @@ impl Standby {
     }
 
     /// Highest seq applied, in order.
+    /// Whether this core refuses its stream for good (see [`Standby::new`]).
+    pub fn is_lost(&self) -> bool {
+        self.lost
+    }
+
     pub fn applied(&self) -> u64 {
         self.applied
     }
@@ -105,9 +127,24 @@ impl Standby {
         if !is_stream {
             return;
         }
-        if generation != self.generation || self.failed || self.promoted {
+        let incarnation = match &message {
+            Message::Operation { incarnation, .. } | Message::Heartbeat { incarnation, .. } => {
+                *incarnation
+            }
+            _ => 0,
+        };
+        if generation == self.generation
+            && !self.lost
+            && *self.primary_incarnation.get_or_insert(incarnation) != incarnation
+        {
+            // The primary restarted within this generation: it lost its part of the stream.
+            self.lost = true;
+        }
+        if generation != self.generation || self.failed || self.promoted || self.lost {
             let (reason, current) = if self.failed {
                 (RefusedReason::Storage, self.generation)
+            } else if self.lost && generation == self.generation {
+                (RefusedReason::StreamLost, self.generation)
             } else if self.promoted && generation <= self.generation {
                 // Failed over: whatever the new generation is, it is newer than this.
                 (RefusedReason::Fenced, self.generation + 1)
@@ -223,11 +260,12 @@ impl Standby {
         if let Some(message) = self.out.pop_front() {
             return Some(message);
         }
-        if self.ack_due && !self.failed && !self.promoted {
+        if self.ack_due && !self.failed && !self.promoted && !self.lost {
             self.ack_due = false;
             return Some(Message::Ack {
                 volume: self.volume,
                 generation: self.generation,
+                incarnation: self.incarnation,
                 applied: self.applied,
                 durable: self.durable,
                 stamp: self.stamp,
@@ -238,7 +276,7 @@ impl Standby {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.failed || self.promoted {
+        if self.failed || self.promoted || self.lost {
             return;
         }
         let silent = now.saturating_duration_since(self.last_heard) >= self.config.primary_timeout;
@@ -252,7 +290,7 @@ impl Standby {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.failed || self.promoted {
+        if self.failed || self.promoted || self.lost {
             return None;
         }
         Some(

@@ -93,8 +93,8 @@ impl Pair {
         let config = MirrorConfig::default();
         Pair {
             now,
-            primary: Primary::new(now, volume, 1, Some(sync), config.clone()),
-            standby: Standby::new(now, volume, 1, config),
+            primary: Primary::new(now, volume, 1, 11, Some(sync), config.clone()),
+            standby: Standby::new(now, volume, 1, 22, false, config),
             local: Copy::new(),
             remote: Copy::new(),
             cut: false,
@@ -266,10 +266,11 @@ fn a_flush_completes_only_when_durable_on_the_standby() {
 fn the_standby_applies_in_order_and_drops_a_gap_until_it_is_filled() {
     let now = Instant::now();
     let volume = VolumeId([1; 16]);
-    let mut standby = Standby::new(now, volume, 4, MirrorConfig::default());
+    let mut standby = Standby::new(now, volume, 4, 22, false, MirrorConfig::default());
     let operation = |seq: u64| Message::Operation {
         volume,
         generation: 4,
+        incarnation: 11,
         seq,
         stamp: seq,
         operation: write(seq, seq as u8),
@@ -296,8 +297,15 @@ fn an_older_generation_is_refused_and_fences_its_primary() {
     let now = Instant::now();
     let volume = VolumeId([1; 16]);
     let config = MirrorConfig::default();
-    let mut primary = Primary::new(now, volume, 3, Some(StandbySync::InSync), config.clone());
-    let mut standby = Standby::new(now, volume, 5, config);
+    let mut primary = Primary::new(
+        now,
+        volume,
+        3,
+        11,
+        Some(StandbySync::InSync),
+        config.clone(),
+    );
+    let mut standby = Standby::new(now, volume, 5, 22, false, config);
     let ticket = primary.submit(now, write(0, 9)).unwrap();
     while let Some(message) = primary.poll_transmit(now) {
         standby.handle_message(now, message);
@@ -393,7 +401,7 @@ fn a_primary_reads_only_within_its_lease_and_a_promoted_standby_waits_it_out() {
 fn a_new_standby_counts_as_having_granted_a_lease() {
     let now = Instant::now();
     let config = MirrorConfig::default();
-    let mut standby = Standby::new(now, VolumeId([1; 16]), 1, config.clone());
+    let mut standby = Standby::new(now, VolumeId([1; 16]), 1, 22, false, config.clone());
     assert_eq!(standby.promote(now), now + config.lease);
 }
 
@@ -404,7 +412,14 @@ fn in_flight_bytes_are_bounded() {
         in_flight_bytes_max: 3 * 4096,
         ..MirrorConfig::default()
     };
-    let mut primary = Primary::new(now, VolumeId([1; 16]), 1, Some(StandbySync::InSync), config);
+    let mut primary = Primary::new(
+        now,
+        VolumeId([1; 16]),
+        1,
+        11,
+        Some(StandbySync::InSync),
+        config,
+    );
     for block in 0..3 {
         primary.submit(now, write(block, 1)).unwrap();
     }
@@ -572,4 +587,61 @@ fn region_differences_are_runs_of_one_fix() {
             },
         ],
     );
+}
+
+#[test]
+fn a_restarted_standby_refuses_its_old_stream_and_is_dropped() {
+    let mut pair = Pair::new(StandbySync::InSync);
+    let first = pair.submit(write(1, 1));
+    pair.pump();
+    assert_eq!(pair.primary.is_complete(first), Ok(true));
+    // The standby's node restarts: its new core for the same generation knows it lost the
+    // stream's start, refuses it, and never asks for a failover.
+    pair.standby = Standby::new(
+        pair.now,
+        VolumeId([1; 16]),
+        1,
+        23,
+        true,
+        MirrorConfig::default(),
+    );
+    let second = pair.submit(write(2, 2));
+    for _ in 0..20 {
+        pair.advance(Duration::from_millis(100));
+    }
+    assert_eq!(pair.primary.is_complete(second), Ok(false));
+    assert!(pair
+        .primary_events
+        .contains(&PrimaryEvent::StandbyUnreachable {
+            generation: 1,
+            reason: UnreachableReason::Failed
+        }));
+    assert!(pair.standby_events.is_empty(), "{:?}", pair.standby_events);
+}
+
+#[test]
+fn a_restarted_primary_loses_its_stream_and_a_new_standby_core_is_told_by_its_acks() {
+    let mut pair = Pair::new(StandbySync::InSync);
+    pair.submit(write(1, 1));
+    pair.pump();
+    // The primary's node restarts and starts a new stream in the same generation: the standby
+    // sees another incarnation and refuses.
+    pair.primary = Primary::new(
+        pair.now,
+        VolumeId([1; 16]),
+        1,
+        12,
+        Some(StandbySync::InSync),
+        MirrorConfig::default(),
+    );
+    let ticket = pair.submit(write(2, 2));
+    pair.advance(Duration::from_millis(10));
+    assert_eq!(pair.primary.is_complete(ticket), Ok(false));
+    assert!(pair.standby.is_lost());
+    assert!(pair
+        .primary_events
+        .contains(&PrimaryEvent::StandbyUnreachable {
+            generation: 1,
+            reason: UnreachableReason::Failed
+        }));
 }

@@ -2,14 +2,14 @@
 //!
 //! ```text
 //! every message   u8 kind | 16-byte volume id | u64 generation | body        (little-endian)
-//! 1 Operation     u64 seq | u64 stamp | u8 op | op body
+//! 1 Operation     u64 incarnation | u64 seq | u64 stamp | u8 op | op body
 //!                   op 1 Write    u64 first block | u32 byte count | data (whole 4 KiB blocks)
 //!                   op 2 Unmap    u64 first block | u64 block count
 //!                   op 3 Discard  u64 first block | u64 block count (back to the base image)
 //!                   op 4 Flush
 //!                   op 5 Digest   u64 region
-//! 2 Heartbeat     u64 highest seq sent | u64 stamp
-//! 3 Ack           u64 applied | u64 durable | u64 stamp echoed | u32 lease ms
+//! 2 Heartbeat     u64 incarnation | u64 highest seq sent | u64 stamp
+//! 3 Ack           u64 incarnation | u64 applied | u64 durable | u64 stamp echoed | u32 lease ms
 //! 4 Digest        u64 seq | u64 region | u16 block count | per block: u8 state (0 base,
 //!                 1 layer + 16-byte BLAKE3 prefix of its content, 2 unmapped)
 //! 5 Refused       u64 the receiver's generation | u8 reason
@@ -34,6 +34,9 @@ pub enum Message {
     Operation {
         volume: VolumeId,
         generation: u64,
+        /// Which run of the sender's core this is: a different one within a generation means
+        /// the sender restarted and lost its part of the stream.
+        incarnation: u64,
         seq: u64,
         /// The primary's clock when it sent this (microseconds of its own epoch), echoed back
         /// in the acknowledgement so the primary can date the lease it gets.
@@ -44,6 +47,7 @@ pub enum Message {
     Heartbeat {
         volume: VolumeId,
         generation: u64,
+        incarnation: u64,
         seq_sent: u64,
         stamp: u64,
     },
@@ -52,6 +56,7 @@ pub enum Message {
     Ack {
         volume: VolumeId,
         generation: u64,
+        incarnation: u64,
         applied: u64,
         durable: u64,
         stamp: u64,
@@ -149,11 +154,13 @@ impl Message {
         out.put_u64_le(*generation);
         match self {
             Message::Operation {
+                incarnation,
                 seq,
                 stamp,
                 operation,
                 ..
             } => {
+                out.put_u64_le(*incarnation);
                 out.put_u64_le(*seq);
                 out.put_u64_le(*stamp);
                 match operation {
@@ -187,18 +194,24 @@ impl Message {
                 }
             }
             Message::Heartbeat {
-                seq_sent, stamp, ..
+                incarnation,
+                seq_sent,
+                stamp,
+                ..
             } => {
+                out.put_u64_le(*incarnation);
                 out.put_u64_le(*seq_sent);
                 out.put_u64_le(*stamp);
             }
             Message::Ack {
+                incarnation,
                 applied,
                 durable,
                 stamp,
                 lease_ms,
                 ..
             } => {
+                out.put_u64_le(*incarnation);
                 out.put_u64_le(*applied);
                 out.put_u64_le(*durable);
                 out.put_u64_le(*stamp);
@@ -244,7 +257,8 @@ impl Message {
         let generation = bytes.get_u64_le();
         let message = match kind {
             1 => {
-                need(&bytes, 17, "operation header")?;
+                need(&bytes, 25, "operation header")?;
+                let incarnation = bytes.get_u64_le();
                 let seq = bytes.get_u64_le();
                 let stamp = bytes.get_u64_le();
                 let operation = match bytes.get_u8() {
@@ -287,25 +301,28 @@ impl Message {
                 Message::Operation {
                     volume,
                     generation,
+                    incarnation,
                     seq,
                     stamp,
                     operation,
                 }
             }
             2 => {
-                need(&bytes, 16, "heartbeat")?;
+                need(&bytes, 24, "heartbeat")?;
                 Message::Heartbeat {
                     volume,
                     generation,
+                    incarnation: bytes.get_u64_le(),
                     seq_sent: bytes.get_u64_le(),
                     stamp: bytes.get_u64_le(),
                 }
             }
             3 => {
-                need(&bytes, 28, "ack")?;
+                need(&bytes, 36, "ack")?;
                 Message::Ack {
                     volume,
                     generation,
+                    incarnation: bytes.get_u64_le(),
                     applied: bytes.get_u64_le(),
                     durable: bytes.get_u64_le(),
                     stamp: bytes.get_u64_le(),
@@ -390,6 +407,7 @@ impl RefusedReason {
             4 => RefusedReason::Storage,
             5 => RefusedReason::NotPrimary,
             6 => RefusedReason::BadOperation,
+            7 => RefusedReason::StreamLost,
             other => return Err(WireError::UnknownReason(other)),
         })
     }
@@ -438,7 +456,7 @@ mod tests {
     }
 
     fn reason() -> impl Strategy<Value = RefusedReason> {
-        (1u8..=6).prop_map(|v| RefusedReason::from_u8(v).expect("valid"))
+        (1u8..=7).prop_map(|v| RefusedReason::from_u8(v).expect("valid"))
     }
 
     fn message() -> impl Strategy<Value = Message> {
@@ -448,6 +466,7 @@ mod tests {
                 move |(generation, seq, stamp, operation)| Message::Operation {
                     volume: v,
                     generation,
+                    incarnation: stamp ^ 5,
                     seq,
                     stamp,
                     operation,
@@ -457,6 +476,7 @@ mod tests {
                 move |(generation, seq_sent, stamp)| Message::Heartbeat {
                     volume: v,
                     generation,
+                    incarnation: seq_sent ^ 3,
                     seq_sent,
                     stamp,
                 }
@@ -472,6 +492,7 @@ mod tests {
                     Message::Ack {
                         volume: v,
                         generation,
+                        incarnation: durable ^ 9,
                         applied,
                         durable,
                         stamp,
@@ -533,7 +554,7 @@ mod tests {
         };
         check(header(9), WireError::UnknownKind(9));
         let mut write = header(1);
-        write.extend_from_slice(&[0; 16]);
+        write.extend_from_slice(&[0; 24]);
         write.push(1);
         write.extend_from_slice(&0u64.to_le_bytes());
         write.extend_from_slice(&100u32.to_le_bytes());
@@ -543,7 +564,7 @@ mod tests {
         refused.push(99);
         check(refused, WireError::UnknownReason(99));
         let mut ack = header(3);
-        ack.extend_from_slice(&[0; 29]);
+        ack.extend_from_slice(&[0; 37]);
         check(ack, WireError::TrailingBytes(1));
     }
 }
