@@ -73,6 +73,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod config;
+pub mod datapath;
 pub mod faults;
 pub mod invariants;
 pub mod network;

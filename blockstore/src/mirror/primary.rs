@@ -204,6 +204,11 @@ impl Primary {
         }
     }
 
+    /// Nothing submitted waits for the standby (every operation complete).
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// Payload bytes the standby has not applied yet.
     pub fn in_flight_bytes(&self) -> u64 {
         self.in_flight_bytes
@@ -281,6 +286,38 @@ impl Primary {
                 Ok(ticket)
             }
         }
+    }
+
+    /// Submits an operation of a resync's region copy: never refused for space, since what a
+    /// resync has in flight is already bounded by its digest window
+    /// ([`MirrorConfig::resync_digests_in_flight_max`] regions). Call it with the region's
+    /// stripes held, between [`PrimaryEvent::ResyncCompare`] and
+    /// [`Primary::handle_region_compared`].
+    pub fn submit_resync(
+        &mut self,
+        now: Instant,
+        operation: Operation,
+    ) -> Result<Ticket, SubmitError> {
+        if let Mode::Fenced { current } = self.mode {
+            return Err(SubmitError::Fenced {
+                held: self.generation,
+                current,
+            });
+        }
+        if self.mode == Mode::Alone {
+            return Ok(self.take_seq());
+        }
+        let bytes = operation.payload_bytes() as u64;
+        if self.applied + 1 == self.next_seq {
+            self.last_progress = now;
+        }
+        let ticket = self.take_seq();
+        self.in_flight_bytes += bytes;
+        self.pending.push_back(Pending {
+            seq: ticket.seq,
+            operation,
+        });
+        Ok(ticket)
     }
 
     fn take_seq(&mut self) -> Ticket {

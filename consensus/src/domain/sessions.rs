@@ -172,6 +172,11 @@ impl State {
             .ok_or_else(|| Rejection::Conflict {
                 reason: format!("the session of client {mac} has no in-sync standby"),
             })?;
+        if !self.nodes.get(&standby).is_some_and(|node| node.healthy) {
+            return Err(Rejection::Conflict {
+                reason: format!("the standby of client {mac}, node {standby}, is down"),
+            });
+        }
         Ok(vec![EventPayload::BootFailedOver {
             mac: *mac,
             from: session.primary,
