@@ -15,4 +15,5 @@ pub mod image;
 pub mod iscsi;
 pub mod scsi;
 pub mod mirror;
+pub mod replica;
 pub mod volume;

@@ -50,6 +50,7 @@ pub mod raft_node;
 pub mod rpc;
 pub mod service;
 pub mod store;
+pub mod streams;
 pub mod tls;
 pub mod types;
 

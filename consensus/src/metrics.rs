@@ -13,6 +13,7 @@ pub const EVENTS_APPLIED: &str = "cairn_raft_events_applied_total";
 pub const SNAPSHOT_BUILT_BYTES: &str = "cairn_raft_snapshot_built_bytes";
 pub const SNAPSHOTS_INSTALLED: &str = "cairn_raft_snapshots_installed_total";
 pub const STORAGE_FAILURES: &str = "cairn_raft_storage_failures_total";
+pub const STREAM_FRAMES_DROPPED: &str = "cairn_consensus_stream_frames_dropped_total";
 pub const LOG_WRITE_JOBS: &str = "cairn_raft_log_write_jobs";
 pub const LOG_WRITE_SECONDS: &str = "cairn_raft_log_write_seconds";
 /// From an `append` handed to the writer thread until its entries are synced (queueing included).
@@ -96,6 +97,10 @@ pub(crate) fn applied(seconds: f64) {
 
 pub(crate) fn append_entries_sent(seconds: f64) {
     metrics::histogram!(APPEND_ENTRIES_RPC_SECONDS).record(seconds);
+}
+
+pub(crate) fn stream_frame_dropped() {
+    metrics::counter!(STREAM_FRAMES_DROPPED).increment(1);
 }
 
 pub(crate) fn append_entries_handled(seconds: f64) {

@@ -1,7 +1,8 @@
 //! QUIC transport for node-to-node RPC (quinn, mutual TLS from the cluster CA).
 //!
 //! One connection per peer, reopened when it fails; one bidirectional stream per RPC carrying one
-//! request frame and one response frame. The server learns the peer's node id from its
+//! request frame and one response frame; one-way streams of frames for the data path's mirror
+//! (`streams`). The server learns the peer's node id from its
 //! certificate and refuses a request that claims another id.
 //!
 //! Stateless resets: each node derives its QUIC reset key from its private key, so a node that
@@ -34,6 +35,8 @@ const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Concurrent RPCs one peer may have open on a connection.
 const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
+/// Concurrent one-way streams one peer may have open on a connection.
+const UNI_STREAMS_PER_CONNECTION_MAX: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuicError {
@@ -55,7 +58,13 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         config.max_idle_timeout(Some(idle));
     }
     config.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into());
-    config.max_concurrent_uni_streams(0u32.into());
+    // One-way message streams (`streams`): one per peer and direction, a few spare for
+    // reopening.
+    config.max_concurrent_uni_streams(UNI_STREAMS_PER_CONNECTION_MAX.into());
+    // Room for the mirror's in-flight writes (64 MiB per stream by default).
+    config.stream_receive_window((64u32 << 20).into());
+    config.receive_window((128u32 << 20).into());
+    config.send_window(128 << 20);
     Arc::new(config)
 }
 
@@ -172,10 +181,15 @@ pub fn peer_node_id(connection: &Connection) -> Result<NodeId, TlsError> {
 
 /// Serves RPCs on `endpoint` until it is closed: every accepted connection and stream is handled
 /// by `handler`. Returns the accept loop's task.
-pub fn serve<H: RpcHandler>(endpoint: Endpoint, handler: Arc<H>) -> tokio::task::JoinHandle<()> {
+pub fn serve<H: RpcHandler>(
+    endpoint: Endpoint,
+    handler: Arc<H>,
+    streams: Arc<crate::streams::StreamHandler>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
             let handler = handler.clone();
+            let streams = streams.clone();
             tokio::spawn(async move {
                 let connection = match incoming.await {
                     Ok(connection) => connection,
@@ -192,6 +206,12 @@ pub fn serve<H: RpcHandler>(endpoint: Endpoint, handler: Arc<H>) -> tokio::task:
                         return;
                     }
                 };
+                let uni = connection.clone();
+                tokio::spawn(async move {
+                    while let Ok(recv) = uni.accept_uni().await {
+                        tokio::spawn(crate::streams::read_frames(recv, peer, streams.clone()));
+                    }
+                });
                 serve_connection(connection, peer, handler).await;
             });
         }
@@ -297,6 +317,23 @@ impl QuicTransport {
 
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// Opens a one-way stream to `target` on the cached connection (dialing it if needed).
+    pub async fn open_uni(
+        &self,
+        target: NodeId,
+        address: &NodeAddress,
+    ) -> Result<quinn::SendStream, TransportError> {
+        let connection = self.connection(target, address).await?;
+        connection
+            .open_uni()
+            .await
+            .map_err(|e| TransportError::Unreachable {
+                node_id: target,
+                address: address.raft.clone(),
+                reason: e.to_string(),
+            })
     }
 
     async fn connection(

@@ -137,6 +137,8 @@ struct Inner {
     service: Arc<Service>,
     reader: StateReader,
     log: RocksLogStore,
+    stream_handler: Arc<crate::streams::StreamHandler>,
+    peer_streams: crate::streams::PeerStreams,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -202,17 +204,48 @@ impl ClusterNode {
                 rand::random(),
             ));
         }
-        let server = quic::serve(endpoint, Arc::new(ServiceHandler::new(&service)));
+        let stream_handler = Arc::new(crate::streams::StreamHandler::default());
+        let peer_streams = crate::streams::PeerStreams::new(
+            service.transport.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let server = quic::serve(
+            endpoint,
+            Arc::new(ServiceHandler::new(&service)),
+            stream_handler.clone(),
+        );
         let metrics_task = tokio::spawn(watch_metrics(raft.metrics()));
         tasks.extend([server, metrics_task]);
         let inner = Arc::new(Inner {
             service,
             reader,
             log,
+            stream_handler,
+            peer_streams,
             tasks: Mutex::new(tasks),
         });
         tracing::info!(node_id = config.node_id, listen = %config.raft_listen, "cluster node started");
         Ok(ClusterNode { inner })
+    }
+
+    /// Sends `frame` on this node's one-way stream to `peer` (see `streams`); false if the
+    /// peer is unknown or the frame was dropped.
+    pub fn send_to_peer(&self, peer: NodeId, frame: bytes::Bytes) -> bool {
+        let address = self.local_state(|state| {
+            state.nodes.get(&peer).map(|node| NodeAddress {
+                raft: node.raft_address.clone(),
+                api: node.api_address.clone(),
+            })
+        });
+        match address {
+            Some(address) => self.inner.peer_streams.send(peer, &address, frame),
+            None => false,
+        }
+    }
+
+    /// Sets what receives the frames peers send on their one-way streams (once).
+    pub fn set_stream_handler(&self, handler: crate::streams::FrameHandler) {
+        self.inner.stream_handler.set(handler);
     }
 
     pub fn node_id(&self) -> NodeId {

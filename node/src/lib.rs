@@ -16,6 +16,7 @@ pub mod https;
 pub mod output;
 pub mod secrets;
 pub mod server;
+pub mod sessions;
 pub mod storage;
 
 /// Ends the process without running C and C++ exit handlers. RocksDB's static destructors race

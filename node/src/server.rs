@@ -307,6 +307,21 @@ async fn check_peer_health(cluster: ClusterNode, http: reqwest::Client) {
             failures.clear();
             continue;
         }
+        // Sessions without a standby (one copy) get one as soon as a node can take it; its
+        // copy is then resynced in the background.
+        let degraded: Vec<(cairn_consensus::domain::Mac, u64)> = cluster.local_state(|s| {
+            s.boot_sessions
+                .values()
+                .filter(|session| session.standby.is_none())
+                .map(|session| (session.mac, session.generation))
+                .collect()
+        });
+        for (mac, generation) in degraded {
+            let command = Command::AssignStandby { mac, generation };
+            if let Err(error) = cluster.propose(actor.clone(), command).await {
+                tracing::debug!(client_mac = %mac, %error, "no standby assigned");
+            }
+        }
         let peers: Vec<(u64, String, bool)> = cluster.local_state(|s| {
             s.nodes
                 .values()

@@ -1,8 +1,9 @@
 //! The data path through real processes and a real initiator: an image uploaded with
 //! `cairn image import` to one node, replicated to the others, served as a client's volume by
 //! the node its boot session names primary, and read and written with qemu's libiscsi client.
-//! A persistent disk keeps a write across a SIGKILL and restart of its node; a non-persistent
-//! disk reads as its base again after the next boot. Runs only with `CAIRN_SLOW_TESTS=1`, and
+//! A persistent disk has a primary and a standby: after a SIGKILL of the primary, the standby
+//! serves every write the primary acknowledged (flushed or not); a non-persistent disk reads as
+//! its base again after the next boot. Runs only with `CAIRN_SLOW_TESTS=1`, and
 //! then fails if qemu-io or qemu's iscsi block driver is missing.
 
 use std::path::Path;
@@ -83,17 +84,30 @@ fn wait_served(opts: &str, scratch: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 fn boot(cluster: &ProcessCluster, mac: &str, image: &str) -> anyhow::Result<(u64, String)> {
+    let (primary, portal, _) = boot_with_standby(cluster, mac, image)?;
+    Ok((primary, portal))
+}
+
+/// Boots `mac`; returns its primary, the primary's portal and the standby's portal.
+fn boot_with_standby(
+    cluster: &ProcessCluster,
+    mac: &str,
+    image: &str,
+) -> anyhow::Result<(u64, String, Option<String>)> {
     let events = cluster.cli_json(&["client", "boot", mac, "--image", image])?;
     let started = &events[0]["payload"]["boot_started"];
     let primary = started["primary"]
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no primary in {events}"))?;
-    let node = cluster
-        .nodes
-        .iter()
-        .find(|n| n.id == primary)
-        .expect("primary node");
-    Ok((primary, format!("{}:3260", node.address)))
+    let portal = |id: u64| {
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|node| format!("{}:3260", node.address))
+    };
+    let standby = started["standby"].as_u64().and_then(portal);
+    Ok((primary, portal(primary).expect("primary node"), standby))
 }
 
 #[test]
@@ -134,7 +148,9 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     let mac_hex = "525400430001";
     cluster.cli_ok(&["client", "add", mac, "--name", "desk-1"])?;
     cluster.cli_ok(&["assign", "disk", "--client", mac, "--mode", "persistent"])?;
-    let (primary, portal) = boot(cluster, mac, "disk")?;
+    let (primary, portal, standby_portal) = boot_with_standby(cluster, mac, "disk")?;
+    let standby_portal = standby_portal
+        .ok_or_else(|| anyhow::anyhow!("a persistent disk on three nodes has a standby"))?;
     let initiator = format!("iqn.2026-11.org.cairn:initiator.{mac_hex}");
     let opts = image_opts(&portal, mac_hex, &initiator);
     let read = wait_served(&opts, &scratch.join("read1.raw"))?;
@@ -150,7 +166,8 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         "a foreign initiator logged in"
     );
 
-    // Write, flush (SYNCHRONIZE CACHE), SIGKILL the primary, restart it: the write is there.
+    // Write (mirrored to the standby before GOOD), SIGKILL the primary: the standby is
+    // promoted and serves every acknowledged write, flushed or not.
     qemu_io(
         &opts,
         &[
@@ -159,24 +176,40 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
             "flush",
         ],
     )?;
+    qemu_io(&opts, &["write -P 0x3c 65536 4096"])?;
     let log_dir = cluster.dir.path().to_owned();
-    {
-        let node = cluster
-            .nodes
-            .iter_mut()
-            .find(|n| n.id == primary)
-            .expect("primary");
-        node.kill();
-        node.start(&log_dir)?;
-    }
+    let killed_at = Instant::now();
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == primary)
+        .expect("primary")
+        .kill();
     let mut expected = base.clone();
     expected[8192..8192 + 12288].fill(0x5a);
     expected[512..1536].fill(0xc3);
-    let read = wait_served(&opts, &scratch.join("read2.raw"))?;
+    expected[65536..65536 + 4096].fill(0x3c);
+    let standby_opts = image_opts(&standby_portal, mac_hex, &initiator);
+    let read = wait_served(&standby_opts, &scratch.join("read2.raw"))?;
+    println!(
+        "the standby served the disk {} ms after SIGKILL of the primary",
+        killed_at.elapsed().as_millis()
+    );
     assert!(
         read == expected,
-        "persistent write lost across a SIGKILL of node {primary}"
+        "acknowledged writes lost in the failover from node {primary}"
     );
+    // The new primary takes writes; the old one comes back and catches up as its standby.
+    qemu_io(&standby_opts, &["write -P 0x11 131072 8192", "flush"])?;
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == primary)
+        .expect("primary")
+        .start(&log_dir)?;
+    expected[131072..131072 + 8192].fill(0x11);
+    let read = wait_served(&standby_opts, &scratch.join("read2b.raw"))?;
+    assert!(read == expected, "the new primary lost a write");
 
     // A non-persistent client: its write is gone after the next boot.
     let mac2 = "52:54:00:43:00:02";

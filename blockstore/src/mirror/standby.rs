@@ -37,6 +37,9 @@ pub struct Standby {
     primary_incarnation: Option<u64>,
     /// The stream is lost for this core (its node restarted, or the primary's did).
     lost: bool,
+    /// It saw the stream from its first operation: only then does its copy hold everything
+    /// the primary acknowledged, and only then may it ask for a failover.
+    from_start: bool,
     config: MirrorConfig,
     next_expected: u64,
     /// Handed to the shell, not yet reported applied.
@@ -75,6 +78,7 @@ impl Standby {
             incarnation,
             primary_incarnation: None,
             lost: restarted,
+            from_start: false,
             next_expected: 1,
             handed_out: 0,
             applied: 0,
@@ -173,6 +177,9 @@ impl Standby {
             } => {
                 self.stamp = self.stamp.max(stamp);
                 if seq == self.next_expected {
+                    if seq == 1 {
+                        self.from_start = true;
+                    }
                     self.next_expected += 1;
                     self.handed_out = seq;
                     self.actions.push_back(match operation {
@@ -186,7 +193,12 @@ impl Standby {
                     self.ack_due = true;
                 }
             }
-            Message::Heartbeat { stamp, .. } => {
+            Message::Heartbeat {
+                stamp, seq_sent, ..
+            } => {
+                if seq_sent == 0 && self.next_expected == 1 {
+                    self.from_start = true;
+                }
                 self.stamp = self.stamp.max(stamp);
                 self.ack_due = true;
             }
@@ -279,7 +291,10 @@ impl Standby {
         if self.failed || self.promoted || self.lost {
             return;
         }
-        let silent = now.saturating_duration_since(self.last_heard) >= self.config.primary_timeout;
+        // A core that joined a stream midway (its node restarted without knowing) lacks
+        // operations the primary acknowledged: it must never be promoted.
+        let silent = self.from_start
+            && now.saturating_duration_since(self.last_heard) >= self.config.primary_timeout;
         if silent && self.next_silent_report.is_none_or(|at| now >= at) {
             self.next_silent_report = Some(now + self.config.primary_timeout);
             tracing::warn!(volume = %self.volume, generation = self.generation, "mirror primary silent");

@@ -207,6 +207,15 @@ pub trait WriteMirror: Send + Sync {
     /// Returns once the standby holds the operation (durably, for `Flush`), or with an error
     /// (fenced, or the shell gave up): the operation must then not be acknowledged.
     fn wait(&self, ticket: MirrorTicket) -> Result<(), MirrorError>;
+    /// `submit` for the copy of a resync region ([`Volume::resync_region`]): must not block
+    /// for space, since it is called with a whole region's stripes held.
+    fn submit_resync(
+        &self,
+        generation: u64,
+        operation: MirrorOperation<'_>,
+    ) -> Result<MirrorTicket, MirrorError> {
+        self.submit(generation, operation)
+    }
 }
 
 /// How to create a volume.
@@ -257,12 +266,13 @@ pub struct Volume {
     persistent: bool,
     generation: AtomicU64,
     fenced_at: AtomicU64,
+    /// Set by the node when it serves the volume as a session's primary with a standby.
+    mirror: RwLock<Option<Arc<dyn WriteMirror>>>,
     /// Every call holds it shared for its whole length; `fence` takes it exclusively once, so
     /// it returns only after the calls in flight ended.
     io_gate: RwLock<()>,
     /// Set by the first failed write, sync or journal append; never cleared.
     failure: OnceLock<String>,
-    mirror: Option<Arc<dyn WriteMirror>>,
     state: RwLock<LayerState>,
     stripes: Vec<Mutex<()>>,
     /// Map changes not yet in the journal. Map updates happen under this lock so records are
@@ -403,7 +413,7 @@ impl Volume {
             fenced_at: AtomicU64::new(0),
             io_gate: RwLock::new(()),
             failure: OnceLock::new(),
-            mirror: options.mirror,
+            mirror: RwLock::new(options.mirror),
             state: RwLock::new(LayerState {
                 size_bytes: base.size_bytes,
                 base,
@@ -718,18 +728,47 @@ impl Volume {
         &self,
         operation: MirrorOperation<'_>,
     ) -> Result<Option<MirrorTicket>, VolumeError> {
-        match &self.mirror {
+        match &*self.mirror() {
             None => Ok(None),
             Some(mirror) => Ok(Some(mirror.submit(self.generation(), operation)?)),
         }
     }
 
+    fn resync_submit(&self, operation: MirrorOperation<'_>) -> Result<(), VolumeError> {
+        if let Some(mirror) = &*self.mirror() {
+            mirror.submit_resync(self.generation(), operation)?;
+        }
+        Ok(())
+    }
+
     /// Waits until the standby holds what `ticket` names: the last step before acknowledging.
     fn mirror_wait(&self, ticket: Option<MirrorTicket>) -> Result<(), VolumeError> {
-        match (&self.mirror, ticket) {
+        let mirror = self.mirror().clone();
+        match (mirror, ticket) {
             (Some(mirror), Some(ticket)) => Ok(mirror.wait(ticket)?),
             _ => Ok(()),
         }
+    }
+
+    fn mirror(&self) -> RwLockReadGuard<'_, Option<Arc<dyn WriteMirror>>> {
+        self.mirror
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sets (or removes) the mirror every later write, unmap and flush goes through: the node
+    /// does it when this copy becomes a session's primary or stops being one. Waits for the
+    /// calls in flight, so none of them is half through the old mirror and half through the
+    /// new one.
+    pub fn set_mirror(&self, mirror: Option<Arc<dyn WriteMirror>>) {
+        let _drained = self
+            .io_gate
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *self
+            .mirror
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = mirror;
     }
 
     /// The standby side of [`WriteMirror`]: applies an operation the primary mirrored, unless
@@ -870,7 +909,7 @@ impl Volume {
                         .read_exact_at(&mut data, first_block * LAYER_BLOCK_SIZE_BYTES)
                         .map_err(VolumeError::io(&self.data_path))?;
                     copied += data.len() as u64;
-                    self.mirror_submit(MirrorOperation::Write {
+                    self.resync_submit(MirrorOperation::Write {
                         first_block,
                         data: &data,
                     })?;
@@ -879,7 +918,7 @@ impl Volume {
                     first_block,
                     block_count,
                 } => {
-                    self.mirror_submit(MirrorOperation::Unmap {
+                    self.resync_submit(MirrorOperation::Unmap {
                         first_block,
                         block_count,
                     })?;
@@ -888,7 +927,7 @@ impl Volume {
                     first_block,
                     block_count,
                 } => {
-                    self.mirror_submit(MirrorOperation::Discard {
+                    self.resync_submit(MirrorOperation::Discard {
                         first_block,
                         block_count,
                     })?;

@@ -143,6 +143,9 @@ pub struct BootSession {
     /// Where the standby's copy stands; only an in-sync standby may be promoted.
     pub standby_copy: StandbyCopy,
     pub generation: u64,
+    /// The generation the boot started at: a node resets a non-persistent layer only for a
+    /// role at this generation (later ones are failovers and standby changes of the same boot).
+    pub boot_generation: u64,
     pub started_ms: TimeMs,
 }
 
@@ -478,9 +481,7 @@ impl State {
             } => {
                 self.generations.insert(*mac, *generation);
                 let standby_copy = match mode {
-                    DiskMode::Persistent => {
-                        self.copies_at_boot(mac, image, *primary, *standby)
-                    }
+                    DiskMode::Persistent => self.copies_at_boot(mac, image, *primary, *standby),
                     // Both copies are reset to the base at the boot.
                     DiskMode::NonPersistent => StandbyCopy::InSync,
                 };
@@ -496,6 +497,7 @@ impl State {
                         standby: *standby,
                         standby_copy,
                         generation: *generation,
+                        boot_generation: *generation,
                         started_ms: now,
                     },
                 );
@@ -1092,7 +1094,9 @@ impl State {
                 }]
             }
             Command::CommitLeases { leases } => self.decide_leases(leases, now)?,
-            Command::DropStandby { mac, generation } => self.decide_drop_standby(mac, *generation)?,
+            Command::DropStandby { mac, generation } => {
+                self.decide_drop_standby(mac, *generation)?
+            }
             Command::FailOver { mac, generation } => self.decide_fail_over(mac, *generation)?,
             Command::AssignStandby { mac, generation } => {
                 self.decide_assign_standby(mac, *generation)?

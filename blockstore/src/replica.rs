@@ -1,0 +1,567 @@
+//! The threaded shells around the mirror cores (`crate::mirror`) and the device a node
+//! serves for one session, on the primary's path or the standby's.
+//!
+//! - [`PrimaryShell`] owns a [`Primary`] core behind a mutex and is the volume's
+//!   [`WriteMirror`]: `submit` queues an operation (waiting while the stream is full), `wait`
+//!   blocks the calling I/O thread until the core says the standby holds it. Messages the core
+//!   produces go out through a [`MirrorLink`] at once.
+//! - [`StandbyShell`] owns a [`Standby`] core and the standby's copy: messages are handled in
+//!   arrival order, and the core's actions are applied to the copy in that same order, under
+//!   the core's lock.
+//! - [`SessionDevice`] is the LUN of a session on one node: on the standby it holds I/O (for
+//!   at most [`STANDBY_WAIT`]) until a failover makes this node primary; on the primary it
+//!   serves once the old primary's lease has run out, and reads only within its own lease.
+//!
+//! The node drives the shells' timers ([`PrimaryShell::tick`], [`StandbyShell::tick`]), carries
+//! their messages between nodes, and turns their events into Raft proposals. This module
+//! knows nothing about Raft or the transport.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::device::{BlockDevice, DeviceError};
+use crate::mirror::{
+    Message, MirrorConfig, Operation, Primary, PrimaryEvent, Standby, StandbyAction, StandbyEvent,
+    StandbySync, SubmitError, Ticket, VolumeId,
+};
+use crate::volume::{MirrorError, MirrorOperation, MirrorTicket, Volume, WriteMirror};
+
+/// How long the standby's path holds a read or write before answering NOT READY (asymmetric
+/// access state transition), so the initiator retries: longer than a failover takes, shorter
+/// than iPXE's SAN command timeout (15 s).
+pub const STANDBY_WAIT: Duration = Duration::from_secs(12);
+/// How long a read on the primary waits for a lease before answering NOT READY.
+const LEASE_WAIT: Duration = Duration::from_secs(10);
+/// Longest a waiting thread sleeps before looking again (the core is also re-checked on every
+/// change it signals).
+const POLL: Duration = Duration::from_millis(50);
+
+/// What the shells need from the node: a way to the peer.
+pub trait MirrorLink: Send + Sync + 'static {
+    /// Sends a message to node `peer`. Never blocks; may drop it (the protocol retransmits).
+    fn send(&self, peer: u64, message: Message);
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct PrimaryState {
+    core: Primary,
+    peer: Option<u64>,
+    stopped: bool,
+}
+
+/// The primary's side of a session's mirror, shared by the volume (as its mirror), the node's
+/// timer task and the message handler.
+pub struct PrimaryShell {
+    state: Mutex<PrimaryState>,
+    changed: Condvar,
+    link: Arc<dyn MirrorLink>,
+}
+
+impl PrimaryShell {
+    pub fn new(
+        volume: VolumeId,
+        generation: u64,
+        standby: Option<(u64, StandbySync)>,
+        config: MirrorConfig,
+        link: Arc<dyn MirrorLink>,
+    ) -> Arc<PrimaryShell> {
+        let core = Primary::new(
+            Instant::now(),
+            volume,
+            generation,
+            rand::random(),
+            standby.map(|(_, sync)| sync),
+            config,
+        );
+        let shell = Arc::new(PrimaryShell {
+            state: Mutex::new(PrimaryState {
+                core,
+                peer: standby.map(|(peer, _)| peer),
+                stopped: false,
+            }),
+            changed: Condvar::new(),
+            link,
+        });
+        shell.with_core(|_| ());
+        shell
+    }
+
+    /// Runs `f` on the core, then sends what it produced and wakes the waiters.
+    fn with_core<R>(&self, f: impl FnOnce(&mut Primary) -> R) -> R {
+        let mut state = lock(&self.state);
+        let result = f(&mut state.core);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        while let Some(message) = state.core.poll_transmit(now) {
+            out.push(message);
+        }
+        let peer = state.peer;
+        drop(state);
+        self.changed.notify_all();
+        if let Some(peer) = peer {
+            for message in out {
+                self.link.send(peer, message);
+            }
+        }
+        result
+    }
+
+    pub fn generation(&self) -> u64 {
+        lock(&self.state).core.generation()
+    }
+
+    pub fn peer(&self) -> Option<u64> {
+        lock(&self.state).peer
+    }
+
+    pub fn handle_message(&self, message: Message) {
+        self.with_core(|core| core.handle_message(Instant::now(), message));
+    }
+
+    /// Runs the core's timers; returns its events for the node.
+    pub fn tick(&self) -> Vec<PrimaryEvent> {
+        self.with_core(|core| {
+            core.handle_timeout(Instant::now());
+            std::iter::from_fn(|| core.poll_event()).collect()
+        })
+    }
+
+    pub fn handle_standby_dropped(&self, generation: u64) {
+        self.with_core(|core| core.handle_standby_dropped(generation));
+        lock(&self.state).peer = None;
+    }
+
+    pub fn handle_standby_added(&self, generation: u64, peer: u64, sync: StandbySync) {
+        lock(&self.state).peer = Some(peer);
+        self.with_core(|core| core.handle_standby_added(Instant::now(), generation, sync));
+    }
+
+    pub fn handle_resync_recorded(&self) {
+        self.with_core(|core| core.handle_resync_recorded());
+    }
+
+    /// A region of the resync compared and submitted.
+    pub fn handle_region_compared(&self, region: u64, bytes_copied: u64) {
+        self.with_core(|core| core.handle_region_compared(Instant::now(), region, bytes_copied));
+    }
+
+    /// Fences the core: every waiting and later operation fails. Call before fencing the
+    /// volume (which waits for the calls in flight).
+    pub fn fence(&self, current: u64) {
+        self.with_core(|core| core.handle_fenced(current));
+        lock(&self.state).stopped = true;
+        self.changed.notify_all();
+    }
+
+    pub fn resync_progress(&self) -> Option<crate::mirror::ResyncProgress> {
+        lock(&self.state).core.resync_progress(Instant::now())
+    }
+
+    pub fn is_alone(&self) -> bool {
+        lock(&self.state).core.is_alone()
+    }
+
+    pub fn is_resyncing(&self) -> bool {
+        lock(&self.state).core.is_resyncing()
+    }
+
+    /// Waits (at most `wait`) until the primary may serve a read.
+    pub fn wait_readable(&self, wait: Duration) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + wait;
+        let mut state = lock(&self.state);
+        loop {
+            let now = Instant::now();
+            if let Some(current) = state.core.fenced_by() {
+                return Err(DeviceError::Fenced {
+                    held: state.core.generation(),
+                    current,
+                });
+            }
+            if state.core.can_read(now) {
+                return Ok(());
+            }
+            if now >= deadline || state.stopped {
+                return Err(DeviceError::Unavailable(
+                    "no read lease from the standby".into(),
+                ));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, POLL.min(deadline - now))
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+
+    fn submit_with(
+        &self,
+        operation: MirrorOperation<'_>,
+        resync: bool,
+    ) -> Result<MirrorTicket, MirrorError> {
+        let operation = match operation {
+            MirrorOperation::Write { first_block, data } => Operation::Write {
+                first_block,
+                data: Bytes::copy_from_slice(data),
+            },
+            MirrorOperation::Unmap {
+                first_block,
+                block_count,
+            } => Operation::Unmap {
+                first_block,
+                block_count,
+            },
+            MirrorOperation::Discard {
+                first_block,
+                block_count,
+            } => Operation::Discard {
+                first_block,
+                block_count,
+            },
+            MirrorOperation::Flush => Operation::Flush,
+        };
+        loop {
+            let result = self.with_core(|core| {
+                let now = Instant::now();
+                if resync {
+                    core.submit_resync(now, operation.clone())
+                } else {
+                    core.submit(now, operation.clone())
+                }
+            });
+            match result {
+                Ok(ticket) => return Ok(ticket),
+                Err(SubmitError::Full) => {
+                    let state = lock(&self.state);
+                    if state.stopped {
+                        return Err(MirrorError("mirror stopped".into()));
+                    }
+                    // Backpressure: wait for acknowledgements to free room.
+                    drop(
+                        self.changed
+                            .wait_timeout(state, POLL)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    );
+                }
+                Err(error) => return Err(MirrorError(error.to_string())),
+            }
+        }
+    }
+}
+
+impl WriteMirror for PrimaryShell {
+    fn submit(
+        &self,
+        _generation: u64,
+        operation: MirrorOperation<'_>,
+    ) -> Result<MirrorTicket, MirrorError> {
+        self.submit_with(operation, false)
+    }
+
+    fn submit_resync(
+        &self,
+        _generation: u64,
+        operation: MirrorOperation<'_>,
+    ) -> Result<MirrorTicket, MirrorError> {
+        self.submit_with(operation, true)
+    }
+
+    fn wait(&self, ticket: Ticket) -> Result<(), MirrorError> {
+        let mut state = lock(&self.state);
+        loop {
+            match state.core.is_complete(ticket) {
+                Ok(true) => return Ok(()),
+                Ok(false) if state.stopped => return Err(MirrorError("mirror stopped".into())),
+                Ok(false) => {}
+                Err(error) => return Err(MirrorError(error.to_string())),
+            }
+            state = self
+                .changed
+                .wait_timeout(state, POLL)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+}
+
+struct StandbyState {
+    core: Standby,
+}
+
+/// The standby's side of a session's mirror: the core and the copy it keeps up to date.
+pub struct StandbyShell {
+    state: Mutex<StandbyState>,
+    volume: Arc<Volume>,
+    peer: u64,
+    link: Arc<dyn MirrorLink>,
+}
+
+impl StandbyShell {
+    /// `restarted`: the session's generation is older than this node's start (see
+    /// [`Standby::new`]).
+    pub fn new(
+        volume_id: VolumeId,
+        generation: u64,
+        restarted: bool,
+        volume: Arc<Volume>,
+        peer: u64,
+        config: MirrorConfig,
+        link: Arc<dyn MirrorLink>,
+    ) -> Arc<StandbyShell> {
+        let core = Standby::new(
+            Instant::now(),
+            volume_id,
+            generation,
+            rand::random(),
+            restarted,
+            config,
+        );
+        Arc::new(StandbyShell {
+            state: Mutex::new(StandbyState { core }),
+            volume,
+            peer,
+            link,
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        lock(&self.state).core.generation()
+    }
+
+    pub fn peer(&self) -> u64 {
+        self.peer
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.volume
+    }
+
+    /// Handles a message from the primary and applies what it calls for, in order. Returns
+    /// the core's events (a storage failure among them).
+    pub fn handle_message(&self, message: Message) -> Vec<StandbyEvent> {
+        let mut state = lock(&self.state);
+        state.core.handle_message(Instant::now(), message);
+        self.run(&mut state)
+    }
+
+    pub fn tick(&self) -> Vec<StandbyEvent> {
+        let mut state = lock(&self.state);
+        state.core.handle_timeout(Instant::now());
+        self.run(&mut state)
+    }
+
+    /// The failover made this node primary: the instant it may serve from.
+    pub fn promote(&self) -> Instant {
+        lock(&self.state).core.promote(Instant::now())
+    }
+
+    fn run(&self, state: &mut StandbyState) -> Vec<StandbyEvent> {
+        while let Some(action) = state.core.poll_action() {
+            match action {
+                StandbyAction::Apply { seq, operation } => {
+                    let generation = state.core.generation();
+                    let result = match &operation {
+                        Operation::Write { first_block, data } => self.volume.apply_mirrored(
+                            generation,
+                            MirrorOperation::Write {
+                                first_block: *first_block,
+                                data,
+                            },
+                        ),
+                        Operation::Unmap {
+                            first_block,
+                            block_count,
+                        } => self.volume.apply_mirrored(
+                            generation,
+                            MirrorOperation::Unmap {
+                                first_block: *first_block,
+                                block_count: *block_count,
+                            },
+                        ),
+                        Operation::Discard {
+                            first_block,
+                            block_count,
+                        } => self.volume.apply_mirrored(
+                            generation,
+                            MirrorOperation::Discard {
+                                first_block: *first_block,
+                                block_count: *block_count,
+                            },
+                        ),
+                        Operation::Flush | Operation::Digest { .. } => Ok(()),
+                    };
+                    state
+                        .core
+                        .handle_applied(seq, result.map_err(|e| e.to_string()));
+                }
+                StandbyAction::Flush { seq } => {
+                    let result = self.volume.flush().map_err(|e| e.to_string());
+                    let ok = result.is_ok();
+                    state.core.handle_applied(seq, result.clone());
+                    if ok {
+                        state.core.handle_flushed(seq, result);
+                    }
+                }
+                StandbyAction::Digest { seq, region } => match self.volume.region_digest(region) {
+                    Ok(digest) => state.core.handle_digest(seq, region, digest),
+                    Err(error) => state.core.handle_applied(seq, Err(error.to_string())),
+                },
+            }
+        }
+        while let Some(message) = state.core.poll_transmit() {
+            self.link.send(self.peer, message);
+        }
+        std::iter::from_fn(|| state.core.poll_event()).collect()
+    }
+}
+
+enum Path {
+    /// The standby's path: I/O waits for a failover.
+    Waiting,
+    Serving {
+        volume: Arc<Volume>,
+        primary: Arc<PrimaryShell>,
+        serve_at: Instant,
+    },
+    Stopped,
+}
+
+/// The LUN a node registers for a session's client: see the module docs.
+pub struct SessionDevice {
+    block_count: u64,
+    unique_id: [u8; 16],
+    path: Mutex<Path>,
+    changed: Condvar,
+}
+
+impl SessionDevice {
+    /// The standby's path: registered, every I/O held until [`SessionDevice::serve`].
+    pub fn waiting(block_count: u64, unique_id: [u8; 16]) -> SessionDevice {
+        SessionDevice {
+            block_count,
+            unique_id,
+            path: Mutex::new(Path::Waiting),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Serves `volume` through `primary` from `serve_at` on (a promoted standby waits out the
+    /// old primary's lease).
+    pub fn serve(&self, volume: Arc<Volume>, primary: Arc<PrimaryShell>, serve_at: Instant) {
+        *lock(&self.path) = Path::Serving {
+            volume,
+            primary,
+            serve_at,
+        };
+        self.changed.notify_all();
+    }
+
+    /// Stops serving for good: held I/O fails at once.
+    pub fn stop(&self) {
+        *lock(&self.path) = Path::Stopped;
+        self.changed.notify_all();
+    }
+
+    pub fn is_serving(&self) -> bool {
+        matches!(*lock(&self.path), Path::Serving { .. })
+    }
+
+    /// The volume and its mirror once serving (waiting for them on the standby's path).
+    fn serving(&self) -> Result<(Arc<Volume>, Arc<PrimaryShell>), DeviceError> {
+        let run = || {
+            let deadline = Instant::now() + STANDBY_WAIT;
+            let mut path = lock(&self.path);
+            loop {
+                let now = Instant::now();
+                match &*path {
+                    Path::Serving {
+                        volume,
+                        primary,
+                        serve_at,
+                    } if now >= *serve_at => return Ok((volume.clone(), primary.clone())),
+                    Path::Stopped => {
+                        return Err(DeviceError::Unavailable("path stopped".into()));
+                    }
+                    _ if now >= deadline => {
+                        return Err(DeviceError::Unavailable(
+                            "this path is the session's standby".into(),
+                        ));
+                    }
+                    Path::Serving { serve_at, .. } => {
+                        let until = (*serve_at).min(deadline);
+                        path = self
+                            .changed
+                            .wait_timeout(path, until - now)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .0;
+                    }
+                    Path::Waiting => {
+                        path = self
+                            .changed
+                            .wait_timeout(path, deadline - now)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .0;
+                    }
+                }
+            }
+        };
+        // Off the async workers if called on one (plain READs run inline).
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(run),
+            _ => run(),
+        }
+    }
+}
+
+impl BlockDevice for SessionDevice {
+    fn block_size_bytes(&self) -> u32 {
+        512
+    }
+
+    fn block_count(&self) -> u64 {
+        self.block_count
+    }
+
+    fn unique_id(&self) -> [u8; 16] {
+        self.unique_id
+    }
+
+    fn read(&self, lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError> {
+        let (volume, primary) = self.serving()?;
+        primary.wait_readable(LEASE_WAIT)?;
+        BlockDevice::read(&*volume, lba, buffer)
+    }
+
+    fn write(&self, lba: u64, data: &[u8], force_unit_access: bool) -> Result<(), DeviceError> {
+        let (volume, _) = self.serving()?;
+        BlockDevice::write(&*volume, lba, data, force_unit_access)
+    }
+
+    fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
+        let (volume, _) = self.serving()?;
+        BlockDevice::unmap(&*volume, lba, blocks)
+    }
+
+    fn flush(&self) -> Result<(), DeviceError> {
+        let (volume, _) = self.serving()?;
+        BlockDevice::flush(&*volume)
+    }
+
+    fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
+        let (volume, primary) = self.serving()?;
+        primary.wait_readable(LEASE_WAIT)?;
+        BlockDevice::mapping_status(&*volume, lba)
+    }
+
+    /// iPXE opens all paths at once and uses the first whose TEST UNIT READY succeeds: holding
+    /// it on the standby lets a live primary win the race, and a dead one's standby take over.
+    fn ready(&self) -> Result<(), DeviceError> {
+        self.serving().map(|_| ())
+    }
+}

@@ -1,0 +1,153 @@
+//! One-way message streams between nodes over the cluster's QUIC connections (mutual TLS, the
+//! same endpoint as Raft): what the data path's mirror uses. Raft's RPCs are request/response;
+//! a mirror stream is a flow of messages each way, acknowledged by messages of the other side.
+//!
+//! Each node opens one unidirectional QUIC stream per peer and sends length-prefixed frames on
+//! it (`u32` little-endian length, then the frame), so the frames of one sender reach the peer
+//! in order. A frame is handed to a per-peer writer task through a bounded queue: a sender
+//! never blocks, and a frame that finds the queue full, or a stream that fails, is dropped.
+//! The mirror protocol retransmits what was not acknowledged, so a loss costs time, not data.
+//! A failed stream is reopened (and the connection redialed) with the next frame.
+//!
+//! The receiving side learns the sender's node id from its certificate (never from the frame):
+//! only a node holding a certificate of the cluster CA can send a frame, and it cannot pass for
+//! another node.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::domain::NodeId;
+use crate::quic::QuicTransport;
+use crate::types::NodeAddress;
+
+/// Largest frame accepted: a mirrored write of 32 MiB with its header, and room to spare.
+pub const STREAM_FRAME_BYTES_MAX: usize = 40 << 20;
+/// Frames queued per peer before new ones are dropped.
+const QUEUE_FRAMES_MAX: usize = 4096;
+
+/// What receives the frames of every peer's stream.
+pub type FrameHandler = Arc<dyn Fn(NodeId, Bytes) + Send + Sync>;
+
+/// Set once by the data path; frames that arrive before are dropped.
+#[derive(Default)]
+pub struct StreamHandler(OnceLock<FrameHandler>);
+
+impl StreamHandler {
+    pub fn set(&self, handler: FrameHandler) {
+        let _ = self.0.set(handler);
+    }
+
+    pub(crate) fn handle(&self, peer: NodeId, frame: Bytes) {
+        if let Some(handler) = self.0.get() {
+            handler(peer, frame);
+        }
+    }
+}
+
+/// The sending side: a writer task and queue per peer.
+#[derive(Clone)]
+pub struct PeerStreams {
+    transport: QuicTransport,
+    writers: Arc<Mutex<HashMap<NodeId, mpsc::Sender<Bytes>>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PeerStreams {
+    pub(crate) fn new(transport: QuicTransport, runtime: tokio::runtime::Handle) -> PeerStreams {
+        PeerStreams {
+            transport,
+            writers: Arc::default(),
+            runtime,
+        }
+    }
+
+    /// Queues `frame` for `peer` at `address`; false if it was dropped (queue full). Never
+    /// blocks: callable from any thread.
+    pub fn send(&self, peer: NodeId, address: &NodeAddress, frame: Bytes) -> bool {
+        let sender = {
+            let mut writers = self
+                .writers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let alive = writers.get(&peer).is_some_and(|s| !s.is_closed());
+            if !alive {
+                let (sender, receiver) = mpsc::channel(QUEUE_FRAMES_MAX);
+                let transport = self.transport.clone();
+                let address = address.clone();
+                self.runtime
+                    .spawn(write_frames(transport, peer, address, receiver));
+                writers.insert(peer, sender);
+            }
+            writers.get(&peer).expect("inserted").clone()
+        };
+        let sent = sender.try_send(frame).is_ok();
+        if !sent {
+            crate::metrics::stream_frame_dropped();
+        }
+        sent
+    }
+}
+
+async fn write_frames(
+    transport: QuicTransport,
+    peer: NodeId,
+    address: NodeAddress,
+    mut frames: mpsc::Receiver<Bytes>,
+) {
+    let mut stream: Option<quinn::SendStream> = None;
+    while let Some(frame) = frames.recv().await {
+        if stream.is_none() {
+            match transport.open_uni(peer, &address).await {
+                Ok(opened) => stream = Some(opened),
+                Err(error) => {
+                    tracing::debug!(peer, %error, "cannot open a stream to the peer; frame dropped");
+                    continue;
+                }
+            }
+        }
+        let Some(send) = stream.as_mut() else {
+            continue;
+        };
+        let prefix = (frame.len() as u32).to_le_bytes();
+        let written = async {
+            send.write_all(&prefix).await?;
+            send.write_all(&frame).await
+        }
+        .await;
+        if let Err(error) = written {
+            tracing::debug!(peer, %error, "stream to the peer failed; reopening with the next frame");
+            stream = None;
+        } else if frames.is_empty() {
+            let _ = send.flush().await;
+        }
+    }
+}
+
+/// Reads frames from one peer's stream until it ends, handing each to `handler`.
+pub(crate) async fn read_frames(
+    mut recv: quinn::RecvStream,
+    peer: NodeId,
+    handler: Arc<StreamHandler>,
+) {
+    loop {
+        let mut prefix = [0u8; 4];
+        if recv.read_exact(&mut prefix).await.is_err() {
+            return;
+        }
+        let length = u32::from_le_bytes(prefix) as usize;
+        if length > STREAM_FRAME_BYTES_MAX {
+            tracing::warn!(peer, length, "stream frame over the limit; stream closed");
+            let _ = recv.stop(1u32.into());
+            return;
+        }
+        let mut body = vec![0u8; length];
+        if recv.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        handler.handle(peer, Bytes::from(body));
+    }
+}
