@@ -32,7 +32,8 @@ async fn mutual_tls_accepts_members_and_refuses_strangers() {
     let foreign_ca = ClusterCa::generate().unwrap();
     let server_endpoint = bind_endpoint(&ca.issue_node_certificate(1).unwrap(), local()).unwrap();
     let server_address = NodeAddress::new(server_endpoint.local_addr().unwrap(), "");
-    let server = serve(server_endpoint.clone(), Arc::new(WhoAmI));
+    let streams = Arc::new(cairn_consensus::streams::StreamHandler::default());
+    let server = serve(server_endpoint.clone(), Arc::new(WhoAmI), streams);
 
     // A member of the cluster is served, and the server knows who it is.
     let member = QuicTransport::new(
