@@ -13,7 +13,7 @@ pub mod chunks;
 pub mod device;
 pub mod image;
 pub mod iscsi;
-pub mod scsi;
 pub mod mirror;
 pub mod replica;
+pub mod scsi;
 pub mod volume;

@@ -186,11 +186,20 @@ pub enum Command {
     // the generation its proposer saw: it is refused if the session moved on since, so of two
     // nodes that each suspect the other, only the first to commit wins.
     /// The session's primary cannot reach its standby: serve alone at generation + 1.
-    DropStandby { mac: Mac, generation: u64 },
+    DropStandby {
+        mac: Mac,
+        generation: u64,
+    },
     /// The session's in-sync standby found its primary silent: promote it at generation + 1.
-    FailOver { mac: Mac, generation: u64 },
+    FailOver {
+        mac: Mac,
+        generation: u64,
+    },
     /// A session without a standby (degraded) gets one, to be resynced, at generation + 1.
-    AssignStandby { mac: Mac, generation: u64 },
+    AssignStandby {
+        mac: Mac,
+        generation: u64,
+    },
     /// The standby's resync completed at this generation.
     MarkStandbyInSync {
         mac: Mac,
