@@ -260,6 +260,28 @@ impl Primary {
     /// blocks it touches still held. The operation is acknowledged once
     /// [`Primary::is_complete`] says so.
     pub fn submit(&mut self, now: Instant, operation: Operation) -> Result<Ticket, SubmitError> {
+        self.enqueue(now, operation, true)
+    }
+
+    /// Submits an operation of a resync's region copy: never refused for space, since what a
+    /// resync has in flight is already bounded by its digest window
+    /// ([`MirrorConfig::resync_digests_in_flight_max`] regions). Call it with the region's
+    /// stripes held, between [`PrimaryEvent::ResyncCompare`] and
+    /// [`Primary::handle_region_compared`].
+    pub fn submit_resync(
+        &mut self,
+        now: Instant,
+        operation: Operation,
+    ) -> Result<Ticket, SubmitError> {
+        self.enqueue(now, operation, false)
+    }
+
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        operation: Operation,
+        bounded: bool,
+    ) -> Result<Ticket, SubmitError> {
         match self.mode {
             Mode::Fenced { current } => Err(SubmitError::Fenced {
                 held: self.generation,
@@ -268,7 +290,8 @@ impl Primary {
             Mode::Alone => Ok(self.take_seq()),
             Mode::Mirrored => {
                 let bytes = operation.payload_bytes() as u64;
-                if self.in_flight_bytes > 0
+                if bounded
+                    && self.in_flight_bytes > 0
                     && self.in_flight_bytes + bytes > self.config.in_flight_bytes_max
                 {
                     return Err(SubmitError::Full);
@@ -286,38 +309,6 @@ impl Primary {
                 Ok(ticket)
             }
         }
-    }
-
-    /// Submits an operation of a resync's region copy: never refused for space, since what a
-    /// resync has in flight is already bounded by its digest window
-    /// ([`MirrorConfig::resync_digests_in_flight_max`] regions). Call it with the region's
-    /// stripes held, between [`PrimaryEvent::ResyncCompare`] and
-    /// [`Primary::handle_region_compared`].
-    pub fn submit_resync(
-        &mut self,
-        now: Instant,
-        operation: Operation,
-    ) -> Result<Ticket, SubmitError> {
-        if let Mode::Fenced { current } = self.mode {
-            return Err(SubmitError::Fenced {
-                held: self.generation,
-                current,
-            });
-        }
-        if self.mode == Mode::Alone {
-            return Ok(self.take_seq());
-        }
-        let bytes = operation.payload_bytes() as u64;
-        if self.applied + 1 == self.next_seq {
-            self.last_progress = now;
-        }
-        let ticket = self.take_seq();
-        self.in_flight_bytes += bytes;
-        self.pending.push_back(Pending {
-            seq: ticket.seq,
-            operation,
-        });
-        Ok(ticket)
     }
 
     fn take_seq(&mut self) -> Ticket {
@@ -740,15 +731,9 @@ impl Primary {
 
     /// Submits an operation of the core's own (never refused for space: it carries no data).
     fn push_internal(&mut self, now: Instant, operation: Operation) -> u64 {
-        if self.applied + 1 == self.next_seq {
-            self.last_progress = now;
-        }
-        let ticket = self.take_seq();
-        self.pending.push_back(Pending {
-            seq: ticket.seq,
-            operation,
-        });
-        ticket.seq
+        // Only called while mirrored (never fenced), so it cannot fail.
+        self.enqueue(now, operation, false)
+            .map_or(self.next_seq - 1, |ticket| ticket.seq)
     }
 
     /// The standby is in sync and recorded so (the resync's completion is committed).
