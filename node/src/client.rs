@@ -12,6 +12,8 @@ use crate::https;
 pub struct ApiClient {
     http: reqwest::Client,
     server: String,
+    /// Tried in turn when `server` refuses the connection; never after a request was sent.
+    other_servers: Vec<String>,
     token: Option<String>,
 }
 
@@ -28,6 +30,12 @@ impl ApiClient {
             Some(path) => CliConfig::load(&path)?,
             None => CliConfig::default(),
         };
+        // An explicit server means that one only; the config's list backs up the config's server.
+        let other_servers = if flags.server.is_some() {
+            Vec::new()
+        } else {
+            file.other_servers
+        };
         let server = flags.server.or(file.server).ok_or_else(|| {
             anyhow!("no server: pass --server https://ip:7400, set CAIRN_SERVER, or run `cairn cluster init` here")
         })?;
@@ -40,8 +48,41 @@ impl ApiClient {
         Ok(ApiClient {
             http: https::client(&ca)?,
             server: server.trim_end_matches('/').to_string(),
+            other_servers: other_servers
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_string())
+                .collect(),
             token,
         })
+    }
+
+    /// Sends the request built by `build` to the server, then to each of the other servers
+    /// while the connection is refused. A connection error means nothing was sent, so even a
+    /// command is safe to send again.
+    async fn send(
+        &self,
+        path: &str,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<(String, reqwest::Response)> {
+        let mut servers = std::iter::once(&self.server).chain(&self.other_servers);
+        let mut last = None;
+        for server in &mut servers {
+            let url = format!("{server}{path}");
+            let mut request = build(&url);
+            if let Some(token) = &self.token {
+                request = request.bearer_auth(token);
+            }
+            match request.send().await {
+                Ok(response) => return Ok((url, response)),
+                Err(error) if error.is_connect() => {
+                    last = Some(anyhow::Error::new(error).context(format!("cannot reach {url}")))
+                }
+                Err(error) => {
+                    return Err(anyhow::Error::new(error).context(format!("cannot reach {url}")))
+                }
+            }
+        }
+        Err(last.expect("at least one server"))
     }
 
     pub async fn request<B: Serialize, T: DeserializeOwned>(
@@ -50,18 +91,15 @@ impl ApiClient {
         path: &str,
         body: Option<&B>,
     ) -> anyhow::Result<T> {
-        let url = format!("{}{}", self.server, path);
-        let mut request = self.http.request(method, &url);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?;
+        let (url, response) = self
+            .send(path, |url| {
+                let request = self.http.request(method.clone(), url);
+                match body {
+                    Some(body) => request.json(body),
+                    None => request,
+                }
+            })
+            .await?;
         let status = response.status();
         let bytes = response.bytes().await?;
         if !status.is_success() {
@@ -78,15 +116,7 @@ impl ApiClient {
     }
 
     pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let url = format!("{}{}", self.server, path);
-        let mut request = self.http.get(&url);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?;
+        let (url, response) = self.send(path, |url| self.http.get(url)).await?;
         let status = response.status();
         let text = response.text().await?;
         if !status.is_success() {

@@ -92,6 +92,7 @@ pub fn cluster_init(args: &InitArgs) -> anyhow::Result<()> {
     config.save(&NodeConfig::path_in(&config.data_dir))?;
     let cli = CliConfig {
         server: Some(config.api_url()),
+        other_servers: Vec::new(),
         token: Some(token.clone()),
         ca_file: Some(files.ca_cert()),
     };
@@ -109,6 +110,31 @@ pub fn cluster_init(args: &InitArgs) -> anyhow::Result<()> {
         "next: cairn node run --data-dir {}",
         config.data_dir.display()
     );
+    Ok(())
+}
+
+/// Adds a joined node to the CLI config of the same cluster (same CA), so that the CLI finds
+/// another node when its own server is down.
+fn remember_in_cli_config(
+    location: &NodeLocation,
+    ca_pem: &str,
+    api_url: &str,
+) -> anyhow::Result<()> {
+    let Some(path) = location.cli_config.clone().or_else(CliConfig::default_path) else {
+        return Ok(());
+    };
+    let mut cli = CliConfig::load(&path)?;
+    let same_cluster = cli
+        .ca_file
+        .as_ref()
+        .and_then(|file| std::fs::read_to_string(file).ok())
+        .is_some_and(|pem| pem.trim() == ca_pem.trim());
+    let known =
+        cli.server.as_deref() == Some(api_url) || cli.other_servers.iter().any(|s| s == api_url);
+    if same_cluster && !known {
+        cli.other_servers.push(api_url.to_string());
+        cli.save(&path)?;
+    }
     Ok(())
 }
 
@@ -166,6 +192,7 @@ pub async fn cluster_join(global: &Global, args: &JoinArgs) -> anyhow::Result<()
         &response.node_key_pem,
     )?;
     config.save(&NodeConfig::path_in(&config.data_dir))?;
+    remember_in_cli_config(&args.node, &response.ca_cert_pem, &config.api_url())?;
     println!(
         "node {} joined as a learner; it becomes a voter once it has caught up",
         config.node_id

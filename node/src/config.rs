@@ -115,6 +115,10 @@ impl NodeConfig {
 pub struct CliConfig {
     /// Admin API base URL, `https://ip:port`.
     pub server: Option<String>,
+    /// The other nodes' API URLs, tried in turn when `server` cannot be reached (a node that is
+    /// down or restarting). `cluster join` run with this config adds the joining node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_servers: Vec<String>,
     pub token: Option<String>,
     /// The cluster CA certificate (PEM file) the API's certificate must chain to.
     pub ca_file: Option<PathBuf>,

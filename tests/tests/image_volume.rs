@@ -77,7 +77,9 @@ fn wait_served(opts: &str, scratch: &Path) -> anyhow::Result<Vec<u8>> {
     loop {
         match read_disk(opts, scratch) {
             Ok(bytes) => return Ok(bytes),
-            Err(error) if Instant::now() > deadline => return Err(error),
+            Err(error) if Instant::now() > deadline => {
+                return Err(error.context(format!("{opts} not served within 60 s")))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(300)),
         }
     }
@@ -110,6 +112,25 @@ fn boot_with_standby(
     Ok((primary, portal(primary).expect("primary node"), standby))
 }
 
+/// Waits until `mac`'s session has a standby whose copy is in sync (promotable); returns it.
+fn wait_in_sync(cluster: &ProcessCluster, mac: &str) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = cluster.cli_json(&["client", "show", mac])?;
+        let session = &shown["session"];
+        if let (Some(standby), "InSync") = (
+            session["standby"].as_u64(),
+            session["standby_copy"].as_str().unwrap_or(""),
+        ) {
+            return Ok(standby);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{mac}'s standby not in sync within 60 s: {session}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn imported_image_is_served_persistent_and_non_persistent() -> anyhow::Result<()> {
     if !slow_tests_enabled("imported_image_is_served_persistent_and_non_persistent")
@@ -126,6 +147,8 @@ fn imported_image_is_served_persistent_and_non_persistent() -> anyhow::Result<()
 }
 
 fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let step = |what: &str| println!("{:>7} ms  {what}", started.elapsed().as_millis());
     let scratch = cluster.dir.path().to_owned();
     // A base image: every 4 KiB block holds its own index, the last MiB is zeros.
     let mut base = vec![0u8; SIZE_BYTES];
@@ -134,6 +157,7 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     }
     let image_file = scratch.join("base.raw");
     std::fs::write(&image_file, &base)?;
+    step("importing the image");
     cluster.cli_ok(&[
         "image",
         "import",
@@ -148,11 +172,15 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     let mac_hex = "525400430001";
     cluster.cli_ok(&["client", "add", mac, "--name", "desk-1"])?;
     cluster.cli_ok(&["assign", "disk", "--client", mac, "--mode", "persistent"])?;
-    let (primary, portal, standby_portal) = boot_with_standby(cluster, mac, "disk")?;
-    let standby_portal = standby_portal
-        .ok_or_else(|| anyhow::anyhow!("a persistent disk on three nodes has a standby"))?;
+    step("booting the persistent client");
+    let (primary, portal, first_standby) = boot_with_standby(cluster, mac, "disk")?;
+    anyhow::ensure!(
+        first_standby.is_some(),
+        "a persistent disk on three nodes has a standby"
+    );
     let initiator = format!("iqn.2026-11.org.cairn:initiator.{mac_hex}");
     let opts = image_opts(&portal, mac_hex, &initiator);
+    step("reading through the primary");
     let read = wait_served(&opts, &scratch.join("read1.raw"))?;
     assert!(
         read == base,
@@ -168,6 +196,7 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
 
     // Write (mirrored to the standby before GOOD), SIGKILL the primary: the standby is
     // promoted and serves every acknowledged write, flushed or not.
+    step("writing through the primary");
     qemu_io(
         &opts,
         &[
@@ -177,7 +206,18 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         ],
     )?;
     qemu_io(&opts, &["write -P 0x3c 65536 4096"])?;
+    // Only an in-sync standby may be promoted: a standby still being filled (here, one whose
+    // node had not yet received the image when the boot began) would leave the disk unserved.
+    step("waiting for the standby to be in sync");
+    let standby = wait_in_sync(cluster, mac)?;
+    let standby_portal = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == standby)
+        .map(|n| format!("{}:3260", n.address))
+        .expect("standby node");
     let log_dir = cluster.dir.path().to_owned();
+    step("killing the primary");
     let killed_at = Instant::now();
     cluster
         .nodes
@@ -200,6 +240,7 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         "acknowledged writes lost in the failover from node {primary}"
     );
     // The new primary takes writes; the old one comes back and catches up as its standby.
+    step("writing through the new primary");
     qemu_io(&standby_opts, &["write -P 0x11 131072 8192", "flush"])?;
     cluster
         .nodes
@@ -207,11 +248,13 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         .find(|n| n.id == primary)
         .expect("primary")
         .start(&log_dir)?;
+    step("old primary restarted");
     expected[131072..131072 + 8192].fill(0x11);
     let read = wait_served(&standby_opts, &scratch.join("read2b.raw"))?;
     assert!(read == expected, "the new primary lost a write");
 
     // A non-persistent client: its write is gone after the next boot.
+    step("non-persistent client");
     let mac2 = "52:54:00:43:00:02";
     let mac2_hex = "525400430002";
     cluster.cli_ok(&["client", "add", mac2, "--name", "desk-2"])?;
@@ -234,6 +277,7 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         &opts2,
         &["write -P 0x77 0 65536", "flush", "read -P 0x77 0 65536"],
     )?;
+    step("rebooting the non-persistent client");
     let (_, portal2) = boot(cluster, mac2, "disk")?;
     let opts2 = image_opts(
         &portal2,
@@ -252,5 +296,6 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    step("done");
     Ok(())
 }
