@@ -164,6 +164,11 @@ impl PrimaryShell {
         lock(&self.state).core.resync_progress(Instant::now())
     }
 
+    /// The last resync that completed, at its completion.
+    pub fn last_resync(&self) -> Option<crate::mirror::ResyncProgress> {
+        lock(&self.state).core.last_resync()
+    }
+
     pub fn is_alone(&self) -> bool {
         lock(&self.state).core.is_alone()
     }

@@ -144,7 +144,13 @@ pub enum ClientCommand {
     List,
     /// Unknown MACs that asked to boot.
     Discovered,
+    /// The client, its session, and each copy of its disk (role, resync progress).
     Show {
+        mac: String,
+    },
+    /// Compares the digests of the primary's and the standby's copies of the client's disk
+    /// (reads every written block on both; meaningful while the client is not writing).
+    Verify {
         mac: String,
     },
     /// Rename a client or move it to another group (`--group ""` takes it out).

@@ -243,7 +243,14 @@ pub async fn cluster_status(global: &Global) -> anyhow::Result<()> {
                 } else {
                     String::new()
                 },
-                format!("{}/{}", n.sessions, n.node.capacity_sessions),
+                if n.degraded_sessions > 0 {
+                    format!(
+                        "{}/{} ({} degraded)",
+                        n.sessions, n.node.capacity_sessions, n.degraded_sessions
+                    )
+                } else {
+                    format!("{}/{}", n.sessions, n.node.capacity_sessions)
+                },
                 n.node.api_address.clone(),
                 n.node.portal_address.clone(),
             ]
@@ -255,7 +262,41 @@ pub async fn cluster_status(global: &Global) -> anyhow::Result<()> {
         ],
         &rows,
     );
+    for copy in &status.resyncs {
+        if let Some(resync) = copy.resync {
+            println!(
+                "resync {} ({}): node {} -> node {}  {}",
+                copy.mac,
+                copy.image,
+                copy.node,
+                copy.peer
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                resync_line(&resync)
+            );
+        }
+    }
     Ok(())
+}
+
+/// Progress of a resync: regions, bytes, rate and time left.
+pub fn resync_line(resync: &crate::api::types::ResyncStatus) -> String {
+    let percent = if resync.regions_total == 0 {
+        100.0
+    } else {
+        resync.regions_done as f64 * 100.0 / resync.regions_total as f64
+    };
+    let eta = resync
+        .eta_ms
+        .map(|ms| format!("{:.0} s left", ms as f64 / 1000.0))
+        .unwrap_or_else(|| "time left unknown".into());
+    format!(
+        "{percent:.1}% ({}/{} regions), {:.1} MiB copied at {:.1} MiB/s, {eta}",
+        resync.regions_done,
+        resync.regions_total,
+        resync.bytes_copied as f64 / (1 << 20) as f64,
+        resync.bytes_per_second as f64 / (1 << 20) as f64,
+    )
 }
 
 fn print_events(global: &Global, events: &[Event]) {
@@ -423,6 +464,40 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
             let mac: cairn_consensus::domain::Mac = mac.parse()?;
             let detail: Value = connect(global)?.get(&format!("/v1/clients/{mac}")).await?;
             json(&detail);
+            Ok(())
+        }
+        Top::Client(ClientCommand::Verify { mac }) => {
+            let mac: cairn_consensus::domain::Mac = mac.parse()?;
+            let report: crate::api::types::CopyVerification = connect(global)?
+                .get(&format!("/v1/clients/{mac}/verify"))
+                .await?;
+            if global.json {
+                json(&report);
+            } else {
+                for copy in &report.copies {
+                    match (&copy.status, &copy.unreachable) {
+                        (Some(status), _) => println!(
+                            "node {} ({:?}, generation {}): digest {} ({} written blocks)",
+                            copy.node,
+                            status.role,
+                            status.generation,
+                            status.digest.as_deref().unwrap_or("-"),
+                            status.written_blocks.unwrap_or(0)
+                        ),
+                        (None, reason) => println!(
+                            "node {}: {}",
+                            copy.node,
+                            reason.as_deref().unwrap_or("no answer")
+                        ),
+                    }
+                }
+            }
+            if !report.equal {
+                bail!("the copies of {mac}'s disk differ or could not all be read");
+            }
+            if !global.json {
+                println!("the copies are equal");
+            }
             Ok(())
         }
         Top::Client(ClientCommand::Update { mac, name, group }) => {

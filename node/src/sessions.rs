@@ -31,7 +31,8 @@ use bytes::Bytes;
 use cairn_blockstore::chunks::ChunkStore;
 use cairn_blockstore::iscsi::{target_name_for_client, Target, TargetConfig};
 use cairn_blockstore::mirror::{
-    Message, MirrorConfig, PrimaryEvent, RefusedReason, StandbyEvent, StandbySync, VolumeId,
+    Message, MirrorConfig, PrimaryEvent, RefusedReason, ResyncProgress, StandbyEvent, StandbySync,
+    VolumeId,
 };
 use cairn_blockstore::replica::{MirrorLink, PrimaryShell, SessionDevice, StandbyShell};
 use cairn_blockstore::volume::{Volume, VolumeOptions, VolumeSpec, WriteMirror};
@@ -40,6 +41,7 @@ use cairn_consensus::domain::{
 };
 use cairn_consensus::ClusterNode;
 
+use crate::api::types::{CopyRole, CopyStatus, ResyncStatus};
 use crate::config::NodeConfig;
 use crate::storage::{initiator_name_for_client, manifest_hash};
 
@@ -522,6 +524,89 @@ impl Sessions {
         tracing::info!(iqn = %old.iqn, "stopped serving volume");
     }
 
+    /// This node's copy of `mac`'s layer, if it serves the session; the volume to take a
+    /// digest of (off the async runtime) with it.
+    pub fn copy_status(&self, mac: &Mac) -> Option<(CopyStatus, Option<Arc<Volume>>)> {
+        let served = lock(&self.served);
+        let entry = served.get(mac)?;
+        let status = |p: ResyncProgress| ResyncStatus {
+            regions_done: p.regions_done,
+            regions_total: p.regions_total,
+            bytes_copied: p.bytes_copied,
+            bytes_per_second: p.bytes_per_second,
+            elapsed_ms: p.elapsed.as_millis() as u64,
+            eta_ms: p.eta.map(|eta| eta.as_millis() as u64),
+        };
+        let (role, peer, degraded, resyncs, volume) = match &entry.shell {
+            Shell::Primary(shell) => {
+                let resyncs = (
+                    shell.resync_progress().map(status),
+                    shell.last_resync().map(status),
+                );
+                let degraded = shell.is_alone() || shell.is_resyncing();
+                (
+                    CopyRole::Primary,
+                    shell.peer(),
+                    degraded,
+                    resyncs,
+                    entry.volume.clone(),
+                )
+            }
+            Shell::Standby(shell) => (
+                CopyRole::Standby,
+                Some(shell.peer()),
+                false,
+                (None, None),
+                Some(shell.volume().clone()),
+            ),
+            Shell::AwaitingFailover => {
+                (CopyRole::AwaitingFailover, None, false, (None, None), None)
+            }
+        };
+        let (resync, last_resync) = resyncs;
+        let status = CopyStatus {
+            node: self.node_id,
+            mac: *mac,
+            image: entry.image.clone(),
+            generation: entry.generation,
+            role,
+            peer,
+            serving: entry.device.is_serving(),
+            degraded,
+            resync,
+            last_resync,
+            digest: None,
+            written_blocks: None,
+        };
+        Some((status, volume))
+    }
+
+    /// The degraded sessions and resyncs this node runs as primary, as metrics.
+    fn set_copy_gauges(&self) {
+        let statuses = self.copy_statuses();
+        let primaries = statuses.iter().filter(|s| s.role == CopyRole::Primary);
+        let degraded = primaries.clone().filter(|s| s.degraded).count();
+        let resyncs: Vec<ResyncStatus> = primaries.filter_map(|s| s.resync).collect();
+        metrics::gauge!("cairn_storage_sessions_degraded").set(degraded as f64);
+        metrics::gauge!("cairn_storage_resyncs").set(resyncs.len() as f64);
+        metrics::gauge!("cairn_storage_resync_regions_left").set(
+            resyncs
+                .iter()
+                .map(|r| r.regions_total.saturating_sub(r.regions_done))
+                .sum::<u64>() as f64,
+        );
+        metrics::gauge!("cairn_storage_resync_bytes_per_second")
+            .set(resyncs.iter().map(|r| r.bytes_per_second).sum::<u64>() as f64);
+    }
+
+    /// [`Sessions::copy_status`] of every session this node serves.
+    pub fn copy_statuses(&self) -> Vec<CopyStatus> {
+        let macs: Vec<Mac> = lock(&self.served).keys().copied().collect();
+        macs.iter()
+            .filter_map(|mac| self.copy_status(mac).map(|(status, _)| status))
+            .collect()
+    }
+
     /// Makes every served volume's layer durable here (at shutdown; the standby holds every
     /// acknowledged write already).
     pub fn flush_all(&self) {
@@ -763,8 +848,13 @@ pub fn start(
     let driver = tokio::spawn(async move {
         let mut interval = tokio::time::interval(TICK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges_at = Instant::now();
         loop {
             interval.tick().await;
+            if gauges_at.elapsed() >= Duration::from_secs(1) {
+                gauges_at = Instant::now();
+                storage.sessions.set_copy_gauges();
+            }
             let work = storage.sessions.tick();
             for item in work {
                 let Work::Compare {

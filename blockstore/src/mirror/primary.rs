@@ -56,7 +56,7 @@ pub enum PrimaryEvent {
 }
 
 /// How far a resync is, for status and metrics.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResyncProgress {
     pub regions_done: u64,
     pub regions_total: u64,
@@ -110,6 +110,8 @@ struct Resync {
     budget_at: Instant,
     final_flush: Option<u64>,
     complete_reported: bool,
+    /// When the final flush became durable.
+    completed_at: Option<Instant>,
 }
 
 /// The primary's side of one session's mirror stream: sans-IO, driven by the shell.
@@ -137,6 +139,7 @@ pub struct Primary {
     next_unreachable_report: Option<Instant>,
     events: VecDeque<PrimaryEvent>,
     resync: Option<Resync>,
+    last_resync: Option<ResyncProgress>,
 }
 
 impl Primary {
@@ -172,6 +175,7 @@ impl Primary {
             next_unreachable_report: None,
             events: VecDeque::new(),
             resync: None,
+            last_resync: None,
         };
         if let Some(sync) = standby {
             primary.start_stream(now, generation, sync);
@@ -250,6 +254,7 @@ impl Primary {
                     budget_at: now,
                     final_flush: None,
                     complete_reported: false,
+                    completed_at: None,
                 })
             }
         };
@@ -638,26 +643,12 @@ impl Primary {
     }
 
     pub fn resync_progress(&self, now: Instant) -> Option<ResyncProgress> {
-        let resync = self.resync.as_ref()?;
-        let elapsed = now.saturating_duration_since(resync.started_at);
-        let seconds = elapsed.as_secs_f64();
-        let bytes_per_second = if seconds > 0.0 {
-            (resync.bytes_copied as f64 / seconds) as u64
-        } else {
-            0
-        };
-        let eta = (resync.regions_done > 0 && seconds > 0.0).then(|| {
-            let per_region = seconds / resync.regions_done as f64;
-            Duration::from_secs_f64(per_region * (resync.region_count - resync.regions_done) as f64)
-        });
-        Some(ResyncProgress {
-            regions_done: resync.regions_done,
-            regions_total: resync.region_count,
-            bytes_copied: resync.bytes_copied,
-            elapsed,
-            bytes_per_second,
-            eta,
-        })
+        self.resync.as_ref().map(|resync| resync.progress(now))
+    }
+
+    /// The last resync that completed (its figures at completion).
+    pub fn last_resync(&self) -> Option<ResyncProgress> {
+        self.last_resync
     }
 
     fn drive_resync(&mut self, now: Instant) {
@@ -723,6 +714,7 @@ impl Primary {
         if let Some(flush) = resync.final_flush {
             if durable >= flush && !resync.complete_reported {
                 resync.complete_reported = true;
+                resync.completed_at = Some(now);
                 self.events
                     .push_back(PrimaryEvent::ResyncComplete { generation });
             }
@@ -743,12 +735,38 @@ impl Primary {
             .as_ref()
             .is_some_and(|resync| resync.complete_reported)
         {
-            self.resync = None;
+            // Complete, so `completed_at` is set and the figures are those at completion.
+            self.last_resync = self.resync.take().map(|r| r.progress(r.started_at));
         }
     }
 
     pub fn is_resyncing(&self) -> bool {
         self.resync.is_some()
+    }
+}
+
+impl Resync {
+    fn progress(&self, now: Instant) -> ResyncProgress {
+        let now = self.completed_at.unwrap_or(now);
+        let elapsed = now.saturating_duration_since(self.started_at);
+        let seconds = elapsed.as_secs_f64();
+        let bytes_per_second = if seconds > 0.0 {
+            (self.bytes_copied as f64 / seconds) as u64
+        } else {
+            0
+        };
+        let eta = (self.regions_done > 0 && seconds > 0.0).then(|| {
+            let per_region = seconds / self.regions_done as f64;
+            Duration::from_secs_f64(per_region * (self.region_count - self.regions_done) as f64)
+        });
+        ResyncProgress {
+            regions_done: self.regions_done,
+            regions_total: self.region_count,
+            bytes_copied: self.bytes_copied,
+            elapsed,
+            bytes_per_second,
+            eta,
+        }
     }
 }
 

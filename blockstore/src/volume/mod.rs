@@ -91,6 +91,14 @@ use crate::image::{ImageError, Manifest, ManifestHash};
 use crate::mirror::REGION_BLOCKS;
 use crate::mirror::{region_blocks, region_differences, BlockDigest, Difference, RegionDigest};
 pub use layer::BlockState;
+
+/// See [`Volume::copy_digest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyDigest {
+    pub hash: [u8; 32],
+    /// Blocks the layer holds data for (written and not unmapped or discarded).
+    pub written_blocks: u64,
+}
 use layer::{BlockMap, Journal, MapFile, Record};
 
 /// Granularity of the writable layer.
@@ -859,6 +867,34 @@ impl Volume {
         let _stripes = self.lock_stripes(first, first + count - 1);
         self.digest_locked(&layer, first, count)
             .map(|blocks| RegionDigest { blocks })
+    }
+
+    /// A digest of this whole copy of the layer (each block's state, and the hash of every
+    /// written block), region by region with each region's stripes held: two copies of a layer
+    /// in sync have the same digest once no write is in flight. `cairn client verify` compares
+    /// the primary's and the standby's.
+    pub fn copy_digest(&self) -> Result<CopyDigest, VolumeError> {
+        let block_count = self.layer().map.block_count();
+        let mut hasher = blake3::Hasher::new();
+        let mut written_blocks = 0u64;
+        let mut region = 0u64;
+        while region.saturating_mul(REGION_BLOCKS) < block_count {
+            for block in self.region_digest(region)?.blocks {
+                match block {
+                    BlockDigest::Base => hasher.update(&[0]),
+                    BlockDigest::Unmapped => hasher.update(&[1]),
+                    BlockDigest::Layer(hash) => {
+                        written_blocks += 1;
+                        hasher.update(&[2]).update(&hash)
+                    }
+                };
+            }
+            region += 1;
+        }
+        Ok(CopyDigest {
+            hash: *hasher.finalize().as_bytes(),
+            written_blocks,
+        })
     }
 
     fn digest_locked(

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use cairn_consensus::domain::{
-    AssignmentTarget, Command, Event, Mac, Name, ReplayBound, State, TimeMs,
+    AssignmentTarget, BootSession, Command, Event, Mac, Name, ReplayBound, State, TimeMs,
 };
 use cairn_consensus::{ClusterCa, ClusterNode, NodeAddress};
 
@@ -82,9 +82,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/events", get(list_events))
         .route("/v1/events/export", get(export_events))
         .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/copies", get(local_copies))
         .route("/v1/sessions/{mac}/serving", get(session_serving))
+        .route("/v1/sessions/{mac}/copy", get(local_copy))
         .route("/v1/leases", get(list_leases))
         .route("/v1/clients/{mac}/boot", post(boot_client))
+        .route("/v1/clients/{mac}/verify", get(verify_client))
         .route("/v1/store/manifests/{hash}", get(store::get_manifest))
         .route("/v1/store/chunks/{hash}", get(store::get_chunk))
         .route(
@@ -304,11 +307,29 @@ async fn cluster_status(
                 }
                 .into(),
                 sessions: sessions.get(&node.node_id).copied().unwrap_or(0),
+                degraded_sessions: s
+                    .boot_sessions
+                    .values()
+                    .filter(|b| b.primary == node.node_id && b.is_degraded())
+                    .count(),
             })
-            .collect();
+            .collect::<Vec<NodeStatus>>();
         (nodes, s.last_seq, s.hash())
     })
     .await?;
+    // The resyncs running, as each node's primaries report them.
+    let asked = nodes.iter().map(|n| {
+        let state = state.clone();
+        let node = n.node.node_id;
+        async move { ask_node::<Vec<CopyStatus>>(&state, node, "/v1/sessions/copies").await }
+    });
+    let resyncs = futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|copy| copy.role == CopyRole::Primary && copy.resync.is_some())
+        .collect();
     Ok(Json(ClusterStatus {
         this_node: state.config.node_id,
         leader: metrics.current_leader,
@@ -318,6 +339,7 @@ async fn cluster_status(
         last_seq,
         state_hash: hash.to_hex(),
         nodes,
+        resyncs,
     }))
 }
 
@@ -533,18 +555,146 @@ async fn show_client(
     Path(mac): Path<String>,
 ) -> Result<Json<ClientDetail>, ApiError> {
     let mac: Mac = parse(&mac)?;
-    read(&state, |s| {
+    let mut detail = read(&state, |s| {
         let client = s.clients.get(&mac)?.clone();
         Some(ClientDetail {
             images: s.client_images(&mac),
             session: s.boot_sessions.get(&mac).cloned(),
             lease: s.leases.values().find(|l| l.mac == mac).cloned(),
             client,
+            copies: Vec::new(),
         })
     })
     .await?
-    .map(Json)
-    .ok_or_else(|| ApiError::not_found(format!("client {mac} not found")))
+    .ok_or_else(|| ApiError::not_found(format!("client {mac} not found")))?;
+    if let Some(session) = &detail.session {
+        detail.copies = ask_copies(&state, session, false).await;
+    }
+    Ok(Json(detail))
+}
+
+/// Asks the session's primary and standby about their copies (with digests if `digest`).
+async fn ask_copies(state: &Shared, session: &BootSession, digest: bool) -> Vec<CopyReport> {
+    let nodes = std::iter::once(session.primary).chain(session.standby);
+    let path = format!(
+        "/v1/sessions/{}/copy?digest={digest}",
+        cairn_bootproto::MacAddr(session.mac.0).to_hyphenated()
+    );
+    let reports = nodes.map(|node| {
+        let (state, path) = (state.clone(), path.clone());
+        async move {
+            match ask_node::<CopyStatus>(&state, node, &path).await {
+                Ok(status) => CopyReport {
+                    node,
+                    status: Some(status),
+                    unreachable: None,
+                },
+                Err(reason) => CopyReport {
+                    node,
+                    status: None,
+                    unreachable: Some(reason),
+                },
+            }
+        }
+    });
+    futures::future::join_all(reports).await
+}
+
+async fn verify_client(
+    AxumState(state): AxumState<Shared>,
+    Path(mac): Path<String>,
+) -> Result<Json<CopyVerification>, ApiError> {
+    let mac: Mac = parse(&mac)?;
+    let session = read(&state, |s| s.boot_sessions.get(&mac).cloned())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("client {mac} has no boot session")))?;
+    let copies = ask_copies(&state, &session, true).await;
+    let digests: Vec<(u64, &str)> = copies
+        .iter()
+        .filter_map(|c| c.status.as_ref())
+        .filter_map(|s| Some((s.generation, s.digest.as_deref()?)))
+        .collect();
+    let equal = digests.len() == 2 && digests[0] == digests[1];
+    Ok(Json(CopyVerification { equal, copies }))
+}
+
+/// How long a node waits for another node's answer about its copies.
+const ASK_NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// GETs `path` from node `node`'s admin API (this node's own router when it is this node), with
+/// the node token; the reason as text when it cannot.
+async fn ask_node<T: serde::de::DeserializeOwned>(
+    state: &Shared,
+    node: u64,
+    path: &str,
+) -> Result<T, String> {
+    let api = state
+        .cluster
+        .local_state(|s| s.nodes.get(&node).map(|n| n.api_address.clone()))
+        .ok_or_else(|| format!("node {node} is not registered"))?;
+    let response = state
+        .http
+        .get(format!("{api}{path}"))
+        .bearer_auth(&state.node_token)
+        .timeout(ASK_NODE_TIMEOUT)
+        .send()
+        .await
+        .map_err(|error| format!("cannot reach node {node}: {error}"))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&body)
+            .map(|e| e.message)
+            .unwrap_or(body);
+        return Err(format!("node {node}: {message} ({})", status.as_u16()));
+    }
+    response
+        .json()
+        .await
+        .map_err(|error| format!("node {node}: unexpected answer: {error}"))
+}
+
+#[derive(Deserialize)]
+struct CopyQuery {
+    /// Also take the copy's digest (reads every written block of the layer).
+    #[serde(default)]
+    digest: bool,
+}
+
+/// This node's copy of the client's layer, if it serves the session (local, not replicated).
+async fn local_copy(
+    AxumState(state): AxumState<Shared>,
+    Path(mac): Path<String>,
+    query: Result<Query<CopyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<CopyStatus>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mac: Mac = parse(&mac)?;
+    let (mut status, volume) = state.storage.sessions.copy_status(&mac).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "node {} holds no copy of {mac}'s session",
+            state.config.node_id
+        ))
+    })?;
+    if query.digest {
+        let volume = volume.ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "node {} has no open copy of {mac}'s layer",
+                state.config.node_id
+            ))
+        })?;
+        let digest = tokio::task::spawn_blocking(move || volume.copy_digest())
+            .await
+            .map_err(|error| ApiError::internal(error.to_string()))?
+            .map_err(|error| ApiError::unavailable(error.to_string()))?;
+        status.digest = Some(blake3::Hash::from(digest.hash).to_hex().to_string());
+        status.written_blocks = Some(digest.written_blocks);
+    }
+    Ok(Json(status))
+}
+
+/// Every copy this node holds (local, not replicated).
+async fn local_copies(AxumState(state): AxumState<Shared>) -> Json<Vec<CopyStatus>> {
+    Json(state.storage.sessions.copy_statuses())
 }
 
 async fn update_client(

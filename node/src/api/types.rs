@@ -32,6 +32,70 @@ pub struct ClientDetail {
     pub images: AssignmentList,
     pub session: Option<BootSession>,
     pub lease: Option<Lease>,
+    /// The session's copies as their nodes report them (primary first); a node that cannot
+    /// be asked appears with `unreachable`.
+    #[serde(default)]
+    pub copies: Vec<CopyReport>,
+}
+
+/// One node's copy of a session's writable layer, from `GET /v1/sessions/{mac}/copy`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CopyStatus {
+    pub node: NodeId,
+    pub mac: Mac,
+    pub image: Name,
+    pub generation: u64,
+    pub role: CopyRole,
+    /// The other copy's node: the standby of a primary, the primary of a standby.
+    pub peer: Option<NodeId>,
+    /// The primary answers the initiator (a promoted standby once the old lease ran out).
+    pub serving: bool,
+    /// A primary whose writes have no second copy: "standby dropped" is committed, or the
+    /// new standby is still being resynced.
+    pub degraded: bool,
+    pub resync: Option<ResyncStatus>,
+    /// The last resync of this primary's standby that completed, at completion.
+    pub last_resync: Option<ResyncStatus>,
+    /// With `?digest=true`: the copy's digest (`Volume::copy_digest`), hex.
+    pub digest: Option<String>,
+    pub written_blocks: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyRole {
+    Primary,
+    Standby,
+    /// A restarted primary that asked for a failover and serves nothing.
+    AwaitingFailover,
+}
+
+/// A primary's resync of its standby.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    pub regions_done: u64,
+    pub regions_total: u64,
+    pub bytes_copied: u64,
+    pub bytes_per_second: u64,
+    pub elapsed_ms: u64,
+    /// Unknown until a rate is known.
+    pub eta_ms: Option<u64>,
+}
+
+/// `GET /v1/clients/{mac}/verify`: the digests of the session's copies.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CopyVerification {
+    /// Two copies answered, at the same generation, with the same digest.
+    pub equal: bool,
+    pub copies: Vec<CopyReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CopyReport {
+    pub node: NodeId,
+    pub status: Option<CopyStatus>,
+    /// Why the node could not be asked, or does not hold the copy.
+    pub unreachable: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,6 +214,9 @@ pub struct NodeStatus {
     /// voter, learner, or none (registered but not in the Raft membership).
     pub raft_role: String,
     pub sessions: usize,
+    /// Sessions this node is primary of with one copy only (no standby, or one being resynced).
+    #[serde(default)]
+    pub degraded_sessions: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -162,6 +229,9 @@ pub struct ClusterStatus {
     pub last_seq: u64,
     pub state_hash: String,
     pub nodes: Vec<NodeStatus>,
+    /// Resyncs of standbys in progress, as the primaries report them.
+    #[serde(default)]
+    pub resyncs: Vec<CopyStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
