@@ -104,6 +104,10 @@ pub struct NodeLocation {
     /// ~/.config/cairn/cli.toml.
     #[arg(long)]
     pub cli_config: Option<PathBuf>,
+    /// Boot sessions this node takes at most (default 100); 0 makes a witness: a voter of
+    /// the cluster that is never primary or standby of a client's disk.
+    #[arg(long)]
+    pub capacity_sessions: Option<u32>,
 }
 
 #[derive(Args, Debug)]

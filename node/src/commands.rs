@@ -50,12 +50,11 @@ fn node_config(location: &NodeLocation) -> anyhow::Result<NodeConfig> {
             data_dir.display()
         );
     }
-    Ok(NodeConfig::new(
-        location.node_id,
-        name,
-        data_dir,
-        location.address,
-    ))
+    let mut config = NodeConfig::new(location.node_id, name, data_dir, location.address);
+    if let Some(capacity) = location.capacity_sessions {
+        config.capacity_sessions = capacity;
+    }
+    Ok(config)
 }
 
 fn save_cli_config(location: &NodeLocation, config: &CliConfig) -> anyhow::Result<PathBuf> {

@@ -30,6 +30,7 @@ pub async fn run(
         address: format!("127.0.0.{id}").parse().expect("loopback address"),
         name: None,
         cli_config: Some(cli_config.clone()),
+        capacity_sessions: None,
     };
 
     let mut nodes: Vec<RunningNode> = Vec::new();

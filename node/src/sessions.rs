@@ -311,6 +311,13 @@ impl Sessions {
         if entry.image != session.image || entry.boot_generation != session.boot_generation {
             return Ok(false);
         }
+        if let Shell::Primary(shell) = &entry.shell {
+            if entry.generation == session.generation && session.standby_copy == StandbyCopy::InSync
+            {
+                // The resync's completion is committed: the standby may be promoted now.
+                shell.handle_resync_recorded();
+            }
+        }
         if entry.generation == session.generation
             && entry.role() == want.role
             && !matches!(entry.shell, Shell::AwaitingFailover)

@@ -2,6 +2,7 @@
 //! `cairn node run` processes, and drive them through the real CLI.
 
 pub mod bench;
+pub mod initiator;
 pub mod pxe;
 
 use std::path::{Path, PathBuf};
@@ -96,6 +97,10 @@ impl NodeProcess {
         }
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|child| child.id())
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -117,6 +122,16 @@ pub struct ProcessCluster {
 impl ProcessCluster {
     /// `cluster init` on node 1, then `cluster join` for the others, all started and voters.
     pub fn start(subnet: u8, size: u64) -> anyhow::Result<ProcessCluster> {
+        ProcessCluster::start_with(subnet, size, |_| None)
+    }
+
+    /// [`ProcessCluster::start`] with each node's `--capacity-sessions` (`None`: the default;
+    /// `Some(0)`: a witness that votes but holds no client disk).
+    pub fn start_with(
+        subnet: u8,
+        size: u64,
+        capacity: impl Fn(u64) -> Option<u32>,
+    ) -> anyhow::Result<ProcessCluster> {
         let dir = tempfile::tempdir()?;
         let cli_config = dir.path().join("cli.toml");
         let mut cluster = ProcessCluster {
@@ -132,17 +147,24 @@ impl ProcessCluster {
                 child: None,
             });
         }
+        let capacity_args = |id: u64| -> Vec<String> {
+            capacity(id)
+                .map(|c| vec!["--capacity-sessions".to_string(), c.to_string()])
+                .unwrap_or_default()
+        };
         let first = &cluster.nodes[0];
-        cluster.cli_ok(&[
-            "cluster",
-            "init",
-            "--node-id",
-            "1",
-            "--address",
-            &first.address.clone(),
-            "--data-dir",
-            first.data_dir.to_str().expect("utf-8 path"),
-        ])?;
+        let mut init = vec![
+            "cluster".to_string(),
+            "init".into(),
+            "--node-id".into(),
+            "1".into(),
+            "--address".into(),
+            first.address.clone(),
+            "--data-dir".into(),
+            first.data_dir.to_str().expect("utf-8 path").into(),
+        ];
+        init.extend(capacity_args(1));
+        cluster.cli_ok(&init.iter().map(String::as_str).collect::<Vec<_>>())?;
         let log_dir = cluster.dir.path().to_owned();
         cluster.nodes[0].start(&log_dir)?;
         cluster.wait_for(Duration::from_secs(30), |status| status["leader"].is_u64())?;
@@ -158,7 +180,7 @@ impl ProcessCluster {
                 node.data_dir.clone(),
             );
             let server = cluster.nodes[0].api_url();
-            cluster.cli_ok(&[
+            let mut join = vec![
                 "cluster",
                 "join",
                 "--server",
@@ -171,7 +193,10 @@ impl ProcessCluster {
                 &address,
                 "--data-dir",
                 data_dir.to_str().expect("utf-8 path"),
-            ])?;
+            ];
+            let extra = capacity_args(index as u64 + 1);
+            join.extend(extra.iter().map(String::as_str));
+            cluster.cli_ok(&join)?;
             cluster.nodes[index].start(&log_dir)?;
         }
         let voters = size as usize;
@@ -223,6 +248,33 @@ impl ProcessCluster {
             );
         }
         Ok(serde_json::from_str(&stdout)?)
+    }
+
+    /// `client show MAC` (its session and copies), at `server` or through the CLI config.
+    pub fn client_show(&self, server: Option<&str>, mac: &str) -> anyhow::Result<Value> {
+        match server {
+            Some(server) => self.cli_json_at(server, &["client", "show", mac]),
+            None => self.cli_json(&["client", "show", mac]),
+        }
+    }
+
+    /// Waits (up to a minute) until `mac`'s session has a standby whose copy is in sync, that
+    /// is, promotable; returns the session.
+    pub fn wait_in_sync(&self, server: Option<&str>, mac: &str) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let shown = self.client_show(server, mac);
+            if let Ok(shown) = &shown {
+                let session = &shown["session"];
+                if session["standby"].is_u64() && session["standby_copy"] == "InSync" {
+                    return Ok(session.clone());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{mac}'s standby not in sync within 60 s: {shown:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Polls `cluster status` on any running node until `done` holds.

@@ -6,84 +6,12 @@
 //! its base again after the next boot. Runs only with `CAIRN_SLOW_TESTS=1`, and
 //! then fails if qemu-io or qemu's iscsi block driver is missing.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cairn_tests::{missing_prerequisite, slow_tests_enabled, ProcessCluster};
+use cairn_tests::initiator::{image_opts, qemu_available, qemu_io, read_disk, wait_served};
+use cairn_tests::{slow_tests_enabled, ProcessCluster};
 
 const SIZE_BYTES: usize = 4 << 20;
-
-fn initiator_available() -> bool {
-    let qemu = Command::new("qemu-io").arg("--version").output().is_ok();
-    let driver = Path::new("/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so").exists();
-    if !(qemu && driver) {
-        missing_prerequisite(
-            "needs qemu-io and qemu's iscsi block driver (qemu-utils, qemu-block-extra)",
-        );
-    }
-    qemu && driver
-}
-
-fn image_opts(portal: &str, mac_hex: &str, initiator: &str) -> String {
-    format!(
-        "driver=raw,file.driver=iscsi,file.transport=tcp,file.portal={portal},file.target=iqn.2026-11.org.cairn:client.{mac_hex},file.lun=0,file.initiator-name={initiator}"
-    )
-}
-
-fn read_disk(opts: &str, out: &Path) -> anyhow::Result<Vec<u8>> {
-    let _ = std::fs::remove_file(out);
-    let status = Command::new("qemu-img")
-        .args([
-            "convert",
-            "--image-opts",
-            opts,
-            "-O",
-            "raw",
-            out.to_str().expect("utf-8"),
-        ])
-        .output()?;
-    if !status.status.success() {
-        anyhow::bail!(
-            "qemu-img convert failed: {}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    }
-    Ok(std::fs::read(out)?)
-}
-
-fn qemu_io(opts: &str, commands: &[&str]) -> anyhow::Result<()> {
-    let mut args = vec!["--image-opts".to_string()];
-    for command in commands {
-        args.push("-c".into());
-        args.push(command.to_string());
-    }
-    args.push(opts.to_string());
-    let output = Command::new("qemu-io").args(&args).output()?;
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
-    if !output.status.success()
-        || text.contains("Pattern verification failed")
-        || text.contains("failed")
-    {
-        anyhow::bail!("qemu-io {commands:?}: {text}");
-    }
-    Ok(())
-}
-
-/// Waits until `opts` can be read (the primary serves the volume).
-fn wait_served(opts: &str, scratch: &Path) -> anyhow::Result<Vec<u8>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match read_disk(opts, scratch) {
-            Ok(bytes) => return Ok(bytes),
-            Err(error) if Instant::now() > deadline => {
-                return Err(error.context(format!("{opts} not served within 60 s")))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(300)),
-        }
-    }
-}
 
 fn boot(cluster: &ProcessCluster, mac: &str, image: &str) -> anyhow::Result<(u64, String)> {
     let (primary, portal, _) = boot_with_standby(cluster, mac, image)?;
@@ -112,29 +40,10 @@ fn boot_with_standby(
     Ok((primary, portal(primary).expect("primary node"), standby))
 }
 
-/// Waits until `mac`'s session has a standby whose copy is in sync (promotable); returns it.
-fn wait_in_sync(cluster: &ProcessCluster, mac: &str) -> anyhow::Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let shown = cluster.cli_json(&["client", "show", mac])?;
-        let session = &shown["session"];
-        if let (Some(standby), "InSync") = (
-            session["standby"].as_u64(),
-            session["standby_copy"].as_str().unwrap_or(""),
-        ) {
-            return Ok(standby);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("{mac}'s standby not in sync within 60 s: {session}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn imported_image_is_served_persistent_and_non_persistent() -> anyhow::Result<()> {
     if !slow_tests_enabled("imported_image_is_served_persistent_and_non_persistent")
-        || !initiator_available()
+        || !qemu_available()
     {
         return Ok(());
     }
@@ -209,7 +118,9 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     // Only an in-sync standby may be promoted: a standby still being filled (here, one whose
     // node had not yet received the image when the boot began) would leave the disk unserved.
     step("waiting for the standby to be in sync");
-    let standby = wait_in_sync(cluster, mac)?;
+    let standby = cluster.wait_in_sync(None, mac)?["standby"]
+        .as_u64()
+        .expect("a standby");
     let standby_portal = cluster
         .nodes
         .iter()
