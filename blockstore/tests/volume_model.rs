@@ -500,7 +500,7 @@ fn a_standby_volume_fed_by_the_mirror_matches_the_primary() {
             .write(
                 sector,
                 &vec![serial; count as usize * SECTOR],
-                serial % 2 == 0,
+                serial.is_multiple_of(2),
             )
             .unwrap();
     }

@@ -2,7 +2,6 @@
 //! process, set up through the same code paths an administrator uses (`cluster init`, join
 //! tokens, `cluster join`, the admin API), with sample data.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -220,7 +219,7 @@ async fn add_samples(client: &ApiClient) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_welcome(base: &std::path::Path, cli_config: &PathBuf, status: &ClusterStatus) {
+fn print_welcome(base: &std::path::Path, cli_config: &std::path::Path, status: &ClusterStatus) {
     println!();
     println!(
         "Cairn demo: three nodes on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (data in {})",

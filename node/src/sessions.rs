@@ -91,6 +91,15 @@ impl Served {
     }
 }
 
+/// One session's shells, taken out of the lock for a tick.
+struct Ticked {
+    mac: Mac,
+    volume_id: VolumeId,
+    volume: Option<Arc<Volume>>,
+    primary: Option<Arc<PrimaryShell>>,
+    standby: Option<Arc<StandbyShell>>,
+}
+
 /// Sends the shells' messages on the cluster's one-way QUIC streams.
 struct QuicLink {
     cluster: ClusterNode,
@@ -736,13 +745,7 @@ impl Sessions {
 
     /// Runs every shell's timers once; returns the work their events call for.
     fn tick(&self) -> Vec<Work> {
-        let shells: Vec<(
-            Mac,
-            VolumeId,
-            Option<Arc<Volume>>,
-            Option<Arc<PrimaryShell>>,
-            Option<Arc<StandbyShell>>,
-        )> = lock(&self.served)
+        let shells: Vec<Ticked> = lock(&self.served)
             .iter()
             .map(|(mac, s)| {
                 let (primary, standby) = match &s.shell {
@@ -750,11 +753,24 @@ impl Sessions {
                     Shell::Standby(shell) => (None, Some(shell.clone())),
                     Shell::AwaitingFailover => (None, None),
                 };
-                (*mac, s.volume_id, s.volume.clone(), primary, standby)
+                Ticked {
+                    mac: *mac,
+                    volume_id: s.volume_id,
+                    volume: s.volume.clone(),
+                    primary,
+                    standby,
+                }
             })
             .collect();
         let mut work = Vec::new();
-        for (mac, volume_id, volume, primary, standby) in shells {
+        for Ticked {
+            mac,
+            volume_id,
+            volume,
+            primary,
+            standby,
+        } in shells
+        {
             if let Some(volume) = &volume {
                 if let Some(failure) = volume.failure() {
                     tracing::error!(client_mac = %mac, %failure, "volume storage failed; the node stops");

@@ -275,7 +275,7 @@ impl ChunkStore {
         if name.is_empty() || name.len() > 255 {
             return Err(ImportError::BadName(name.to_string()));
         }
-        if size_bytes % 512 != 0 {
+        if !size_bytes.is_multiple_of(512) {
             return Err(ImportError::BadSize(size_bytes));
         }
         let chunk_count = chunk_count_for(size_bytes, CHUNK_SIZE_BYTES as u32) as usize;

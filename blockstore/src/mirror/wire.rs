@@ -266,7 +266,7 @@ impl Message {
                         need(&bytes, 12, "write header")?;
                         let first_block = bytes.get_u64_le();
                         let length = bytes.get_u32_le();
-                        let whole = length as u64 % LAYER_BLOCK_SIZE_BYTES == 0;
+                        let whole = (length as u64).is_multiple_of(LAYER_BLOCK_SIZE_BYTES);
                         if length == 0 || !whole || length as usize > OPERATION_BYTES_MAX {
                             return Err(WireError::BadWriteLength(length));
                         }

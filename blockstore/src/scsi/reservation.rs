@@ -5,7 +5,7 @@
 //! offered (REPORT CAPABILITIES says so): state lasts as long as the target process.
 
 use super::sense::{self, Sense};
-use super::{bad_field, be_u, Access, CmdResult, Failure, Nexus};
+use super::{bad_field, be_u, Access, CmdResult, Failure, Lun, Nexus};
 
 pub const WRITE_EXCLUSIVE: u8 = 1;
 pub const EXCLUSIVE_ACCESS: u8 = 3;
@@ -425,5 +425,286 @@ fn unregister(r: &mut Reservations, me: u64, attentions: &mut Vec<(u64, Sense)>)
                 }
             }
         }
+    }
+}
+
+/// The reservation commands as the LUN runs them, under its state lock.
+impl Lun {
+    /// RESERVE (6/10); third-party reservations are not supported.
+    pub(super) fn reserve(&self, nexus: &Nexus, cdb: &[u8]) -> CmdResult {
+        if cdb[0] == 0x56 && cdb[1] & 0x12 != 0 {
+            return Err(bad_field(1));
+        }
+        let mut st = self.lock();
+        if !st.reservations.reserve_spc2(nexus.id) {
+            return Err(Failure::Status(sense::RESERVATION_CONFLICT));
+        }
+        Ok(Vec::new())
+    }
+
+    /// RELEASE (6/10): releases this nexus's SPC-2 reservation, if it holds one.
+    pub(super) fn release(&self, nexus: &Nexus) -> CmdResult {
+        self.lock().reservations.release_spc2(nexus.id);
+        Ok(Vec::new())
+    }
+
+    /// PERSISTENT RESERVE IN: see [`persistent_reserve_in`].
+    pub(super) fn persistent_reserve_in(&self, nexus: &Nexus, cdb: &[u8]) -> CmdResult {
+        let st = self.lock();
+        persistent_reserve_in(&st.reservations, nexus, cdb)
+    }
+
+    /// PERSISTENT RESERVE OUT: see [`persistent_reserve_out`]; the unit attentions it raises are
+    /// queued for the nexuses they are meant for.
+    pub(super) fn persistent_reserve_out(
+        &self,
+        nexus: &Nexus,
+        cdb: &[u8],
+        data_out: &[u8],
+    ) -> CmdResult {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let mut attentions = Vec::new();
+        let r = persistent_reserve_out(&mut st.reservations, nexus, cdb, data_out, &mut attentions);
+        for (id, s) in attentions {
+            st.unit_attentions.entry(id).or_default().push_back(s);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sense;
+    use super::super::testing::*;
+    use super::super::Lun;
+    use super::WRITE_EXCLUSIVE;
+
+    fn persistent_reserve_in(action: u8) -> Vec<u8> {
+        cdb10(0x5e, action, 0, 255)
+    }
+
+    /// PERSISTENT RESERVE OUT with its 24-byte parameter list.
+    fn persistent_reserve_out(
+        action: u8,
+        kind: u8,
+        key: u64,
+        action_key: u64,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let cdb = vec![0x5f, action, kind, 0, 0, 0, 0, 0, 24, 0];
+        let mut parameters = key.to_be_bytes().to_vec();
+        parameters.extend_from_slice(&action_key.to_be_bytes());
+        parameters.extend_from_slice(&[0; 8]);
+        (cdb, parameters)
+    }
+
+    fn read10() -> Vec<u8> {
+        cdb10(0x28, 0, 0, 1)
+    }
+
+    fn write10() -> Vec<u8> {
+        cdb10(0x2a, 0, 0, 1)
+    }
+
+    /// SPC-2 RESERVE (6): another nexus gets RESERVATION CONFLICT for medium access but not for
+    /// INQUIRY; RELEASE (or the holder's nexus going away) frees the unit.
+    #[test]
+    fn reserve_and_release() {
+        let lun = Lun::new(memory());
+        let conflict = status(sense::RESERVATION_CONFLICT);
+        let steps: Vec<NexusRow> = vec![
+            (
+                1,
+                "RESERVE (6)",
+                cdb6(0x16, 0, 0, 0, 0),
+                vec![],
+                good_empty(),
+            ),
+            (
+                1,
+                "RESERVE (6) again by the holder",
+                cdb6(0x16, 0, 0, 0, 0),
+                vec![],
+                good_empty(),
+            ),
+            (
+                2,
+                "READ (10) by another nexus",
+                read10(),
+                vec![],
+                conflict.clone(),
+            ),
+            (
+                2,
+                "INQUIRY by another nexus",
+                cdb6(0x12, 0, 0, 0, 36),
+                vec![],
+                good().len(36),
+            ),
+            (
+                2,
+                "RESERVE (10) by another nexus",
+                cdb10(0x56, 0, 0, 0),
+                vec![],
+                conflict.clone(),
+            ),
+            (
+                1,
+                "READ (10) by the holder",
+                read10(),
+                vec![],
+                good().len(512),
+            ),
+            (
+                2,
+                "RELEASE (6) by another nexus: no effect",
+                cdb6(0x17, 0, 0, 0, 0),
+                vec![],
+                good_empty(),
+            ),
+            (
+                1,
+                "RELEASE (10) by the holder",
+                cdb10(0x57, 0, 0, 0),
+                vec![],
+                good_empty(),
+            ),
+            (
+                2,
+                "READ (10) once released",
+                read10(),
+                vec![],
+                good().len(512),
+            ),
+        ];
+        in_order_by(&lun, &steps);
+        check_as(
+            &lun,
+            2,
+            0,
+            "RESERVE (6) by nexus 2",
+            &cdb6(0x16, 0, 0, 0, 0),
+            &[],
+            &good_empty(),
+        );
+        lun.nexus_lost(&nexus(2));
+        check(
+            &lun,
+            "READ (10) after the holder's nexus is gone",
+            &read10(),
+            &[],
+            &good().len(512),
+        );
+        check(
+            &lun,
+            "RESERVE (10) third-party",
+            &cdb10(0x56, 0x10, 0, 0),
+            &[],
+            &bad_field_at(1),
+        );
+    }
+
+    /// Persistent reservations through the LUN: registration, a WRITE EXCLUSIVE reservation
+    /// that stops other nexuses' writes but not their reads, the keys and reservation reported,
+    /// and CLEAR queueing a unit attention for the other registrant.
+    #[test]
+    fn persistent_reservations() {
+        let lun = Lun::new(memory());
+        let (register, register_1) = persistent_reserve_out(0x00, 0, 0, 0x1111);
+        let (_, register_2) = persistent_reserve_out(0x00, 0, 0, 0x2222);
+        let (reserve, reserve_1) = persistent_reserve_out(0x01, WRITE_EXCLUSIVE, 0x1111, 0);
+        let (release, release_1) = persistent_reserve_out(0x02, WRITE_EXCLUSIVE, 0x1111, 0);
+        let (clear, clear_1) = persistent_reserve_out(0x03, 0, 0x1111, 0);
+        let conflict = status(sense::RESERVATION_CONFLICT);
+        let data = pattern(1, 1);
+        let mut keys = vec![0, 0, 0, 2, 0, 0, 0, 16];
+        keys.extend_from_slice(&0x1111u64.to_be_bytes());
+        keys.extend_from_slice(&0x2222u64.to_be_bytes());
+        let mut reservation = vec![0, 0, 0, 2, 0, 0, 0, 16];
+        reservation.extend_from_slice(&0x1111u64.to_be_bytes());
+        reservation.extend_from_slice(&[0, 0, 0, 0, 0, WRITE_EXCLUSIVE, 0, 0]);
+        let steps: Vec<NexusRow> = vec![
+            (
+                1,
+                "register nexus 1",
+                register.clone(),
+                register_1,
+                good_empty(),
+            ),
+            (
+                2,
+                "register nexus 2",
+                register.clone(),
+                register_2,
+                good_empty(),
+            ),
+            (
+                2,
+                "READ KEYS",
+                persistent_reserve_in(0x00),
+                vec![],
+                good_data(keys),
+            ),
+            (
+                1,
+                "reserve WRITE EXCLUSIVE",
+                reserve.clone(),
+                reserve_1.clone(),
+                good_empty(),
+            ),
+            (
+                2,
+                "READ RESERVATION",
+                persistent_reserve_in(0x01),
+                vec![],
+                good_data(reservation),
+            ),
+            (
+                2,
+                "WRITE by the other nexus",
+                write10(),
+                data.clone(),
+                conflict.clone(),
+            ),
+            (
+                2,
+                "READ by the other nexus",
+                read10(),
+                vec![],
+                good().len(512),
+            ),
+            (
+                1,
+                "WRITE by the holder",
+                write10(),
+                data.clone(),
+                good_empty(),
+            ),
+            (1, "release", release, release_1, good_empty()),
+            (
+                2,
+                "WRITE once released",
+                write10(),
+                data.clone(),
+                good_empty(),
+            ),
+            (1, "reserve again", reserve, reserve_1, good_empty()),
+            (1, "CLEAR", clear, clear_1, good_empty()),
+            (
+                2,
+                "the other registrant learns of it",
+                cdb6(0x00, 0, 0, 0, 0),
+                vec![],
+                check_condition(sense::RESERVATIONS_PREEMPTED),
+            ),
+        ];
+        in_order_by(&lun, &steps);
+        check(
+            &lun,
+            "PERSISTENT RESERVE IN with an unknown service action",
+            &persistent_reserve_in(0x04),
+            &[],
+            &bad_field_at(1),
+        );
     }
 }

@@ -552,7 +552,8 @@ impl Volume {
     }
 
     fn check_range(&self, layer: &LayerState, offset: u64, length: u64) -> Result<(), VolumeError> {
-        let aligned = offset % SECTOR_SIZE_BYTES == 0 && length % SECTOR_SIZE_BYTES == 0;
+        let aligned =
+            offset.is_multiple_of(SECTOR_SIZE_BYTES) && length.is_multiple_of(SECTOR_SIZE_BYTES);
         if !aligned
             || offset
                 .checked_add(length)
@@ -679,8 +680,8 @@ impl Volume {
         let first = offset / LAYER_BLOCK_SIZE_BYTES;
         let last = (offset + data.len() as u64 - 1) / LAYER_BLOCK_SIZE_BYTES;
         let block_offset = first * LAYER_BLOCK_SIZE_BYTES;
-        let aligned =
-            offset % LAYER_BLOCK_SIZE_BYTES == 0 && data.len() as u64 % LAYER_BLOCK_SIZE_BYTES == 0;
+        let aligned = offset.is_multiple_of(LAYER_BLOCK_SIZE_BYTES)
+            && (data.len() as u64).is_multiple_of(LAYER_BLOCK_SIZE_BYTES);
         let merged;
         let whole_blocks: &[u8] = if aligned {
             data
@@ -689,12 +690,12 @@ impl Volume {
             let mut buffer = vec![0u8; ((last - first + 1) * LAYER_BLOCK_SIZE_BYTES) as usize];
             let block = LAYER_BLOCK_SIZE_BYTES as usize;
             let tail_start = buffer.len() - block;
-            if offset % LAYER_BLOCK_SIZE_BYTES != 0 {
+            if !offset.is_multiple_of(LAYER_BLOCK_SIZE_BYTES) {
                 self.read_locked(layer, block_offset, &mut buffer[..block])?;
             }
             let end = offset + data.len() as u64;
-            if end % LAYER_BLOCK_SIZE_BYTES != 0
-                && (last != first || offset % LAYER_BLOCK_SIZE_BYTES == 0)
+            if !end.is_multiple_of(LAYER_BLOCK_SIZE_BYTES)
+                && (last != first || offset.is_multiple_of(LAYER_BLOCK_SIZE_BYTES))
             {
                 self.read_locked(
                     layer,
@@ -802,7 +803,7 @@ impl Volume {
                 let fits = first_block
                     .checked_add(blocks)
                     .is_some_and(|end| end <= layer.map.block_count());
-                if data.is_empty() || data.len() as u64 % block != 0 || !fits {
+                if data.is_empty() || !(data.len() as u64).is_multiple_of(block) || !fits {
                     return Err(VolumeError::OutOfRange {
                         offset: first_block.saturating_mul(block),
                         length: data.len() as u64,
@@ -1246,7 +1247,9 @@ impl Volume {
     fn device_range(&self, lba: u64, length: usize) -> Result<u64, DeviceError> {
         let block_count = BlockDevice::block_count(self);
         let blocks = length as u64 / SECTOR_SIZE_BYTES;
-        if length as u64 % SECTOR_SIZE_BYTES != 0 || lba > block_count || blocks > block_count - lba
+        if !(length as u64).is_multiple_of(SECTOR_SIZE_BYTES)
+            || lba > block_count
+            || blocks > block_count - lba
         {
             return Err(DeviceError::OutOfRange {
                 lba,

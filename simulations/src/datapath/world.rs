@@ -139,13 +139,13 @@ struct Held {
 
 enum Role {
     Primary {
-        core: Primary,
+        core: Box<Primary>,
         peer: Option<NodeId>,
         serve_at: Time,
         held: Vec<Held>,
     },
     Standby {
-        core: Standby,
+        core: Box<Standby>,
         peer: NodeId,
     },
     /// Restarted as the primary of a generation from before its start, with an in-sync
@@ -883,6 +883,9 @@ impl World {
                                 None => core.handle_standby_dropped(generation),
                                 Some(sync) => core.handle_standby_added(now, generation, sync),
                             }
+                        } else if session.standby_copy == StandbyCopy::InSync {
+                            // As the node does: the resync's completion is committed.
+                            core.handle_resync_recorded();
                         }
                         Role::Primary {
                             core,
@@ -900,14 +903,14 @@ impl World {
                             (serve_at - now_us) / MS
                         ));
                         Role::Primary {
-                            core: Primary::new(
+                            core: Box::new(Primary::new(
                                 now,
                                 volume_of(&mac),
                                 generation,
                                 incarnation,
                                 sync,
                                 mirror.clone(),
-                            ),
+                            )),
                             peer: session.standby,
                             serve_at,
                             held: Vec::new(),
@@ -925,14 +928,14 @@ impl World {
                         Role::AwaitingFailover { generation }
                     }
                     _ => Role::Primary {
-                        core: Primary::new(
+                        core: Box::new(Primary::new(
                             now,
                             volume_of(&mac),
                             generation,
                             incarnation,
                             sync,
                             mirror.clone(),
-                        ),
+                        )),
                         peer: session.standby,
                         serve_at: now_us,
                         held: Vec::new(),
@@ -959,14 +962,14 @@ impl World {
                     node.roles.insert(
                         mac,
                         Role::Standby {
-                            core: Standby::new(
+                            core: Box::new(Standby::new(
                                 now,
                                 volume_of(&mac),
                                 generation,
                                 incarnation,
                                 restarted,
                                 mirror.clone(),
-                            ),
+                            )),
                             peer: session.primary,
                         },
                     );
