@@ -301,9 +301,20 @@ impl<S: StateView, T: Transport> RaftService<S, T> {
             time_ms,
             command,
         };
-        self.state
+        if self
+            .state
             .with_state(|state| state.check(&proposal))
-            .map_err(ForwardError::Rejected)?;
+            .is_err()
+        {
+            // This node's state may lag what the cluster committed (a node restarted as the
+            // leader of its old term answers before it learns of a newer one): a rejection is
+            // final only once its leadership is confirmed and everything committed is applied.
+            // Nothing was proposed yet, so "not the leader" here is safe to retry elsewhere.
+            self.read_index().await?;
+            self.state
+                .with_state(|state| state.check(&proposal))
+                .map_err(ForwardError::Rejected)?;
+        }
         // Concurrent proposals share one Raft entry (see `proposer`). Bounded: a leader deposed
         // right after accepting an entry may never answer it; the proposer then answers
         // "outcome unknown" after the timeout.

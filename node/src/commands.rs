@@ -278,6 +278,77 @@ pub async fn cluster_status(global: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `client show`: the client, its session and each copy of its disk.
+fn print_client(detail: &crate::api::types::ClientDetail) {
+    let client = &detail.client;
+    println!(
+        "client {} ({}){}",
+        client.mac,
+        client.name,
+        client
+            .group
+            .as_ref()
+            .map(|g| format!(", group {g}"))
+            .unwrap_or_default()
+    );
+    if let Some(lease) = &detail.lease {
+        println!("address: {}", lease.ip);
+    }
+    let Some(session) = &detail.session else {
+        println!("no boot session");
+        return;
+    };
+    let copy_state = match (session.standby, session.standby_copy) {
+        (None, _) => "degraded: no standby".to_string(),
+        (Some(_), cairn_consensus::domain::StandbyCopy::InSync) => "two copies in sync".into(),
+        (Some(_), state) => format!("degraded: the standby's copy is {state:?}, being resynced"),
+    };
+    println!(
+        "session: image {} version {} ({:?}), generation {}, primary node {}, standby {}: {copy_state}",
+        session.image,
+        session.version,
+        session.mode,
+        session.generation,
+        session.primary,
+        session
+            .standby
+            .map(|s| format!("node {s}"))
+            .unwrap_or_else(|| "none".into()),
+    );
+    for copy in &detail.copies {
+        match (&copy.status, &copy.unreachable) {
+            (Some(status), _) => {
+                let mut line = format!(
+                    "  node {}: {:?} at generation {}{}",
+                    copy.node,
+                    status.role,
+                    status.generation,
+                    if status.serving { ", serving" } else { "" }
+                );
+                if let Some(resync) = &status.resync {
+                    line += &format!(
+                        "; resyncing node {}: {}",
+                        status.peer.unwrap_or(0),
+                        resync_line(resync)
+                    );
+                } else if let Some(last) = &status.last_resync {
+                    line += &format!(
+                        "; last resync {:.1} MiB in {:.1} s",
+                        last.bytes_copied as f64 / (1 << 20) as f64,
+                        last.elapsed_ms as f64 / 1000.0
+                    );
+                }
+                println!("{line}");
+            }
+            (None, reason) => println!(
+                "  node {}: {}",
+                copy.node,
+                reason.as_deref().unwrap_or("no answer")
+            ),
+        }
+    }
+}
+
 /// Progress of a resync: regions, bytes, rate and time left.
 pub fn resync_line(resync: &crate::api::types::ResyncStatus) -> String {
     let percent = if resync.regions_total == 0 {
@@ -462,7 +533,15 @@ pub async fn run_api_command(global: &Global, command: &Top) -> anyhow::Result<(
         Top::Client(ClientCommand::Show { mac }) => {
             let mac: cairn_consensus::domain::Mac = mac.parse()?;
             let detail: Value = connect(global)?.get(&format!("/v1/clients/{mac}")).await?;
-            json(&detail);
+            if global.json {
+                json(&detail);
+                return Ok(());
+            }
+            match serde_json::from_value::<crate::api::types::ClientDetail>(detail.clone()) {
+                Ok(detail) => print_client(&detail),
+                // A newer server's answer this CLI cannot read: show it as it came.
+                Err(_) => json(&detail),
+            }
             Ok(())
         }
         Top::Client(ClientCommand::Verify { mac }) => {

@@ -307,21 +307,6 @@ async fn check_peer_health(cluster: ClusterNode, http: reqwest::Client) {
             failures.clear();
             continue;
         }
-        // Sessions without a standby (one copy) get one as soon as a node can take it; its
-        // copy is then resynced in the background.
-        let degraded: Vec<(cairn_consensus::domain::Mac, u64)> = cluster.local_state(|s| {
-            s.boot_sessions
-                .values()
-                .filter(|session| session.standby.is_none())
-                .map(|session| (session.mac, session.generation))
-                .collect()
-        });
-        for (mac, generation) in degraded {
-            let command = Command::AssignStandby { mac, generation };
-            if let Err(error) = cluster.propose(actor.clone(), command).await {
-                tracing::debug!(client_mac = %mac, %error, "no standby assigned");
-            }
-        }
         let peers: Vec<(u64, String, bool)> = cluster.local_state(|s| {
             s.nodes
                 .values()
@@ -355,6 +340,26 @@ async fn check_peer_health(cluster: ClusterNode, http: reqwest::Client) {
                     Ok(_) => tracing::warn!(node_id, healthy = now_healthy, "node health changed"),
                     Err(error) => tracing::debug!(node_id, %error, "recording node health failed"),
                 }
+            }
+        }
+        // Sessions without a standby (one copy) get one as soon as a node can take it; its
+        // copy is then resynced in the background. Not a node whose last probe failed: it is
+        // likely the one just dropped, and would be dropped again ~0.7 s later.
+        let degraded: Vec<(cairn_consensus::domain::Mac, u64)> = cluster.local_state(|s| {
+            s.boot_sessions
+                .values()
+                .filter(|session| session.standby.is_none())
+                .filter(|session| {
+                    s.pick_standby_for(session)
+                        .is_some_and(|node| failures.get(&node).copied().unwrap_or(0) == 0)
+                })
+                .map(|session| (session.mac, session.generation))
+                .collect()
+        });
+        for (mac, generation) in degraded {
+            let command = Command::AssignStandby { mac, generation };
+            if let Err(error) = cluster.propose(actor.clone(), command).await {
+                tracing::debug!(client_mac = %mac, %error, "no standby assigned");
             }
         }
     }

@@ -121,6 +121,13 @@ fn run(cluster: &mut ProcessCluster) -> anyhow::Result<()> {
     let standby = cluster.wait_in_sync(None, mac)?["standby"]
         .as_u64()
         .expect("a standby");
+    let shown = cluster.cli_ok(&["client", "show", mac])?;
+    assert!(
+        shown.contains("two copies in sync")
+            && shown.contains(&format!("node {primary}: Primary at generation"))
+            && shown.contains(&format!("node {standby}: Standby at generation")),
+        "client show does not tell the copies: {shown}"
+    );
     let standby_portal = cluster
         .nodes
         .iter()

@@ -337,6 +337,18 @@ impl Primary {
         if ticket.generation < self.generation || self.mode == Mode::Alone {
             return Ok(true);
         }
+        if self.resync.as_ref().is_some_and(|resync| {
+            resync
+                .final_flush
+                .is_none_or(|final_flush| ticket.seq < final_flush)
+        }) {
+            // The standby is being resynced and cannot be promoted: the session has one copy
+            // and the primary answers alone, as after "standby dropped" (a client's flush does
+            // not wait behind the resync's data). The operation still goes to the standby
+            // in order, before the resync's final flush, so the standby holds it once the
+            // resync completes; what comes after the final flush waits for the standby again.
+            return Ok(true);
+        }
         let Some(front) = self.pending.front() else {
             return Ok(ticket.seq < self.next_seq);
         };

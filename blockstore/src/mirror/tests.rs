@@ -493,6 +493,39 @@ fn a_fresh_standby_is_resynced_while_writes_go_on() {
     assert!(!pair.primary.is_resyncing());
 }
 
+/// While its standby is resynced (and so cannot be promoted) the primary answers alone: a
+/// client's flush does not wait behind the resync's data. Once the resync's final flush is in
+/// the stream, operations wait for the standby again.
+#[test]
+fn a_resyncing_standby_does_not_hold_the_clients_operations() {
+    let mut pair = Pair::new(StandbySync::Fresh {
+        block_count: BLOCKS,
+    });
+    for block in 0..BLOCKS {
+        pair.local.write(block, 1);
+    }
+    let write_ticket = pair.submit(write(5, 0x77));
+    let flush_ticket = pair.submit(Operation::Flush);
+    // Nothing has reached the standby yet, and both are complete.
+    assert_eq!(pair.primary.is_complete(write_ticket), Ok(true));
+    assert_eq!(pair.primary.is_complete(flush_ticket), Ok(true));
+    for _ in 0..20 {
+        pair.advance(Duration::from_millis(100));
+    }
+    assert!(pair
+        .primary_events
+        .contains(&PrimaryEvent::ResyncComplete { generation: 1 }));
+    assert_eq!(
+        pair.local.blocks, pair.remote.blocks,
+        "the standby holds them"
+    );
+    // After the final flush: the standby again holds each operation before it completes.
+    let after = pair.submit(write(6, 0x78));
+    assert_eq!(pair.primary.is_complete(after), Ok(false));
+    pair.advance(Duration::from_millis(50));
+    assert_eq!(pair.primary.is_complete(after), Ok(true));
+}
+
 #[test]
 fn a_returning_copy_gets_only_what_differs() {
     let mut pair = Pair::new(StandbySync::Compare {

@@ -81,6 +81,15 @@ impl State {
             .or_else(|| candidates.first().copied())
     }
 
+    /// The node `AssignStandby` would pick for `session` now.
+    pub fn pick_standby_for(&self, session: &BootSession) -> Option<NodeId> {
+        self.pick_standby(
+            &session.mac,
+            self.session_copies(session),
+            &[session.primary],
+        )
+    }
+
     fn session_copies(&self, session: &BootSession) -> Option<&LayerCopies> {
         if session.mode != DiskMode::Persistent {
             return None;
