@@ -407,6 +407,9 @@ fn login_retrying(endpoint: &Endpoint, isid: u8, timeout: Duration) -> anyhow::R
 // ---------------------------------------------------------------------------------------------
 // 1. Throughput against tgt.
 
+/// One figure's samples of a target's [`Figures`].
+type Pick = fn(&Figures) -> &Vec<f64>;
+
 #[derive(Default)]
 struct Figures {
     random_write_iops: Vec<f64>,
@@ -518,8 +521,8 @@ fn throughput(
         "after the runs: primary node {}, standby node {} in sync",
         after.primary, after.standby
     );
-    let median_of = |index: usize, pick: fn(&Figures) -> &Vec<f64>| median(pick(&figures[index]));
-    let rows: [(&str, fn(&Figures) -> &Vec<f64>, &str, &str); 4] = [
+    let median_of = |index: usize, pick: Pick| median(pick(&figures[index]));
+    let rows: [(&str, Pick, &str, &str); 4] = [
         (
             "write rand4k",
             |f| &f.random_write_iops,
