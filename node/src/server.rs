@@ -293,11 +293,18 @@ async fn stop_on_fatal_storage_error(cluster: ClusterNode) {
 /// skips it); one good probe marks it healthy again.
 const HEALTH_FAILURES_MAX: u32 = 3;
 const HEALTH_PROBE_INTERVAL_MS: u64 = 1000;
+/// How long the leader waits before it gives a session back the standby it just lost.
+const STANDBY_REASSIGN_BACKOFF: Duration = Duration::from_secs(5);
 
 /// While this node leads: probe every other registered node's `/health` and record changes of
 /// health in the replicated state (`SetNodeHealth`), so that boots are not placed on dead nodes.
 async fn check_peer_health(cluster: ClusterNode, http: reqwest::Client) {
     let mut failures: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    // Each session's last standby, and when this leader first saw the session without it.
+    let mut last_standby: std::collections::BTreeMap<
+        cairn_consensus::domain::Mac,
+        (u64, Option<std::time::Instant>),
+    > = std::collections::BTreeMap::new();
     let mut interval = tokio::time::interval(Duration::from_millis(HEALTH_PROBE_INTERVAL_MS));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let actor = node_actor(cluster.node_id());
@@ -305,6 +312,7 @@ async fn check_peer_health(cluster: ClusterNode, http: reqwest::Client) {
         interval.tick().await;
         if !cluster.is_leader() {
             failures.clear();
+            last_standby.clear();
             continue;
         }
         let peers: Vec<(u64, String, bool)> = cluster.local_state(|s| {
@@ -343,18 +351,34 @@ async fn check_peer_health(cluster: ClusterNode, http: reqwest::Client) {
             }
         }
         // Sessions without a standby (one copy) get one as soon as a node can take it; its
-        // copy is then resynced in the background. Not a node whose last probe failed: it is
-        // likely the one just dropped, and would be dropped again ~0.7 s later.
+        // copy is then resynced in the background. Not a node whose last probe failed, and
+        // not, for a while, the node just dropped as this session's standby: its process may
+        // answer probes while the mirror cannot reach it (a cut link), and giving it back at
+        // once would drop it again ~0.7 s later, over and over.
+        let now = std::time::Instant::now();
         let degraded: Vec<(cairn_consensus::domain::Mac, u64)> = cluster.local_state(|s| {
-            s.boot_sessions
-                .values()
-                .filter(|session| session.standby.is_none())
-                .filter(|session| {
-                    s.pick_standby_for(session)
-                        .is_some_and(|node| failures.get(&node).copied().unwrap_or(0) == 0)
-                })
-                .map(|session| (session.mac, session.generation))
-                .collect()
+            let mut degraded = Vec::new();
+            for session in s.boot_sessions.values() {
+                if let Some(standby) = session.standby {
+                    last_standby.insert(session.mac, (standby, None));
+                    continue;
+                }
+                let dropped = last_standby.get_mut(&session.mac).map(|(node, at)| {
+                    let at = *at.get_or_insert(now);
+                    (*node, at)
+                });
+                let Some(pick) = s.pick_standby_for(session) else {
+                    continue;
+                };
+                let failing = failures.get(&pick).copied().unwrap_or(0) > 0;
+                let just_dropped = dropped.is_some_and(|(node, at)| {
+                    node == pick && now.duration_since(at) < STANDBY_REASSIGN_BACKOFF
+                });
+                if !failing && !just_dropped {
+                    degraded.push((session.mac, session.generation));
+                }
+            }
+            degraded
         });
         for (mac, generation) in degraded {
             let command = Command::AssignStandby { mac, generation };
