@@ -13,8 +13,9 @@
 //! from a `ClusterCa`, the cluster's transport windows), serves it with `quic::serve` (so frames
 //! are read by the crate's own `streams::read_frames`) and dials its peer through a
 //! `QuicTransport`, as a node does: A->B frames travel on the connection A dialed, B->A
-//! acknowledgements on the one B dialed. `PeerStreams::new` is crate-private, so its `send` and
-//! writer task are copied here (`Outgoing`, `write_frames`). The cluster lets a peer open only a
+//! acknowledgements on the one B dialed. `PeerStreams::new` is crate-private, so its `send` (the
+//! per-stream queues) is copied here (`Outgoing`); the writer task is streams.rs's own
+//! `write_frames`. The cluster lets a peer open only a
 //! few one-way streams per connection (probed at start and printed), too few for (b) at 32
 //! sessions: for (b) the server configuration is replaced by the same one (the crate's TLS
 //! configuration, a copy of quic.rs's transport settings) with that limit raised by one stream
@@ -53,11 +54,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use cairn_consensus::domain::NodeId;
 use cairn_consensus::quic::{self, QuicTransport};
 use cairn_consensus::rpc::{RpcHandler, RpcRequest, RpcResponse};
-use cairn_consensus::streams::{StreamHandler, STREAM_FRAME_BYTES_MAX};
+use cairn_consensus::streams::{write_frames, StreamHandler, STREAM_FRAME_BYTES_MAX};
 use cairn_consensus::tls::ALPN_RAFT;
 use cairn_consensus::{ClusterCa, NodeAddress, NodeIdentity};
 use quinn::crypto::rustls::QuicServerConfig;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 /// The primary: runs the sessions, sends their writes.
@@ -516,55 +516,21 @@ impl Outgoing {
             let alive = writers.get(&stream_key).is_some_and(|s| !s.is_closed());
             if !alive {
                 let (sender, receiver) = mpsc::channel(QUEUE_FRAMES_MAX);
+                let lost = self.frames_lost.clone();
                 self.runtime.spawn(write_frames(
                     self.transport.clone(),
                     self.peer,
                     self.address.clone(),
                     receiver,
-                    self.frames_lost.clone(),
+                    move || {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                    },
                 ));
                 writers.insert(stream_key, sender);
             }
             writers.get(&stream_key).expect("inserted").clone()
         };
         sender.try_send(frame).is_ok()
-    }
-}
-
-/// streams.rs `write_frames`, counting the frames it loses.
-async fn write_frames(
-    transport: QuicTransport,
-    peer: NodeId,
-    address: NodeAddress,
-    mut frames: mpsc::Receiver<Bytes>,
-    frames_lost: Arc<AtomicU64>,
-) {
-    let mut stream: Option<quinn::SendStream> = None;
-    while let Some(frame) = frames.recv().await {
-        if stream.is_none() {
-            match transport.open_uni(peer, &address).await {
-                Ok(opened) => stream = Some(opened),
-                Err(_) => {
-                    frames_lost.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            }
-        }
-        let Some(send) = stream.as_mut() else {
-            continue;
-        };
-        let prefix = (frame.len() as u32).to_le_bytes();
-        let written = async {
-            send.write_all(&prefix).await?;
-            send.write_all(&frame).await
-        }
-        .await;
-        if written.is_err() {
-            frames_lost.fetch_add(1, Ordering::Relaxed);
-            stream = None;
-        } else if frames.is_empty() {
-            let _ = send.flush().await;
-        }
     }
 }
 

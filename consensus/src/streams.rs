@@ -79,7 +79,9 @@ impl PeerStreams {
                 let transport = self.transport.clone();
                 let address = address.clone();
                 self.runtime
-                    .spawn(write_frames(transport, peer, address, receiver));
+                    .spawn(write_frames(transport, peer, address, receiver, || {
+                        // Logged by the writer; the metric counts frames refused at the queue.
+                    }));
                 writers.insert(peer, sender);
             }
             writers.get(&peer).expect("inserted").clone()
@@ -92,11 +94,16 @@ impl PeerStreams {
     }
 }
 
-async fn write_frames(
+/// The writer task of one stream: opens a one-way stream to `peer` (again after a failure)
+/// and writes each frame length-prefixed. A frame that cannot be written is dropped and
+/// reported to `dropped` (the mirror retransmits). Public for the benchmarks that compare
+/// stream layouts (`benches/mirror_streams.rs`).
+pub async fn write_frames(
     transport: QuicTransport,
     peer: NodeId,
     address: NodeAddress,
     mut frames: mpsc::Receiver<Bytes>,
+    dropped: impl Fn(),
 ) {
     let mut stream: Option<quinn::SendStream> = None;
     while let Some(frame) = frames.recv().await {
@@ -105,6 +112,7 @@ async fn write_frames(
                 Ok(opened) => stream = Some(opened),
                 Err(error) => {
                     tracing::debug!(peer, %error, "cannot open a stream to the peer; frame dropped");
+                    dropped();
                     continue;
                 }
             }
@@ -120,6 +128,7 @@ async fn write_frames(
         .await;
         if let Err(error) = written {
             tracing::debug!(peer, %error, "stream to the peer failed; reopening with the next frame");
+            dropped();
             stream = None;
         } else if frames.is_empty() {
             let _ = send.flush().await;

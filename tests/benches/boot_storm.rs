@@ -130,7 +130,7 @@ fn storm(
         image_file.to_str().context("utf-8 path")?,
     ])?;
     let import = started.elapsed();
-    wait_replicated(cluster, Duration::from_secs(180))?;
+    cluster.wait_replicated(Duration::from_secs(180))?;
     let replicated = started.elapsed();
     std::fs::remove_file(&image_file)?;
 
@@ -290,28 +290,6 @@ fn storm(
         bail!("no client booted");
     }
     Ok(())
-}
-
-/// Waits until every node but the importer logged that it holds the image version.
-fn wait_replicated(cluster: &ProcessCluster, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let holders = cluster
-            .nodes
-            .iter()
-            .filter(|n| {
-                std::fs::read_to_string(cluster.dir.path().join(format!("node{}.log", n.id)))
-                    .is_ok_and(|log| log.contains("image version replicated"))
-            })
-            .count();
-        if holders + 1 >= cluster.nodes.len() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the image reached only {holders} other nodes within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn boot_one(

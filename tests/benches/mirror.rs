@@ -175,7 +175,7 @@ fn run(cluster: &mut ProcessCluster, settings: &Settings) -> anyhow::Result<()> 
     let tgt_file = scratch.join("tgt.img");
     std::fs::rename(&image_file, &tgt_file)?;
     step("waiting until the other nodes hold the image");
-    wait_replicated(cluster, Duration::from_secs(300))?;
+    cluster.wait_replicated(Duration::from_secs(300))?;
 
     cluster.cli_ok(&["client", "add", MAC, "--name", "mirror-bench"])?;
     cluster.cli_ok(&["assign", IMAGE, "--client", MAC, "--mode", "persistent"])?;
@@ -294,29 +294,6 @@ fn copies_mirrored(shown: &Value, primary: u64, standby: u64) -> bool {
         status(primary).is_some_and(|s| s["role"] == "primary" && s["degraded"] == false);
     let standby_ok = status(standby).is_some_and(|s| s["role"] == "standby");
     primary_ok && standby_ok
-}
-
-/// Waits until every node but the importing one logged that it holds the image (as
-/// `boot_storm` does), so the standby's node can serve its copy from the start.
-fn wait_replicated(cluster: &ProcessCluster, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let holders = cluster
-            .nodes
-            .iter()
-            .filter(|n| {
-                std::fs::read_to_string(cluster.dir.path().join(format!("node{}.log", n.id)))
-                    .is_ok_and(|log| log.contains("image version replicated"))
-            })
-            .count();
-        if holders + 1 >= cluster.nodes.len() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the image reached only {holders} other nodes within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// Wall-clock time of day (UTC), to find an instant in the nodes' logs.

@@ -250,6 +250,29 @@ impl ProcessCluster {
         Ok(serde_json::from_str(&stdout)?)
     }
 
+    /// Waits until every node but the importing one logged that it holds the imported image
+    /// version, so that any node can serve it from the start.
+    pub fn wait_replicated(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let holders = self
+                .nodes
+                .iter()
+                .filter(|n| {
+                    std::fs::read_to_string(self.dir.path().join(format!("node{}.log", n.id)))
+                        .is_ok_and(|log| log.contains("image version replicated"))
+                })
+                .count();
+            if holders + 1 >= self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the image reached only {holders} other nodes within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// `client show MAC` (its session and copies), at `server` or through the CLI config.
     pub fn client_show(&self, server: Option<&str>, mac: &str) -> anyhow::Result<Value> {
         match server {
