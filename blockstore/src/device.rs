@@ -1,5 +1,13 @@
 //! The boundary between the iSCSI target and the storage it serves.
 
+use std::future::Future;
+use std::pin::Pin;
+
+/// What a started write still waits for before it may be acknowledged (a mirrored write: its
+/// standby holding it), resolving to the write's outcome. The iSCSI connection task polls it,
+/// so a write waiting for its standby holds no thread, and one connection has many at once.
+pub type WriteCompletion = Pin<Box<dyn Future<Output = Result<(), DeviceError>> + Send>>;
+
 /// Errors a device reports to the SCSI layer, which turns them into sense data.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -34,6 +42,18 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn read(&self, lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError>;
     /// `force_unit_access`: durable before returning.
     fn write(&self, lba: u64, data: &[u8], force_unit_access: bool) -> Result<(), DeviceError>;
+    /// Starts a write: applies it here and returns what its acknowledgement still waits for
+    /// (`None`: nothing, it is complete). Blocks like `write` may (backpressure, a path that
+    /// does not serve yet), but never for a round trip to another node. Devices without such
+    /// a wait keep this default, `write` itself.
+    fn start_write(
+        &self,
+        lba: u64,
+        data: &[u8],
+        force_unit_access: bool,
+    ) -> Result<Option<WriteCompletion>, DeviceError> {
+        self.write(lba, data, force_unit_access).map(|()| None)
+    }
     /// Blocks read as zeros afterwards.
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError>;
     /// Everything written before is durable when this returns (SYNCHRONIZE CACHE).

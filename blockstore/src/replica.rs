@@ -5,9 +5,13 @@
 //!   [`WriteMirror`]: `submit` queues an operation (waiting while the stream is full), `wait`
 //!   blocks the calling I/O thread until the core says the standby holds it. Messages the core
 //!   produces go out through a [`MirrorLink`] at once.
+//! - [`PrimaryShell`] is also what a started write waits on without a thread
+//!   ([`WriteMirror::completion`]): the iSCSI connection task polls the waits of all its
+//!   writes at once, so 32 writes in flight cost one round trip to the standby, not 32.
 //! - [`StandbyShell`] owns a [`Standby`] core and the standby's copy: messages are handled in
-//!   arrival order, and the core's actions are applied to the copy in that same order, under
-//!   the core's lock.
+//!   arrival order on a blocking-pool thread, in batches (what arrived while the last batch
+//!   was applied), and the core's actions are applied to the copy in that same order, under
+//!   the core's lock; one acknowledgement answers a batch.
 //! - [`SessionDevice`] is the LUN of a session on one node: on the standby it holds I/O (for
 //!   at most [`STANDBY_WAIT`]) until a failover makes this node primary; on the primary it
 //!   serves once the old primary's lease has run out, and reads only within its own lease.
@@ -21,12 +25,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::device::{BlockDevice, DeviceError};
+use crate::device::{BlockDevice, DeviceError, WriteCompletion};
 use crate::mirror::{
     Message, MirrorConfig, Operation, Primary, PrimaryEvent, Standby, StandbyAction, StandbyEvent,
     StandbySync, SubmitError, Ticket, VolumeId,
 };
-use crate::volume::{MirrorError, MirrorOperation, MirrorTicket, Volume, WriteMirror};
+use crate::volume::{
+    MirrorCompletion, MirrorError, MirrorOperation, MirrorTicket, Volume, WriteMirror,
+};
 
 /// How long the standby's path holds a read or write before answering NOT READY (asymmetric
 /// access state transition), so the initiator retries: longer than a failover takes, shorter
@@ -60,7 +66,10 @@ struct PrimaryState {
 /// timer task and the message handler.
 pub struct PrimaryShell {
     state: Mutex<PrimaryState>,
+    /// Wakes the threads blocked in `wait` or `submit` on any change of the core...
     changed: Condvar,
+    /// ...and the futures of [`WriteMirror::completion`].
+    changed_async: tokio::sync::Notify,
     link: Arc<dyn MirrorLink>,
 }
 
@@ -87,6 +96,7 @@ impl PrimaryShell {
                 stopped: false,
             }),
             changed: Condvar::new(),
+            changed_async: tokio::sync::Notify::new(),
             link,
         });
         shell.with_core(|_| ());
@@ -104,13 +114,28 @@ impl PrimaryShell {
         }
         let peer = state.peer;
         drop(state);
-        self.changed.notify_all();
+        self.notify();
         if let Some(peer) = peer {
             for message in out {
                 self.link.send(peer, message);
             }
         }
         result
+    }
+
+    fn notify(&self) {
+        self.changed.notify_all();
+        self.changed_async.notify_waiters();
+    }
+
+    /// Whether `ticket` is complete (`Some(Ok)`), failed (`Some(Err)`), or still waits.
+    fn outcome(state: &PrimaryState, ticket: Ticket) -> Option<Result<(), MirrorError>> {
+        match state.core.is_complete(ticket) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) if state.stopped => Some(Err(MirrorError("mirror stopped".into()))),
+            Ok(false) => None,
+            Err(error) => Some(Err(MirrorError(error.to_string()))),
+        }
     }
 
     pub fn generation(&self) -> u64 {
@@ -121,8 +146,13 @@ impl PrimaryShell {
         lock(&self.state).peer
     }
 
-    pub fn handle_message(&self, message: Message) {
-        self.with_core(|core| core.handle_message(Instant::now(), message));
+    /// Handles a message from the standby; returns whether the core has events for
+    /// [`PrimaryShell::tick`] (the node ticks at once then).
+    pub fn handle_message(&self, message: Message) -> bool {
+        self.with_core(|core| {
+            core.handle_message(Instant::now(), message);
+            core.has_events()
+        })
     }
 
     /// Runs the core's timers; returns its events for the node.
@@ -147,9 +177,13 @@ impl PrimaryShell {
         self.with_core(|core| core.handle_resync_recorded());
     }
 
-    /// A region of the resync compared and submitted.
-    pub fn handle_region_compared(&self, region: u64, bytes_copied: u64) {
-        self.with_core(|core| core.handle_region_compared(Instant::now(), region, bytes_copied));
+    /// A region of the resync compared and submitted; returns whether the core has events
+    /// (the next regions).
+    pub fn handle_region_compared(&self, region: u64, bytes_copied: u64) -> bool {
+        self.with_core(|core| {
+            core.handle_region_compared(Instant::now(), region, bytes_copied);
+            core.has_events()
+        })
     }
 
     /// Fences the core: every waiting and later operation fails. Call before fencing the
@@ -157,7 +191,7 @@ impl PrimaryShell {
     pub fn fence(&self, current: u64) {
         self.with_core(|core| core.handle_fenced(current));
         lock(&self.state).stopped = true;
-        self.changed.notify_all();
+        self.notify();
     }
 
     pub fn resync_progress(&self) -> Option<crate::mirror::ResyncProgress> {
@@ -261,6 +295,21 @@ impl PrimaryShell {
 }
 
 impl WriteMirror for PrimaryShell {
+    fn completion(self: Arc<Self>, ticket: Ticket) -> Option<MirrorCompletion> {
+        Some(Box::pin(async move {
+            loop {
+                // Registered before looking, so a change in between still wakes it.
+                let changed = self.changed_async.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if let Some(outcome) = Self::outcome(&lock(&self.state), ticket) {
+                    return outcome;
+                }
+                changed.await;
+            }
+        }))
+    }
+
     fn submit(
         &self,
         _generation: u64,
@@ -280,11 +329,8 @@ impl WriteMirror for PrimaryShell {
     fn wait(&self, ticket: Ticket) -> Result<(), MirrorError> {
         let mut state = lock(&self.state);
         loop {
-            match state.core.is_complete(ticket) {
-                Ok(true) => return Ok(()),
-                Ok(false) if state.stopped => return Err(MirrorError("mirror stopped".into())),
-                Ok(false) => {}
-                Err(error) => return Err(MirrorError(error.to_string())),
+            if let Some(outcome) = Self::outcome(&state, ticket) {
+                return outcome;
             }
             state = self
                 .changed
@@ -299,9 +345,17 @@ struct StandbyState {
     core: Standby,
 }
 
+/// Messages from the primary not handled yet, and whether a thread is draining them.
+#[derive(Default)]
+struct Inbox {
+    messages: Vec<Message>,
+    draining: bool,
+}
+
 /// The standby's side of a session's mirror: the core and the copy it keeps up to date.
 pub struct StandbyShell {
     state: Mutex<StandbyState>,
+    inbox: Mutex<Inbox>,
     volume: Arc<Volume>,
     peer: u64,
     link: Arc<dyn MirrorLink>,
@@ -329,6 +383,7 @@ impl StandbyShell {
         );
         Arc::new(StandbyShell {
             state: Mutex::new(StandbyState { core }),
+            inbox: Mutex::default(),
             volume,
             peer,
             link,
@@ -347,18 +402,53 @@ impl StandbyShell {
         &self.volume
     }
 
-    /// Handles a message from the primary and applies what it calls for, in order. Returns
-    /// the core's events (a storage failure among them).
-    pub fn handle_message(&self, message: Message) -> Vec<StandbyEvent> {
-        let mut state = lock(&self.state);
-        state.core.handle_message(Instant::now(), message);
-        self.run(&mut state)
+    /// Takes a message from the primary; returns at once. The messages are handled in
+    /// arrival order on a blocking-pool thread (inline without a tokio runtime), in batches:
+    /// whatever arrived while the last batch was applied is applied next and acknowledged
+    /// with one message. The core's events (a storage failure among them) come out of
+    /// [`StandbyShell::tick`].
+    pub fn handle_message(self: &Arc<Self>, message: Message) {
+        let start = {
+            let mut inbox = lock(&self.inbox);
+            inbox.messages.push(message);
+            !std::mem::replace(&mut inbox.draining, true)
+        };
+        if !start {
+            return;
+        }
+        let shell = self.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || shell.drain())),
+            Err(_) => shell.drain(),
+        }
+    }
+
+    /// Handles the inbox until it is empty.
+    fn drain(&self) {
+        loop {
+            let batch = {
+                let mut inbox = lock(&self.inbox);
+                if inbox.messages.is_empty() {
+                    inbox.draining = false;
+                    return;
+                }
+                std::mem::take(&mut inbox.messages)
+            };
+            let mut state = lock(&self.state);
+            for message in batch {
+                state.core.handle_message(Instant::now(), message);
+                self.apply(&mut state);
+            }
+            self.transmit(&mut state);
+        }
     }
 
     pub fn tick(&self) -> Vec<StandbyEvent> {
         let mut state = lock(&self.state);
         state.core.handle_timeout(Instant::now());
-        self.run(&mut state)
+        self.apply(&mut state);
+        self.transmit(&mut state);
+        std::iter::from_fn(|| state.core.poll_event()).collect()
     }
 
     /// The failover made this node primary: the instant it may serve from.
@@ -366,7 +456,8 @@ impl StandbyShell {
         lock(&self.state).core.promote(Instant::now())
     }
 
-    fn run(&self, state: &mut StandbyState) -> Vec<StandbyEvent> {
+    /// Applies to the copy what the core asks for, in order.
+    fn apply(&self, state: &mut StandbyState) {
         while let Some(action) = state.core.poll_action() {
             match action {
                 StandbyAction::Apply { seq, operation } => {
@@ -419,10 +510,12 @@ impl StandbyShell {
                 },
             }
         }
+    }
+
+    fn transmit(&self, state: &mut StandbyState) {
         while let Some(message) = state.core.poll_transmit() {
             self.link.send(self.peer, message);
         }
-        std::iter::from_fn(|| state.core.poll_event()).collect()
     }
 }
 
@@ -548,6 +641,16 @@ impl BlockDevice for SessionDevice {
         BlockDevice::write(&*volume, lba, data, force_unit_access)
     }
 
+    fn start_write(
+        &self,
+        lba: u64,
+        data: &[u8],
+        force_unit_access: bool,
+    ) -> Result<Option<WriteCompletion>, DeviceError> {
+        let (volume, _) = self.serving()?;
+        BlockDevice::start_write(&*volume, lba, data, force_unit_access)
+    }
+
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
         let (volume, _) = self.serving()?;
         BlockDevice::unmap(&*volume, lba, blocks)
@@ -568,5 +671,79 @@ impl BlockDevice for SessionDevice {
     /// it on the standby lets a live primary win the race, and a dead one's standby take over.
     fn ready(&self) -> Result<(), DeviceError> {
         self.serving().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the primary's shell sent, and to whom.
+    #[derive(Default)]
+    struct Outbox(Mutex<Vec<(u64, Message)>>);
+
+    impl MirrorLink for Outbox {
+        fn send(&self, peer: u64, message: Message) {
+            lock(&self.0).push((peer, message));
+        }
+    }
+
+    const VOLUME: VolumeId = VolumeId([3; 16]);
+
+    fn ack(applied: u64) -> Message {
+        Message::Ack {
+            volume: VOLUME,
+            generation: 1,
+            incarnation: 7,
+            applied,
+            durable: 0,
+            stamp: 0,
+            lease_ms: 900,
+        }
+    }
+
+    /// A write's acknowledgement waits on a future, not a thread: it resolves when the standby
+    /// acknowledges that write (not before, not for a later one), and fails once the mirror is
+    /// fenced, so nothing is acknowledged at the old generation after a failover.
+    #[tokio::test]
+    async fn a_writes_wait_resolves_with_its_standby_and_fails_once_fenced() {
+        let outbox = Arc::new(Outbox::default());
+        let shell = PrimaryShell::new(
+            VOLUME,
+            1,
+            Some((2, StandbySync::InSync)),
+            MirrorConfig::default(),
+            outbox.clone(),
+        );
+        let write = |block: u64| {
+            let data = [block as u8; 4096];
+            let operation = MirrorOperation::Write {
+                first_block: block,
+                data: &data,
+            };
+            shell.submit(1, operation).expect("room")
+        };
+        let (first, second) = (write(0), write(1));
+        let sent: Vec<u64> = lock(&outbox.0)
+            .iter()
+            .filter_map(|(peer, message)| match message {
+                Message::Operation { seq, .. } => Some(*peer * 100 + *seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, [201, 202], "both writes went to node 2 at once");
+        let mut first_done = shell.clone().completion(first).expect("a future");
+        let mut second_done = shell.clone().completion(second).expect("a future");
+        assert!(futures::poll!(&mut first_done).is_pending());
+        assert!(!shell.handle_message(ack(1)));
+        assert_eq!(first_done.await.map_err(|e| e.0), Ok(()));
+        assert!(futures::poll!(&mut second_done).is_pending());
+        shell.fence(2);
+        assert!(
+            second_done.await.is_err(),
+            "fenced before the standby held it"
+        );
+        let third = shell.clone().completion(second).expect("a future");
+        assert!(third.await.is_err());
     }
 }

@@ -54,7 +54,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use cairn_consensus::domain::NodeId;
 use cairn_consensus::quic::{self, QuicTransport};
 use cairn_consensus::rpc::{RpcHandler, RpcRequest, RpcResponse};
-use cairn_consensus::streams::{write_frames, StreamHandler, STREAM_FRAME_BYTES_MAX};
+use cairn_consensus::streams::{write_frames, Frame, StreamHandler, STREAM_FRAME_BYTES_MAX};
 use cairn_consensus::tls::ALPN_RAFT;
 use cairn_consensus::{ClusterCa, NodeAddress, NodeIdentity};
 use quinn::crypto::rustls::QuicServerConfig;
@@ -484,7 +484,7 @@ struct Outgoing {
     peer: NodeId,
     address: NodeAddress,
     runtime: tokio::runtime::Handle,
-    writers: Mutex<HashMap<u64, mpsc::Sender<Bytes>>>,
+    writers: Mutex<HashMap<u64, mpsc::Sender<Frame>>>,
     /// Frames a writer lost (stream failed to open or to write): each stalls a session.
     frames_lost: Arc<AtomicU64>,
 }
@@ -530,7 +530,7 @@ impl Outgoing {
             }
             writers.get(&stream_key).expect("inserted").clone()
         };
-        sender.try_send(frame).is_ok()
+        sender.try_send(frame.into()).is_ok()
     }
 }
 

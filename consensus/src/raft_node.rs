@@ -230,7 +230,7 @@ impl ClusterNode {
 
     /// Sends `frame` on this node's one-way stream to `peer` (see `streams`); false if the
     /// peer is unknown or the frame was dropped.
-    pub fn send_to_peer(&self, peer: NodeId, frame: bytes::Bytes) -> bool {
+    pub fn send_to_peer(&self, peer: NodeId, frame: crate::streams::Frame) -> bool {
         let address = self.local_state(|state| {
             state.nodes.get(&peer).map(|node| NodeAddress {
                 raft: node.raft_address.clone(),

@@ -29,6 +29,34 @@ pub const STREAM_FRAME_BYTES_MAX: usize = 40 << 20;
 /// Frames queued per peer before new ones are dropped.
 const QUEUE_FRAMES_MAX: usize = 4096;
 
+/// A frame to send: its head and its body, written one after the other without being copied
+/// into one buffer (a mirrored write's body is the write's data, shared with the retransmit
+/// queue). Received, it is one piece again.
+#[derive(Clone, Debug, Default)]
+pub struct Frame {
+    pub head: Bytes,
+    pub body: Bytes,
+}
+
+impl Frame {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Bytes> for Frame {
+    fn from(head: Bytes) -> Frame {
+        Frame {
+            head,
+            body: Bytes::new(),
+        }
+    }
+}
+
 /// What receives the frames of every peer's stream.
 pub type FrameHandler = Arc<dyn Fn(NodeId, Bytes) + Send + Sync>;
 
@@ -52,7 +80,7 @@ impl StreamHandler {
 #[derive(Clone)]
 pub struct PeerStreams {
     transport: QuicTransport,
-    writers: Arc<Mutex<HashMap<NodeId, mpsc::Sender<Bytes>>>>,
+    writers: Arc<Mutex<HashMap<NodeId, mpsc::Sender<Frame>>>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -67,7 +95,7 @@ impl PeerStreams {
 
     /// Queues `frame` for `peer` at `address`; false if it was dropped (queue full). Never
     /// blocks: callable from any thread.
-    pub fn send(&self, peer: NodeId, address: &NodeAddress, frame: Bytes) -> bool {
+    pub fn send(&self, peer: NodeId, address: &NodeAddress, frame: Frame) -> bool {
         let sender = {
             let mut writers = self
                 .writers
@@ -102,7 +130,7 @@ pub async fn write_frames(
     transport: QuicTransport,
     peer: NodeId,
     address: NodeAddress,
-    mut frames: mpsc::Receiver<Bytes>,
+    mut frames: mpsc::Receiver<Frame>,
     dropped: impl Fn(),
 ) {
     let mut stream: Option<quinn::SendStream> = None;
@@ -120,12 +148,9 @@ pub async fn write_frames(
         let Some(send) = stream.as_mut() else {
             continue;
         };
-        let prefix = (frame.len() as u32).to_le_bytes();
-        let written = async {
-            send.write_all(&prefix).await?;
-            send.write_all(&frame).await
-        }
-        .await;
+        let prefix = Bytes::copy_from_slice(&(frame.len() as u32).to_le_bytes());
+        let mut pieces = [prefix, frame.head, frame.body];
+        let written = send.write_all_chunks(&mut pieces).await;
         if let Err(error) = written {
             tracing::debug!(peer, %error, "stream to the peer failed; reopening with the next frame");
             dropped();
@@ -153,10 +178,28 @@ pub(crate) async fn read_frames(
             let _ = recv.stop(1u32.into());
             return;
         }
-        let mut body = vec![0u8; length];
-        if recv.read_exact(&mut body).await.is_err() {
-            return;
+        // The frame as quinn received it, in one piece (one copy when it spans several
+        // chunks, none when it does not).
+        if length == 0 {
+            handler.handle(peer, Bytes::new());
+            continue;
         }
-        handler.handle(peer, Bytes::from(body));
+        let first = match recv.read_chunk(length, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) | Err(_) => return,
+        };
+        if first.len() == length {
+            handler.handle(peer, first);
+            continue;
+        }
+        let mut body = bytes::BytesMut::with_capacity(length);
+        body.extend_from_slice(&first);
+        while body.len() < length {
+            match recv.read_chunk(length - body.len(), true).await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+                Ok(None) | Err(_) => return,
+            }
+        }
+        handler.handle(peer, body.freeze());
     }
 }

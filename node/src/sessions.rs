@@ -107,7 +107,9 @@ struct QuicLink {
 
 impl MirrorLink for QuicLink {
     fn send(&self, peer: u64, message: Message) {
-        self.cluster.send_to_peer(peer, message.encode());
+        let (head, body) = message.encode_parts();
+        self.cluster
+            .send_to_peer(peer, cairn_consensus::streams::Frame { head, body });
     }
 }
 
@@ -128,6 +130,9 @@ pub struct Sessions {
     mirror: MirrorConfig,
     proposals: tokio::sync::mpsc::UnboundedSender<Command>,
     proposals_out: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Command>>>,
+    /// Wakes the driver before its next tick: a primary core has events (a resync's next
+    /// regions to compare), which would otherwise wait up to a tick.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -169,6 +174,7 @@ impl Sessions {
             mirror: MirrorConfig::default(),
             proposals,
             proposals_out: Mutex::new(Some(proposals_out)),
+            wake: Arc::default(),
         }
     }
 
@@ -695,12 +701,13 @@ impl Sessions {
             }
         };
         match route {
-            Route::Primary(shell) => shell.handle_message(message),
-            Route::Standby(shell) => {
-                // Applying may write and sync the copy: off the async workers.
-                let events = tokio::task::block_in_place(|| shell.handle_message(message));
-                self.handle_standby_events(&shell, volume, events);
+            Route::Primary(shell) => {
+                if shell.handle_message(message) {
+                    self.wake.notify_one();
+                }
             }
+            // Applied on a blocking-pool thread, in order; its events come out of the tick.
+            Route::Standby(shell) => shell.handle_message(message),
             Route::Refuse(current, reason) => {
                 let refusal = Message::Refused {
                     volume,
@@ -872,8 +879,12 @@ pub fn start(
         let mut interval = tokio::time::interval(TICK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges_at = Instant::now();
+        let wake = storage.sessions.wake.clone();
         loop {
-            interval.tick().await;
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = wake.notified() => {}
+            }
             if gauges_at.elapsed() >= Duration::from_secs(1) {
                 gauges_at = Instant::now();
                 storage.sessions.set_copy_gauges();
@@ -886,11 +897,14 @@ pub fn start(
                     region,
                     standby,
                 } = item;
+                let wake = wake.clone();
                 tokio::task::spawn_blocking(move || {
                     match volume.resync_region(region, &standby) {
                         Ok(bytes) => {
                             metrics::counter!("cairn_storage_resync_bytes_total").increment(bytes);
-                            primary.handle_region_compared(region, bytes);
+                            if primary.handle_region_compared(region, bytes) {
+                                wake.notify_one();
+                            }
                         }
                         // A fenced or failed volume: the session moves on without this copy.
                         Err(error) => tracing::warn!(region, %error, "resync region failed"),

@@ -45,8 +45,10 @@ use super::connection::{Command, Connection, Event, PortalInfo};
 use super::read_pool::{self, ReadJob, ReadPool};
 use super::target::{Registry, RegistryError, SessionRecord, TargetConfig};
 use super::wire::Pdu;
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, WriteCompletion};
 use crate::scsi::ScsiResult;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 
 /// Socket read size; also bounds how much unframed input one connection holds at a time
 /// (plus one PDU).
@@ -254,9 +256,18 @@ impl Target {
         // The streamed READ in progress: its task tag and its pieces, read by a blocking-pool
         // thread at most `STREAM_PIECES_MAX` ahead of the socket.
         let mut stream: Option<(u32, tokio::sync::mpsc::Receiver<Piece>)> = None;
+        // Plain WRITEs applied and waiting for their standby (see the module doc), any number
+        // at once: they complete in the order their waits resolve.
+        let mut writes_out: FuturesUnordered<WriteOut> = FuturesUnordered::new();
         let result = loop {
             tokio::select! {
                 biased;
+                Some((itt, result)) = writes_out.next(), if !writes_out.is_empty() => {
+                    conn.handle_command_complete(itt, result);
+                    while let Some(Some((itt, result))) = writes_out.next().now_or_never() {
+                        conn.handle_command_complete(itt, result);
+                    }
+                }
                 Some(results) = done.recv(), if reads_out.count > 0 => {
                     let mut results = Some(results);
                     while let Some(finished) = results.take().or_else(|| done.try_recv().ok()) {
@@ -310,9 +321,16 @@ impl Target {
             loop {
                 let runnable = match conn.peek_event() {
                     None => break,
-                    Some(Event::Execute(next)) if !self.inline_io && is_pooled_read(next) => true,
-                    // A barrier: waits for the READs out before it.
-                    Some(_) => reads_out.count == 0,
+                    // READs overtake no WRITE, and WRITEs no READ; WRITEs run together, as do
+                    // READs.
+                    Some(Event::Execute(next)) if !self.inline_io && is_pooled_read(next) => {
+                        writes_out.is_empty()
+                    }
+                    Some(Event::Execute(next)) if !self.inline_io && is_plain_write(next) => {
+                        reads_out.count == 0
+                    }
+                    // A barrier: waits for the READs and WRITEs out before it.
+                    Some(_) => reads_out.count == 0 && writes_out.is_empty(),
                 };
                 if !runnable {
                     break;
@@ -355,6 +373,28 @@ impl Target {
                             let mut buffer = pool.take();
                             let result = read_pool::read_command(&command, &mut buffer);
                             conn.handle_command_complete(command.itt, result);
+                        }
+                    }
+                    Event::Execute(command) if !self.inline_io && is_plain_write(&command) => {
+                        // A run of WRITEs is applied in order on the blocking pool in one
+                        // hand-off; what each still waits for (its standby) is polled here.
+                        let mut run = vec![command];
+                        while matches!(conn.peek_event(), Some(Event::Execute(next)) if is_plain_write(next))
+                        {
+                            if let Some(Event::Execute(next)) = conn.poll_event() {
+                                run.push(next);
+                            }
+                        }
+                        for (itt, started) in start_writes(run).await {
+                            match started {
+                                Ok(Some(completion)) => writes_out.push(Box::pin(async move {
+                                    (itt, crate::scsi::Lun::write_outcome(completion.await))
+                                })),
+                                Ok(None) => {
+                                    conn.handle_command_complete(itt, ScsiResult::good(Vec::new()))
+                                }
+                                Err(result) => conn.handle_command_complete(itt, result),
+                            }
                         }
                     }
                     Event::Execute(command) if is_streamed_read(&command) => {
@@ -675,6 +715,47 @@ async fn write_pieces(
 /// doc), never on the blocking pool.
 fn is_plain_read(command: &Command) -> bool {
     command.lun == 0 && matches!(command.cdb.first(), Some(0x28 | 0x88 | 0xa8))
+}
+
+/// A WRITE(10/12/16) of LUN 0: started on the blocking pool, its wait polled by the connection
+/// task (see the module doc).
+fn is_plain_write(command: &Command) -> bool {
+    command.lun == 0 && matches!(command.cdb.first(), Some(0x2a | 0xaa | 0x8a))
+}
+
+/// A started WRITE's wait, resolving to its task tag and outcome.
+type WriteOut = std::pin::Pin<Box<dyn std::future::Future<Output = (u32, ScsiResult)> + Send>>;
+
+/// Starts WRITEs in order on the blocking pool ([`crate::scsi::Lun::start_write`]): (task
+/// tag, what each still waits for, or its outcome).
+async fn start_writes(
+    run: Vec<Command>,
+) -> Vec<(u32, Result<Option<WriteCompletion>, ScsiResult>)> {
+    let itts: Vec<u32> = run.iter().map(|c| c.itt).collect();
+    tokio::task::spawn_blocking(move || {
+        run.into_iter()
+            .map(|c| {
+                let started = c
+                    .target
+                    .lun
+                    .start_write(&c.nexus, c.lun, &c.cdb, &c.data_out);
+                (c.itt, started)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_else(|_| {
+        itts.into_iter()
+            .map(|itt| {
+                (
+                    itt,
+                    Err(ScsiResult::check(
+                        crate::scsi::sense::INTERNAL_TARGET_FAILURE,
+                    )),
+                )
+            })
+            .collect()
+    })
 }
 
 /// Runs commands in order and returns (task tag, result) for each. Plain READs (here only with

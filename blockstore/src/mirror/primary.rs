@@ -269,8 +269,9 @@ impl Primary {
     }
 
     /// Submits an operation of a resync's region copy: never refused for space, since what a
-    /// resync has in flight is already bounded by its digest window
-    /// ([`MirrorConfig::resync_digests_in_flight_max`] regions). Call it with the region's
+    /// resync has in flight is already bounded: regions are handed out only while less than
+    /// half of [`MirrorConfig::in_flight_bytes_max`] is in flight, at most
+    /// [`MirrorConfig::resync_digests_in_flight_max`] at once. Call it with the region's
     /// stripes held, between [`PrimaryEvent::ResyncCompare`] and
     /// [`Primary::handle_region_compared`].
     pub fn submit_resync(
@@ -630,6 +631,12 @@ impl Primary {
         None
     }
 
+    /// Whether [`Primary::poll_event`] has something: a shell that polls events on a timer
+    /// can poll at once instead (a resync's next regions wait for it).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     pub fn poll_event(&mut self) -> Option<PrimaryEvent> {
         self.events.pop_front()
     }
@@ -685,10 +692,23 @@ impl Primary {
             requests.push(region);
         }
         let window = self.config.resync_digests_in_flight_max;
-        while resync.next_region < resync.region_count
-            && resync.requested.len() + resync.comparing + requests.len() < window
-            && now >= resync.budget_at
-        {
+        // The copy's data is submitted unbounded (under a region's stripes, it cannot wait),
+        // so a region is handed out only while the stream has room for it: half of what the
+        // stream may hold, counting a whole region for each one handed out and not compared
+        // yet; the other half stays for the client's writes. Acknowledgements hand out the
+        // next.
+        let resync_bytes_max = self.config.in_flight_bytes_max / 2;
+        let region_bytes = REGION_BLOCKS * 4096;
+        loop {
+            let out = (resync.requested.len() + resync.comparing + requests.len()) as u64;
+            let room = self.in_flight_bytes + out * region_bytes < resync_bytes_max;
+            if resync.next_region >= resync.region_count
+                || out as usize >= window
+                || !room
+                || now < resync.budget_at
+            {
+                break;
+            }
             let region = resync.next_region;
             resync.next_region += 1;
             if resync.fresh {

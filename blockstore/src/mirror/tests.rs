@@ -88,9 +88,12 @@ struct Pair {
 
 impl Pair {
     fn new(sync: StandbySync) -> Pair {
+        Pair::with_config(sync, MirrorConfig::default())
+    }
+
+    fn with_config(sync: StandbySync, config: MirrorConfig) -> Pair {
         let now = Instant::now();
         let volume = VolumeId([1; 16]);
-        let config = MirrorConfig::default();
         Pair {
             now,
             primary: Primary::new(now, volume, 1, 11, Some(sync), config.clone()),
@@ -189,7 +192,9 @@ impl Pair {
                                     block_count,
                                 },
                             };
-                            self.primary.submit(self.now, operation).expect("room");
+                            self.primary
+                                .submit_resync(self.now, operation)
+                                .expect("mirrored");
                         }
                         self.primary.handle_region_compared(self.now, region, bytes);
                     }
@@ -491,6 +496,45 @@ fn a_fresh_standby_is_resynced_while_writes_go_on() {
     assert_eq!(progress.regions_done, progress.regions_total);
     pair.primary.handle_resync_recorded();
     assert!(!pair.primary.is_resyncing());
+}
+
+/// A resync's data is submitted under a region's stripes and cannot wait for room, so the
+/// primary hands out a region only while less than half of the stream's room is in flight: the
+/// other half stays for the client's writes, and the copy follows the acknowledgements.
+#[test]
+fn a_resync_leaves_half_of_the_stream_to_the_clients_writes() {
+    let config = MirrorConfig {
+        // Half of it is one full region (256 blocks of 4 KiB).
+        in_flight_bytes_max: 2 << 20,
+        ..MirrorConfig::default()
+    };
+    let mut pair = Pair::with_config(
+        StandbySync::Fresh {
+            block_count: BLOCKS,
+        },
+        config,
+    );
+    for block in 0..BLOCKS {
+        pair.local.write(block, block as u8);
+    }
+    pair.cut = true;
+    pair.advance(Duration::from_millis(10));
+    let progress = pair.primary.resync_progress(pair.now).unwrap();
+    assert_eq!(
+        (progress.regions_done, pair.primary.in_flight_bytes()),
+        (1, 1 << 20),
+        "with no acknowledgement, one region's copy fills the resync's half"
+    );
+    // A client's write still has room.
+    pair.submit(write(5, 0xaa));
+    pair.cut = false;
+    for _ in 0..10 {
+        pair.advance(Duration::from_millis(400));
+    }
+    assert!(pair
+        .primary_events
+        .contains(&PrimaryEvent::ResyncComplete { generation: 1 }));
+    assert_eq!(pair.local.blocks, pair.remote.blocks);
 }
 
 /// While its standby is resynced (and so cannot be promoted) the primary answers alone: a

@@ -131,7 +131,21 @@ impl Message {
     }
 
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(64 + self.payload_bytes());
+        let (head, body) = self.encode_parts();
+        if body.is_empty() {
+            return head;
+        }
+        let mut out = BytesMut::with_capacity(head.len() + body.len());
+        out.put_slice(&head);
+        out.put_slice(&body);
+        out.freeze()
+    }
+
+    /// The encoding in two pieces, to be sent one after the other: everything but a write's
+    /// data, and the data itself (shared, not copied; empty for other messages).
+    pub fn encode_parts(&self) -> (Bytes, Bytes) {
+        let mut out = BytesMut::with_capacity(64);
+        let mut body = Bytes::new();
         let (kind, volume, generation) = match self {
             Message::Operation {
                 volume, generation, ..
@@ -168,7 +182,7 @@ impl Message {
                         out.put_u8(1);
                         out.put_u64_le(*first_block);
                         out.put_u32_le(data.len() as u32);
-                        out.put_slice(data);
+                        body = data.clone();
                     }
                     Operation::Unmap {
                         first_block,
@@ -244,7 +258,7 @@ impl Message {
                 out.put_u8(*reason as u8);
             }
         }
-        out.freeze()
+        (out.freeze(), body)
     }
 
     /// Decodes exactly one message. `bytes` is sliced, not copied, for a write's data.

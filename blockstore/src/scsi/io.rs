@@ -14,6 +14,7 @@ use super::{
     ScsiResult, COMPARE_AND_WRITE_BLOCKS_MAX, TRANSFER_BLOCKS_MAX, UNMAP_BLOCKS_MAX,
     UNMAP_DESCRIPTORS_MAX, WRITE_SAME_BLOCKS_MAX, WRITE_TRANSFER_BLOCKS_MAX,
 };
+use crate::device::{DeviceError, WriteCompletion};
 
 /// Read/write CDB fields.
 struct Rw {
@@ -185,12 +186,27 @@ impl Lun {
     }
 
     pub(super) fn write(&self, cdb: &[u8], data_out: &[u8], verify: bool) -> CmdResult {
+        let Some((lba, len, fua)) = self.check_write(cdb, data_out, verify)? else {
+            return Ok(Vec::new());
+        };
+        let _guard = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
+        self.device
+            .write(lba, &data_out[..len], fua)
+            .map_err(|e| device_failure(e, true))?;
+        Ok(Vec::new())
+    }
+
+    /// The checks of a WRITE before it touches the device: `(lba, bytes, fua)`, or `None` for
+    /// a write of no blocks.
+    fn check_write(
+        &self,
+        cdb: &[u8],
+        data_out: &[u8],
+        verify: bool,
+    ) -> Result<Option<(u64, usize, bool)>, Failure> {
         let rw = parse_rw(cdb)?;
         if rw.protect != 0 {
             return Err(bad_field(1));
-        }
-        if verify && cdb[1] & 0x02 != 0 && rw.protect == 0 {
-            // BYTCHK is fine, we verify by writing and reading back nothing extra.
         }
         self.check_range(rw.lba, rw.blocks)?;
         if rw.blocks > WRITE_TRANSFER_BLOCKS_MAX as u64 {
@@ -207,14 +223,48 @@ impl Lun {
             return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
         }
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        let _guard = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
         let fua = rw.fua || verify || !self.lock().mode.write_cache_enabled;
+        Ok(Some((rw.lba, len, fua)))
+    }
+
+    /// A WRITE (10/12/16) whose acknowledgement the caller waits for
+    /// ([`crate::device::BlockDevice::start_write`]): runs every check `execute` would,
+    /// applies the write, and returns what is left to wait for. `Err` is the command's outcome
+    /// (checks failed, or the device refused the write); `Ok(None)`: complete, GOOD. Once
+    /// the wait resolves, [`Lun::write_outcome`] turns it into the command's outcome.
+    pub fn start_write(
+        &self,
+        nexus: &Nexus,
+        lun_id: u64,
+        cdb: &[u8],
+        data_out: &[u8],
+    ) -> Result<Option<WriteCompletion>, ScsiResult> {
+        if !matches!(cdb.first(), Some(0x2a | 0xaa | 0x8a)) {
+            return Err(ScsiResult::check(sense::INVALID_OPCODE));
+        }
+        if let Some(result) = self.preflight(nexus, lun_id, cdb) {
+            return Err(result);
+        }
+        let Some((lba, len, fua)) = self
+            .check_write(cdb, data_out, false)
+            .map_err(Self::failure)?
+        else {
+            return Ok(None);
+        };
+        let _guard = self.io_lock.read().unwrap_or_else(|p| p.into_inner());
         self.device
-            .write(rw.lba, &data_out[..len], fua)
-            .map_err(|e| device_failure(e, true))?;
-        Ok(Vec::new())
+            .start_write(lba, &data_out[..len], fua)
+            .map_err(|e| Self::failure(device_failure(e, true)))
+    }
+
+    /// The outcome of a write started with [`Lun::start_write`] once its wait resolved.
+    pub fn write_outcome(result: Result<(), DeviceError>) -> ScsiResult {
+        match result {
+            Ok(()) => ScsiResult::good(Vec::new()),
+            Err(e) => Self::failure(device_failure(e, true)),
+        }
     }
 
     pub(super) fn verify(&self, cdb: &[u8], data_out: &[u8]) -> CmdResult {

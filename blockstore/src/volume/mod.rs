@@ -86,7 +86,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use crate::chunks::{ChunkError, ChunkStore, CHUNK_SIZE_BYTES};
-use crate::device::{BlockDevice, DeviceError};
+use crate::device::{BlockDevice, DeviceError, WriteCompletion};
 use crate::image::{ImageError, Manifest, ManifestHash};
 use crate::mirror::REGION_BLOCKS;
 use crate::mirror::{region_blocks, region_differences, BlockDigest, Difference, RegionDigest};
@@ -201,6 +201,10 @@ pub enum MirrorOperation<'a> {
 /// Names a submitted mirror operation until it is waited for.
 pub type MirrorTicket = crate::mirror::Ticket;
 
+/// What [`WriteMirror::completion`] returns.
+pub type MirrorCompletion =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), MirrorError>> + Send>>;
+
 /// Synchronous mirroring of layer changes to a standby node (`crate::mirror` is the protocol;
 /// the node's shell carries it over QUIC).
 pub trait WriteMirror: Send + Sync {
@@ -215,6 +219,13 @@ pub trait WriteMirror: Send + Sync {
     /// Returns once the standby holds the operation (durably, for `Flush`), or with an error
     /// (fenced, or the shell gave up): the operation must then not be acknowledged.
     fn wait(&self, ticket: MirrorTicket) -> Result<(), MirrorError>;
+    /// `wait` without holding a thread: a future that resolves when the standby holds the
+    /// operation, polled by the iSCSI connection task ([`Volume::start_write_at`]). `None`
+    /// (the default): this mirror has no such future, and the write waits with `wait`.
+    fn completion(self: Arc<Self>, ticket: MirrorTicket) -> Option<MirrorCompletion> {
+        let _ = ticket;
+        None
+    }
     /// `submit` for the copy of a resync region ([`Volume::resync_region`]): must not block
     /// for space, since it is called with a whole region's stripes held.
     fn submit_resync(
@@ -669,6 +680,45 @@ impl Volume {
         Ok(())
     }
 
+    /// [`Volume::write_at`] whose wait for the standby is left to the caller: applies the
+    /// write, hands it to the mirror and returns what its acknowledgement waits for (`None`:
+    /// nothing, it is complete). A FUA write, or one through a mirror without
+    /// [`WriteMirror::completion`], completes here. The future fails if the mirror is fenced
+    /// before the standby holds the write; the fence is what orders it with a failover, as the
+    /// I/O gate does for [`Volume::write_at`] (the shell fences the mirror before the volume).
+    pub fn start_write_at(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<Option<MirrorCompletion>, VolumeError> {
+        if fua {
+            return self.write_at(offset, data, fua).map(|()| None);
+        }
+        let _gate = self.enter()?;
+        let ticket = {
+            let layer = self.layer();
+            self.check_range(&layer, offset, data.len() as u64)?;
+            if data.is_empty() {
+                return Ok(None);
+            }
+            let first = offset / LAYER_BLOCK_SIZE_BYTES;
+            let last = (offset + data.len() as u64 - 1) / LAYER_BLOCK_SIZE_BYTES;
+            let _stripes = self.lock_stripes(first, last);
+            self.write_locked(&layer, offset, data)?
+        };
+        let Some(ticket) = ticket else {
+            return Ok(None);
+        };
+        let Some(mirror) = self.mirror().clone() else {
+            return Ok(None);
+        };
+        match mirror.clone().completion(ticket) {
+            Some(completion) => Ok(Some(completion)),
+            None => mirror.wait(ticket).map(|()| None).map_err(Into::into),
+        }
+    }
+
     /// The write path proper; the caller holds the stripes of every block touched. Returns the
     /// mirror's ticket, to wait for once the stripes are released.
     fn write_locked(
@@ -866,7 +916,7 @@ impl Volume {
             return Ok(RegionDigest::default());
         }
         let _stripes = self.lock_stripes(first, first + count - 1);
-        self.digest_locked(&layer, first, count)
+        self.digest_locked(&layer, first, count, None)
             .map(|blocks| RegionDigest { blocks })
     }
 
@@ -898,17 +948,31 @@ impl Volume {
         })
     }
 
+    /// The digest of blocks `first..first + count`. With `against` (the standby's digest of
+    /// the same blocks), a written block is hashed only where the standby's is written too:
+    /// elsewhere the two differ whatever the hash, so it gets a placeholder (a fresh standby's
+    /// resync hashes nothing).
     fn digest_locked(
         &self,
         layer: &LayerState,
         first: u64,
         count: u64,
+        against: Option<&RegionDigest>,
     ) -> Result<Vec<BlockDigest>, VolumeError> {
         let mut buffer = [0u8; LAYER_BLOCK_SIZE_BYTES as usize];
+        let theirs_written = |block: u64| {
+            against.is_none_or(|digest| {
+                matches!(
+                    digest.blocks.get((block - first) as usize),
+                    Some(BlockDigest::Layer(_))
+                )
+            })
+        };
         (first..first + count)
             .map(|block| match layer.map.get(block) {
                 BlockState::Base => Ok(BlockDigest::Base),
                 BlockState::Unmapped => Ok(BlockDigest::Unmapped),
+                BlockState::Layer if !theirs_written(block) => Ok(BlockDigest::Layer([0; 16])),
                 BlockState::Layer => {
                     self.data
                         .read_exact_at(&mut buffer, block * LAYER_BLOCK_SIZE_BYTES)
@@ -932,7 +996,7 @@ impl Volume {
             return Ok(0);
         }
         let _stripes = self.lock_stripes(first, first + count - 1);
-        let local = self.digest_locked(&layer, first, count)?;
+        let local = self.digest_locked(&layer, first, count, Some(standby))?;
         let mut copied = 0u64;
         let mut data = Vec::new();
         for difference in region_differences(first, &local, standby, RESYNC_WRITE_BLOCKS_MAX) {
@@ -1218,6 +1282,23 @@ impl BlockDevice for Volume {
     fn write(&self, lba: u64, data: &[u8], force_unit_access: bool) -> Result<(), DeviceError> {
         let offset = self.device_range(lba, data.len())?;
         Ok(self.write_at(offset, data, force_unit_access)?)
+    }
+
+    fn start_write(
+        &self,
+        lba: u64,
+        data: &[u8],
+        force_unit_access: bool,
+    ) -> Result<Option<WriteCompletion>, DeviceError> {
+        let offset = self.device_range(lba, data.len())?;
+        let completion = self.start_write_at(offset, data, force_unit_access)?;
+        Ok(completion.map(|completion| -> WriteCompletion {
+            Box::pin(async move {
+                completion
+                    .await
+                    .map_err(|error| DeviceError::from(VolumeError::Mirror(error)))
+            })
+        }))
     }
 
     fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
