@@ -26,6 +26,10 @@ use crate::types::NodeAddress;
 
 /// Largest frame accepted: a mirrored write of 32 MiB with its header, and room to spare.
 pub const STREAM_FRAME_BYTES_MAX: usize = 40 << 20;
+/// A writer sends what is queued in one write of at most this many bytes...
+const BATCH_BYTES_MAX: usize = 4 << 20;
+/// ...and pieces (three per frame at most).
+const BATCH_PIECES_MAX: usize = 192;
 /// Frames queued per peer before new ones are dropped.
 const QUEUE_FRAMES_MAX: usize = 4096;
 
@@ -123,8 +127,8 @@ impl PeerStreams {
 }
 
 /// The writer task of one stream: opens a one-way stream to `peer` (again after a failure)
-/// and writes each frame length-prefixed. A frame that cannot be written is dropped and
-/// reported to `dropped` (the mirror retransmits). Public for the benchmarks that compare
+/// and writes each frame length-prefixed, what is queued in one write. A frame that cannot be
+/// written is dropped and reported to `dropped` (the mirror retransmits). Public for the benchmarks that compare
 /// stream layouts (`benches/mirror_streams.rs`).
 pub async fn write_frames(
     transport: QuicTransport,
@@ -134,6 +138,7 @@ pub async fn write_frames(
     dropped: impl Fn(),
 ) {
     let mut stream: Option<quinn::SendStream> = None;
+    let mut pieces: Vec<Bytes> = Vec::new();
     while let Some(frame) = frames.recv().await {
         if stream.is_none() {
             match transport.open_uni(peer, &address).await {
@@ -148,12 +153,29 @@ pub async fn write_frames(
         let Some(send) = stream.as_mut() else {
             continue;
         };
-        let prefix = Bytes::copy_from_slice(&(frame.len() as u32).to_le_bytes());
-        let mut pieces = [prefix, frame.head, frame.body];
+        // What is queued goes out in one write (one hand-off to the connection, not one per
+        // frame), up to a bound so a failure drops little.
+        let (mut batch_bytes, mut batch_frames) = (0, 0);
+        let mut next = Some(frame);
+        while let Some(frame) = next.take() {
+            batch_bytes += frame.len();
+            batch_frames += 1;
+            pieces.push(Bytes::copy_from_slice(&(frame.len() as u32).to_le_bytes()));
+            pieces.push(frame.head);
+            if !frame.body.is_empty() {
+                pieces.push(frame.body);
+            }
+            if batch_bytes < BATCH_BYTES_MAX && pieces.len() < BATCH_PIECES_MAX {
+                next = frames.try_recv().ok();
+            }
+        }
         let written = send.write_all_chunks(&mut pieces).await;
+        pieces.clear();
         if let Err(error) = written {
             tracing::debug!(peer, %error, "stream to the peer failed; reopening with the next frame");
-            dropped();
+            for _ in 0..batch_frames {
+                dropped();
+            }
             stream = None;
         } else if frames.is_empty() {
             let _ = send.flush().await;

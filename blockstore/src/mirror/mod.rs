@@ -269,7 +269,8 @@ pub struct MirrorConfig {
     /// Payload bytes submitted and not yet applied by the standby; [`Primary::submit`] refuses
     /// more ([`SubmitError::Full`]) until acknowledgements free room.
     pub in_flight_bytes_max: u64,
-    /// Resync digest requests in flight at once.
+    /// Resync regions in flight at once (digests asked for, or regions being compared); the
+    /// copy's bytes in flight are bounded by half of `in_flight_bytes_max` as well.
     pub resync_digests_in_flight_max: usize,
     /// Bandwidth limit of a resync's copy, bytes per second (0: none).
     pub resync_bytes_per_second_max: u64,
@@ -286,7 +287,7 @@ impl Default for MirrorConfig {
             progress_timeout: Duration::from_secs(5),
             primary_timeout: Duration::from_millis(700),
             in_flight_bytes_max: 64 << 20,
-            resync_digests_in_flight_max: 8,
+            resync_digests_in_flight_max: 32,
             resync_bytes_per_second_max: 0,
         }
     }
