@@ -29,6 +29,62 @@ pub enum DeviceError {
     Unavailable(String),
 }
 
+/// The asymmetric access state of a target port group (SPC-4 ALUA, implicit only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AccessState {
+    /// The session's primary: all commands.
+    ActiveOptimized = 0x0,
+    /// The session's standby: media access refused at once (NOT READY, 04h/0Bh).
+    Standby = 0x2,
+    /// This path serves nothing (stopped, or the node is not the session's).
+    Unavailable = 0x3,
+    /// Between two states (a failover or switchover): NOT READY, 04h/0Ah, retry.
+    Transitioning = 0xf,
+}
+
+/// Where a device stands on each of its paths (ALUA): one target port group per node, each
+/// with one target port whose relative identifier is the group's. `version` changes with
+/// every state change, so the SCSI layer raises "asymmetric access state changed".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortGroups {
+    /// This path's group (and relative target port); non-zero.
+    pub local: u16,
+    /// Every group with its state, this path's among them.
+    pub groups: Vec<(u16, AccessState)>,
+    pub version: u64,
+}
+
+impl PortGroups {
+    /// The groups of a device whose path here is `local` and whose other paths are `others`.
+    pub fn new(
+        local: (u16, AccessState),
+        others: &[(u16, AccessState)],
+        version: u64,
+    ) -> PortGroups {
+        let mut groups = vec![local];
+        groups.extend(
+            others
+                .iter()
+                .copied()
+                .filter(|(group, _)| *group != local.0),
+        );
+        PortGroups {
+            local: local.0,
+            groups,
+            version,
+        }
+    }
+
+    /// This path's state.
+    pub fn local_state(&self) -> AccessState {
+        self.groups
+            .iter()
+            .find(|(group, _)| *group == self.local)
+            .map_or(AccessState::Unavailable, |(_, state)| *state)
+    }
+}
+
 /// A block device served as one LUN: a client's volume, or a plain file in tests.
 ///
 /// Calls are blocking; the iSCSI server decides where to run them. Implementations must be safe
@@ -63,6 +119,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// answer `(true, block_count - lba)`.
     fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
         Ok((true, self.block_count().saturating_sub(lba)))
+    }
+    /// The device's ALUA target port groups, if it has several paths (a session's volume on
+    /// its primary and standby); `None`: one path, no ALUA (TPGS 0).
+    fn port_groups(&self) -> Option<PortGroups> {
+        None
     }
     /// TEST UNIT READY: returns once the device can take I/O. A device that is not serving
     /// yet (a standby path) may hold the caller here for a bounded time; an error answers NOT

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::device::{BlockDevice, DeviceError, WriteCompletion};
+use crate::device::{AccessState, BlockDevice, DeviceError, PortGroups, WriteCompletion};
 use crate::mirror::{
     Message, MirrorConfig, Operation, Primary, PrimaryEvent, Standby, StandbyAction, StandbyEvent,
     StandbySync, SubmitError, Ticket, VolumeId,
@@ -530,12 +530,22 @@ enum Path {
     Stopped,
 }
 
+/// The two paths of a session for ALUA: this node's target port group and the session's other
+/// node's (node ids), and a count of changes.
+#[derive(Clone, Copy, Default)]
+struct Paths {
+    local: u16,
+    other: Option<u16>,
+    changes: u64,
+}
+
 /// The LUN a node registers for a session's client: see the module docs.
 pub struct SessionDevice {
     block_count: u64,
     unique_id: [u8; 16],
     path: Mutex<Path>,
     changed: Condvar,
+    paths: Mutex<Paths>,
 }
 
 impl SessionDevice {
@@ -546,7 +556,26 @@ impl SessionDevice {
             unique_id,
             path: Mutex::new(Path::Waiting),
             changed: Condvar::new(),
+            paths: Mutex::default(),
         }
+    }
+
+    /// Names this path's target port group (this node) and the other path's (the session's
+    /// other node, if it has one) for ALUA; until then the device reports no port groups.
+    pub fn set_paths(&self, local: u64, other: Option<u64>) {
+        let group = |node: u64| u16::try_from(node).unwrap_or(u16::MAX);
+        let mut paths = lock(&self.paths);
+        let (local, other) = (group(local), other.map(group));
+        if (paths.local, paths.other) != (local, other) {
+            paths.local = local;
+            paths.other = other;
+            paths.changes += 1;
+        }
+    }
+
+    fn path_changed(&self) {
+        lock(&self.paths).changes += 1;
+        self.changed.notify_all();
     }
 
     /// Serves `volume` through `primary` from `serve_at` on (a promoted standby waits out the
@@ -557,13 +586,13 @@ impl SessionDevice {
             primary,
             serve_at,
         };
-        self.changed.notify_all();
+        self.path_changed();
     }
 
     /// Stops serving for good: held I/O fails at once.
     pub fn stop(&self) {
         *lock(&self.path) = Path::Stopped;
-        self.changed.notify_all();
+        self.path_changed();
     }
 
     pub fn is_serving(&self) -> bool {
@@ -667,6 +696,33 @@ impl BlockDevice for SessionDevice {
         BlockDevice::mapping_status(&*volume, lba)
     }
 
+    /// This path: standby while it waits, transitioning until a promoted standby may serve,
+    /// then active/optimized; unavailable once stopped. The other path is the opposite
+    /// (unavailable while this one takes over from it).
+    fn port_groups(&self) -> Option<PortGroups> {
+        let paths = *lock(&self.paths);
+        if paths.local == 0 {
+            return None;
+        }
+        let (local, settled) = match &*lock(&self.path) {
+            Path::Waiting => (AccessState::Standby, true),
+            Path::Serving { serve_at, .. } if Instant::now() < *serve_at => {
+                (AccessState::Transitioning, false)
+            }
+            Path::Serving { .. } => (AccessState::ActiveOptimized, true),
+            Path::Stopped => (AccessState::Unavailable, true),
+        };
+        let other = match local {
+            AccessState::ActiveOptimized => AccessState::Standby,
+            AccessState::Transitioning => AccessState::Unavailable,
+            AccessState::Standby | AccessState::Unavailable => AccessState::ActiveOptimized,
+        };
+        let others: Vec<(u16, AccessState)> = paths.other.map(|g| (g, other)).into_iter().collect();
+        // The end of a lease wait changes the state without a call: it counts as a change.
+        let version = paths.changes * 2 + settled as u64;
+        Some(PortGroups::new((paths.local, local), &others, version))
+    }
+
     /// iPXE opens all paths at once and uses the first whose TEST UNIT READY succeeds: holding
     /// it on the standby lets a live primary win the race, and a dead one's standby take over.
     fn ready(&self) -> Result<(), DeviceError> {
@@ -745,5 +801,80 @@ mod tests {
         );
         let third = shell.clone().completion(second).expect("a future");
         assert!(third.await.is_err());
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    /// The ALUA states a session's device reports: standby while it waits, transitioning
+    /// while a promoted standby waits out the lease (a change without a call, which still
+    /// moves the version), active/optimized once it serves, unavailable once stopped; the
+    /// other path the opposite; no port groups before the node named the paths.
+    #[test]
+    fn a_session_device_reports_its_path_states() {
+        let device = SessionDevice::waiting(8, [1; 16]);
+        assert_eq!(device.port_groups(), None);
+        device.set_paths(3, Some(1));
+        let groups = device.port_groups().expect("paths named");
+        assert_eq!(
+            groups.groups,
+            [(3, AccessState::Standby), (1, AccessState::ActiveOptimized)]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            crate::chunks::ChunkStore::open(&dir.path().join("store"), Default::default()).unwrap(),
+        );
+        let base = vec![0u8; 64 << 10];
+        let imported = store
+            .import_raw(
+                "base",
+                1,
+                &mut &base[..],
+                base.len() as u64,
+                &crate::image::NoProgress,
+            )
+            .unwrap();
+        let spec = crate::volume::VolumeSpec {
+            base: imported.manifest_hash,
+            persistent: true,
+            unique_id: [1; 16],
+        };
+        let volume = Arc::new(
+            Volume::open_or_create(store, &dir.path().join("v"), &spec, Default::default())
+                .unwrap(),
+        );
+        #[derive(Default)]
+        struct Nowhere;
+        impl MirrorLink for Nowhere {
+            fn send(&self, _peer: u64, _message: Message) {}
+        }
+        let primary = PrimaryShell::new(
+            VolumeId([1; 16]),
+            2,
+            None,
+            MirrorConfig::default(),
+            Arc::new(Nowhere),
+        );
+        let lease_end = Instant::now() + Duration::from_millis(200);
+        device.set_paths(3, None);
+        device.serve(volume, primary, lease_end);
+        let during = device.port_groups().unwrap();
+        assert_eq!(during.groups, [(3, AccessState::Transitioning)]);
+        std::thread::sleep(Duration::from_millis(250));
+        let after = device.port_groups().unwrap();
+        assert_eq!(after.groups, [(3, AccessState::ActiveOptimized)]);
+        assert_ne!(during.version, after.version);
+        device.set_paths(3, Some(2));
+        assert_eq!(
+            device.port_groups().unwrap().groups,
+            [(3, AccessState::ActiveOptimized), (2, AccessState::Standby)]
+        );
+        device.stop();
+        assert_eq!(
+            device.port_groups().unwrap().local_state(),
+            AccessState::Unavailable
+        );
     }
 }

@@ -101,7 +101,7 @@ fn libiscsi_conformance_all() {
 }
 
 /// The same suite against a volume (the image imported into a chunk store, plus a writable
-/// layer): what clients actually get.
+/// layer) on a path that reports ALUA as a session's primary does: what clients actually get.
 #[test]
 fn libiscsi_conformance_all_through_a_volume() {
     conformance(true);
@@ -134,9 +134,12 @@ fn conformance(volume: bool) {
         for at in [0u64, 1 << 20, 100 << 20] {
             file.write_all_at(&[0x5a; 65536], at).expect("image data");
         }
+        // Served as a session's primary path is: implicit ALUA, active/optimized.
         args.extend([
             "--volume".into(),
             dir.path().join("volume").display().to_string(),
+            "--alua".into(),
+            "1".into(),
         ]);
     } else {
         args.extend(["--size-mib".into(), "256".into()]);

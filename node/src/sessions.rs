@@ -351,6 +351,7 @@ impl Sessions {
                     }
                 }
                 volume.advance_generation(session.generation);
+                entry.device.set_paths(self.node_id, session.standby);
                 entry.generation = session.generation;
                 tracing::warn!(client_mac = %session.mac, generation = session.generation, standby = ?session.standby, "session standby changed");
                 Ok(true)
@@ -368,6 +369,7 @@ impl Sessions {
                 );
                 volume.advance_generation(session.generation);
                 volume.set_mirror(Some(primary.clone() as Arc<dyn WriteMirror>));
+                entry.device.set_paths(self.node_id, session.standby);
                 entry.device.serve(volume, primary.clone(), serve_at);
                 entry.shell = Shell::Primary(primary);
                 entry.generation = session.generation;
@@ -499,6 +501,12 @@ impl Sessions {
                 (Arc::new(device), Some(volume), Shell::Standby(standby))
             }
         };
+        // ALUA: one target port group per node; the other path is the session's other node.
+        let other = match want.role {
+            Role::Primary => session.standby,
+            Role::Standby => Some(session.primary),
+        };
+        device.set_paths(self.node_id, other);
         let iqn = target_name_for_client(mac.0);
         let mut allowed_initiators = vec![initiator_name_for_client(&mac)];
         allowed_initiators.extend(self.extra_initiators.iter().cloned());

@@ -2,7 +2,7 @@
 //!
 //! `cairn-iscsi-file --portal 127.0.0.1:3260 [--portal 127.0.0.1:3261] --iqn IQN --file IMG
 //!  [--size-mib N] [--initiator IQN]... [--chap USER:SECRET] [--mutual-chap USER:SECRET]
-//!  [--threads N] [--inline-io] [--volume DIR [--cache-mib N]]`
+//!  [--threads N] [--inline-io] [--volume DIR [--cache-mib N]] [--alua GROUP]`
 //!
 //! `--inline-io` runs device calls on the connection task (see `Target::with_inline_io`).
 //!
@@ -12,6 +12,9 @@
 //! version as base plus an empty 4 KiB writable layer). `--cache-mib` sets the verified-chunk
 //! cache (default: the store's default, an eighth of the memory available, at least 256 MiB).
 //!
+//! `--alua GROUP` serves each device as a session's primary path does: implicit ALUA, this
+//! path active/optimized in target port group GROUP, a second group (GROUP + 1) on standby.
+//!
 //! Prints `ready` on stdout once every portal listens.
 
 use std::path::PathBuf;
@@ -19,7 +22,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use cairn_blockstore::chunks::{ChunkStore, ChunkStoreConfig};
-use cairn_blockstore::device::BlockDevice;
+use cairn_blockstore::device::{
+    AccessState, BlockDevice, DeviceError, PortGroups, WriteCompletion,
+};
 use cairn_blockstore::image::NoProgress;
 use cairn_blockstore::iscsi::{Chap, Target, TargetConfig};
 use cairn_blockstore::scsi::FileDevice;
@@ -35,10 +40,72 @@ fn parse_chap(value: &str) -> anyhow::Result<Chap> {
     })
 }
 
+/// A device as a session's primary path serves it (ALUA active/optimized, one standby group).
+struct PrimaryPath {
+    inner: Arc<dyn BlockDevice>,
+    group: u16,
+}
+
+impl BlockDevice for PrimaryPath {
+    fn block_size_bytes(&self) -> u32 {
+        self.inner.block_size_bytes()
+    }
+    fn block_count(&self) -> u64 {
+        self.inner.block_count()
+    }
+    fn unique_id(&self) -> [u8; 16] {
+        self.inner.unique_id()
+    }
+    fn read(&self, lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError> {
+        self.inner.read(lba, buffer)
+    }
+    fn write(&self, lba: u64, data: &[u8], force_unit_access: bool) -> Result<(), DeviceError> {
+        self.inner.write(lba, data, force_unit_access)
+    }
+    fn start_write(
+        &self,
+        lba: u64,
+        data: &[u8],
+        force_unit_access: bool,
+    ) -> Result<Option<WriteCompletion>, DeviceError> {
+        self.inner.start_write(lba, data, force_unit_access)
+    }
+    fn unmap(&self, lba: u64, blocks: u64) -> Result<(), DeviceError> {
+        self.inner.unmap(lba, blocks)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+    fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
+        self.inner.mapping_status(lba)
+    }
+    fn ready(&self) -> Result<(), DeviceError> {
+        self.inner.ready()
+    }
+    fn port_groups(&self) -> Option<PortGroups> {
+        Some(PortGroups::new(
+            (self.group, AccessState::ActiveOptimized),
+            &[(self.group.wrapping_add(1), AccessState::Standby)],
+            1,
+        ))
+    }
+}
+
+fn with_paths(device: Arc<dyn BlockDevice>, alua: Option<u16>) -> Arc<dyn BlockDevice> {
+    match alua {
+        Some(group) => Arc::new(PrimaryPath {
+            inner: device,
+            group,
+        }),
+        None => device,
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let mut portals = Vec::new();
     let mut iqns: Vec<String> = Vec::new();
     let mut volume_dir: Option<PathBuf> = None;
+    let mut alua: Option<u16> = None;
     let mut cache_mib: Option<u64> = None;
     let mut file = None;
     let mut size_mib: Option<u64> = None;
@@ -60,6 +127,7 @@ fn main() -> anyhow::Result<()> {
             "--mutual-chap" => config.mutual_chap = Some(parse_chap(&value()?)?),
             "--threads" => threads = value()?.parse().context("--threads")?,
             "--inline-io" => inline_io = true,
+            "--alua" => alua = Some(value()?.parse::<u16>().context("--alua")?),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -85,7 +153,7 @@ fn main() -> anyhow::Result<()> {
             }
             let device = FileDevice::open(&file, size_mib.map(|m| m << 20), unique_id(&iqns[0]))
                 .with_context(|| format!("opening {}", file.display()))?;
-            target.add_target(&iqns[0], Arc::new(device), config)?;
+            target.add_target(&iqns[0], with_paths(Arc::new(device), alua), config)?;
         }
         Some(dir) => {
             let mut store_config = ChunkStoreConfig::default();
@@ -115,8 +183,7 @@ fn main() -> anyhow::Result<()> {
                 if volume.base() != imported.manifest_hash {
                     volume.reset(Some(imported.manifest_hash))?;
                 }
-                let device: Arc<dyn BlockDevice> = Arc::new(volume);
-                target.add_target(iqn, device, config.clone())?;
+                target.add_target(iqn, with_paths(Arc::new(volume), alua), config.clone())?;
             }
         }
     }

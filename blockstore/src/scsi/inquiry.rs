@@ -31,7 +31,7 @@ impl Lun {
             d[2] = 0x06; // SPC-4
             d[3] = 0x02; // response data format 2, HISUP off
             d[4] = 96 - 5;
-            d[5] = 0x00; // no 3PC, TPGS 0, PROTECT 0
+            d[5] = self.tpgs(); // no 3PC, TPGS 01b with ALUA paths, PROTECT 0
             d[6] = 0x00;
             d[7] = 0x02; // CMDQUE
             d[8..16].copy_from_slice(b"CAIRN   ");
@@ -70,6 +70,8 @@ impl Lun {
                 let t10 = format!("CAIRN   {}", hex(&id));
                 body.extend_from_slice(&[0x02, 0x01, 0x00, t10.len() as u8]);
                 body.extend_from_slice(t10.as_bytes());
+                // With ALUA paths: this path's relative target port and port group.
+                body.extend(self.port_designators());
             }
             0xb0 => {
                 let mut b = vec![0u8; 60];

@@ -36,6 +36,7 @@
 //! Architecture invariant: the family files hold no state of their own; everything shared
 //! between sessions is in [`Lun`] (behind its mutex) or in the device.
 
+mod alua;
 mod capacity;
 pub mod file;
 mod inquiry;
@@ -188,6 +189,8 @@ struct LunState {
     /// Medium removal prevented, per nexus.
     prevent_removal: HashMap<u64, bool>,
     stopped: bool,
+    /// The version of the device's port groups each nexus last saw (ALUA, `alua.rs`).
+    alua_seen: HashMap<u64, u64>,
 }
 
 /// One logical unit: a device plus the state every session to it shares.
@@ -255,6 +258,7 @@ impl Lun {
                 },
                 prevent_removal: HashMap::new(),
                 stopped: false,
+                alua_seen: HashMap::new(),
             }),
             io_lock: RwLock::new(()),
             serial,
@@ -341,6 +345,9 @@ impl Lun {
                 _ => ScsiResult::check(sense::LUN_NOT_SUPPORTED),
             });
         }
+        // The path's ALUA state: a state change is a unit attention; a state that refuses this
+        // command refuses it before anything else.
+        let refused = self.alua_preflight(nexus.id, opcode, cdb);
         // Unit attention, except for the commands SPC-4 exempts.
         if !matches!(opcode, 0x12 | 0xa0 | 0x03) {
             let mut st = self.lock();
@@ -360,7 +367,7 @@ impl Lun {
                 return Some(ScsiResult::status(sense::RESERVATION_CONFLICT));
             }
         }
-        None
+        refused.map(ScsiResult::check)
     }
 
     fn failure(f: Failure) -> ScsiResult {
@@ -419,6 +426,7 @@ impl Lun {
             // Reports (report.rs).
             0xa0 => self.report_luns(cdb),
             0xa3 => match cdb[1] & 0x1f {
+                0x0a => self.report_target_port_groups(cdb),
                 0x0c => self.report_supported_opcodes(cdb),
                 _ => Err(bad_field(1)),
             },

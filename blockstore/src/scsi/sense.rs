@@ -95,3 +95,8 @@ pub const RESERVATIONS_RELEASED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0
 pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x05);
 pub const NOT_READY_STOPPED: Sense = Sense::new(key::NOT_READY, 0x04, 0x02);
 pub const FENCED: Sense = Sense::new(key::NOT_READY, 0x04, 0x0a);
+/// LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE.
+pub const ALUA_STANDBY: Sense = Sense::new(key::NOT_READY, 0x04, 0x0b);
+/// LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE.
+pub const ALUA_UNAVAILABLE: Sense = Sense::new(key::NOT_READY, 0x04, 0x0c);
+pub const ASYMMETRIC_ACCESS_STATE_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x06);
