@@ -19,6 +19,16 @@
 //! ([`Connection::input_held`]), so no answer of an affected task follows the TMF's. At most
 //! [`READS_OUT_BYTES_MAX`] of pooled READs are out per connection.
 //!
+//! # Several WRITEs of one connection at once
+//!
+//! A run of plain WRITEs (10/12/16) is applied in order on the blocking pool in one hand-off
+//! ([`crate::scsi::Lun::start_write`]); what each still waits for (a mirrored write: its
+//! standby holding it, [`crate::device::BlockDevice::start_write`]) is a future polled here,
+//! so the writes of one connection wait for the mirror together instead of one round trip
+//! each, and complete in the order their waits resolve. WRITEs run while other WRITEs wait;
+//! READs wait for the WRITEs out and WRITEs for the READs out, so neither overtakes the other;
+//! anything else waits for both.
+//!
 //! READs longer than [`STREAM_READ_BYTES_MIN`] (up to the whole LUN, in one command) are
 //! streamed: read from the device one PDU-sized piece at a time, each handed to the core as it
 //! is read, and output handed to the writer task in bounded batches, so a READ of any length
