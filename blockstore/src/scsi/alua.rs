@@ -282,6 +282,26 @@ mod tests {
         );
     }
 
+    /// REPORT SUPPORTED OPERATION CODES, one command: MAINTENANCE IN, REPORT TARGET PORT
+    /// GROUPS.
+    fn rsoc_rtpg() -> Vec<u8> {
+        vec![0xa3, 0x0c, 0x02, 0xa3, 0x00, 0x0a, 0, 0, 1, 0, 0, 0]
+    }
+
+    #[test]
+    fn report_target_port_groups_is_listed_only_with_paths() {
+        let (lun, _) = lun_with_paths();
+        run(
+            &lun,
+            &[("with paths", rsoc_rtpg(), vec![], good().at(1, &[0x03]))],
+        );
+        let plain = Lun::new(memory());
+        run(
+            &plain,
+            &[("one path", rsoc_rtpg(), vec![], good().at(1, &[0x01]))],
+        );
+    }
+
     #[test]
     fn a_plain_device_has_no_port_groups() {
         let lun = Lun::new(memory());

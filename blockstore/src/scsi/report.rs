@@ -92,12 +92,27 @@ impl Lun {
         Ok(d)
     }
 
+    /// The commands this LUN supports: the table, and REPORT TARGET PORT GROUPS on a device
+    /// with ALUA paths.
+    fn supported_opcodes(&self) -> Vec<(u8, Option<u16>, usize)> {
+        let mut list = SUPPORTED_OPCODES.to_vec();
+        if self.device.port_groups().is_some() {
+            let at = list
+                .iter()
+                .position(|entry| *entry == (0xa3, Some(0x0c), 12))
+                .unwrap_or(list.len());
+            list.insert(at, (0xa3, Some(0x0a), 12));
+        }
+        list
+    }
+
     pub(super) fn report_supported_opcodes(&self, cdb: &[u8]) -> CmdResult {
         let rctd = cdb[2] & 0x80 != 0;
         let options = cdb[2] & 0x07;
         let req_opcode = cdb[3];
         let req_sa = be_u(cdb, 4, 2) as u16;
         let alloc = be_u(cdb, 6, 4) as usize;
+        let supported = self.supported_opcodes();
         let timeouts = |d: &mut Vec<u8>| {
             if rctd {
                 d.extend_from_slice(&[0x00, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -107,7 +122,7 @@ impl Lun {
         match options {
             0 => {
                 d.extend_from_slice(&[0u8; 4]);
-                for (op, sa, len) in SUPPORTED_OPCODES {
+                for (op, sa, len) in &supported {
                     let mut desc = vec![0u8; 8];
                     desc[0] = *op;
                     if let Some(sa) = sa {
@@ -125,12 +140,8 @@ impl Lun {
                 d[0..4].copy_from_slice(&len.to_be_bytes());
             }
             1..=3 => {
-                let has_sa = |op: u8| {
-                    SUPPORTED_OPCODES
-                        .iter()
-                        .any(|(o, sa, _)| *o == op && sa.is_some())
-                };
-                let found = SUPPORTED_OPCODES.iter().find(|(o, sa, _)| {
+                let has_sa = |op: u8| supported.iter().any(|(o, sa, _)| *o == op && sa.is_some());
+                let found = supported.iter().find(|(o, sa, _)| {
                     *o == req_opcode
                         && match options {
                             1 => sa.is_none(),
@@ -143,7 +154,7 @@ impl Lun {
                 }
                 if options == 2
                     && !has_sa(req_opcode)
-                    && SUPPORTED_OPCODES.iter().any(|(o, _, _)| *o == req_opcode)
+                    && supported.iter().any(|(o, _, _)| *o == req_opcode)
                 {
                     return Err(bad_field(2));
                 }
