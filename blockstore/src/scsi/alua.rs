@@ -11,10 +11,11 @@
 //!   them. In the transitioning state the device holds a command until the transition ended
 //!   (a promoted standby waits out the old primary's lease, under a second) or answers 04h/0Ah
 //!   itself: a short wait costs the initiator less than a retry. TEST UNIT READY on a standby
-//!   path keeps the
-//!   device's bounded hold ([`BlockDevice::ready`]) instead of answering at once, because iPXE
-//!   opens every path and boots from the first whose TEST UNIT READY succeeds, and a dead
-//!   primary's standby must win that race once it is promoted.
+//!   path keeps the device's bounded hold ([`BlockDevice::ready`]) instead of answering at
+//!   once, as long as the nexus has sent nothing else: iPXE opens every path and boots from the
+//!   first whose TEST UNIT READY succeeds (its first command), and a dead primary's standby must
+//!   win that race once it is promoted; an operating system starts with INQUIRY, and its
+//!   multipath checker's TEST UNIT READY then gets the standby state at once.
 //! - Each nexus gets the unit attention "asymmetric access state changed" (2Ah/06h) at its next
 //!   command after the states changed.
 //!
@@ -51,7 +52,7 @@ impl Lun {
     /// command's outcome.
     pub(super) fn alua_preflight(&self, nexus_id: u64, opcode: u8, cdb: &[u8]) -> Option<Sense> {
         let groups = self.device.port_groups()?;
-        {
+        let only_tur_so_far = {
             let mut st = self.lock();
             let seen = st.alua_seen.insert(nexus_id, groups.version);
             if seen.is_some_and(|seen| seen != groups.version) {
@@ -60,14 +61,18 @@ impl Lun {
                     .or_default()
                     .push_back(sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
             }
-        }
+            if opcode != 0x00 {
+                st.past_first_tur.insert(nexus_id);
+            }
+            !st.past_first_tur.contains(&nexus_id)
+        };
         if allowed_when_not_active(opcode, cdb) {
             return None;
         }
         match groups.local_state() {
             AccessState::ActiveOptimized => None,
             // The bounded hold of `ready` (see the module docs).
-            AccessState::Standby if opcode == 0x00 => None,
+            AccessState::Standby if opcode == 0x00 && only_tur_so_far => None,
             AccessState::Standby => Some(sense::ALUA_STANDBY),
             AccessState::Unavailable => Some(sense::ALUA_UNAVAILABLE),
             // The device holds the command until the transition ends (see the module docs).
@@ -369,7 +374,12 @@ mod tests {
                     vec![],
                     check_condition(sense::ALUA_STANDBY),
                 ),
-                ("TEST UNIT READY holds instead", vec![0; 6], vec![], good()),
+                (
+                    "TEST UNIT READY after other commands",
+                    vec![0; 6],
+                    vec![],
+                    check_condition(sense::ALUA_STANDBY),
+                ),
                 (
                     "REPORT TARGET PORT GROUPS",
                     rtpg(false, 255),
@@ -414,5 +424,28 @@ mod tests {
         );
         // A nexus that never saw the earlier states gets no unit attention.
         check_as(&lun, 2, 0, "another nexus", &read10(), &[], &good());
+        // iPXE's first command on a standby path is TEST UNIT READY: it holds (the device's
+        // `ready`, here at once) while the nexus has sent nothing else.
+        paths.set(AccessState::Standby, AccessState::ActiveOptimized);
+        check_as(&lun, 3, 0, "first TUR of a nexus", &[0; 6], &[], &good());
+        check_as(&lun, 3, 0, "again", &[0; 6], &[], &good());
+        check_as(
+            &lun,
+            3,
+            0,
+            "READ",
+            &read10(),
+            &[],
+            &check_condition(sense::ALUA_STANDBY),
+        );
+        check_as(
+            &lun,
+            3,
+            0,
+            "TUR after",
+            &[0; 6],
+            &[],
+            &check_condition(sense::ALUA_STANDBY),
+        );
     }
 }

@@ -49,7 +49,7 @@ pub mod sense;
 mod testing;
 mod unit;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::device::{BlockDevice, DeviceError};
@@ -191,6 +191,8 @@ struct LunState {
     stopped: bool,
     /// The version of the device's port groups each nexus last saw (ALUA, `alua.rs`).
     alua_seen: HashMap<u64, u64>,
+    /// The nexuses that sent a command other than TEST UNIT READY (`alua.rs`).
+    past_first_tur: HashSet<u64>,
 }
 
 /// One logical unit: a device plus the state every session to it shares.
@@ -259,6 +261,7 @@ impl Lun {
                 prevent_removal: HashMap::new(),
                 stopped: false,
                 alua_seen: HashMap::new(),
+                past_first_tur: HashSet::new(),
             }),
             io_lock: RwLock::new(()),
             serial,
@@ -282,6 +285,8 @@ impl Lun {
         st.reservations.release_spc2_of(nexus.id);
         st.prevent_removal.remove(&nexus.id);
         st.unit_attentions.remove(&nexus.id);
+        st.alua_seen.remove(&nexus.id);
+        st.past_first_tur.remove(&nexus.id);
     }
 
     /// LOGICAL UNIT RESET / target reset: SPC-2 reservations released, unit attention for all.
