@@ -447,5 +447,17 @@ mod tests {
             &[],
             &check_condition(sense::ALUA_STANDBY),
         );
+        // The shells' fast READ path refuses nothing itself: it leaves the refusal and the unit
+        // attention to `execute`.
+        let mut buffer = Vec::new();
+        let fast = |buffer: &mut Vec<u8>| lun.try_fast_read(&nexus(3), 0, &read10(), buffer);
+        assert!(fast(&mut buffer).is_none(), "standby: left to execute");
+        paths.set(AccessState::ActiveOptimized, AccessState::Standby);
+        assert!(
+            fast(&mut buffer).is_none(),
+            "a change to report: left to execute"
+        );
+        check_as(&lun, 3, 0, "its unit attention", &read10(), &[], &ua());
+        assert!(fast(&mut buffer).is_some(), "active: read here");
     }
 }

@@ -154,6 +154,10 @@ impl Lun {
         if lun_id != 0 || !matches!(cdb.first(), Some(0x28 | 0x88 | 0xa8)) {
             return None;
         }
+        // A path state that refuses READs, or a change of it to report first: `execute` says so.
+        if self.alua_preflight(nexus.id, cdb[0], cdb).is_some() {
+            return None;
+        }
         {
             let st = self.lock();
             if st.stopped
