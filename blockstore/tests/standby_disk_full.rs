@@ -21,14 +21,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use cairn_blockstore::chunks::{ChunkStore, ChunkStoreConfig};
-use cairn_blockstore::image::NoProgress;
 use cairn_blockstore::mirror::{
     Message, MirrorConfig, PrimaryEvent, StandbyEvent, StandbySync, UnreachableReason, VolumeId,
 };
 use cairn_blockstore::replica::{MirrorLink, PrimaryShell, StandbyShell};
-use cairn_blockstore::volume::{Volume, VolumeOptions, VolumeSpec};
-use common::missing_prerequisite;
+use cairn_blockstore::volume::{Volume, VolumeOptions};
+use common::{missing_prerequisite, store_with_base};
 use futures::FutureExt;
 
 const BLOCK: usize = 4096;
@@ -118,17 +116,7 @@ fn a_standby_whose_disk_is_full_fails_and_loses_no_acknowledged_write() {
         Ok(tmpfs) => tmpfs,
         Err(reason) => return missing_prerequisite(&reason),
     };
-    let store =
-        Arc::new(ChunkStore::open(&dir.path().join("store"), ChunkStoreConfig::default()).unwrap());
-    let base = vec![0x11u8; SIZE_BYTES];
-    let outcome = store
-        .import_raw("base", 1, &mut &base[..], base.len() as u64, &NoProgress)
-        .unwrap();
-    let spec = VolumeSpec {
-        base: outcome.manifest_hash,
-        persistent: true,
-        unique_id: VOLUME.0,
-    };
+    let (store, spec) = store_with_base(dir.path(), &vec![0x11u8; SIZE_BYTES], VOLUME.0);
     let primary_dir = dir.path().join("primary");
     let standby_dir = tmpfs.0.join("copy");
     Volume::create(&store, &primary_dir, &spec).unwrap();

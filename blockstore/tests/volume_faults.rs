@@ -9,31 +9,23 @@
 //! dirty flag *before* `fdatasync`; when the sync failed both were lost, and the next flush
 //! answered GOOD without syncing anything.
 
+mod common;
+
 use std::sync::Arc;
 
-use cairn_blockstore::chunks::{ChunkStore, ChunkStoreConfig};
+use cairn_blockstore::chunks::ChunkStore;
 use cairn_blockstore::device::{BlockDevice, DeviceError};
-use cairn_blockstore::image::NoProgress;
 use cairn_blockstore::volume::{
     Volume, VolumeError, VolumeOptions, VolumeSpec, FAILPOINT_JOURNAL_APPEND, FAILPOINT_SYNC_DATA,
     FAILPOINT_WRITE_DATA,
 };
+use common::store_with_base;
 
 const SIZE_BYTES: usize = 1 << 20;
 
 fn setup() -> (tempfile::TempDir, Arc<ChunkStore>, VolumeSpec) {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(ChunkStore::open(&dir.path().join("store"), ChunkStoreConfig::default()).unwrap());
-    let base = vec![0x11u8; SIZE_BYTES];
-    let outcome = store
-        .import_raw("base", 1, &mut &base[..], base.len() as u64, &NoProgress)
-        .unwrap();
-    let spec = VolumeSpec {
-        base: outcome.manifest_hash,
-        persistent: true,
-        unique_id: [3; 16],
-    };
+    let (store, spec) = store_with_base(dir.path(), &vec![0x11u8; SIZE_BYTES], [3; 16]);
     (dir, store, spec)
 }
 

@@ -20,7 +20,7 @@ use cairn_blockstore::volume::{Volume, VolumeOptions, VolumeSpec};
 
 mod common;
 
-use common::{have, missing_prerequisite, slow_tests};
+use common::{have, missing_prerequisite, slow_tests, store_with_base};
 
 const IQN: &str = "iqn.2026-11.org.cairn:volume-test";
 const SIZE_BYTES: usize = 8 << 20;
@@ -101,8 +101,6 @@ fn data_written_through_an_initiator_survives_a_node_restart() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(ChunkStore::open(&dir.path().join("store"), ChunkStoreConfig::default()).unwrap());
     let base: Vec<u8> = (0..SIZE_BYTES)
         .map(|index| {
             if (index >> 16) % 3 == 1 {
@@ -112,14 +110,7 @@ fn data_written_through_an_initiator_survives_a_node_restart() {
             }
         })
         .collect();
-    let outcome = store
-        .import_raw("base", 1, &mut &base[..], base.len() as u64, &NoProgress)
-        .unwrap();
-    let spec = VolumeSpec {
-        base: outcome.manifest_hash,
-        persistent: true,
-        unique_id: [3; 16],
-    };
+    let (store, spec) = store_with_base(dir.path(), &base, [3; 16]);
     let volume_dir = dir.path().join("volume");
     let volume =
         Volume::open_or_create(store.clone(), &volume_dir, &spec, VolumeOptions::default())

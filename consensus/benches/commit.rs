@@ -27,6 +27,8 @@
 //! its own timer; TMPDIR=/dev/shm for tmpfs; with RUST_LOG,
 //! BENCH_NODE_LOGS=<dir> writes each node's log to <dir>/node-<id>.log).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -148,17 +150,6 @@ fn ms(us: f64) -> String {
     format!("{:.2} ms", us / 1000.0)
 }
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// `count` 4 KiB writes each followed by fdatasync on `path`: appending (the file grows, so the
 /// filesystem journals its size too) or overwriting blocks already written and synced (data
 /// only). Returns the latencies.
@@ -237,7 +228,7 @@ fn orchestrate() {
     let root = tempfile::tempdir().unwrap();
     println!(
         "load average {}; proposer flush pacing {}",
-        load_average(),
+        common::load_average(),
         if env_number("BENCH_FLUSH_PACING", 1) != 0 {
             "on"
         } else {
@@ -313,7 +304,7 @@ fn orchestrate() {
         result["failed"],
     );
     print_stats(&mut nodes);
-    println!("load average {}", load_average());
+    println!("load average {}", common::load_average());
     match fdatasync_probe(root.path(), 500) {
         Ok(report) => println!("disk floor again, cluster idle: {report}"),
         Err(error) => println!("fdatasync probe failed: {error}"),
@@ -351,7 +342,7 @@ fn orchestrate() {
     }
     drop(nodes);
     drop(root);
-    println!("load average {}", load_average());
+    println!("load average {}", common::load_average());
     if env_number("BENCH_ETCD", 1) == 0 {
         println!("etcd reference skipped (BENCH_ETCD=0)");
         return;

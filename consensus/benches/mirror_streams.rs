@@ -43,6 +43,8 @@
 //! BENCH_WARMUP_MS, default 500; BENCH_WORKER_THREADS per node runtime, default the number of
 //! cores).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -105,7 +107,7 @@ fn main() -> anyhow::Result<()> {
         settings.warmup.as_millis(),
         settings.rounds,
     );
-    println!("  load average at start: {}", load_average());
+    println!("  load average at start: {}", common::load_average());
 
     let cluster_uni_streams_max = probe_uni_stream_limit(&identity_a, &identity_b, &settings)?;
     let sessions_max = settings.session_counts.iter().copied().max().unwrap_or(0);
@@ -168,7 +170,7 @@ fn main() -> anyhow::Result<()> {
 
     print_tables(&results, &settings);
     print_conclusions(&results, &settings);
-    println!("  load average at end: {}", load_average());
+    println!("  load average at end: {}", common::load_average());
     Ok(())
 }
 
@@ -250,17 +252,6 @@ fn env_f64(name: &str, default: f64) -> anyhow::Result<f64> {
             Ok(value)
         }
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn size_name(bytes: usize) -> String {

@@ -741,31 +741,34 @@ type WriteOut = std::pin::Pin<Box<dyn std::future::Future<Output = (u32, ScsiRes
 async fn start_writes(
     run: Vec<Command>,
 ) -> Vec<(u32, Result<Option<WriteCompletion>, ScsiResult>)> {
-    let itts: Vec<u32> = run.iter().map(|c| c.itt).collect();
-    tokio::task::spawn_blocking(move || {
-        run.into_iter()
-            .map(|c| {
-                let started = c
-                    .target
-                    .lun
-                    .start_write(&c.nexus, c.lun, &c.cdb, &c.data_out);
-                (c.itt, started)
-            })
-            .collect::<Vec<_>>()
-    })
+    on_blocking_pool(
+        run,
+        |c| {
+            c.target
+                .lun
+                .start_write(&c.nexus, c.lun, &c.cdb, &c.data_out)
+        },
+        Err,
+    )
     .await
-    .unwrap_or_else(|_| {
-        itts.into_iter()
-            .map(|itt| {
-                (
-                    itt,
-                    Err(ScsiResult::check(
-                        crate::scsi::sense::INTERNAL_TARGET_FAILURE,
-                    )),
-                )
-            })
-            .collect()
-    })
+}
+
+/// Runs `each` on the commands in order in one blocking-pool call: (task tag, outcome) for
+/// each. If that call panicked, every command gets `failed` of INTERNAL TARGET FAILURE.
+async fn on_blocking_pool<T: Send + 'static>(
+    run: Vec<Command>,
+    each: fn(&Command) -> T,
+    failed: fn(ScsiResult) -> T,
+) -> Vec<(u32, T)> {
+    let itts: Vec<u32> = run.iter().map(|c| c.itt).collect();
+    tokio::task::spawn_blocking(move || run.iter().map(|c| (c.itt, each(c))).collect())
+        .await
+        .unwrap_or_else(|_| {
+            let failure = ScsiResult::check(crate::scsi::sense::INTERNAL_TARGET_FAILURE);
+            itts.into_iter()
+                .map(|itt| (itt, failed(failure.clone())))
+                .collect()
+        })
 }
 
 /// Runs commands in order and returns (task tag, result) for each. Plain READs (here only with
@@ -812,28 +815,12 @@ async fn execute_run(
     if rest.is_empty() {
         return done;
     }
-    let itts: Vec<u32> = rest.iter().map(|c| c.itt).collect();
-    let results = tokio::task::spawn_blocking(move || {
-        rest.into_iter()
-            .map(|c| {
-                (
-                    c.itt,
-                    c.target.lun.execute(&c.nexus, c.lun, &c.cdb, &c.data_out),
-                )
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_else(|_| {
-        itts.into_iter()
-            .map(|itt| {
-                (
-                    itt,
-                    ScsiResult::check(crate::scsi::sense::INTERNAL_TARGET_FAILURE),
-                )
-            })
-            .collect()
-    });
+    let results = on_blocking_pool(
+        rest,
+        |c| c.target.lun.execute(&c.nexus, c.lun, &c.cdb, &c.data_out),
+        std::convert::identity,
+    )
+    .await;
     done.extend(results);
     done
 }

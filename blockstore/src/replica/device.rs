@@ -205,10 +205,14 @@ impl BlockDevice for SessionDevice {
             AccessState::Transitioning => AccessState::Unavailable,
             AccessState::Standby | AccessState::Unavailable => AccessState::ActiveOptimized,
         };
-        let others: Vec<(u16, AccessState)> = paths.other.map(|g| (g, other)).into_iter().collect();
+        let others = paths.other.map(|group| (group, other));
         // The end of a lease wait changes the state without a call: it counts as a change.
         let version = paths.changes * 2 + settled as u64;
-        Some(PortGroups::new((paths.local, local), &others, version))
+        Some(PortGroups::new(
+            (paths.local, local),
+            others.as_slice(),
+            version,
+        ))
     }
 
     /// iPXE opens all paths at once and uses the first whose TEST UNIT READY succeeds: holding

@@ -146,62 +146,17 @@ impl Lun {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use super::super::testing::*;
     use super::super::{sense, Lun};
     use super::*;
-    use crate::device::{BlockDevice, DeviceError, PortGroups};
 
-    /// A device of 64 blocks whose paths the test sets.
-    struct Paths {
-        groups: Mutex<PortGroups>,
-    }
-
-    impl Paths {
-        fn set(&self, local: AccessState, other: AccessState) {
-            let mut groups = self.groups.lock().unwrap();
-            let version = groups.version + 1;
-            *groups = PortGroups::new((7, local), &[(9, other)], version);
-        }
-    }
-
-    impl BlockDevice for Paths {
-        fn block_size_bytes(&self) -> u32 {
-            512
-        }
-        fn block_count(&self) -> u64 {
-            64
-        }
-        fn unique_id(&self) -> [u8; 16] {
-            [4; 16]
-        }
-        fn read(&self, _lba: u64, buffer: &mut [u8]) -> Result<(), DeviceError> {
-            buffer.fill(0);
-            Ok(())
-        }
-        fn write(&self, _lba: u64, _data: &[u8], _fua: bool) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn unmap(&self, _lba: u64, _blocks: u64) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn flush(&self) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn port_groups(&self) -> Option<PortGroups> {
-            Some(self.groups.lock().unwrap().clone())
-        }
-    }
-
-    fn lun_with_paths() -> (Lun, Arc<Paths>) {
-        let paths = Arc::new(Paths {
-            groups: Mutex::new(PortGroups::new(
-                (7, AccessState::ActiveOptimized),
-                &[(9, AccessState::Standby)],
-                1,
-            )),
-        });
+    /// The memory device on two paths: this one active/optimized (group 7), the other on
+    /// standby (group 9).
+    fn lun_with_paths() -> (Lun, Arc<Memory>) {
+        let paths = memory();
+        paths.set_paths(AccessState::ActiveOptimized, AccessState::Standby);
         (Lun::new(paths.clone()), paths)
     }
 
@@ -351,7 +306,7 @@ mod tests {
         let (lun, paths) = lun_with_paths();
         let ua = || check_condition(sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
         run(&lun, &[("READ while active", read10(), vec![], good())]);
-        paths.set(AccessState::Standby, AccessState::ActiveOptimized);
+        paths.set_paths(AccessState::Standby, AccessState::ActiveOptimized);
         run(
             &lun,
             &[
@@ -388,7 +343,7 @@ mod tests {
                 ),
             ],
         );
-        paths.set(AccessState::Transitioning, AccessState::Unavailable);
+        paths.set_paths(AccessState::Transitioning, AccessState::Unavailable);
         run(
             &lun,
             &[
@@ -401,7 +356,7 @@ mod tests {
                 ),
             ],
         );
-        paths.set(AccessState::Unavailable, AccessState::ActiveOptimized);
+        paths.set_paths(AccessState::Unavailable, AccessState::ActiveOptimized);
         run(
             &lun,
             &[
@@ -414,7 +369,7 @@ mod tests {
                 ),
             ],
         );
-        paths.set(AccessState::ActiveOptimized, AccessState::Standby);
+        paths.set_paths(AccessState::ActiveOptimized, AccessState::Standby);
         run(
             &lun,
             &[
@@ -426,7 +381,7 @@ mod tests {
         check_as(&lun, 2, 0, "another nexus", &read10(), &[], &good());
         // iPXE's first command on a standby path is TEST UNIT READY: it holds (the device's
         // `ready`, here at once) while the nexus has sent nothing else.
-        paths.set(AccessState::Standby, AccessState::ActiveOptimized);
+        paths.set_paths(AccessState::Standby, AccessState::ActiveOptimized);
         check_as(&lun, 3, 0, "first TUR of a nexus", &[0; 6], &[], &good());
         check_as(&lun, 3, 0, "again", &[0; 6], &[], &good());
         check_as(
@@ -452,7 +407,7 @@ mod tests {
         let mut buffer = Vec::new();
         let fast = |buffer: &mut Vec<u8>| lun.try_fast_read(&nexus(3), 0, &read10(), buffer);
         assert!(fast(&mut buffer).is_none(), "standby: left to execute");
-        paths.set(AccessState::ActiveOptimized, AccessState::Standby);
+        paths.set_paths(AccessState::ActiveOptimized, AccessState::Standby);
         assert!(
             fast(&mut buffer).is_none(),
             "a change to report: left to execute"

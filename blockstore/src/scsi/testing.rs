@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use super::sense::{self, Sense};
 use super::{Lun, Nexus, ScsiResult};
-use crate::device::{BlockDevice, DeviceError};
+use crate::device::{AccessState, BlockDevice, DeviceError, PortGroups};
 
 /// The default test device: 2048 blocks of 512 bytes (1 MiB).
 pub(super) const BLOCKS: u64 = 2048;
@@ -40,6 +40,8 @@ struct MemoryState {
     fua_writes: u64,
     flushes: u64,
     fault: Option<Fault>,
+    /// ALUA paths, while set (`alua.rs`).
+    port_groups: Option<PortGroups>,
 }
 
 /// A sparse in-memory block device.
@@ -78,6 +80,17 @@ impl Memory {
 
     pub(super) fn set_fault(&self, fault: Option<Fault>) {
         self.state().fault = fault;
+    }
+
+    /// Serves the device on two paths from now on: this one in group 7 at `local`, the other
+    /// in group 9 at `other`; each call is a change of the states.
+    pub(super) fn set_paths(&self, local: AccessState, other: AccessState) {
+        let mut state = self.state();
+        let version = state
+            .port_groups
+            .as_ref()
+            .map_or(1, |groups| groups.version + 1);
+        state.port_groups = Some(PortGroups::new((7, local), &[(9, other)], version));
     }
 
     pub(super) fn mapped(&self, lba: u64) -> bool {
@@ -180,6 +193,10 @@ impl BlockDevice for Memory {
         self.state().flushes += 1;
         Ok(())
     }
+    fn port_groups(&self) -> Option<PortGroups> {
+        self.state().port_groups.clone()
+    }
+
     fn mapping_status(&self, lba: u64) -> Result<(bool, u64), DeviceError> {
         if lba >= self.block_count {
             return Err(DeviceError::OutOfRange {

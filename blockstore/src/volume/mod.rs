@@ -662,22 +662,26 @@ impl Volume {
     /// acknowledged before it) is durable when this returns.
     pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), VolumeError> {
         let _gate = self.enter()?;
-        let ticket = {
-            let layer = self.layer();
-            self.check_range(&layer, offset, data.len() as u64)?;
-            if data.is_empty() {
-                return Ok(());
-            }
-            let first = offset / LAYER_BLOCK_SIZE_BYTES;
-            let last = (offset + data.len() as u64 - 1) / LAYER_BLOCK_SIZE_BYTES;
-            let _stripes = self.lock_stripes(first, last);
-            self.write_locked(&layer, offset, data)?
-        };
+        let ticket = self.write_entered(offset, data)?;
         self.mirror_wait(ticket)?;
-        if fua {
+        if fua && !data.is_empty() {
             self.flush_entered()?;
         }
         Ok(())
+    }
+
+    /// A write's local part, inside the I/O gate: checks the range, takes the stripes, writes
+    /// and hands it to the mirror. Returns the mirror's ticket (none for an empty write).
+    fn write_entered(&self, offset: u64, data: &[u8]) -> Result<Option<MirrorTicket>, VolumeError> {
+        let layer = self.layer();
+        self.check_range(&layer, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let first = offset / LAYER_BLOCK_SIZE_BYTES;
+        let last = (offset + data.len() as u64 - 1) / LAYER_BLOCK_SIZE_BYTES;
+        let _stripes = self.lock_stripes(first, last);
+        self.write_locked(&layer, offset, data)
     }
 
     /// [`Volume::write_at`] whose wait for the standby is left to the caller: applies the
@@ -696,18 +700,7 @@ impl Volume {
             return self.write_at(offset, data, fua).map(|()| None);
         }
         let _gate = self.enter()?;
-        let ticket = {
-            let layer = self.layer();
-            self.check_range(&layer, offset, data.len() as u64)?;
-            if data.is_empty() {
-                return Ok(None);
-            }
-            let first = offset / LAYER_BLOCK_SIZE_BYTES;
-            let last = (offset + data.len() as u64 - 1) / LAYER_BLOCK_SIZE_BYTES;
-            let _stripes = self.lock_stripes(first, last);
-            self.write_locked(&layer, offset, data)?
-        };
-        let Some(ticket) = ticket else {
+        let Some(ticket) = self.write_entered(offset, data)? else {
             return Ok(None);
         };
         let Some(mirror) = self.mirror().clone() else {

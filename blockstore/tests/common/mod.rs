@@ -1,11 +1,17 @@
 //! What the tests that drive `cairn-iscsi-file` or a peer tool share: starting it, free loopback
-//! ports, checking for a peer tool, and what a test does when one is missing. Each test file uses
-//! a part of it.
+//! ports, checking for a peer tool, and what a test does when one is missing; and a chunk store
+//! with a base image for the tests of volumes. Each test file uses a part of it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use cairn_blockstore::chunks::{ChunkStore, ChunkStoreConfig};
+use cairn_blockstore::image::NoProgress;
+use cairn_blockstore::volume::VolumeSpec;
 
 /// A running `cairn-iscsi-file`, killed on drop.
 pub struct IscsiFile(Child);
@@ -71,4 +77,24 @@ pub fn missing_prerequisite(reason: &str) {
         "missing prerequisite under CAIRN_SLOW_TESTS=1: {reason} (.ci/setup installs it)"
     );
     eprintln!("skipped: {reason}");
+}
+
+/// A chunk store in `dir/store` holding `base` as an image version, and the spec of a
+/// persistent volume on it with `unique_id`.
+pub fn store_with_base(
+    dir: &Path,
+    base: &[u8],
+    unique_id: [u8; 16],
+) -> (Arc<ChunkStore>, VolumeSpec) {
+    let store =
+        Arc::new(ChunkStore::open(&dir.join("store"), ChunkStoreConfig::default()).unwrap());
+    let outcome = store
+        .import_raw("base", 1, &mut &base[..], base.len() as u64, &NoProgress)
+        .unwrap();
+    let spec = VolumeSpec {
+        base: outcome.manifest_hash,
+        persistent: true,
+        unique_id,
+    };
+    (store, spec)
 }
