@@ -2,6 +2,7 @@
 //! `cairn node run` processes, and drive them through the real CLI.
 
 pub mod bench;
+pub mod guest;
 pub mod initiator;
 pub mod pxe;
 
@@ -330,6 +331,15 @@ impl ProcessCluster {
 }
 
 /// Whether `tool` is a file in one of the PATH's directories.
+/// Sends the signal `name` (`STOP`, `CONT`, ...) to `pid` with kill(1).
+pub fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
+    Ok(())
+}
+
 pub fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).exists()))

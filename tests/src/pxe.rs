@@ -86,7 +86,18 @@ fn kernel_image() -> Option<PathBuf> {
 /// image at `\EFI\BOOT\BOOTX64.EFI` (UEFI, when systemd's EFI stub is installed).
 pub fn build_boot_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<PathBuf> {
     let init = PLAIN_INIT.replace("@MARKER@", marker);
-    build_disk(work, name, &init, false)
+    build_disk(work, name, &init, Guest::Plain)
+}
+
+/// What a disk's initramfs carries beyond busybox.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    Plain,
+    /// `iscsistart` and the kernel's iSCSI modules.
+    Iscsi,
+    /// What an installed Linux runs on a multipathed iSCSI disk: udev, iscsid with iscsiadm,
+    /// multipathd with its checkers and prioritizers, kpartx and the device-mapper modules.
+    Multipath,
 }
 
 /// What the guest of [`build_iscsi_disk`] prints.
@@ -108,10 +119,46 @@ pub mod guest {
 /// modules in `/lib/modules`.
 pub fn build_iscsi_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<PathBuf> {
     let init = ISCSI_INIT.replace("@MARKER@", marker);
-    build_disk(work, name, &init, true)
+    build_disk(work, name, &init, Guest::Iscsi)
 }
 
-fn build_disk(work: &Path, name: &str, init: &str, iscsi: bool) -> anyhow::Result<PathBuf> {
+/// What the guest of [`build_multipath_disk`] prints on its console.
+pub mod multipath_guest {
+    /// The workload started (followed by the number of records found on the disk at boot).
+    pub const STARTED: &str = "CAIRN-WORKLOAD";
+    /// One record written and fsynced: `CAIRN-REC <n> <uptime before> <uptime after>`.
+    pub const RECORD: &str = "CAIRN-REC";
+    /// A write or fsync failed: an I/O error reached the workload.
+    pub const IO_FAILED: &str = "CAIRN-IO-FAIL";
+    /// Typed on the console: read every record back from the disk (page cache dropped).
+    pub const VERIFY_COMMAND: &str = "verify";
+    /// Typed on the console: verify, unmount, power off.
+    pub const STOP_COMMAND: &str = "stop";
+    /// The answer to a verify: `CAIRN-VERIFIED <records in order from 1>`.
+    pub const VERIFIED: &str = "CAIRN-VERIFIED";
+    /// A record out of order or missing in the file (followed by the line).
+    pub const VERIFY_BAD: &str = "CAIRN-VERIFY-BAD";
+    /// Lines of the kernel log that show an I/O error above multipath (the file system or the
+    /// multipath device itself), each prefixed with this.
+    pub const KERNEL_ERROR: &str = "CAIRN-KERNEL-ERROR";
+    /// The guest unmounted its file system and powers off.
+    pub const STOPPED: &str = "CAIRN-STOPPED";
+}
+
+/// Like [`build_iscsi_disk`], but the booted Linux runs as an installed system on a multipathed
+/// iSCSI disk would (README, "Client operating systems"): udev, iscsid logging in to every
+/// target of the iBFT (`iscsiadm -m fw -l`: the primary's path and the standby's), multipathd
+/// (`prio alua`, `no_path_retry queue`) joining both into one device, its FAT partition mounted
+/// from the multipath device. Then a workload writes numbered records, each appended and
+/// fsynced, and prints each one ([`multipath_guest::RECORD`]) with the guest's uptime before and
+/// after: the gap is the pause the operating system saw. Commands typed on the console check
+/// every record back from the disk or stop the guest.
+pub fn build_multipath_disk(work: &Path, name: &str, marker: &str) -> anyhow::Result<PathBuf> {
+    let init = MULTIPATH_INIT.replace("@MARKER@", marker);
+    build_disk(work, name, &init, Guest::Multipath)
+}
+
+fn build_disk(work: &Path, name: &str, init: &str, guest: Guest) -> anyhow::Result<PathBuf> {
     let kernel = kernel_image().context("no kernel in /boot")?;
     let release = kernel
         .file_name()
@@ -132,7 +179,13 @@ fn build_disk(work: &Path, name: &str, init: &str, iscsi: bool) -> anyhow::Resul
         .env("KERNEL", &kernel)
         .env("KVER", &release)
         .env("INIT", &init_path)
-        .env("ISCSI", if iscsi { "1" } else { "0" })
+        .env("ISCSI", if guest == Guest::Iscsi { "1" } else { "0" })
+        .env(
+            "MULTIPATH",
+            if guest == Guest::Multipath { "1" } else { "0" },
+        )
+        .env("MULTIPATH_CONF", MULTIPATH_CONF)
+        .env("ISCSID_CONF", ISCSID_CONF)
         .env("LABEL", "CAIRNPXE")
         .stdout(Stdio::null())
         .status()
@@ -190,6 +243,114 @@ sleep 1
 poweroff -f
 "#;
 
+/// The guest's `/etc/multipath.conf`: the README's, section "Client operating systems".
+const MULTIPATH_CONF: &str = r#"defaults {
+    user_friendly_names yes
+    find_multipaths off
+    polling_interval 1
+    enable_foreign "^$"
+}
+devices {
+    device {
+        vendor "CAIRN"
+        product "VOLUME"
+        path_grouping_policy group_by_prio
+        prio alua
+        hardware_handler "1 alua"
+        path_checker tur
+        failback immediate
+        no_path_retry queue
+        fast_io_fail_tmo 2
+        path_selector "service-time 0"
+    }
+}"#;
+
+/// The guest's `/etc/iscsi/iscsid.conf`: the README's, section "Client operating systems".
+const ISCSID_CONF: &str = r#"node.startup = manual
+node.session.timeo.replacement_timeout = 2
+node.conn[0].timeo.login_timeout = 5
+node.conn[0].timeo.logout_timeout = 5
+node.conn[0].timeo.noop_out_interval = 1
+node.conn[0].timeo.noop_out_timeout = 2
+node.session.err_timeo.abort_timeout = 5
+node.session.err_timeo.lu_reset_timeout = 10
+node.session.err_timeo.tgt_reset_timeout = 10
+node.session.initial_login_retry_max = 4
+node.session.cmds_max = 128
+node.session.queue_depth = 32"#;
+
+const MULTIPATH_INIT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
+mount -t tmpfs run /run; mkdir -p /run/lock/iscsi /run/udev /run/multipath
+exec > /dev/ttyS0 2>&1 < /dev/ttyS0
+echo "@MARKER@"
+fail() { echo "CAIRN-GUEST-FAIL $*"; dmesg | tail -30; sleep 1; poweroff -f; }
+up() { cut -d' ' -f1 /proc/uptime; }
+for m in $(cat /modules.list); do insmod /lib/modules/$m 2>/dev/null; done
+/lib/systemd/systemd-udevd --daemon --resolve-names=never || fail "udevd"
+udevadm trigger --type=devices --action=add
+udevadm settle --timeout=30
+F=/sys/firmware/ibft; i=0
+while [ ! -d $F/ethernet0 ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done
+[ -d $F/ethernet0 ] || fail "no iBFT"
+MAC=$(cat $F/ethernet0/mac)
+IF=$(for n in /sys/class/net/*; do [ "$(cat $n/address)" = "$MAC" ] && basename $n; done)
+ip link set $IF up
+ip addr add $(cat $F/ethernet0/ip-addr)/$(cat $F/ethernet0/prefix-len) dev $IF
+sleep 1
+echo "InitiatorName=$(cat $F/initiator/initiator-name)" > /etc/iscsi/initiatorname.iscsi
+iscsid || fail "iscsid"
+# Every target of the iBFT (the primary's path and the standby's) as a node record, with
+# iscsid.conf's timeouts (a firmware login, 'iscsiadm -m fw -l', turns NOP-Outs off).
+for t in $F/target*; do
+  tn=$(cat $t/target-name); p="$(cat $t/ip-addr):$(cat $t/port)"
+  iscsiadm -m node -o new -T "$tn" -p "$p" >/dev/null
+  iscsiadm -m node -T "$tn" -p "$p" -l || echo "CAIRN-GUEST login to $p failed"
+done
+iscsiadm -m session
+udevadm settle --timeout=30
+# As its service runs it: in the foreground, logging to the console (errors only).
+multipathd -d -s -v1 &
+i=0; while [ ! -b /dev/mapper/mpatha ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done
+[ -b /dev/mapper/mpatha ] || { ps; multipath -v2; fail "no multipath device"; }
+# Both paths join the map (the standby's once multipathd has checked it).
+i=0; while [ "$(multipath -ll | grep -c 'sd[a-z]')" -lt 2 ] && [ $i -lt 40 ]; do sleep 0.5; i=$((i+1)); done
+multipath -ll
+for s in /sys/class/iscsi_session/session*; do echo "CAIRN-GUEST $(basename $s) recovery_tmo=$(cat $s/recovery_tmo)"; done
+for c in /sys/class/iscsi_connection/connection*; do echo "CAIRN-GUEST $(basename $c) noop interval=$(cat $c/recv_tmo) timeout=$(cat $c/ping_tmo)"; done
+kpartx -a -p p /dev/mapper/mpatha || fail "kpartx"
+i=0; while [ ! -b /dev/mapper/mpathap1 ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done
+mkdir -p /mnt
+mount -t vfat /dev/mapper/mpathap1 /mnt || fail "mount /dev/mapper/mpathap1"
+R=/mnt/records.txt
+verify() {
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  k=0
+  while read -r w num; do
+    k=$((k+1))
+    [ "$w $num" = "record $k" ] || { echo "CAIRN-VERIFY-BAD line $k: $w $num"; break; }
+  done < $R
+  dmesg | grep -E 'dm-[0-9]|FAT-fs' | grep -iE 'error|fail' | sed 's/^/CAIRN-KERNEL-ERROR /'
+  echo "CAIRN-VERIFIED $k"
+}
+n=0; [ -f $R ] && n=$(wc -l < $R)
+# The kernel's log of the boot (the standby path's refused reads are in it), then a clean one.
+dmesg -c | tail -40
+echo "CAIRN-WORKLOAD $n"
+while :; do
+  n=$((n+1)); t0=$(up)
+  echo "record $n" | dd of=$R oflag=append conv=notrunc,fsync 2>/dev/null || echo "CAIRN-IO-FAIL record $n"
+  echo "CAIRN-REC $n $t0 $(up)"
+  if read -t 0.05 cmd; then
+    case "$cmd" in
+      *verify*) verify ;;
+      *stop*) verify; umount /mnt; sync; multipath -ll; echo "CAIRN-STOPPED"; sleep 1; poweroff -f ;;
+    esac
+  fi
+done
+"#;
+
 /// The disk build, as shell: it strings together mkfs, mtools, syslinux and objcopy.
 const DISK_SCRIPT: &str = r#"
 set -euo pipefail
@@ -213,6 +374,41 @@ if [ "$ISCSI" = 1 ]; then
   for lib in $(ldd "$(command -v iscsistart)" | grep -oE '/[^ ]+'); do
     mkdir -p $R$(dirname $lib); cp -L $lib $R$lib
   done
+fi
+if [ "$MULTIPATH" = 1 ]; then
+  for a in grep sed awk wc read seq ls ps kill tr head; do ln -sf busybox $R/bin/$a; done
+  for m in e1000 crc32c_generic iscsi_tcp iscsi_ibft sd_mod scsi_dh_alua dm_mod dm_multipath \
+           dm_service_time dm_round_robin vfat nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii; do
+    modprobe -S "$KVER" --show-depends $m
+  done | awk '$1=="insmod"{print $2}' | awk '!seen[$0]++' > $R/modules.list
+  while read -r m; do cp "$m" $R/lib/modules/; done < $R/modules.list
+  sed -i 's|.*/||' $R/modules.list
+  bins="/usr/sbin/iscsid /usr/sbin/iscsiadm /sbin/multipathd /sbin/multipath /sbin/kpartx
+        /usr/sbin/dmsetup /lib/systemd/systemd-udevd /bin/udevadm /lib/udev/scsi_id"
+  mkdir -p $R/usr/sbin $R/lib/systemd $R/lib/udev/rules.d $R/lib/multipath $R/etc/multipath \
+           $R/etc/iscsi/nodes $R/etc/iscsi/send_targets $R/etc/iscsi/ifaces $R/run/lock/iscsi \
+           $R/etc/udev
+  for b in $bins; do
+    mkdir -p $R$(dirname $b); cp -L $b $R$b
+  done
+  # As on a merged-/usr system: udev's rules run /sbin/dmsetup.
+  for b in $R/usr/sbin/*; do [ -e $R/sbin/$(basename $b) ] || ln -s /usr/sbin/$(basename $b) $R/sbin/; done
+  cp -L /lib/multipath/*.so $R/lib/multipath/
+  # glibc loads it for pthread_cancel, which multipathd uses.
+  mkdir -p $R/lib/x86_64-linux-gnu; cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 $R/lib/x86_64-linux-gnu/
+  for f in $bins /lib/multipath/*.so; do
+    for lib in $(ldd "$f" | grep -oE '/[^ ]+'); do
+      [ -e $R$lib ] || { mkdir -p $R$(dirname $lib); cp -L $lib $R$lib; }
+    done
+  done
+  for r in 50-udev-default 55-dm 56-dm-mpath 60-block 60-persistent-storage \
+           60-persistent-storage-dm 60-multipath 95-dm-notify; do
+    cp /lib/udev/rules.d/$r.rules $R/lib/udev/rules.d/
+  done
+  printf 'root:x:0:0:root:/:/bin/sh\n' > $R/etc/passwd
+  printf 'root:x:0:\ndisk:x:6:\ntty:x:5:\nkmem:x:15:\ndialout:x:20:\ncdrom:x:24:\ntape:x:26:\naudio:x:29:\nvideo:x:44:\ninput:x:105:\nkvm:x:106:\nrender:x:107:\nsgx:x:108:\n' > $R/etc/group
+  printf '%s\n' "$MULTIPATH_CONF" > $R/etc/multipath.conf
+  printf '%s\n' "$ISCSID_CONF" > $R/etc/iscsi/iscsid.conf
 fi
 (cd $R && find . | cpio -o -H newc --quiet | gzip -1) > $WORK/initrd.gz
 P=$WORK/part.img
@@ -380,6 +576,21 @@ pub struct LabNode {
 impl LabNode {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// SIGSTOP: a hung node, whose connections stay open and say nothing.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    /// SIGCONT after [`LabNode::pause`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the node is not running")?;
+        crate::signal(child.id(), name)
     }
 
     /// SIGKILL (a power loss of the process).
@@ -644,6 +855,29 @@ impl LabCluster {
                 bail!("timed out after {timeout:?}; last status: {last}");
             }
             std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Waits until every image of `images` has a ready version.
+    pub fn wait_images_ready(&self, images: &[&str]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let listed = self.cli_json(&["image", "list"])?;
+            let ready = |name: &str| {
+                listed.as_array().is_some_and(|rows| {
+                    rows.iter().any(|row| {
+                        row["name"] == name
+                            && row["versions"]
+                                .as_object()
+                                .is_some_and(|v| v.values().any(|v| v["state"] == "ready"))
+                    })
+                })
+            };
+            if images.iter().all(|name| ready(name)) {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "images not ready: {listed}");
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 

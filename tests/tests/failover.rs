@@ -28,7 +28,7 @@ use serde_json::Value;
 use cairn_tests::initiator::{
     client_initiator, image_opts, qemu_available, qemu_io_within, wait_served,
 };
-use cairn_tests::{missing_prerequisite, slow_tests_enabled, ProcessCluster};
+use cairn_tests::{missing_prerequisite, signal, slow_tests_enabled, ProcessCluster};
 
 const SUBNET: u8 = 44;
 const BLOCK: u64 = 4096;
@@ -479,14 +479,6 @@ fn merge(all: &mut Written, more: Written) {
 
 fn node_mut(cluster: &mut ProcessCluster, id: u64) -> &mut cairn_tests::NodeProcess {
     cluster.nodes.iter_mut().find(|n| n.id == id).expect("node")
-}
-
-fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()?;
-    anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
-    Ok(())
 }
 
 /// `count` blocks from the client's first, in 64 KiB writes, at `node`.

@@ -74,7 +74,7 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
     log("disks built");
     cluster.cli_ok(&["image", "import", "deb-a", disk_a.to_str().expect("utf-8")])?;
     cluster.cli_ok(&["image", "import", "deb-b", disk_b.to_str().expect("utf-8")])?;
-    wait_ready(cluster, &["deb-a", "deb-b"])?;
+    cluster.wait_images_ready(&["deb-a", "deb-b"])?;
     log("images imported and ready");
     cluster.cli_ok(&["client", "add", MAC, "--name", "pxe1"])?;
     cluster.cli_ok(&["assign", "deb-a", "--client", MAC])?;
@@ -173,7 +173,7 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
         // the iBFT, finds (or not) the file the first boot wrote, and writes it.
         let disk_i = build_iscsi_disk(&work, "deb-i", MARKER_I)?;
         cluster.cli_ok(&["image", "import", "deb-i", disk_i.to_str().expect("utf-8")])?;
-        wait_ready(cluster, &["deb-i"])?;
+        cluster.wait_images_ready(&["deb-i"])?;
         for (mac, name, mode) in [
             (MAC_PERSISTENT, "pxe-p", "persistent"),
             (MAC_NON_PERSISTENT, "pxe-n", "non-persistent"),
@@ -494,28 +494,6 @@ fn is_discovered(cluster: &LabCluster, mac: &str) -> anyhow::Result<bool> {
 
 fn client_show(cluster: &LabCluster) -> anyhow::Result<Value> {
     cluster.cli_json(&["client", "show", MAC])
-}
-
-fn wait_ready(cluster: &LabCluster, images: &[&str]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let listed = cluster.cli_json(&["image", "list"])?;
-        let ready = |name: &str| {
-            listed.as_array().is_some_and(|rows| {
-                rows.iter().any(|row| {
-                    row["name"] == name
-                        && row["versions"]
-                            .as_object()
-                            .is_some_and(|v| v.values().any(|v| v["state"] == "ready"))
-                })
-            })
-        };
-        if images.iter().all(|name| ready(name)) {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "images not ready: {listed}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 fn wait_new_leader(cluster: &LabCluster, old: u64) -> anyhow::Result<u64> {

@@ -33,9 +33,15 @@ const ALTERED_IMPLICITLY: u8 = 0x02;
 /// Implicit transition time reported in the extended header, in seconds: a failover's worst.
 const IMPLICIT_TRANSITION_SECONDS: u8 = 15;
 
-/// Commands SPC-4 (5.15.2.4.4-5) and SBC-3 allow in the standby and unavailable states.
+/// Commands SPC-4 (5.15.2.4.4-5) allows in the standby and unavailable states, and READ
+/// CAPACITY, which an operating system sends while it probes every path (Linux's sd): a path
+/// that fails it gets a size of zero, and multipath then leaves it out of the map as a path of
+/// another size (LIO allows it too).
 fn allowed_when_not_active(opcode: u8, cdb: &[u8]) -> bool {
     match opcode {
+        // READ CAPACITY (10), SERVICE ACTION IN (16): READ CAPACITY (16).
+        0x25 => true,
+        0x9e => matches!(cdb.get(1).map(|b| b & 0x1f), Some(0x10)),
         // INQUIRY, REQUEST SENSE, REPORT LUNS, MODE SENSE/SELECT, LOG SENSE/SELECT, RECEIVE/SEND
         // DIAGNOSTIC, PERSISTENT RESERVE IN/OUT.
         0x12 | 0x03 | 0xa0 | 0x1a | 0x5a | 0x15 | 0x55 | 0x4d | 0x4c | 0x1c | 0x1d | 0x5e
@@ -324,8 +330,20 @@ mod tests {
                     check_condition(sense::ALUA_STANDBY),
                 ),
                 (
-                    "READ CAPACITY on standby",
+                    "READ CAPACITY (10) on standby: allowed, multipath compares sizes",
                     vec![0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    vec![],
+                    good(),
+                ),
+                (
+                    "READ CAPACITY (16) on standby",
+                    vec![0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+                    vec![],
+                    good(),
+                ),
+                (
+                    "GET LBA STATUS on standby",
+                    vec![0x9e, 0x12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
                     vec![],
                     check_condition(sense::ALUA_STANDBY),
                 ),

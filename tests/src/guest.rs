@@ -1,0 +1,215 @@
+//! A running Linux guest on a multipathed Cairn disk ([`build_multipath_disk`]): boot it, watch
+//! its workload's records, have it check them back, and measure the pauses it saw. Shared by
+//! the end-to-end test (`tests/tests/guest_failover.rs`) and the pause benchmark
+//! (`tests/benches/guest_pause.rs`).
+//!
+//! [`build_multipath_disk`]: crate::pxe::build_multipath_disk
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::pxe::{multipath_guest as says, tail, Firmware, LabCluster, Qemu};
+
+/// How long a TCG guest may take from power-on to its workload.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One record of the workload: written and fsynced between `before` and `after` (the guest's
+/// uptime, in seconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Record {
+    pub number: u64,
+    pub before: f64,
+    pub after: f64,
+}
+
+impl Record {
+    /// How long the write and its fsync took, as the guest saw it.
+    pub fn pause(&self) -> f64 {
+        self.after - self.before
+    }
+}
+
+/// A booted guest running its workload.
+pub struct Guest {
+    pub qemu: Qemu,
+    /// Records found on the disk when the workload started.
+    pub found_at_boot: u64,
+    /// Console bytes before this boot's workload started (for a guest rebooted in one qemu).
+    console_start: usize,
+}
+
+impl Guest {
+    /// Powers on `mac` and waits until its workload runs.
+    pub fn boot(
+        cluster: &LabCluster,
+        firmware: Firmware,
+        mac: &str,
+        run: &str,
+    ) -> anyhow::Result<Guest> {
+        let mut qemu = Qemu::start(&cluster.lab, cluster.dir.path(), firmware, mac, run)?;
+        qemu.wait_for_marker(
+            &format!("{} ", says::STARTED),
+            &[crate::pxe::guest::FAILED, says::IO_FAILED],
+            BOOT_TIMEOUT,
+        )?;
+        let console = qemu.console();
+        let found_at_boot = console
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{} ", says::STARTED)))
+            .and_then(|n| n.trim().parse().ok())
+            .context("the workload's first line")?;
+        Ok(Guest {
+            qemu,
+            found_at_boot,
+            console_start: 0,
+        })
+    }
+
+    fn console(&self) -> String {
+        let console = self.qemu.console();
+        console.get(self.console_start..).unwrap_or("").to_owned()
+    }
+
+    /// Every record the guest reported so far, in order.
+    pub fn records(&self) -> Vec<Record> {
+        parse_records(&self.console())
+    }
+
+    /// The last record reported, if any.
+    pub fn last_record(&self) -> Option<Record> {
+        self.records().last().copied()
+    }
+
+    /// Fails if the guest reported an I/O error to its workload or died.
+    pub fn check_alive(&self) -> anyhow::Result<()> {
+        let console = self.console();
+        for bad in [says::IO_FAILED, crate::pxe::guest::FAILED, says::VERIFY_BAD] {
+            if console.contains(bad) {
+                bail!("the guest says {bad}:\n{}", tail(&console, 40));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the record `number` is reported; fails on an I/O error or after `timeout`.
+    pub fn wait_record(&self, number: u64, timeout: Duration) -> anyhow::Result<Record> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            if let Some(record) = self.records().into_iter().find(|r| r.number >= number) {
+                return Ok(record);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "record {number} not written after {timeout:?}:\n{}",
+                    tail(&self.console(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Has the guest read its records back from the disk (page cache dropped) and returns how
+    /// many it found in order from 1; fails if the kernel logged an I/O error above multipath.
+    pub fn verify(&mut self) -> anyhow::Result<u64> {
+        let before = self.console().matches(says::VERIFIED).count();
+        self.qemu
+            .type_text(&format!("{}\r", says::VERIFY_COMMAND))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let console = self.console();
+            if console.matches(says::VERIFIED).count() > before {
+                return verified(&console);
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!("no answer to verify:\n{}", tail(&console, 40));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Has the guest verify, unmount and power off; returns the verified count.
+    pub fn stop(mut self) -> anyhow::Result<u64> {
+        self.qemu.type_text(&format!("{}\r", says::STOP_COMMAND))?;
+        self.qemu.wait_for_marker(
+            says::STOPPED,
+            &[says::IO_FAILED, says::VERIFY_BAD],
+            self.qemu.started.elapsed() + Duration::from_secs(120),
+        )?;
+        verified(&self.console())
+    }
+}
+
+/// The last `CAIRN-VERIFIED n` of `console`, after checking that no kernel error came with it.
+fn verified(console: &str) -> anyhow::Result<u64> {
+    let errors: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with(says::KERNEL_ERROR))
+        .collect();
+    if !errors.is_empty() {
+        bail!(
+            "the guest's kernel logged I/O errors above multipath:\n{}",
+            errors.join("\n")
+        );
+    }
+    if console.contains(says::VERIFY_BAD) {
+        bail!("a record is missing or out of order:\n{}", tail(console, 20));
+    }
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(&format!("{} ", says::VERIFIED)))
+        .and_then(|n| n.trim().parse().ok())
+        .context("the verified count")
+}
+
+/// The records in a console, skipping lines the serial console garbled (a line typed in the
+/// middle of one).
+pub fn parse_records(console: &str) -> Vec<Record> {
+    let prefix = format!("{} ", says::RECORD);
+    console
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.strip_prefix(&prefix)?.split_whitespace();
+            let number = words.next()?.parse().ok()?;
+            let before = words.next()?.parse().ok()?;
+            let after = words.next()?.parse().ok()?;
+            Some(Record {
+                number,
+                before,
+                after,
+            })
+        })
+        .collect()
+}
+
+/// The longest pause among `records` after record `from` (the record last seen before a fault),
+/// including the gap between one record's end and the next one's start.
+pub fn longest_pause(records: &[Record], from: u64) -> f64 {
+    let after: Vec<&Record> = records.iter().filter(|r| r.number >= from).collect();
+    let own = after.iter().map(|r| r.pause()).fold(0.0, f64::max);
+    let gaps = after
+        .windows(2)
+        .map(|w| w[1].before - w[0].after)
+        .fold(0.0, f64::max);
+    own.max(gaps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_and_pauses_parse_from_a_console() {
+        let console = "noise\nCAIRN-REC 1 10.00 10.02\nCAIRN-REC 2 10.05 13.55\nCAIRN-REC 3 \
+                       13.60 13.61\nCAIRN-REC garbled\nCAIRN-REC 4 15.61 15.62\n";
+        let records = parse_records(console);
+        assert_eq!(records.len(), 4);
+        assert_eq!(records[1].number, 2);
+        assert!((longest_pause(&records, 1) - 3.5).abs() < 1e-9);
+        // From record 3 on, the longest is the gap between 3's end and 4's start.
+        assert!((longest_pause(&records, 3) - 2.0).abs() < 1e-9);
+    }
+}
