@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use serde_json::Value;
 
 use crate::pxe::{multipath_guest as says, tail, Firmware, LabCluster, Qemu};
 
@@ -140,6 +141,113 @@ impl Guest {
         )?;
         verified(&self.console())
     }
+}
+
+/// What happens to a guest's primary node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL: the process dies, the kernel resets its TCP connections.
+    Kill,
+    /// SIGSTOP: a hung node; its connections stay open and nothing answers.
+    Stop,
+}
+
+/// Records the workload writes before a fault, and after it before the guest is checked.
+pub const RECORDS_BEFORE: u64 = 20;
+pub const RECORDS_AFTER: u64 = 30;
+/// How long a guest may stand still after a fault before the run gives up (the goal is 5 s;
+/// this only bounds a broken run).
+pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a guest went through when its primary was faulted.
+#[derive(Clone, Copy, Debug)]
+pub struct Survived {
+    /// The longest pause the workload saw from the last record before the fault on, in seconds.
+    pub pause: f64,
+    /// From the fault until the cluster committed the failover (a new generation, the standby
+    /// primary), as the CLI saw it.
+    pub failover_committed: Duration,
+    /// From the fault until the workload's first record after it.
+    pub went_on: Duration,
+    /// The last record the guest reported before it was asked to check them.
+    pub last: u64,
+}
+
+/// Faults `mac`'s primary while `guest` writes; waits until the workload went on, has the guest
+/// read every record back, checks that the standby took over at a new generation, and brings
+/// the node back (a new process, or SIGCONT).
+pub fn fault_primary(
+    cluster: &mut LabCluster,
+    guest: &mut Guest,
+    mac: &str,
+    fault: Fault,
+    log: &dyn Fn(&str),
+) -> anyhow::Result<Survived> {
+    guest.wait_record(guest.found_at_boot + 1 + RECORDS_BEFORE, RECOVERY_TIMEOUT)?;
+    let before = session(cluster, mac)?;
+    let primary = before["primary"].as_u64().context("a primary")?;
+    let standby = before["standby"].as_u64().context("a standby")?;
+    let generation = before["generation"].as_u64().context("a generation")?;
+    let at_fault = guest.last_record().map_or(0, |r| r.number);
+    let faulted = Instant::now();
+    match fault {
+        Fault::Kill => cluster.node_mut(primary).kill(),
+        Fault::Stop => cluster.node_mut(primary).pause()?,
+    }
+    log(&format!(
+        "{fault:?} of node {primary} (the primary; standby {standby}) at record {at_fault}"
+    ));
+    let mut committed = None;
+    let mut went_on = None;
+    while committed.is_none() || went_on.is_none() {
+        if went_on.is_none() && guest.last_record().is_some_and(|r| r.number > at_fault + 1) {
+            went_on = Some(faulted.elapsed());
+        }
+        if committed.is_none() {
+            let now = session(cluster, mac)?;
+            if now["generation"].as_u64() > Some(generation) {
+                committed = Some(faulted.elapsed());
+                anyhow::ensure!(
+                    now["primary"].as_u64() == Some(standby),
+                    "the standby took over: {before} -> {now}"
+                );
+            }
+        }
+        guest.check_alive()?;
+        anyhow::ensure!(
+            faulted.elapsed() < RECOVERY_TIMEOUT,
+            "after {RECOVERY_TIMEOUT:?}: failover committed {committed:?}, workload went on \
+             {went_on:?}:\n{}",
+            tail(&guest.console(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let went_on_record = guest.wait_record(at_fault + RECORDS_AFTER, RECOVERY_TIMEOUT)?;
+    let pause = longest_pause(&guest.records(), at_fault);
+    let last = guest.last_record().map_or(0, |r| r.number);
+    let verified = guest.verify()?;
+    anyhow::ensure!(
+        verified >= last,
+        "the guest reported record {last} written, but only {verified} read back"
+    );
+    log(&format!(
+        "record {} written after the fault, {verified} read back; longest pause {pause:.2}s",
+        went_on_record.number
+    ));
+    match fault {
+        Fault::Kill => cluster.start_node(primary as u8)?,
+        Fault::Stop => cluster.node_mut(primary).resume()?,
+    }
+    Ok(Survived {
+        pause,
+        failover_committed: committed.unwrap_or_default(),
+        went_on: went_on.unwrap_or_default(),
+        last,
+    })
+}
+
+fn session(cluster: &LabCluster, mac: &str) -> anyhow::Result<Value> {
+    Ok(cluster.cli_json(&["client", "show", mac])?["session"].clone())
 }
 
 /// The last `CAIRN-VERIFIED n` of `console`, after checking that no kernel error came with it.

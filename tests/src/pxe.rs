@@ -260,14 +260,14 @@ devices {
         path_checker tur
         failback immediate
         no_path_retry queue
-        fast_io_fail_tmo 2
+        fast_io_fail_tmo 1
         path_selector "service-time 0"
     }
 }"#;
 
 /// The guest's `/etc/iscsi/iscsid.conf`: the README's, section "Client operating systems".
 const ISCSID_CONF: &str = r#"node.startup = manual
-node.session.timeo.replacement_timeout = 2
+node.session.timeo.replacement_timeout = 1
 node.conn[0].timeo.login_timeout = 5
 node.conn[0].timeo.logout_timeout = 5
 node.conn[0].timeo.noop_out_interval = 1
@@ -283,7 +283,7 @@ const MULTIPATH_INIT: &str = r#"#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs run /run; mkdir -p /run/lock/iscsi /run/udev /run/multipath
-exec > /dev/ttyS0 2>&1 < /dev/ttyS0
+exec > /dev/ttyS0 2>&1 < /dev/null
 echo "@MARKER@"
 fail() { echo "CAIRN-GUEST-FAIL $*"; dmesg | tail -30; sleep 1; poweroff -f; }
 up() { cut -d' ' -f1 /proc/uptime; }
@@ -337,17 +337,21 @@ verify() {
 n=0; [ -f $R ] && n=$(wc -l < $R)
 # The kernel's log of the boot (the standby path's refused reads are in it), then a clean one.
 dmesg -c | tail -40
+# Commands typed on the console, read whole lines at a time (a read with a timeout would take
+# a line apart).
+( while read -r line; do
+    case "$line" in *verify*) touch /run/verify ;; *stop*) touch /run/stop ;; esac
+  done ) < /dev/ttyS0 &
 echo "CAIRN-WORKLOAD $n"
 while :; do
   n=$((n+1)); t0=$(up)
   echo "record $n" | dd of=$R oflag=append conv=notrunc,fsync 2>/dev/null || echo "CAIRN-IO-FAIL record $n"
   echo "CAIRN-REC $n $t0 $(up)"
-  if read -t 0.05 cmd; then
-    case "$cmd" in
-      *verify*) verify ;;
-      *stop*) verify; umount /mnt; sync; multipath -ll; echo "CAIRN-STOPPED"; sleep 1; poweroff -f ;;
-    esac
+  [ -e /run/verify ] && { rm /run/verify; verify; }
+  if [ -e /run/stop ]; then
+    verify; umount /mnt; sync; multipath -ll; echo "CAIRN-STOPPED"; sleep 1; poweroff -f
   fi
+  sleep 0.05
 done
 "#;
 
@@ -377,7 +381,8 @@ if [ "$ISCSI" = 1 ]; then
 fi
 if [ "$MULTIPATH" = 1 ]; then
   for a in grep sed awk wc read seq ls ps kill tr head; do ln -sf busybox $R/bin/$a; done
-  for m in e1000 crc32c_generic iscsi_tcp iscsi_ibft sd_mod scsi_dh_alua dm_mod dm_multipath \
+  for m in e1000 virtio_pci virtio_net crc32c_generic iscsi_tcp iscsi_ibft sd_mod scsi_dh_alua \
+           dm_mod dm_multipath \
            dm_service_time dm_round_robin vfat nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii; do
     modprobe -S "$KVER" --show-depends $m
   done | awk '$1=="insmod"{print $2}' | awk '!seen[$0]++' > $R/modules.list
@@ -571,6 +576,8 @@ pub struct LabNode {
     pub id: u8,
     pub data_dir: PathBuf,
     child: Option<Child>,
+    /// SIGSTOPped ([`LabNode::pause`]): running, but the CLI does not ask it.
+    paused: bool,
 }
 
 impl LabNode {
@@ -579,13 +586,17 @@ impl LabNode {
     }
 
     /// SIGSTOP: a hung node, whose connections stay open and say nothing.
-    pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal("STOP")
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.signal("STOP")?;
+        self.paused = true;
+        Ok(())
     }
 
     /// SIGCONT after [`LabNode::pause`].
-    pub fn resume(&self) -> anyhow::Result<()> {
-        self.signal("CONT")
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.signal("CONT")?;
+        self.paused = false;
+        Ok(())
     }
 
     fn signal(&self, name: &str) -> anyhow::Result<()> {
@@ -595,6 +606,7 @@ impl LabNode {
 
     /// SIGKILL (a power loss of the process).
     pub fn kill(&mut self) {
+        self.paused = false;
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -637,6 +649,7 @@ impl LabCluster {
                 id,
                 data_dir: dir.path().join(format!("node{id}")),
                 child: None,
+                paused: false,
             })
             .collect();
         let mut cluster = LabCluster {
@@ -812,7 +825,7 @@ impl LabCluster {
     /// As [`LabCluster::cli_ok`], with `input` on the CLI's standard input.
     pub fn cli_ok_with_input(&self, args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
         let mut last = String::new();
-        for node in self.nodes.iter().filter(|n| n.is_running()) {
+        for node in self.nodes.iter().filter(|n| n.is_running() && !n.paused) {
             let server = format!("https://{}:7400", self.lab.node_address(node.id));
             let (ok, stdout, stderr) = self.cli_in(&self.lab.lan(), Some(&server), args, input)?;
             if ok {
