@@ -12,6 +12,50 @@ use serde_json::Value;
 
 use crate::pxe::{multipath_guest as says, tail, Firmware, LabCluster, Qemu};
 
+/// Why this machine cannot run a multipath guest, if it cannot: the PXE lab's prerequisites,
+/// and what the guest's initramfs is built from.
+pub fn unmet_prerequisite() -> Option<String> {
+    if let Some(reason) = crate::pxe::unmet_prerequisite() {
+        return Some(reason);
+    }
+    for (path, package) in [
+        ("/usr/sbin/iscsid", "open-iscsi"),
+        ("/usr/sbin/iscsiadm", "open-iscsi"),
+        ("/sbin/multipathd", "multipath-tools"),
+        ("/sbin/kpartx", "kpartx"),
+        ("/usr/sbin/dmsetup", "dmsetup"),
+        ("/lib/systemd/systemd-udevd", "udev"),
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+        ("/usr/lib/systemd/boot/efi/linuxx64.efi.stub", "systemd-boot-efi"),
+    ] {
+        if !std::path::Path::new(path).exists() {
+            return Some(format!("{path} is missing (package {package})"));
+        }
+    }
+    None
+}
+
+/// Copies the guests' consoles and the nodes' logs out of the lab's directory (removed with the
+/// cluster) into `<tmp>/cairn-<what>`, for a failed run.
+pub fn keep_consoles(cluster: &LabCluster, what: &str) {
+    let kept = std::env::temp_dir().join(format!("cairn-{what}"));
+    let _ = std::fs::create_dir_all(&kept);
+    for entry in std::fs::read_dir(cluster.dir.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".log") {
+            let _ = std::fs::copy(entry.path(), kept.join(&name));
+        }
+    }
+    eprintln!(
+        "the guests' consoles and the nodes' logs are in {}",
+        kept.display()
+    );
+}
+
 /// How long a TCG guest may take from power-on to its workload.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -204,7 +248,8 @@ pub fn fault_primary(
             went_on = Some(faulted.elapsed());
         }
         if committed.is_none() {
-            let now = session(cluster, mac)?;
+            // While the Raft leader changes, a request may fail; ask again.
+            let now = session(cluster, mac).unwrap_or_default();
             if now["generation"].as_u64() > Some(generation) {
                 committed = Some(faulted.elapsed());
                 anyhow::ensure!(

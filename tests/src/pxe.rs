@@ -248,7 +248,6 @@ const MULTIPATH_CONF: &str = r#"defaults {
     user_friendly_names yes
     find_multipaths off
     polling_interval 1
-    enable_foreign "^$"
 }
 devices {
     device {

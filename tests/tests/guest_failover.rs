@@ -18,9 +18,9 @@
 //! open-iscsi and multipath-tools: a missing one fails it, saying which, before anything starts.
 //! `CAIRN_GUEST_CASES=kill,stop,persistent` picks cases (unset: all, as CI does).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use cairn_tests::guest::{fault_primary, Fault, Guest};
+use cairn_tests::guest::{self, fault_primary, Fault, Guest};
 use cairn_tests::pxe::{build_multipath_disk, Firmware, LabCluster};
 use cairn_tests::{missing_prerequisite, slow_tests_enabled};
 
@@ -33,7 +33,7 @@ fn a_running_guest_survives_its_primary() -> anyhow::Result<()> {
     if !slow_tests_enabled("a_running_guest_survives_its_primary") {
         return Ok(());
     }
-    if let Some(reason) = unmet_prerequisite() {
+    if let Some(reason) = guest::unmet_prerequisite() {
         missing_prerequisite(&reason);
         return Ok(());
     }
@@ -42,45 +42,9 @@ fn a_running_guest_survives_its_primary() -> anyhow::Result<()> {
     let result = run(&mut cluster, started);
     if result.is_err() {
         eprintln!("{}", cluster.logs(40));
-        keep_consoles(&cluster);
+        guest::keep_consoles(&cluster, "guest-failover");
     }
     result
-}
-
-/// Copies the guests' consoles out of the lab's directory (removed with the cluster), for a
-/// failed run.
-fn keep_consoles(cluster: &LabCluster) {
-    let kept = std::env::temp_dir().join("cairn-guest-failover");
-    let _ = std::fs::create_dir_all(&kept);
-    for entry in std::fs::read_dir(cluster.dir.path()).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        if name.to_string_lossy().ends_with(".log") {
-            let _ = std::fs::copy(entry.path(), kept.join(&name));
-        }
-    }
-    eprintln!("the guests' consoles and the nodes' logs are in {}", kept.display());
-}
-
-/// What this test needs beyond the PXE lab's own prerequisites.
-fn unmet_prerequisite() -> Option<String> {
-    if let Some(reason) = cairn_tests::pxe::unmet_prerequisite() {
-        return Some(reason);
-    }
-    for (path, package) in [
-        ("/usr/sbin/iscsid", "open-iscsi"),
-        ("/usr/sbin/iscsiadm", "open-iscsi"),
-        ("/sbin/multipathd", "multipath-tools"),
-        ("/sbin/kpartx", "kpartx"),
-        ("/usr/sbin/dmsetup", "dmsetup"),
-        ("/lib/systemd/systemd-udevd", "udev"),
-        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
-        ("/usr/lib/systemd/boot/efi/linuxx64.efi.stub", "systemd-boot-efi"),
-    ] {
-        if !std::path::Path::new(path).exists() {
-            return Some(format!("{path} is missing (package {package})"));
-        }
-    }
-    None
 }
 
 fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
