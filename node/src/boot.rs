@@ -1141,7 +1141,7 @@ fn check_login(
 }
 
 fn portal(state: &State, node_id: NodeId) -> Option<SocketAddr> {
-    state.nodes.get(&node_id)?.portal_address.parse().ok()
+    state.nodes.get(&node_id)?.portal()
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use anyhow::{anyhow, Context};
 use bytes::Bytes;
 
 use cairn_blockstore::chunks::ChunkStore;
-use cairn_blockstore::iscsi::{target_name_for_client, Target, TargetConfig};
+use cairn_blockstore::iscsi::{target_name_for_client, Listing, Target, TargetConfig};
 use cairn_blockstore::mirror::{
     Message, MirrorConfig, PrimaryEvent, RefusedReason, ResyncProgress, StandbyEvent, StandbySync,
     VolumeId,
@@ -242,6 +242,31 @@ impl Sessions {
                 ))
             })
             .collect()
+    }
+
+    /// Lists every client's target for SendTargets on this node, at the portals of its
+    /// session's primary and standby (see [`Listing`]): an initiator that polls any node
+    /// finds the node its disk moved to, and a new standby.
+    pub fn list_targets(&self, state: &State) {
+        let listings = state.boot_sessions.values().filter_map(|session| {
+            let portals: Vec<String> = std::iter::once(session.primary)
+                .chain(session.standby)
+                .filter_map(|id| state.nodes.get(&id)?.portal())
+                .map(|address| format!("{address},1"))
+                .collect();
+            (!portals.is_empty()).then(|| Listing {
+                name: target_name_for_client(session.mac.0),
+                allowed_initiators: self.allowed_initiators(&session.mac),
+                portals,
+            })
+        });
+        self.target.registry().set_listings(listings);
+    }
+
+    fn allowed_initiators(&self, mac: &Mac) -> Vec<String> {
+        let mut allowed = vec![initiator_name_for_client(mac)];
+        allowed.extend(self.extra_initiators.iter().cloned());
+        allowed
     }
 
     /// Makes the served sessions match `wanted`; false if some could not be served yet (its
@@ -508,8 +533,7 @@ impl Sessions {
         };
         device.set_paths(self.node_id, other);
         let iqn = target_name_for_client(mac.0);
-        let mut allowed_initiators = vec![initiator_name_for_client(&mac)];
-        allowed_initiators.extend(self.extra_initiators.iter().cloned());
+        let allowed_initiators = self.allowed_initiators(&mac);
         self.target
             .add_target(
                 &iqn,

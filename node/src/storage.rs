@@ -162,6 +162,9 @@ pub async fn start(
             // Metrics change on heartbeats too: look at the sessions only when the history moved.
             let (seq, wanted) = cluster.local_state(|s| {
                 let moved = ticked || last_seq != Some(s.last_seq);
+                if moved {
+                    storage.sessions.list_targets(s);
+                }
                 (s.last_seq, moved.then(|| storage.sessions.wanted(s)))
             });
             last_seq = Some(seq);

@@ -71,7 +71,14 @@ fn run(cluster: &mut LabCluster, rounds: u64) -> anyhow::Result<()> {
             client += 1;
             let mac = format!("52:54:00:77:01:{client:02x}");
             cluster.cli_ok(&["client", "add", &mac, "--name", &format!("pause-{client}")])?;
-            cluster.cli_ok(&["assign", "pause", "--client", &mac, "--mode", "non-persistent"])?;
+            cluster.cli_ok(&[
+                "assign",
+                "pause",
+                "--client",
+                &mac,
+                "--mode",
+                "non-persistent",
+            ])?;
             let mut machine = Guest::boot(cluster, Firmware::Bios, &mac, &format!("p{client}"))?;
             let outcome = fault_primary(cluster, &mut machine, &mac, fault, &log)?;
             machine.stop()?;

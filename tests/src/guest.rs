@@ -26,7 +26,10 @@ pub fn unmet_prerequisite() -> Option<String> {
         ("/usr/sbin/dmsetup", "dmsetup"),
         ("/lib/systemd/systemd-udevd", "udev"),
         ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
-        ("/usr/lib/systemd/boot/efi/linuxx64.efi.stub", "systemd-boot-efi"),
+        (
+            "/usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+            "systemd-boot-efi",
+        ),
     ] {
         if !std::path::Path::new(path).exists() {
             return Some(format!("{path} is missing (package {package})"));
@@ -124,6 +127,42 @@ impl Guest {
     /// The last record reported, if any.
     pub fn last_record(&self) -> Option<Record> {
         self.records().last().copied()
+    }
+
+    /// The multipath device's paths as the guest last reported them.
+    pub fn paths(&self) -> Vec<String> {
+        let prefix = says::PATHS;
+        self.console()
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|names| names.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the guest's multipath device has `count` paths, one of them not among
+    /// `before` (it logged in to a node it had no session to).
+    pub fn wait_new_path(
+        &self,
+        before: &[String],
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let paths = self.paths();
+            if paths.len() >= count && paths.iter().any(|p| !before.contains(p)) {
+                return Ok(paths);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no new path after {timeout:?} (paths {paths:?}, before {before:?}):\n{}",
+                    tail(&self.console(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Fails if the guest reported an I/O error to its workload or died.
@@ -291,6 +330,27 @@ pub fn fault_primary(
     })
 }
 
+/// Waits until `mac`'s session has a standby in sync (one a failover can promote); returns the
+/// session.
+pub fn wait_standby_in_sync(
+    cluster: &LabCluster,
+    mac: &str,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = session(cluster, mac).unwrap_or_default();
+        if now["standby"].is_u64() && now["standby_copy"] == "InSync" {
+            return Ok(now);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{mac}'s standby not in sync within {timeout:?}: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn session(cluster: &LabCluster, mac: &str) -> anyhow::Result<Value> {
     Ok(cluster.cli_json(&["client", "show", mac])?["session"].clone())
 }
@@ -308,7 +368,10 @@ fn verified(console: &str) -> anyhow::Result<u64> {
         );
     }
     if console.contains(says::VERIFY_BAD) {
-        bail!("a record is missing or out of order:\n{}", tail(console, 20));
+        bail!(
+            "a record is missing or out of order:\n{}",
+            tail(console, 20)
+        );
     }
     console
         .lines()

@@ -143,6 +143,9 @@ pub mod multipath_guest {
     pub const KERNEL_ERROR: &str = "CAIRN-KERNEL-ERROR";
     /// The guest unmounted its file system and powers off.
     pub const STOPPED: &str = "CAIRN-STOPPED";
+    /// The paths (SCSI disks) of the multipath device, printed when they change:
+    /// `CAIRN-PATHS sda sdb`.
+    pub const PATHS: &str = "CAIRN-PATHS";
 }
 
 /// Like [`build_iscsi_disk`], but the booted Linux runs as an installed system on a multipathed
@@ -266,11 +269,13 @@ devices {
 
 /// The guest's `/etc/iscsi/iscsid.conf`: the README's, section "Client operating systems".
 const ISCSID_CONF: &str = r#"node.startup = manual
+discovery.sendtargets.use_discoveryd = Yes
+discovery.sendtargets.discoveryd_poll_inval = 2
 node.session.timeo.replacement_timeout = 1
 node.conn[0].timeo.login_timeout = 5
 node.conn[0].timeo.logout_timeout = 5
 node.conn[0].timeo.noop_out_interval = 1
-node.conn[0].timeo.noop_out_timeout = 2
+node.conn[0].timeo.noop_out_timeout = 1
 node.session.err_timeo.abort_timeout = 5
 node.session.err_timeo.lu_reset_timeout = 10
 node.session.err_timeo.tgt_reset_timeout = 10
@@ -299,7 +304,16 @@ ip link set $IF up
 ip addr add $(cat $F/ethernet0/ip-addr)/$(cat $F/ethernet0/prefix-len) dev $IF
 sleep 1
 echo "InitiatorName=$(cat $F/initiator/initiator-name)" > /etc/iscsi/initiatorname.iscsi
+# Every iBFT portal as a SendTargets discovery record that iscsid's discovery daemon polls
+# (iscsid.conf): it logs in to the portals the cluster lists for the disk now (a new standby).
+# iscsiadm needs iscsid to make them, and iscsid starts its pollers when it starts: once more.
 iscsid || fail "iscsid"
+for t in $F/target*; do
+  iscsiadm -m discoverydb -t st -p "$(cat $t/ip-addr):$(cat $t/port)" -o new >/dev/null \
+    || echo "CAIRN-GUEST no discovery record for $(cat $t/ip-addr)"
+done
+kill $(pidof iscsid); i=0; while pidof iscsid >/dev/null && [ $i -lt 20 ]; do sleep 0.2; i=$((i+1)); done
+iscsid || fail "iscsid, again"
 # Every target of the iBFT (the primary's path and the standby's) as a node record, with
 # iscsid.conf's timeouts (a firmware login, 'iscsiadm -m fw -l', turns NOP-Outs off).
 for t in $F/target*; do
@@ -341,11 +355,16 @@ dmesg -c | tail -40
 ( while read -r line; do
     case "$line" in *verify*) touch /run/verify ;; *stop*) touch /run/stop ;; esac
   done ) < /dev/ttyS0 &
+DM=$(basename "$(readlink -f /dev/mapper/mpatha)")
+paths_were=
 echo "CAIRN-WORKLOAD $n"
 while :; do
   n=$((n+1)); t0=$(up)
   echo "record $n" | dd of=$R oflag=append conv=notrunc,fsync 2>/dev/null || echo "CAIRN-IO-FAIL record $n"
   echo "CAIRN-REC $n $t0 $(up)"
+  # The multipath device's paths, when they change (without a fork per record).
+  paths=; for p in /sys/block/$DM/slaves/*; do paths="$paths ${p##*/}"; done
+  [ "$paths" = "$paths_were" ] || { echo "CAIRN-PATHS$paths"; paths_were=$paths; }
   [ -e /run/verify ] && { rm /run/verify; verify; }
   if [ -e /run/stop ]; then
     verify; umount /mnt; sync; multipath -ll; echo "CAIRN-STOPPED"; sleep 1; poweroff -f
@@ -379,7 +398,7 @@ if [ "$ISCSI" = 1 ]; then
   done
 fi
 if [ "$MULTIPATH" = 1 ]; then
-  for a in grep sed awk wc read seq ls ps kill tr head; do ln -sf busybox $R/bin/$a; done
+  for a in grep sed awk wc seq ls ps kill tr head pidof readlink; do ln -sf busybox $R/bin/$a; done
   for m in e1000 virtio_pci virtio_net crc32c_generic iscsi_tcp iscsi_ibft sd_mod scsi_dh_alua \
            dm_mod dm_multipath \
            dm_service_time dm_round_robin vfat nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii; do

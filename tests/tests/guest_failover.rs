@@ -7,6 +7,9 @@
 //!
 //! - `kill`: SIGKILL of the primary (its TCP connections are reset);
 //! - `stop`: SIGSTOP of the primary (a hung node: nothing answers, only NOP-Out timeouts tell);
+//! - `twice`: SIGKILL of the primary, then, once the new standby (on the third node, which the
+//!   guest had no session to) is in sync and the guest's discovery daemon has logged in to it,
+//!   SIGKILL of the new primary;
 //! - `persistent`: SIGKILL on a persistent disk, then the machine powers off and boots again
 //!   (UEFI this time) and finds every record.
 //!
@@ -16,9 +19,9 @@
 //!
 //! Runs only with `CAIRN_SLOW_TESTS=1`; then it needs root, qemu, Debian's ipxe, ovmf,
 //! open-iscsi and multipath-tools: a missing one fails it, saying which, before anything starts.
-//! `CAIRN_GUEST_CASES=kill,stop,persistent` picks cases (unset: all, as CI does).
+//! `CAIRN_GUEST_CASES=kill,stop,twice,persistent` picks cases (unset: all, as CI does).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cairn_tests::guest::{self, fault_primary, Fault, Guest};
 use cairn_tests::pxe::{build_multipath_disk, Firmware, LabCluster};
@@ -27,6 +30,7 @@ use cairn_tests::{missing_prerequisite, slow_tests_enabled};
 const MAC_KILL: &str = "52:54:00:77:00:20";
 const MAC_STOP: &str = "52:54:00:77:00:21";
 const MAC_PERSISTENT: &str = "52:54:00:77:00:22";
+const MAC_TWICE: &str = "52:54:00:77:00:23";
 const MARKER: &str = "CAIRN-MULTIPATH-GUEST";
 #[test]
 fn a_running_guest_survives_its_primary() -> anyhow::Result<()> {
@@ -68,6 +72,9 @@ fn run(cluster: &mut LabCluster, started: Instant) -> anyhow::Result<()> {
             "SIGSTOP of the primary: the guest went on, longest pause {pause:.2}s"
         ));
     }
+    if selected("twice") {
+        twice(cluster, &log)?;
+    }
     if selected("persistent") {
         persistent(cluster, &log)?;
     }
@@ -97,6 +104,46 @@ fn survive(
     let verified = guest.stop()?;
     log(&format!("{run}: {verified} records verified at power-off"));
     Ok(survived.pause)
+}
+
+/// Two failures in a row under one running guest. After the first failover the cluster resyncs
+/// a new standby on the third node, which the guest had no session to: its discovery daemon
+/// finds it in SendTargets (any node lists the portals serving the disk now) and logs in, and
+/// multipath adds the path. Then the new primary is killed too, and the guest carries on
+/// through that path.
+fn twice(cluster: &mut LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
+    cluster.cli_ok(&["client", "add", MAC_TWICE, "--name", "mp-twice"])?;
+    cluster.cli_ok(&[
+        "assign",
+        "mp",
+        "--client",
+        MAC_TWICE,
+        "--mode",
+        "non-persistent",
+    ])?;
+    let mut guest = Guest::boot(cluster, Firmware::Bios, MAC_TWICE, "twice")?;
+    // The paths are reported with the first record.
+    guest.wait_record(guest.found_at_boot + 1, guest::RECOVERY_TIMEOUT)?;
+    let booted_with = guest.paths();
+    anyhow::ensure!(
+        booted_with.len() == 2,
+        "booted with two paths: {booted_with:?}"
+    );
+    let first = fault_primary(cluster, &mut guest, MAC_TWICE, Fault::Kill, log)?;
+    let session = guest::wait_standby_in_sync(cluster, MAC_TWICE, Duration::from_secs(120))?;
+    let paths = guest.wait_new_path(&booted_with, 2, Duration::from_secs(60))?;
+    log(&format!(
+        "twice: first pause {:.2}s; new standby {} in sync, the guest's paths {booted_with:?} -> \
+         {paths:?}",
+        first.pause, session["standby"]
+    ));
+    let second = fault_primary(cluster, &mut guest, MAC_TWICE, Fault::Kill, log)?;
+    let verified = guest.stop()?;
+    log(&format!(
+        "twice: second pause {:.2}s through the discovered path; {verified} records verified",
+        second.pause
+    ));
+    Ok(())
 }
 
 /// SIGKILL under a persistent disk, then a power-off and a boot (UEFI) that finds every record.

@@ -1240,23 +1240,51 @@ impl Connection {
         }
     }
 
+    /// SendTargets: the targets this initiator may see, each with its portals: those of its
+    /// listing (the nodes serving it now, see [`Listing`]), else this portal's own addresses.
+    /// A discovery session sees every served or listed target (or the one named); a normal
+    /// session only its own.
+    ///
+    /// [`Listing`]: super::target::Listing
     fn send_targets(&self, value: &str, out: &mut Vec<u8>) {
         let initiator = self.login.initiator_name.clone().unwrap_or_default();
-        let targets: Vec<Arc<TargetEntry>> = if self.login.discovery {
-            match value {
+        let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let portals_of = |name: &str| {
+            self.registry
+                .listing(name)
+                .map(|l| l.portals)
+                .unwrap_or_else(|| self.portal.addresses.clone())
+        };
+        if self.login.discovery {
+            let served: Vec<Arc<TargetEntry>> = match value {
                 "All" => self.registry.targets(),
                 name => self.registry.target(name).into_iter().collect(),
+            };
+            for t in served.iter().filter(|t| t.allows(&initiator)) {
+                found.insert(t.name.clone(), portals_of(&t.name));
+            }
+            let listed = match value {
+                "All" => self.registry.listings(),
+                name => self.registry.listing(name).into_iter().collect(),
+            };
+            for l in listed.into_iter().filter(|l| l.allows(&initiator)) {
+                found.insert(l.name, l.portals);
             }
         } else {
             // In a normal session only the session's own target may be named.
             match self.target() {
-                Some(t) if value.is_empty() || value == t.name || value == "All" => vec![t],
-                _ => Vec::new(),
+                Some(t)
+                    if (value.is_empty() || value == t.name || value == "All")
+                        && t.allows(&initiator) =>
+                {
+                    found.insert(t.name.clone(), portals_of(&t.name));
+                }
+                _ => {}
             }
-        };
-        for t in targets.iter().filter(|t| t.allows(&initiator)) {
-            text::push_pair(out, "TargetName", &t.name);
-            for a in &self.portal.addresses {
+        }
+        for (name, portals) in found {
+            text::push_pair(out, "TargetName", &name);
+            for a in &portals {
                 text::push_pair(out, "TargetAddress", a);
             }
         }
@@ -1601,8 +1629,8 @@ impl Connection {
 mod tests {
     use super::*;
     use crate::device::{BlockDevice, DeviceError};
-    use crate::iscsi::target::TargetConfig;
-    use crate::iscsi::wire::{DataOut as WireDataOut, NopOut};
+    use crate::iscsi::target::{Listing, TargetConfig};
+    use crate::iscsi::wire::{DataOut as WireDataOut, NopOut, TextRequest};
     use proptest::prelude::*;
     use std::sync::Mutex;
 
@@ -1709,6 +1737,92 @@ mod tests {
         };
         c.handle_bytes(&InitiatorPdu::Login(req).to_pdu().encode(false, false));
         drain(c)
+    }
+
+    /// A discovery session's `SendTargets=<value>` answer, as (key, value) pairs.
+    fn send_targets(c: &mut Connection, value: &str) -> Vec<(String, String)> {
+        let mut data = Vec::new();
+        text::push_pair(&mut data, "SendTargets", value);
+        let request = InitiatorPdu::Text(TextRequest {
+            immediate: true,
+            final_: true,
+            continue_: false,
+            lun: 0,
+            itt: 7,
+            ttt: TAG_NONE,
+            cmd_sn: 10,
+            exp_stat_sn: 1,
+            data,
+        });
+        c.handle_bytes(&request.to_pdu().encode(false, false));
+        let answer = drain(c).pop().expect("a text response");
+        // SendTargets repeats keys, which `parse_pairs` refuses in negotiation.
+        answer
+            .data
+            .split(|b| *b == 0)
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let pair = std::str::from_utf8(pair).expect("utf-8");
+                let (key, value) = pair.split_once('=').expect("key=value");
+                (key.to_string(), value.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn send_targets_lists_the_portals_serving_each_target() {
+        const INITIATOR: &str = "iqn.2026-11.org.cairn:test";
+        const ELSEWHERE: &str = "iqn.2026-11.org.cairn:client.525400770011";
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let mut c = connection();
+        let registry = c.registry.clone();
+        login(&mut c, &[("SessionType", "Discovery")]);
+        // Nothing listed: the served target at this portal's own address.
+        assert_eq!(
+            send_targets(&mut c, "All"),
+            pairs(&[("TargetName", IQN), ("TargetAddress", "127.0.0.1:3260,1")])
+        );
+        // Listed: the served target at the portals of its session (this one among them), a
+        // target served only elsewhere, and not one this initiator may not see.
+        registry.set_listings([
+            Listing {
+                name: IQN.into(),
+                allowed_initiators: vec![INITIATOR.into()],
+                portals: vec!["127.0.0.2:3260,1".into(), "127.0.0.1:3260,1".into()],
+            },
+            Listing {
+                name: ELSEWHERE.into(),
+                allowed_initiators: vec![INITIATOR.to_uppercase()],
+                portals: vec!["127.0.0.3:3260,1".into()],
+            },
+            Listing {
+                name: "iqn.2026-11.org.cairn:client.525400770012".into(),
+                allowed_initiators: vec!["iqn.2026-11.org.cairn:someone-else".into()],
+                portals: vec!["127.0.0.3:3260,1".into()],
+            },
+        ]);
+        assert_eq!(
+            send_targets(&mut c, "All"),
+            pairs(&[
+                ("TargetName", IQN),
+                ("TargetAddress", "127.0.0.2:3260,1"),
+                ("TargetAddress", "127.0.0.1:3260,1"),
+                ("TargetName", ELSEWHERE),
+                ("TargetAddress", "127.0.0.3:3260,1"),
+            ])
+        );
+        assert_eq!(
+            send_targets(&mut c, ELSEWHERE),
+            pairs(&[
+                ("TargetName", ELSEWHERE),
+                ("TargetAddress", "127.0.0.3:3260,1")
+            ])
+        );
+        assert!(send_targets(&mut c, "iqn.2026-11.org.cairn:client.525400770012").is_empty());
     }
 
     #[allow(clippy::too_many_arguments)]

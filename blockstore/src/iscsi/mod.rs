@@ -69,7 +69,7 @@ pub mod wire;
 
 pub use chap::Chap;
 pub use server::Target;
-pub use target::{Registry, RegistryError, TargetConfig};
+pub use target::{Listing, Registry, RegistryError, TargetConfig};
 
 /// The target name of a client's volume: `iqn.2026-11.org.cairn:client.` and the MAC address
 /// as 12 lowercase hex digits without separators.

@@ -41,12 +41,34 @@ impl std::fmt::Debug for TargetEntry {
 
 impl TargetEntry {
     pub fn allows(&self, initiator_name: &str) -> bool {
-        self.config.allowed_initiators.is_empty()
-            || self
-                .config
-                .allowed_initiators
-                .iter()
-                .any(|a| a.eq_ignore_ascii_case(initiator_name))
+        allows(&self.config.allowed_initiators, initiator_name)
+    }
+}
+
+/// Whether `initiator_name` may see a target that allows `allowed` (none: everyone).
+fn allows(allowed: &[String], initiator_name: &str) -> bool {
+    allowed.is_empty()
+        || allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(initiator_name))
+}
+
+/// A target as SendTargets lists it: served by this node or by others, with the portals that
+/// serve it. A cluster lists every client's target on every node, with the portals of its
+/// session's primary and standby, so that an initiator polling any node finds where its disk
+/// is served now (open-iscsi's discovery daemon logs in to a new standby by itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub name: String,
+    /// Initiators allowed to see it (none: everyone).
+    pub allowed_initiators: Vec<String>,
+    /// `address:port,tpgt` of each portal that serves it (TargetAddress values).
+    pub portals: Vec<String>,
+}
+
+impl Listing {
+    pub fn allows(&self, initiator_name: &str) -> bool {
+        allows(&self.allowed_initiators, initiator_name)
     }
 }
 
@@ -86,6 +108,8 @@ pub enum RegistryError {
 #[derive(Default)]
 pub struct Registry {
     targets: RwLock<BTreeMap<String, Arc<TargetEntry>>>,
+    /// What SendTargets lists beyond (or instead of) this node's own portals.
+    listings: RwLock<BTreeMap<String, Listing>>,
     sessions: Mutex<BTreeMap<u64, SessionRecord>>,
     next_session_id: AtomicU64,
     next_tsih: AtomicU16,
@@ -158,6 +182,29 @@ impl Registry {
 
     pub fn targets(&self) -> Vec<Arc<TargetEntry>> {
         self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Replaces what SendTargets lists (see [`Listing`]).
+    pub fn set_listings(&self, listings: impl IntoIterator<Item = Listing>) {
+        let listings = listings.into_iter().map(|l| (l.name.clone(), l)).collect();
+        *self.listings.write().unwrap_or_else(|p| p.into_inner()) = listings;
+    }
+
+    pub fn listing(&self, name: &str) -> Option<Listing> {
+        self.listings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn listings(&self) -> Vec<Listing> {
+        self.listings
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()

@@ -25,6 +25,13 @@ pub struct StorageNode {
     pub draining: bool,
 }
 
+impl StorageNode {
+    /// Its iSCSI portal, if the recorded address parses.
+    pub fn portal(&self) -> Option<std::net::SocketAddr> {
+        self.portal_address.parse().ok()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VersionState {
