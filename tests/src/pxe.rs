@@ -313,7 +313,9 @@ for t in $F/target*; do
     || echo "CAIRN-GUEST no discovery record for $(cat $t/ip-addr)"
 done
 kill $(pidof iscsid); i=0; while pidof iscsid >/dev/null && [ $i -lt 20 ]; do sleep 0.2; i=$((i+1)); done
-iscsid || fail "iscsid, again"
+# As its service runs it: in the foreground, its log (logins, recoveries, discovery) on the console.
+iscsid -f &
+i=0; while [ ! -S /run/iscsid.sock ] && ! iscsiadm -m session >/dev/null 2>&1 && [ $i -lt 20 ]; do sleep 0.2; i=$((i+1)); done
 # Every target of the iBFT (the primary's path and the standby's) as a node record, with
 # iscsid.conf's timeouts (a firmware login, 'iscsiadm -m fw -l', turns NOP-Outs off).
 for t in $F/target*; do
