@@ -129,35 +129,34 @@ impl Guest {
         self.records().last().copied()
     }
 
-    /// The multipath device's paths as the guest last reported them.
-    pub fn paths(&self) -> Vec<String> {
-        let prefix = says::PATHS;
+    /// The addresses of the nodes the multipath device's paths go to, as the guest last
+    /// reported them (a disk's name may be reused for another node's path).
+    pub fn path_nodes(&self) -> Vec<String> {
         self.console()
             .lines()
             .rev()
-            .find_map(|l| l.strip_prefix(prefix))
-            .map(|names| names.split_whitespace().map(str::to_owned).collect())
+            .find_map(|l| l.strip_prefix(says::PATHS))
+            .map(|paths| {
+                paths
+                    .split_whitespace()
+                    .filter_map(|p| p.split_once('@').map(|(_, node)| node.to_owned()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    /// Waits until the guest's multipath device has `count` paths, one of them not among
-    /// `before` (it logged in to a node it had no session to).
-    pub fn wait_new_path(
-        &self,
-        before: &[String],
-        count: usize,
-        timeout: Duration,
-    ) -> anyhow::Result<Vec<String>> {
+    /// Waits until the multipath device has a path to the node at `address`.
+    pub fn wait_path_to(&self, address: &str, timeout: Duration) -> anyhow::Result<Vec<String>> {
         let deadline = Instant::now() + timeout;
         loop {
             self.check_alive()?;
-            let paths = self.paths();
-            if paths.len() >= count && paths.iter().any(|p| !before.contains(p)) {
-                return Ok(paths);
+            let nodes = self.path_nodes();
+            if nodes.iter().any(|n| n == address) {
+                return Ok(nodes);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "no new path after {timeout:?} (paths {paths:?}, before {before:?}):\n{}",
+                    "no path to {address} after {timeout:?} (paths to {nodes:?}):\n{}",
                     tail(&self.console(), 40)
                 );
             }

@@ -143,8 +143,8 @@ pub mod multipath_guest {
     pub const KERNEL_ERROR: &str = "CAIRN-KERNEL-ERROR";
     /// The guest unmounted its file system and powers off.
     pub const STOPPED: &str = "CAIRN-STOPPED";
-    /// The paths (SCSI disks) of the multipath device, printed when they change:
-    /// `CAIRN-PATHS sda sdb`.
+    /// The paths of the multipath device, each a SCSI disk and the address of the node its
+    /// session goes to, printed when they change: `CAIRN-PATHS sda@192.168.77.1 sdb@...`.
     pub const PATHS: &str = "CAIRN-PATHS";
 }
 
@@ -364,9 +364,17 @@ while :; do
   n=$((n+1)); t0=$(up)
   echo "record $n" | dd of=$R oflag=append conv=notrunc,fsync 2>/dev/null || echo "CAIRN-IO-FAIL record $n"
   echo "CAIRN-REC $n $t0 $(up)"
-  # The multipath device's paths, when they change (without a fork per record).
+  # The multipath device's paths, each with its node's address, when they change (no fork
+  # per record while they do not).
   paths=; for p in /sys/block/$DM/slaves/*; do paths="$paths ${p##*/}"; done
-  [ "$paths" = "$paths_were" ] || { echo "CAIRN-PATHS$paths"; paths_were=$paths; }
+  if [ "$paths" != "$paths_were" ]; then
+    paths_were=$paths; shown=
+    for s in $paths; do
+      d=$(readlink -f /sys/block/$s/device); d=${d%/target*}; sn=${d##*/session}
+      shown="$shown $s@$(cat /sys/class/iscsi_connection/connection$sn:0/persistent_address 2>/dev/null)"
+    done
+    echo "CAIRN-PATHS$shown"
+  fi
   [ -e /run/verify ] && { rm /run/verify; verify; }
   if [ -e /run/stop ]; then
     verify; umount /mnt; sync; multipath -ll; echo "CAIRN-STOPPED"; sleep 1; poweroff -f

@@ -124,18 +124,23 @@ fn twice(cluster: &mut LabCluster, log: &dyn Fn(&str)) -> anyhow::Result<()> {
     let mut guest = Guest::boot(cluster, Firmware::Bios, MAC_TWICE, "twice")?;
     // The paths are reported with the first record.
     guest.wait_record(guest.found_at_boot + 1, guest::RECOVERY_TIMEOUT)?;
-    let booted_with = guest.paths();
+    let booted_with = guest.path_nodes();
     anyhow::ensure!(
         booted_with.len() == 2,
         "booted with two paths: {booted_with:?}"
     );
     let first = fault_primary(cluster, &mut guest, MAC_TWICE, Fault::Kill, log)?;
     let session = guest::wait_standby_in_sync(cluster, MAC_TWICE, Duration::from_secs(120))?;
-    let paths = guest.wait_new_path(&booted_with, 2, Duration::from_secs(60))?;
+    let standby = session["standby"].as_u64().expect("checked") as u8;
+    anyhow::ensure!(
+        !booted_with.contains(&cluster.lab.node_address(standby)),
+        "the new standby {standby} is on a node the guest booted with: {booted_with:?}"
+    );
+    let paths = guest.wait_path_to(&cluster.lab.node_address(standby), Duration::from_secs(60))?;
     log(&format!(
-        "twice: first pause {:.2}s; new standby {} in sync, the guest's paths {booted_with:?} -> \
-         {paths:?}",
-        first.pause, session["standby"]
+        "twice: first pause {:.2}s; new standby {standby} in sync, the guest's paths go to \
+         {booted_with:?}, then {paths:?}",
+        first.pause
     ));
     let second = fault_primary(cluster, &mut guest, MAC_TWICE, Fault::Kill, log)?;
     let verified = guest.stop()?;
