@@ -150,9 +150,10 @@ pub mod multipath_guest {
 
 /// Like [`build_iscsi_disk`], but the booted Linux runs as an installed system on a multipathed
 /// iSCSI disk would (README, "Client operating systems"): udev, iscsid logging in to every
-/// target of the iBFT (`iscsiadm -m fw -l`: the primary's path and the standby's), multipathd
-/// (`prio alua`, `no_path_retry queue`) joining both into one device, its FAT partition mounted
-/// from the multipath device. Then a workload writes numbered records, each appended and
+/// target of the iBFT (the primary's path and the standby's) and polling their portals with
+/// SendTargets (its discovery daemon logs in to a new standby), multipathd (`prio alua`,
+/// `no_path_retry queue`) joining the paths into one device, its FAT partition mounted from
+/// the multipath device. Then a workload writes numbered records, each appended and
 /// fsynced, and prints each one ([`multipath_guest::RECORD`]) with the guest's uptime before and
 /// after: the gap is the pause the operating system saw. Commands typed on the console check
 /// every record back from the disk or stop the guest.
@@ -395,13 +396,16 @@ for a in sh mount umount echo sleep poweroff cat insmod ip timeout dd dmesg tail
 done
 cp "$INIT" $R/init
 chmod +x $R/init
-if [ "$ISCSI" = 1 ]; then
-  for m in e1000 crc32c_generic iscsi_tcp iscsi_ibft sd_mod vfat nls_cp437 nls_iso8859_1 \
-           nls_utf8 nls_ascii; do
-    modprobe -S "$KVER" --show-depends $m
-  done | awk '$1=="insmod"{print $2}' | awk '!seen[$0]++' > $R/modules.list
+# The kernel modules named, with what they depend on, in load order (/modules.list).
+copy_modules() {
+  for m in "$@"; do modprobe -S "$KVER" --show-depends $m; done \
+    | awk '$1=="insmod"{print $2}' | awk '!seen[$0]++' > $R/modules.list
   while read -r m; do cp "$m" $R/lib/modules/; done < $R/modules.list
   sed -i 's|.*/||' $R/modules.list
+}
+if [ "$ISCSI" = 1 ]; then
+  copy_modules e1000 crc32c_generic iscsi_tcp iscsi_ibft sd_mod vfat nls_cp437 nls_iso8859_1 \
+    nls_utf8 nls_ascii
   cp "$(command -v iscsistart)" $R/sbin/
   for lib in $(ldd "$(command -v iscsistart)" | grep -oE '/[^ ]+'); do
     mkdir -p $R$(dirname $lib); cp -L $lib $R$lib
@@ -409,13 +413,9 @@ if [ "$ISCSI" = 1 ]; then
 fi
 if [ "$MULTIPATH" = 1 ]; then
   for a in grep sed awk wc seq ls ps kill tr head pidof readlink; do ln -sf busybox $R/bin/$a; done
-  for m in e1000 virtio_pci virtio_net crc32c_generic iscsi_tcp iscsi_ibft sd_mod scsi_dh_alua \
-           dm_mod dm_multipath \
-           dm_service_time dm_round_robin vfat nls_cp437 nls_iso8859_1 nls_utf8 nls_ascii; do
-    modprobe -S "$KVER" --show-depends $m
-  done | awk '$1=="insmod"{print $2}' | awk '!seen[$0]++' > $R/modules.list
-  while read -r m; do cp "$m" $R/lib/modules/; done < $R/modules.list
-  sed -i 's|.*/||' $R/modules.list
+  copy_modules e1000 virtio_pci virtio_net crc32c_generic iscsi_tcp iscsi_ibft sd_mod \
+    scsi_dh_alua dm_mod dm_multipath dm_service_time dm_round_robin vfat nls_cp437 \
+    nls_iso8859_1 nls_utf8 nls_ascii
   bins="/usr/sbin/iscsid /usr/sbin/iscsiadm /sbin/multipathd /sbin/multipath /sbin/kpartx
         /usr/sbin/dmsetup /lib/systemd/systemd-udevd /bin/udevadm /lib/udev/scsi_id"
   mkdir -p $R/usr/sbin $R/lib/systemd $R/lib/udev/rules.d $R/lib/multipath $R/etc/multipath \
