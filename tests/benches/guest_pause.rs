@@ -8,9 +8,11 @@
 //! - SIGKILL (the process dies, its TCP connections are reset), or
 //! - SIGSTOP (a hung node: nothing answers, only the initiator's NOP-Out timeout tells).
 //!
-//! Per round it prints the longest pause the workload saw (the guest-visible I/O pause), when
-//! the cluster had committed the failover (the CLI polled every 50 ms) and when the workload's
-//! next record came, both from the fault; then median and max per fault. Every round also
+//! Per round it prints where the seconds went, each from the fault: when the standby asked for
+//! the failover (its "primary silent" in the nodes' logs), when the cluster had committed it
+//! (the CLI polled every 50 ms), how long the promoted standby waited out the old primary's
+//! lease (its log), when the workload's next record came, and the longest pause the workload
+//! saw (the guest-visible I/O pause); then median and max per fault. Every round also
 //! checks what the test `guest_failover` checks (no I/O error, every record read back).
 //! Goal: at most 5 s, both faults.
 //!
@@ -82,11 +84,16 @@ fn run(cluster: &mut LabCluster, rounds: u64) -> anyhow::Result<()> {
             let mut machine = Guest::boot(cluster, Firmware::Bios, &mac, &format!("p{client}"))?;
             let outcome = fault_primary(cluster, &mut machine, &mac, fault, &log)?;
             machine.stop()?;
+            let (asked, lease_wait) = failover_in_logs(cluster, &mac, outcome.faulted_at);
+            let seconds = |s: Option<f64>| s.map_or("?".into(), |s| format!("{s:.2}"));
             println!(
-                "{BENCH}: {fault:?} round {round}: pause {:.2} s; failover committed after \
-                 {:.2} s, workload went on after {:.2} s",
+                "{BENCH}: {fault:?} round {round}: pause {:.2} s; the standby asked for the \
+                 failover after {} s, committed after {:.2} s, lease wait {} s, workload went \
+                 on after {:.2} s",
                 outcome.pause,
+                seconds(asked),
                 outcome.failover_committed.as_secs_f64(),
+                seconds(lease_wait),
                 outcome.went_on.as_secs_f64()
             );
             survived.push(outcome);
@@ -112,6 +119,73 @@ fn run(cluster: &mut LabCluster, rounds: u64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// From the nodes' logs: seconds from the fault until the standby asked for the failover
+/// ("primary silent"), and the promoted standby's wait for the old primary's lease.
+fn failover_in_logs(
+    cluster: &LabCluster,
+    mac: &str,
+    faulted_at: std::time::SystemTime,
+) -> (Option<f64>, Option<f64>) {
+    let faulted = faulted_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() % 86_400.0);
+    let mut asked = None;
+    let mut lease_wait = None;
+    for node in &cluster.nodes {
+        let log = std::fs::read_to_string(cluster.dir.path().join(format!("node{}.log", node.id)))
+            .unwrap_or_default();
+        for line in log.lines().map(strip_ansi) {
+            if !line.contains(&format!("client_mac={mac}")) {
+                continue;
+            }
+            let Some(at) = time_of_day(&line) else {
+                continue;
+            };
+            if at < faulted {
+                continue;
+            }
+            if line.contains("primary silent") && asked.is_none() {
+                asked = Some(at - faulted);
+            }
+            if line.contains("promoted: serving after failover") {
+                lease_wait = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("lease_wait_ms="))
+                    .and_then(|ms| ms.parse::<f64>().ok())
+                    .map(|ms| ms / 1000.0);
+            }
+        }
+    }
+    (asked, lease_wait)
+}
+
+/// Seconds since midnight (UTC) of a log line that starts with an RFC 3339 time.
+fn time_of_day(line: &str) -> Option<f64> {
+    let time = line.get(11..26)?; // HH:MM:SS.ffffff
+    let mut parts = time.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn median_max(values: &[f64]) -> (f64, f64) {

@@ -253,6 +253,8 @@ pub struct Survived {
     pub went_on: Duration,
     /// The last record the guest reported before it was asked to check them.
     pub last: u64,
+    /// When the fault happened, on the wall clock (the nodes' logs use it).
+    pub faulted_at: std::time::SystemTime,
 }
 
 /// Faults `mac`'s primary while `guest` writes; waits until the workload went on, has the guest
@@ -272,6 +274,7 @@ pub fn fault_primary(
     let generation = before["generation"].as_u64().context("a generation")?;
     let at_fault = guest.last_record().map_or(0, |r| r.number);
     let faulted = Instant::now();
+    let faulted_at = std::time::SystemTime::now();
     match fault {
         Fault::Kill => cluster.node_mut(primary).kill(),
         Fault::Stop => cluster.node_mut(primary).pause()?,
@@ -326,6 +329,7 @@ pub fn fault_primary(
         failover_committed: committed.unwrap_or_default(),
         went_on: went_on.unwrap_or_default(),
         last,
+        faulted_at,
     })
 }
 
