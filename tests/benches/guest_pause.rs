@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use cairn_tests::bench::env_u64;
 use cairn_tests::guest::{self, fault_primary, Fault, Guest, Survived};
-use cairn_tests::pxe::{build_multipath_disk, Firmware, LabCluster};
+use cairn_tests::pxe::{build_multipath_disk, without_escapes, Firmware, LabCluster};
 
 const BENCH: &str = "guest_pause";
 const GOAL_SECONDS: f64 = 5.0;
@@ -136,11 +136,11 @@ fn failover_in_logs(
     for node in &cluster.nodes {
         let log = std::fs::read_to_string(cluster.dir.path().join(format!("node{}.log", node.id)))
             .unwrap_or_default();
-        for line in log.lines().map(strip_ansi) {
+        for line in without_escapes(&log).lines() {
             if !line.contains(&format!("client_mac={mac}")) {
                 continue;
             }
-            let Some(at) = time_of_day(&line) else {
+            let Some(at) = time_of_day(line) else {
                 continue;
             };
             if at < faulted {
@@ -169,23 +169,6 @@ fn time_of_day(line: &str) -> Option<f64> {
     let minutes: f64 = parts.next()?.parse().ok()?;
     let seconds: f64 = parts.next()?.parse().ok()?;
     Some(hours * 3600.0 + minutes * 60.0 + seconds)
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn median_max(values: &[f64]) -> (f64, f64) {

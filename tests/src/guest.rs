@@ -83,8 +83,6 @@ pub struct Guest {
     pub qemu: Qemu,
     /// Records found on the disk when the workload started.
     pub found_at_boot: u64,
-    /// Console bytes before this boot's workload started (for a guest rebooted in one qemu).
-    console_start: usize,
 }
 
 impl Guest {
@@ -110,13 +108,11 @@ impl Guest {
         Ok(Guest {
             qemu,
             found_at_boot,
-            console_start: 0,
         })
     }
 
     fn console(&self) -> String {
-        let console = self.qemu.console();
-        console.get(self.console_start..).unwrap_or("").to_owned()
+        self.qemu.console()
     }
 
     /// Every record the guest reported so far, in order.

@@ -1092,28 +1092,7 @@ impl Qemu {
     /// The serial console so far, without terminal escapes.
     pub fn console(&self) -> String {
         let bytes = std::fs::read(&self.serial).unwrap_or_default();
-        let text = String::from_utf8_lossy(&bytes);
-        let mut out = String::with_capacity(text.len());
-        let mut chars = text.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '\u{1b}' => {
-                    // CSI: ESC [ params final-byte
-                    if chars.peek() == Some(&'[') {
-                        chars.next();
-                        while let Some(&n) = chars.peek() {
-                            chars.next();
-                            if n.is_ascii_alphabetic() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                '\r' | '\u{8}' => {}
-                c => out.push(c),
-            }
-        }
-        out
+        without_escapes(&String::from_utf8_lossy(&bytes))
     }
 
     /// Waits for `marker` on the console; gives up when the machine stopped, a line in `fail`
@@ -1215,6 +1194,30 @@ impl Drop for Dnsmasq {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `text` without terminal control sequences (CSI: ESC [ parameters final byte), carriage
+/// returns and backspaces: a serial console, or a node's colored log.
+pub fn without_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for n in chars.by_ref() {
+                        if n.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' | '\u{8}' => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 pub fn tail(text: &str, lines: usize) -> String {

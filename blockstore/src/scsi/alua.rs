@@ -23,8 +23,8 @@
 //! [`BlockDevice::ready`]: crate::device::BlockDevice::ready
 
 use super::sense::{self, Sense};
-use super::{bad_field, be_u, CmdResult, Lun};
-use crate::device::AccessState;
+use super::{bad_field, be_u, CmdResult, Lun, LunState};
+use crate::device::{AccessState, PortGroups};
 
 /// Supported states: T_SUP, U_SUP, S_SUP and AO_SUP.
 const SUPPORTED_STATES: u8 = 0x80 | 0x08 | 0x04 | 0x01;
@@ -52,40 +52,50 @@ fn allowed_when_not_active(opcode: u8, cdb: &[u8]) -> bool {
     }
 }
 
+/// [`Lun::alua_preflight`] under the LUN's lock, with the device's `groups`: callers that
+/// look at the LUN's state anyway (the fast READ path) take the lock once.
+pub(super) fn alua_check(
+    st: &mut LunState,
+    groups: &PortGroups,
+    nexus_id: u64,
+    opcode: u8,
+    cdb: &[u8],
+) -> Option<Sense> {
+    let seen = st.alua_seen.insert(nexus_id, groups.version);
+    if seen.is_some_and(|seen| seen != groups.version) {
+        st.unit_attentions
+            .entry(nexus_id)
+            .or_default()
+            .push_back(sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
+    }
+    let only_tur_so_far = if opcode == 0x00 {
+        !st.past_first_tur.contains(&nexus_id)
+    } else {
+        st.past_first_tur.insert(nexus_id);
+        false
+    };
+    if allowed_when_not_active(opcode, cdb) {
+        return None;
+    }
+    match groups.local_state() {
+        AccessState::ActiveOptimized => None,
+        // The bounded hold of `ready` (see the module docs).
+        AccessState::Standby if opcode == 0x00 && only_tur_so_far => None,
+        AccessState::Standby => Some(sense::ALUA_STANDBY),
+        AccessState::Unavailable => Some(sense::ALUA_UNAVAILABLE),
+        // The device holds the command until the transition ends (see the module docs).
+        AccessState::Transitioning => None,
+    }
+}
+
 impl Lun {
     /// Before a command's own checks: the unit attention of a state change this nexus has not
     /// seen, then the refusal of a command this path's state does not allow. `Some` is the
     /// command's outcome.
     pub(super) fn alua_preflight(&self, nexus_id: u64, opcode: u8, cdb: &[u8]) -> Option<Sense> {
         let groups = self.device.port_groups()?;
-        let only_tur_so_far = {
-            let mut st = self.lock();
-            let seen = st.alua_seen.insert(nexus_id, groups.version);
-            if seen.is_some_and(|seen| seen != groups.version) {
-                st.unit_attentions
-                    .entry(nexus_id)
-                    .or_default()
-                    .push_back(sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
-            }
-            if opcode != 0x00 {
-                st.past_first_tur.insert(nexus_id);
-            }
-            !st.past_first_tur.contains(&nexus_id)
-        };
-        if allowed_when_not_active(opcode, cdb) {
-            return None;
-        }
-        match groups.local_state() {
-            AccessState::ActiveOptimized => None,
-            // The bounded hold of `ready` (see the module docs).
-            AccessState::Standby if opcode == 0x00 && only_tur_so_far => None,
-            AccessState::Standby => Some(sense::ALUA_STANDBY),
-            AccessState::Unavailable => Some(sense::ALUA_UNAVAILABLE),
-            // The device holds the command until the transition ends (see the module docs).
-            AccessState::Transitioning => None,
-        }
+        alua_check(&mut self.lock(), &groups, nexus_id, opcode, cdb)
     }
-
     /// TPGS of the standard INQUIRY data: 01b (implicit ALUA) when the device has paths.
     pub(super) fn tpgs(&self) -> u8 {
         if self.device.port_groups().is_some() {

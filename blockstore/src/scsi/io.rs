@@ -154,12 +154,16 @@ impl Lun {
         if lun_id != 0 || !matches!(cdb.first(), Some(0x28 | 0x88 | 0xa8)) {
             return None;
         }
-        // A path state that refuses READs, or a change of it to report first: `execute` says so.
-        if self.alua_preflight(nexus.id, cdb[0], cdb).is_some() {
-            return None;
-        }
+        let groups = self.device.port_groups();
         {
-            let st = self.lock();
+            let mut st = self.lock();
+            // A path state that refuses READs, or a change of it to report first: `execute`
+            // says so.
+            if groups.is_some_and(|groups| {
+                super::alua::alua_check(&mut st, &groups, nexus.id, cdb[0], cdb).is_some()
+            }) {
+                return None;
+            }
             if st.stopped
                 || st
                     .unit_attentions
